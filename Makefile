@@ -1,0 +1,44 @@
+# `make setup` installs the stack into .venv (CPU or CUDA, chosen by whether an NVIDIA
+# driver answers), `make test` lints and runs the suite, `make demo` trains small models,
+# `make bench` runs the benchmarks and rewrites docs/benchmarks.md.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP := $(VENV)/.setup-$(STACK)
+EXTRA_REQS := $(if $(filter cpu,$(STACK)),-r requirements/triton-cpu.txt,)
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/$(STACK).txt requirements/common.txt requirements/triton-cpu.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/$(STACK).txt
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) install -q -r requirements/common.txt $(EXTRA_REQS)
+	$(PIP) install -q --no-deps -e .
+	$(PY) -m torchrec_lowprec.kernels.cpu_native --build
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup lint
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) examples/demo.py
+
+bench: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/embedding_step.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

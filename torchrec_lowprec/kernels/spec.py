@@ -1,0 +1,81 @@
+"""The contract every fused-update backend implements (reference, C++, Triton).
+
+One call updates one table (or one shard of it) in place, for the occurrences of its rows
+in a batch. Each occurrence ``i`` contributes ``occ_weights[i] * grad[grad_offsets[i] : +D]``
+to the gradient of row ``ids[i]``; a row's contributions are summed in occurrence order
+(stable by position), in fp32. Then, per touched row and in this order:
+
+1. If the summed gradient ``g`` has a NaN/Inf, the row is left untouched and counted.
+2. ``x = dequantize(row)`` (``scale16 * q`` for b-bit rows; the floats for 16/32-bit rows).
+3. Weight decay: ``g_opt = g + weight_decay * x``.
+4. Optimizer (fp32, states fp32):
+   SGD ``x -= lr * g_opt``;
+   Adagrad ``h += g_opt^2; x -= (lr * g_opt) / (sqrt(h) + eps)``;
+   RowWiseAdagrad ``h += (sum_d g_opt_d^2) / D; x -= (lr / (sqrt(h) + eps)) * g_opt``;
+   Adam ``m = b1*m + (1-b1)*g_opt; v = b2*v + (1-b2)*g_opt^2;
+   x -= lr * (m / bc1) / (sqrt(v / bc2) + eps)`` with ``bc = 1 - beta^step``.
+5. ALPT (b-bit rows with a learned step): ``s = clamp(s - step_lr * lsq_grad(x, s, g),
+   min_step, max_step)`` with the LSQ gradient of :mod:`torchrec_lowprec.quant.lsq`
+   evaluated at the updated row, the raw loss gradient ``g`` and the fp32 master ``s``.
+6. Write back: ``s16 = fp16(s)``; ``q = clamp(floor(x * (1/s16) + u), Qn, Qp)``, ``u`` the
+   counter-based draw of (key, global row, global column) for stochastic rounding or 0.5
+   for nearest; the row gets ``s16``, ``bias = -2^(b-1) * s16`` and the packed codes.
+   16-bit rows: fp16 by stochastic rounding (random low 13 mantissa bits added, then
+   truncated; exact for values in fp16's normal range) or nearest; 32-bit rows as is.
+
+Sums over ``d`` (row-wise Adagrad, LSQ) are sequential from column 0, so the backends
+produce the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchrec_lowprec.types import OptimizerParams, OptimizerType
+
+OPTIMIZER_CODES = {
+    OptimizerType.SGD: 0,
+    OptimizerType.ADAGRAD: 1,
+    OptimizerType.ROWWISE_ADAGRAD: 2,
+    OptimizerType.ADAM: 3,
+}
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """Scalars of one fused update call (see the module docstring for the math)."""
+
+    bits: int
+    dim: int
+    optimizer: OptimizerParams
+    step: int
+    stochastic: bool
+    learn_step_size: bool
+    step_size_lr: float
+    key: int
+    row_offset: int = 0
+    col_offset: int = 0
+
+    @property
+    def bias_corrections(self) -> tuple[float, float]:
+        o = self.optimizer
+        return 1.0 - o.beta1**self.step, 1.0 - o.beta2**self.step
+
+    def float_args(self) -> list[float]:
+        """``[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s]``."""
+        from torchrec_lowprec.quant.lsq import MAX_STEP_SIZE, MIN_STEP_SIZE, lsq_grad_scale
+
+        o = self.optimizer
+        bc1, bc2 = self.bias_corrections
+        lsq = lsq_grad_scale(self.bits, self.dim) if self.bits <= 8 else 0.0
+        return [
+            o.lr, o.weight_decay, o.eps, o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2,
+            bc1, bc2, self.step_size_lr, lsq, MIN_STEP_SIZE, MAX_STEP_SIZE,
+        ]  # fmt: skip
+
+    def int_args(self) -> list[int]:
+        """``[bits, dim, optimizer code, stochastic, learn_step_size, key, row_offset, col_offset]``."""
+        return [
+            self.bits, self.dim, OPTIMIZER_CODES[self.optimizer.kind], int(self.stochastic),
+            int(self.learn_step_size and self.bits <= 8), self.key, self.row_offset, self.col_offset,
+        ]  # fmt: skip

@@ -1,0 +1,158 @@
+"""Pieces shared by every data source: row blocks, re-batching, split names, table configs.
+
+Every reader produces :class:`RowBlock` s (numpy, any number of rows) and turns them into
+``torchrec.datasets.utils.Batch`` es with :func:`rebatch` + :meth:`RowBlock.to_batch`, so the
+row stream never depends on the batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.datasets.utils import Batch
+
+SPLITS = ("train", "val", "test")
+
+
+def split_index(split: str) -> int:
+    """Position of ``split`` in :data:`SPLITS` (``ValueError`` for anything else)."""
+    try:
+        return SPLITS.index(split)
+    except ValueError:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}") from None
+
+
+@dataclass
+class RowBlock:
+    """A block of rows in numpy form: dense ``[n, D]``, one jagged id list per feature, labels.
+
+    ``lengths[f]`` (int32, ``[n]``) and ``values[f]`` (int64, ``[sum(lengths[f])]``) are the
+    ids of feature ``f``, row-major inside the feature, as in a ``KeyedJaggedTensor``.
+
+    Example::
+
+        block = RowBlock(np.zeros((2, 1), np.float32), [np.ones(2, np.int32)],
+                         [np.array([3, 4])], np.array([0.0, 1.0], np.float32))
+        batch = block.to_batch(["f0"])
+    """
+
+    dense: np.ndarray
+    lengths: list[np.ndarray]
+    values: list[np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def slice(self, start: int, stop: int) -> RowBlock:
+        """Rows ``[start, stop)`` (views where numpy allows)."""
+        lengths, values = [], []
+        for lens, vals in zip(self.lengths, self.values):
+            # Offsets of the slice inside this feature's values; lengths are small ints.
+            lo = int(lens[:start].sum())
+            hi = lo + int(lens[start:stop].sum())
+            lengths.append(lens[start:stop])
+            values.append(vals[lo:hi])
+        return RowBlock(self.dense[start:stop], lengths, values, self.labels[start:stop])
+
+    @staticmethod
+    def concat(blocks: Sequence[RowBlock]) -> RowBlock:
+        """Rows of ``blocks`` one after the other."""
+        if len(blocks) == 1:
+            return blocks[0]
+        nf = len(blocks[0].lengths)
+        return RowBlock(
+            np.concatenate([b.dense for b in blocks]),
+            [np.concatenate([b.lengths[f] for b in blocks]) for f in range(nf)],
+            [np.concatenate([b.values[f] for b in blocks]) for f in range(nf)],
+            np.concatenate([b.labels for b in blocks]),
+        )
+
+    def to_batch(self, keys: Sequence[str]) -> Batch:
+        """A TorchRec ``Batch``: dense fp32 ``[n, D]``, a KJT with ``keys`` in order, labels fp32 ``[n]``."""
+        if len(keys) != len(self.lengths):
+            raise ValueError(f"{len(keys)} keys for {len(self.lengths)} features")
+        n = len(self)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
+        values = np.concatenate(self.values) if self.values else np.zeros(0, np.int64)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(keys),
+            values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+            lengths=torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32)),
+        )
+        dense = torch.from_numpy(np.ascontiguousarray(self.dense, dtype=np.float32)).reshape(n, -1)
+        labels = torch.from_numpy(np.ascontiguousarray(self.labels, dtype=np.float32))
+        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+
+
+def rebatch(blocks: Iterable[RowBlock], batch_size: int, drop_last: bool = False) -> Iterator[RowBlock]:
+    """Cut a stream of blocks of any sizes into blocks of exactly ``batch_size`` rows.
+
+    The last block is shorter unless ``drop_last``; empty blocks are skipped.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    pending: list[RowBlock] = []
+    have = 0
+    for block in blocks:
+        start = 0
+        while start < len(block):
+            take = min(batch_size - have, len(block) - start)
+            pending.append(block.slice(start, start + take) if take < len(block) else block)
+            have += take
+            start += take
+            if have == batch_size:
+                yield RowBlock.concat(pending)
+                pending, have = [], 0
+    if pending and not drop_last:
+        yield RowBlock.concat(pending)
+
+
+def embedding_bag_configs(
+    vocab_sizes: Mapping[str, int],
+    dim: int,
+    pooling: PoolingType = PoolingType.SUM,
+) -> list[EmbeddingBagConfig]:
+    """One ``EmbeddingBagConfig`` per feature: table ``t_<feature>`` with ``vocab_sizes[feature]`` rows.
+
+    Example::
+
+        configs = embedding_bag_configs({"cat_0": 1000, "cat_1": 50}, dim=16)
+    """
+    return [
+        EmbeddingBagConfig(
+            num_embeddings=int(rows),
+            embedding_dim=dim,
+            name=f"t_{name}",
+            feature_names=[name],
+            pooling=pooling,
+        )
+        for name, rows in vocab_sizes.items()
+    ]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    A reader never sees a half-written file, and a crash leaves the old file in place.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

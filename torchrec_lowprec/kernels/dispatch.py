@@ -1,0 +1,76 @@
+"""The one place that picks a fused-update backend for a device.
+
+CPU -> the native C++ kernel (:mod:`.cpu_native`); anything else, or a machine where the
+native kernel cannot be built (no compiler), -> the PyTorch reference, with a one-time
+warning. All backends implement :mod:`.spec` and produce the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from torchrec_lowprec.kernels.reference import reference_update
+from torchrec_lowprec.kernels.spec import UpdateSpec
+
+_warned: set[str] = set()
+#: Set ``TORCHREC_LOWPREC_BACKEND=reference`` to force the PyTorch reference (debugging).
+_FORCE = os.environ.get("TORCHREC_LOWPREC_BACKEND", "")
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def backend_for(device: torch.device) -> str:
+    """Name of the backend :func:`fused_update` uses on ``device``."""
+    if _FORCE == "reference":
+        return "reference"
+    if device.type == "cpu":
+        try:
+            from torchrec_lowprec.kernels import cpu_native
+        except ImportError as e:  # a broken install: fall back rather than fail training
+            reason = repr(e)
+        else:
+            if cpu_native.is_available():
+                return "cpu_native"
+            reason = cpu_native.load_error()
+        _warn_once(
+            "cpu",
+            "torchrec_lowprec: the native CPU kernel could not be built "
+            f"({reason}); using the PyTorch reference update, which is "
+            "several times slower. Install a C++ compiler and ninja (`make setup`) to fix.",
+        )
+        return "reference"
+    _warn_once(
+        device.type,
+        f"torchrec_lowprec: no fused-update kernel for device type {device.type!r}; "
+        "using the PyTorch reference update.",
+    )
+    return "reference"
+
+
+def fused_update(
+    rows: torch.Tensor,
+    step_size: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    ids: torch.Tensor,
+    grad_offsets: torch.Tensor,
+    occ_weights: torch.Tensor,
+    grad: torch.Tensor,
+    spec: UpdateSpec,
+) -> int:
+    """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads."""
+    backend = backend_for(rows.device)
+    if backend == "cpu_native":
+        from torchrec_lowprec.kernels import cpu_native
+
+        return cpu_native.fused_update(
+            rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec
+        )
+    return reference_update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec)

@@ -1,0 +1,116 @@
+"""Pooled lookup on FBGEMM's IntNBit inference kernel, over storage we own.
+
+FBGEMM's ``int_nbit_split_embedding_codegen_lookup_function`` reads any mix of INT8/INT4/
+INT2/FP16/FP32 tables from one flat uint8 buffer and pools them in one fused pass (CPU and
+CUDA). We call it directly rather than through ``IntNBitTableBatchedEmbeddingBagsCodegen`` so
+that the buffer is ours: the fused update writes rows in place and the next forward sees
+them, with no copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+
+# fbgemm_gpu.split_embedding_configs.SparseType values, and EmbeddingLocation.HOST/DEVICE.
+SPARSE_TYPE_OF_BITS = {32: 0, 16: 1, 8: 2, 4: 3, 2: 4}
+_PLACEMENT_DEVICE = 0
+_PLACEMENT_HOST = 3
+POOLING_SUM = 0
+POOLING_MEAN = 1
+TABLE_ALIGNMENT = 128
+
+
+def row_alignment_for(device: torch.device) -> int:
+    """FBGEMM's row alignment: 1 byte on CPU, 16 on CUDA (vectorised loads)."""
+    return 16 if device.type == "cuda" else 1
+
+
+def round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class FeatureSlot:
+    """One feature of a lookup: where its table starts in the flat buffer and how it is stored."""
+
+    table_offset: int
+    bits: int
+    dim: int
+
+
+class FusedPooledLookup:
+    """Metadata of one FBGEMM IntNBit lookup over several features (one pooling mode).
+
+    Example::
+
+        lookup = FusedPooledLookup([FeatureSlot(0, 8, 64)], POOLING_SUM, row_alignment=1, device=dev)
+        pooled = lookup(flat_weights, indices, offsets, per_sample_weights=None)  # [B, 64]
+    """
+
+    def __init__(
+        self, slots: list[FeatureSlot], pooling_mode: int, row_alignment: int, device: torch.device
+    ) -> None:
+        self.pooling_mode = pooling_mode
+        self.row_alignment = row_alignment
+        dims = [s.dim for s in slots]
+        self.total_D = sum(dims)
+        self.max_D = {b: max([s.dim for s in slots if s.bits == b], default=0) for b in (2, 4, 8, 16, 32)}
+        self._device = device
+        self._weights_offsets = torch.tensor([s.table_offset for s in slots], dtype=torch.int64)
+        self._weights_tys = torch.tensor([SPARSE_TYPE_OF_BITS[s.bits] for s in slots], dtype=torch.uint8)
+        d_offsets = [0]
+        for d in dims:
+            d_offsets.append(d_offsets[-1] + d)
+        self._D_offsets = torch.tensor(d_offsets, dtype=torch.int32)
+        self._to(device)
+
+    def _to(self, device: torch.device) -> None:
+        self._device = device
+        place = _PLACEMENT_DEVICE if device.type == "cuda" else _PLACEMENT_HOST
+        n = self._weights_offsets.numel()
+        self.weights_offsets = self._weights_offsets.to(device)
+        self.weights_tys = self._weights_tys.to(device)
+        self.D_offsets = self._D_offsets.to(device)
+        self.weights_placements = torch.full((n,), place, dtype=torch.int32, device=device)
+        self.empty_u8 = torch.empty(0, dtype=torch.uint8, device=device)
+        self.empty_cache = torch.empty(0, 0, dtype=torch.uint8, device=device)
+        self.empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
+
+    def __call__(
+        self,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if weights.device != self._device:
+            self._to(weights.device)
+        return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+            dev_weights=weights,
+            uvm_weights=self.empty_u8,
+            weights_placements=self.weights_placements,
+            weights_offsets=self.weights_offsets,
+            weights_tys=self.weights_tys,
+            D_offsets=self.D_offsets,
+            total_D=self.total_D,
+            max_int2_D=self.max_D[2],
+            max_int4_D=self.max_D[4],
+            max_int8_D=self.max_D[8],
+            max_float16_D=self.max_D[16],
+            max_float32_D=self.max_D[32],
+            indices=indices,
+            offsets=offsets,
+            pooling_mode=self.pooling_mode,
+            indice_weights=per_sample_weights,
+            output_dtype=SPARSE_TYPE_OF_BITS[32],
+            lxu_cache_weights=self.empty_cache,
+            lxu_cache_locations=self.empty_i32,
+            row_alignment=self.row_alignment,
+            max_float8_D=0,
+            fp8_exponent_bits=-1,
+            fp8_exponent_bias=-1,
+        )

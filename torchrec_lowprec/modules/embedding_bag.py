@@ -1,0 +1,350 @@
+"""``LowPrecisionEmbeddingBagCollection``: a drop-in ``torchrec.EmbeddingBagCollection`` whose
+tables are stored as 8/4/2-bit codes (or fp16/fp32) and trained by a fused sparse optimizer
+in the backward pass (LPT / ALPT)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_lowprec.kernels.dispatch import fused_update
+from torchrec_lowprec.kernels.lookup import (
+    POOLING_MEAN,
+    POOLING_SUM,
+    FeatureSlot,
+    FusedPooledLookup,
+    row_alignment_for,
+)
+from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.modules.bounds import check_ids
+from torchrec_lowprec.modules.checkpoint import validate_checkpoint
+from torchrec_lowprec.modules.table_state import TableState
+from torchrec_lowprec.modules.table_layout import plan_layout, validate_table
+from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
+from torchrec_lowprec.quant.rounding import hash_key, table_hash
+from torchrec_lowprec.types import LowPrecisionConfig
+
+
+class _FusedLookupFunction(torch.autograd.Function):
+    """Pooled lookup whose backward runs the fused optimizer instead of returning weight grads."""
+
+    @staticmethod
+    def forward(ctx, module, values, offsets, lengths, weights, *handles):  # type: ignore[override]
+        ctx.module = module
+        ctx.save_for_backward(values, lengths, weights)
+        return module._pooled(values, offsets, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        values, lengths, weights = ctx.saved_tensors
+        ctx.module._fused_backward(grad_out, values, lengths, weights)
+        return (None,) * (5 + len(ctx.module._handles()))
+
+
+class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """An ``EmbeddingBagCollection`` with tables stored in low precision and trained in place.
+
+    Tables use FBGEMM's IntNBit row layout (fp16 step size and bias, then packed codes), so the
+    forward pass is FBGEMM's fused quantized kernel. The backward pass runs the fused optimizer
+    on the touched rows (dequantize, fp32 step, ALPT step-size update, stochastic or nearest
+    rounding) and returns no weight gradient, like TorchRec's fused TBE optimizers. Output
+    keys, order and shapes match ``torchrec.EmbeddingBagCollection``.
+
+    Args:
+        tables: the TorchRec table configs (SUM or MEAN pooling, any dims).
+        config: the default :class:`LowPrecisionConfig` of every table.
+        per_table_configs: table name -> config, overriding ``config`` for that table.
+        is_weighted: use KJT weights as per-sample weights (as TorchRec's ``is_weighted``).
+        device: where the tables live (``meta`` allocates nothing).
+        init_weights: fill the tables with TorchRec's default uniform init (quantized).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t_user", embedding_dim=64, num_embeddings=1000,
+                                     feature_names=["user"])]
+        ebc = LowPrecisionEmbeddingBagCollection(tables, LowPrecisionConfig(bits=4))
+        pooled = ebc(kjt)               # KeyedTensor with key "user", [B, 64]
+        pooled.values().sum().backward()  # the int4 table is updated in place
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        config: LowPrecisionConfig | None = None,
+        per_table_configs: dict[str, LowPrecisionConfig] | None = None,
+        is_weighted: bool = False,
+        device: torch.device | None = None,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        config = config or LowPrecisionConfig()
+        per_table_configs = dict(per_table_configs or {})
+        names = [t.name for t in tables]
+        if not tables:
+            raise ValueError("LowPrecisionEmbeddingBagCollection needs at least one table")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate table names in {names}")
+        unknown = set(per_table_configs) - set(names)
+        if unknown:
+            raise ValueError(f"per_table_configs names unknown tables {sorted(unknown)}; tables: {names}")
+        self._configs = {n: per_table_configs.get(n, config) for n in names}
+        for t in tables:
+            validate_table(t, self._configs[t.name])
+        features = [f for t in tables for f in t.feature_names]
+        if len(set(features)) != len(features):
+            raise ValueError(f"a feature is read by two tables in {features}; give each table its own features")
+
+        self._embedding_bag_configs = tables
+        self._is_weighted = is_weighted
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._row_alignment = row_alignment_for(device)
+        self._layouts, total_bytes = plan_layout(tables, self._configs, self._row_alignment)
+        self._table_index = {lay.name: i for i, lay in enumerate(self._layouts)}
+        self.register_buffer("_flat", torch.zeros(total_bytes, dtype=torch.uint8, device=device), persistent=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.tables = nn.ModuleDict(
+            {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}
+        )
+        self._nonfinite_rows = dict.fromkeys(names, 0)
+        self._build_lookups()
+        if init_weights and device.type != "meta":
+            for lay in self._layouts:
+                self.tables[lay.name].init_uniform(self._rows_of(lay.name), tables[self._table_index[lay.name]])
+
+    # ----- structure -----
+    def _build_lookups(self) -> None:
+        """Group features by pooling mode (one FBGEMM call each) and record column offsets."""
+        self._feature_names = [f for lay in self._layouts for f in lay.feature_names]
+        self._embedding_names = list(self._feature_names)
+        self._lengths_per_embedding = [lay.dim for lay in self._layouts for _ in lay.feature_names]
+        col = 0
+        out_cols = {}
+        for lay in self._layouts:
+            for f in lay.feature_names:
+                out_cols[f] = col
+                col += lay.dim
+        self._total_dim = col
+        groups: dict[int, list] = {}
+        for lay in self._layouts:
+            mode = POOLING_MEAN if lay.pooling == PoolingType.MEAN else POOLING_SUM
+            groups.setdefault(mode, []).append(lay)
+        self._groups = []
+        order: list[str] = []
+        for mode, lays in groups.items():
+            slots = [FeatureSlot(lay.offset, lay.bits, lay.dim) for lay in lays for _ in lay.feature_names]
+            self._groups.append((mode, lays, FusedPooledLookup(slots, mode, self._row_alignment, self._flat.device)))
+            order.extend(f for lay in lays for f in lay.feature_names)
+        self._lookup_order = order  # features in the order FBGEMM sees them
+        self._lookup_cols = torch.tensor([out_cols[f] for f in order], dtype=torch.int64)
+        self._lookup_dims = [self._layouts[self._table_of_feature(f)].dim for f in order]
+        self._lookup_mean = [self._layouts[self._table_of_feature(f)].pooling == PoolingType.MEAN for f in order]
+        if len(self._groups) > 1:
+            pieces = [torch.arange(out_cols[f], out_cols[f] + d) for f, d in zip(order, self._lookup_dims)]
+            self._col_perm = torch.argsort(torch.cat(pieces))
+        else:
+            self._col_perm = None
+
+    def _table_of_feature(self, feature: str) -> int:
+        for i, lay in enumerate(self._layouts):
+            if feature in lay.feature_names:
+                return i
+        raise KeyError(feature)
+
+    def _rows_of(self, name: str) -> torch.Tensor:
+        return self._layouts[self._table_index[name]].view(self._flat)
+
+    def _handles(self) -> list[nn.Parameter]:
+        return [self.tables[lay.name].handle for lay in self._layouts]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._flat.device
+
+    def table_config(self, name: str) -> LowPrecisionConfig:
+        """The :class:`LowPrecisionConfig` of table ``name``."""
+        return self._configs[name]
+
+    # ----- forward -----
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.variable_stride_per_key():
+            raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
+        if features.keys() != self._lookup_order:
+            missing = [f for f in self._lookup_order if f not in features.keys()]
+            if missing:
+                raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}")
+            features = features.permute([features.keys().index(f) for f in self._lookup_order])
+        batch = features.stride()
+        values = features.values()
+        lengths = features.lengths()
+        weights = features.weights().float() if self._is_weighted else None
+        rows = [self._layouts[self._table_of_feature(f)].rows for f in self._lookup_order]
+        values, lengths, weights = check_ids(
+            values, lengths, weights, self._lookup_order, rows, batch, self._bounds_modes(), self._table_names_by_feature()
+        )
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+        values = values.to(offsets.dtype) if values.dtype != offsets.dtype else values
+        handles = [h for h in self._handles() if h.requires_grad]
+        if torch.is_grad_enabled() and handles:
+            out = _FusedLookupFunction.apply(self, values, offsets, lengths, weights, *handles)
+        else:
+            out = self._pooled(values, offsets, weights)
+        out = out.view(batch, self._total_dim) if out.numel() else out.reshape(batch, self._total_dim)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=out)
+
+    def _bounds_modes(self) -> list[str]:
+        return [self._configs[self._layouts[self._table_of_feature(f)].name].bounds_check for f in self._lookup_order]
+
+    def _table_names_by_feature(self) -> list[str]:
+        return [self._layouts[self._table_of_feature(f)].name for f in self._lookup_order]
+
+    def _pooled(self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """``[B, total_dim]`` pooled embeddings in output (table) order."""
+        if len(self._groups) == 1:
+            return self._groups[0][2](self._flat, values, offsets, weights)
+        batch = (offsets.numel() - 1) // len(self._lookup_order)
+        outs, f0 = [], 0
+        for _, lays, lookup in self._groups:
+            nf = sum(len(lay.feature_names) for lay in lays)
+            o = offsets[f0 * batch : (f0 + nf) * batch + 1]
+            v = values[o[0] : o[-1]]
+            w = weights[o[0] : o[-1]] if weights is not None else None
+            outs.append(lookup(self._flat, v, o - o[0], w))
+            f0 += nf
+        return torch.cat(outs, dim=1)[:, self._col_perm.to(values.device)]
+
+    # ----- backward: the fused update -----
+    def _fused_backward(
+        self, grad_out: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None
+    ) -> None:
+        grad = grad_out.contiguous().to(torch.float32)
+        n_features = len(self._lookup_order)
+        batch = lengths.numel() // n_features
+        step = int(self.step.item()) + 1
+        dev = values.device
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
+        feat = torch.div(bag, batch, rounding_mode="floor")
+        goff = (bag - feat * batch) * self._total_dim + self._lookup_cols.to(dev)[feat]
+        occ_w = weights
+        if any(self._lookup_mean):
+            mean = torch.tensor(self._lookup_mean, device=dev)[feat]
+            inv_len = torch.where(mean, 1.0 / lengths.clamp(min=1).to(torch.float32)[bag], 1.0)
+            occ_w = inv_len if occ_w is None else occ_w * inv_len
+        occ_w = occ_w.contiguous() if occ_w is not None else torch.empty(0, device=dev)
+        per_feature = lengths.view(n_features, batch).sum(dim=1).tolist()
+        start = 0
+        f = 0
+        for _, lays, _ in self._groups:
+            for lay in lays:
+                nf = len(lay.feature_names)
+                end = start + sum(per_feature[f : f + nf])
+                f += nf
+                if end > start:
+                    self._update_table(lay, step, values[start:end], goff[start:end],
+                                       occ_w[start:end] if occ_w.numel() else occ_w, grad)  # fmt: skip
+                start = end
+        self.step.fill_(step)
+
+    def _update_table(self, lay, step: int, ids, goff, occ_w, grad) -> None:
+        state: TableState = self.tables[lay.name]
+        cfg = self._configs[lay.name]
+        opt = optimizer_params_from_in_backward(state.handle, cfg)
+        state.ensure_optimizer(opt.kind, fresh=step == 1)
+        spec = UpdateSpec(
+            bits=lay.bits, dim=lay.dim, optimizer=opt, step=step, stochastic=cfg.rounding == "stochastic",
+            learn_step_size=cfg.keeps_master_step_size, step_size_lr=cfg.step_size_lr,
+            key=hash_key(cfg.seed, table_hash(lay.name), step),
+        )  # fmt: skip
+        skipped = fused_update(
+            self._rows_of(lay.name), state.step_size, state.state1, state.state2,
+            ids.to(torch.int64), goff, occ_w, grad, spec,
+        )  # fmt: skip
+        if skipped:
+            if self._nonfinite_rows[lay.name] == 0:
+                warnings.warn(
+                    f"table {lay.name!r}: {skipped} row(s) got a NaN/Inf gradient at step {step}; their "
+                    "update was skipped (the rows are unchanged). See nonfinite_rows_skipped().",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._nonfinite_rows[lay.name] += skipped
+
+    def nonfinite_rows_skipped(self) -> dict[str, int]:
+        """Per table, how many row updates were skipped because their gradient was NaN/Inf."""
+        return dict(self._nonfinite_rows)
+
+    # ----- weights in and out -----
+    def dequantized_weight(self, name: str) -> torch.Tensor:
+        """Table ``name`` as fp32 ``[rows, dim]`` (exactly what the forward pass reads)."""
+        return self.tables[name].dequantize(self._rows_of(name))
+
+    def load_float_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Quantize fp32 ``weight`` ``[rows, dim]`` into table ``name`` (step sizes re-initialised)."""
+        self.tables[name].write_float(self._rows_of(name), 0, weight)
+
+    def quantized_weight(self, name: str) -> torch.Tensor:
+        """Table ``name``'s stored rows ``[rows, row_bytes]`` uint8 (FBGEMM IntNBit layout, no padding)."""
+        lay = self._layouts[self._table_index[name]]
+        return self._rows_of(name)[:, : lay.row_bytes]
+
+    # ----- accounting -----
+    def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
+        """Bytes held: stored rows (codes + fp16 scale/bias, padding included), fp32 master step
+        sizes, optimizer state. ``per_table=True`` gives a breakdown per table."""
+        report = {}
+        for lay in self._layouts:
+            st: TableState = self.tables[lay.name]
+            parts = {
+                "rows": lay.nbytes,
+                "step_size": st.step_size.numel() * st.step_size.element_size(),
+                "optimizer": sum(t.numel() * t.element_size() for t in (st.state1, st.state2)),
+            }
+            parts["total"] = sum(parts.values())
+            report[lay.name] = parts
+        if per_table:
+            return report
+        return sum(p["total"] for p in report.values())
+
+    # ----- checkpoints -----
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "tables": {
+                lay.name: {"rows": lay.rows, "dim": lay.dim, "bits": lay.bits,
+                           "optimizer": self.tables[lay.name].optimizer_kind.value,
+                           "learn_step_size": self._configs[lay.name].keeps_master_step_size}
+                for lay in self._layouts
+            },
+            "nonfinite_rows": dict(self._nonfinite_rows),
+        }  # fmt: skip
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._nonfinite_rows.update(state.get("nonfinite_rows", {}))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for lay in self._layouts:
+            destination[f"{prefix}tables.{lay.name}.qweight"] = self.quantized_weight(lay.name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        # Every table (and its state) is checked before anything is copied: a mismatched
+        # checkpoint raises ValueError naming the table and leaves the tables untouched.
+        validate_checkpoint(self, state_dict, prefix)
+        for lay in self._layouts:
+            key = f"{prefix}tables.{lay.name}.qweight"
+            if key in state_dict:
+                self.quantized_weight(lay.name).copy_(state_dict[key])
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -1,0 +1,79 @@
+"""Where each table lives in a collection's flat buffer, and its per-table precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from torchrec_lowprec.kernels.lookup import TABLE_ALIGNMENT, round_up
+from torchrec_lowprec.quant.layout import row_bytes
+from torchrec_lowprec.types import LowPrecisionConfig
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """One table's place in the flat buffer: ``rows`` rows of ``stride`` bytes from ``offset``."""
+
+    name: str
+    rows: int
+    dim: int
+    bits: int
+    offset: int
+    stride: int
+    feature_names: tuple[str, ...]
+    pooling: PoolingType
+
+    @property
+    def row_bytes(self) -> int:
+        return row_bytes(self.bits, self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.stride
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """The table's rows ``[rows, stride]`` as a view of ``flat``."""
+        return flat[self.offset : self.offset + self.nbytes].view(self.rows, self.stride)
+
+
+def validate_table(table: EmbeddingBagConfig, cfg: LowPrecisionConfig) -> None:
+    """Raise ``ValueError`` for a table the packed layout (or our module) cannot hold."""
+    name = table.name
+    if not name or "." in name:
+        raise ValueError(f"table name {name!r} must be non-empty and contain no '.'")
+    if table.num_embeddings <= 0 or table.embedding_dim <= 0:
+        raise ValueError(
+            f"table {name!r}: num_embeddings={table.num_embeddings} and embedding_dim="
+            f"{table.embedding_dim} must both be > 0"
+        )
+    if not table.feature_names:
+        raise ValueError(f"table {name!r} has no feature_names")
+    if cfg.is_integer and table.embedding_dim % 4 != 0:
+        raise ValueError(
+            f"table {name!r}: embedding_dim={table.embedding_dim} cannot be stored at {cfg.bits} bits: "
+            "FBGEMM's IntNBit kernels need a multiple of 4 for 8/4/2-bit rows; use a dim divisible by 4 "
+            "or bits=16/32 for this table"
+        )
+    if table.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+        raise ValueError(f"table {name!r}: pooling {table.pooling} is not supported (SUM or MEAN)")
+
+
+def plan_layout(
+    tables: list[EmbeddingBagConfig], configs: dict[str, LowPrecisionConfig], row_alignment: int
+) -> tuple[list[TableLayout], int]:
+    """Table layouts in order and the flat buffer's total bytes (tables 128-byte aligned)."""
+    layouts = []
+    offset = 0
+    for t in tables:
+        bits = configs[t.name].bits
+        stride = round_up(row_bytes(bits, t.embedding_dim), row_alignment)
+        layouts.append(
+            TableLayout(
+                t.name, t.num_embeddings, t.embedding_dim, bits, offset, stride,
+                tuple(t.feature_names), t.pooling,
+            )  # fmt: skip
+        )
+        offset = round_up(offset + t.num_embeddings * stride, TABLE_ALIGNMENT)
+    return layouts, max(offset, TABLE_ALIGNMENT)

@@ -1,0 +1,108 @@
+"""Per-table state of a low-precision collection: master step sizes, optimizer state, and the
+handle parameter through which TorchRec-style in-backward optimizers are configured."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_lowprec.modules.table_layout import TableLayout
+from torchrec_lowprec.optim.fused import allocate_state
+from torchrec_lowprec.quant.layout import dequantize_rows, quantize_rows
+from torchrec_lowprec.quant.lsq import init_step_size
+from torchrec_lowprec.quant.rounding import table_hash
+from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
+
+#: Rows quantized per chunk when (re)initialising, to bound temporary fp32 memory.
+INIT_CHUNK_ROWS = 1 << 16
+
+
+class TableState(nn.Module):
+    """Buffers of one table: ``step_size`` (fp32 master, ALPT only), ``momentum1``/``momentum2``
+    (optimizer state, fp32), and ``handle``, an empty parameter that carries autograd into the
+    fused backward and the tags of ``_apply_optimizer_in_backward``.
+
+    Example::
+
+        state = ebc.tables["t_user"]
+        state.step_size.shape        # [num_embeddings] when learn_step_size and bits <= 8
+    """
+
+    def __init__(self, layout: TableLayout, config: LowPrecisionConfig, device: torch.device) -> None:
+        super().__init__()
+        self.layout = layout
+        self.config = config
+        self.handle = nn.Parameter(torch.empty(0, device=device))
+        n = layout.rows if config.keeps_master_step_size else 0
+        self.register_buffer("step_size", torch.zeros(n, dtype=torch.float32, device=device))
+        self.optimizer_kind = OptimizerType(config.optimizer)
+        self._set_state(*allocate_state(self.optimizer_kind, layout.rows, layout.dim, device))
+
+    def _set_state(self, s1: torch.Tensor, s2: torch.Tensor) -> None:
+        self.register_buffer("momentum1", s1)
+        self.register_buffer("momentum2", s2)
+
+    @property
+    def state1(self) -> torch.Tensor:
+        return self.momentum1
+
+    @property
+    def state2(self) -> torch.Tensor:
+        return self.momentum2
+
+    def ensure_optimizer(self, kind: OptimizerType, fresh: bool) -> None:
+        """Switch the optimizer state to ``kind`` (allowed before the first update only)."""
+        if kind == self.optimizer_kind:
+            return
+        if not fresh:
+            raise RuntimeError(
+                f"table {self.layout.name!r} has trained with {self.optimizer_kind.value} and is now asked "
+                f"to use {kind.value}; set the in-backward optimizer before the first training step"
+            )
+        self.optimizer_kind = kind
+        self._set_state(*allocate_state(kind, self.layout.rows, self.layout.dim, self.momentum1.device))
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of this table's state-dict entries (``qweight`` included)."""
+        return {
+            "qweight": (self.layout.rows, self.layout.row_bytes),
+            "step_size": tuple(self.step_size.shape),
+            "momentum1": tuple(self.momentum1.shape),
+            "momentum2": tuple(self.momentum2.shape),
+        }
+
+    def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.layout.rows, self.layout.dim, dtype=torch.float32, device=rows.device)
+        for a in range(0, self.layout.rows, INIT_CHUNK_ROWS):
+            b = min(a + INIT_CHUNK_ROWS, self.layout.rows)
+            out[a:b] = dequantize_rows(rows[a:b], self.layout.bits, self.layout.dim)
+        return out
+
+    def write_float(self, rows: torch.Tensor, start: int, weight: torch.Tensor) -> None:
+        """Quantize fp32 rows ``weight`` into ``rows[start:]`` (nearest rounding, fresh step sizes)."""
+        lay = self.layout
+        if weight.dim() != 2 or weight.shape[1] != lay.dim or start + weight.shape[0] > lay.rows:
+            raise ValueError(
+                f"table {lay.name!r}: weight of shape {tuple(weight.shape)} does not fit rows "
+                f"[{start}, {start + weight.shape[0]}) of a {lay.rows} x {lay.dim} table"
+            )
+        for a in range(0, weight.shape[0], INIT_CHUNK_ROWS):
+            x = weight[a : a + INIT_CHUNK_ROWS].to(device=rows.device, dtype=torch.float32)
+            r0 = start + a
+            if lay.bits <= 8:
+                s = init_step_size(x, lay.bits, self.config.step_size_init)
+                rows[r0 : r0 + x.shape[0], : lay.row_bytes] = quantize_rows(x, s, lay.bits)
+                if self.step_size.numel():
+                    self.step_size[r0 : r0 + x.shape[0]] = s.to(torch.float16).to(torch.float32)
+            else:
+                rows[r0 : r0 + x.shape[0], : lay.row_bytes] = quantize_rows(x, None, lay.bits)
+
+    def init_uniform(self, rows: torch.Tensor, table: EmbeddingBagConfig) -> None:
+        """TorchRec's default init (uniform in the config's range), seeded per table, quantized."""
+        gen = torch.Generator().manual_seed((self.config.seed << 32) ^ table_hash(self.layout.name))
+        lo, hi = table.get_weight_init_min(), table.get_weight_init_max()
+        for a in range(0, self.layout.rows, INIT_CHUNK_ROWS):
+            n = min(INIT_CHUNK_ROWS, self.layout.rows - a)
+            x = torch.empty(n, self.layout.dim).uniform_(lo, hi, generator=gen)
+            self.write_float(rows, a, x)

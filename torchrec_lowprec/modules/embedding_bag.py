@@ -280,6 +280,14 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 )
             self._nonfinite_rows[lay.name] += skipped
 
+    def _resolve_optimizers(self) -> None:
+        """Bring each table's optimizer state in line with its in-backward optimizer tag
+        (``_apply_optimizer_in_backward`` may be called after construction)."""
+        fresh = int(self.step) == 0
+        for lay in self._layouts:
+            state: TableState = self.tables[lay.name]
+            state.ensure_optimizer(optimizer_params_from_in_backward(state.handle, self._configs[lay.name]).kind, fresh)
+
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per table, how many row updates were skipped because their gradient was NaN/Inf."""
         return dict(self._nonfinite_rows)
@@ -302,6 +310,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
         """Bytes held: stored rows (codes + fp16 scale/bias, padding included), fp32 master step
         sizes, optimizer state. ``per_table=True`` gives a breakdown per table."""
+        self._resolve_optimizers()
         report = {}
         for lay in self._layouts:
             st: TableState = self.tables[lay.name]
@@ -333,6 +342,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._nonfinite_rows.update(state.get("nonfinite_rows", {}))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        self._resolve_optimizers()
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for lay in self._layouts:
             destination[f"{prefix}tables.{lay.name}.qweight"] = self.quantized_weight(lay.name)
@@ -340,11 +350,14 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
         # Every table (and its state) is checked before anything is copied: a mismatched
         # checkpoint raises ValueError naming the table and leaves the tables untouched.
+        self._resolve_optimizers()
         validate_checkpoint(self, state_dict, prefix)
         for lay in self._layouts:
             key = f"{prefix}tables.{lay.name}.qweight"
             if key in state_dict:
-                self.quantized_weight(lay.name).copy_(state_dict[key])
+                # Popped (torch hands each module its own copy of the dict) so that the
+                # TableState child does not report it as unexpected.
+                self.quantized_weight(lay.name).copy_(state_dict.pop(key))
             elif strict:
                 missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -1,0 +1,33 @@
+"""Shared test helpers: small tables and random KJTs."""
+
+from __future__ import annotations
+
+import torch
+import torchrec
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def make_tables(dims=(8, 16), rows=(60, 40), features=(("a", "b"), ("c",)), pooling=None):
+    out = []
+    for i, (d, r, f) in enumerate(zip(dims, rows, features)):
+        kw = {}
+        if pooling is not None:
+            kw["pooling"] = pooling[i]
+        out.append(torchrec.EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=r, feature_names=list(f), **kw))
+    return out
+
+
+def random_kjt(tables, batch=6, max_len=4, weighted=False, gen=None, empty_prob=0.2):
+    gen = gen or torch.Generator().manual_seed(1)
+    keys, lengths, values = [], [], []
+    for t in tables:
+        for f in t.feature_names:
+            ln = torch.randint(0, max_len + 1, (batch,), generator=gen)
+            ln[torch.rand(batch, generator=gen) < empty_prob] = 0
+            keys.append(f)
+            lengths.append(ln)
+            values.append(torch.randint(0, t.num_embeddings, (int(ln.sum()),), generator=gen))
+    lengths = torch.cat(lengths)
+    values = torch.cat(values)
+    weights = torch.rand(values.numel(), generator=gen) + 0.5 if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths, weights=weights)

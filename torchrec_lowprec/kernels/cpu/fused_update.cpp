@@ -1,0 +1,811 @@
+// Fused sparse update of low-precision embedding rows, CPU (see kernels/spec.py for the
+// contract and kernels/reference.py for the PyTorch oracle this matches bit for bit).
+//
+// One call: group the occurrences by row (LSD radix sort of (id, position), stable, so each
+// row's gradients are summed in occurrence order), then one pass per touched row, parallel
+// over rows in cost-balanced chunks. Rows are processed in blocks of kBlock so that the
+// sequential sums over d (row-wise Adagrad, LSQ), which must run column 0 first, run as
+// kBlock independent chains instead of one latency-bound chain.
+//
+// Must be compiled with -ffp-contract=off and without -ffast-math: every fp32 operation is
+// the same IEEE operation, in the same order, as the reference's PyTorch ops. Python float
+// scalars are cast to fp32 once, as PyTorch does for a scalar operand of an fp32 tensor op.
+// PyTorch details the code follows: `c / t` is `reciprocal(t) * c`; `t / c` is a true
+// division; and `torch.sqrt` on fp32 CPU tensors is MKL VML's vmsSqrt (VML_HA) when torch is
+// built with MKL -- not always the correctly rounded sqrt (1 ulp off for some inputs on AMD
+// CPUs), so sqrt goes through the same MKL entry point that libtorch_cpu exports.
+
+#include <torch/extension.h>
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#if AT_MKL_ENABLED() && !defined(__APPLE__)
+#define TRL_USE_MKL_SQRT 1
+// From mkl_vml_functions.h (LP64 interface); the symbol is exported by libtorch_cpu.
+extern "C" void vmsSqrt(const int n, const float* a, float* r, long long mode);
+#endif
+
+namespace {
+
+constexpr int kBlock = 8;          // rows per block (independent reduction chains)
+constexpr int kPrefetchAhead = 12;  // segments ahead whose row / state lines are prefetched
+constexpr uint32_t kM1 = 0x7FEB352Du;
+constexpr uint32_t kM2 = 0x846CA68Bu;
+constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// ---------------------------------------------------------------------------------------
+// fp16 <-> fp32 (IEEE, round to nearest even; what PyTorch's CPU conversion does)
+
+inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+inline uint16_t f2h(float f) {
+#if defined(__F16C__)
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  return c10::Half(f).x;
+#endif
+}
+
+inline void h2f_n(const uint8_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    dst[i] = h2f(h);
+  }
+}
+
+inline void f2h_n(const float* src, uint8_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), h);
+  }
+#endif
+  for (; i < n; ++i) {
+    uint16_t h = f2h(src[i]);
+    std::memcpy(dst + 2 * i, &h, 2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Counter-based hash (quant/rounding.py). mix32 there runs on int64 tensors: the first
+// xor-shift sees all 64 bits (arithmetic shift), the multiplies keep the low 32 bits.
+
+inline uint32_t mix32_u32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kM1;
+  x ^= x >> 15;
+  x *= kM2;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t mix32_i64(int64_t x) {
+  uint32_t y = static_cast<uint32_t>(x ^ (x >> 16));
+  y *= kM1;
+  y ^= y >> 15;
+  y *= kM2;
+  y ^= y >> 16;
+  return y;
+}
+
+// row_keys(key, global_row)
+inline uint32_t row_key(int64_t key, int64_t grow) {
+  const int64_t lo = grow & int64_t{0xFFFFFFFF};
+  const int64_t hi = grow >> 32;
+  const int64_t a = static_cast<int64_t>(mix32_i64(lo ^ key));
+  return mix32_i64(a ^ hi);
+}
+
+// out[i] = sqrt(in[i]) with the bits of torch.sqrt (ATen/cpu/vml.h: vsqrt)
+inline void sqrt_n(const float* in, float* out, int64_t n) {
+#if defined(TRL_USE_MKL_SQRT)
+  constexpr long long kVmlMode = 0x00000002 | 0x00140000 | 0x00000100;  // HA | FTZDAZ_OFF | ERRMODE_IGNORE
+  while (n > 0) {
+    const int m = static_cast<int>(std::min<int64_t>(n, 1 << 30));
+    vmsSqrt(m, in, out, kVmlMode);
+    in += m;
+    out += m;
+    n -= m;
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = std::sqrt(in[i]);
+#endif
+}
+
+inline bool all_finite(const float* g, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, g + i, 4);
+    bad |= static_cast<uint32_t>((b & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scalars of one call
+
+struct Params {
+  int bits;
+  int64_t dim;
+  int opt;
+  bool stochastic;
+  bool learn;
+  int64_t key;
+  int64_t row_offset;
+  int64_t col_offset;
+  // fp32 casts of the float args
+  float lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s;
+  bool has_wd;  // the reference adds wd * x only when wd != 0.0 (a Python double test)
+  float dim_f;  // (float)dim: the row-wise Adagrad divisor
+};
+
+struct Tensors {
+  uint8_t* rows;
+  int64_t row_stride;
+  int64_t row_bytes;
+  float* step;  // [R] or null
+  int64_t step_stride;
+  float* s1;  // [R] or [R, D] or null
+  int64_t s1_stride;
+  float* s2;
+  int64_t s2_stride;
+  const float* grad;
+  const int64_t* goff;
+  const float* occw;  // or null
+};
+
+// Sequential sums over d of kBlock rows at once: out[r] = ((0 + p[r][0]) + p[r][1]) + ...
+inline void block_row_sums(const float* p, int64_t D, int nb, float* out) {
+  if (nb == kBlock) {
+    float acc[kBlock];
+    for (int r = 0; r < kBlock; ++r) acc[r] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+#pragma GCC unroll 8
+      for (int r = 0; r < kBlock; ++r) acc[r] = acc[r] + p[r * D + d];
+    }
+    for (int r = 0; r < kBlock; ++r) out[r] = acc[r];
+  } else {
+    for (int r = 0; r < nb; ++r) {
+      float acc = 0.0f;
+      const float* pr = p + r * D;
+      for (int64_t d = 0; d < D; ++d) acc = acc + pr[d];
+      out[r] = acc;
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> g, x, gopt, p, q;
+  std::vector<uint32_t> h;
+  std::vector<int32_t> codes;
+  explicit Scratch(int64_t D)
+      : g(kBlock * D), x(kBlock * D), gopt(kBlock * D), p(kBlock * D), q(kBlock * D), h(D), codes(D) {}
+};
+
+// Dequantize one stored row into x[0:D]
+template <int BITS>
+inline void dequantize_row(const uint8_t* row, int64_t D, float* x) {
+  if constexpr (BITS == 32) {
+    std::memcpy(x, row, 4 * D);
+  } else if constexpr (BITS == 16) {
+    h2f_n(row, x, D);
+  } else {
+    uint16_t sh;
+    std::memcpy(&sh, row, 2);
+    const float s = h2f(sh);
+    const uint8_t* c = row + 4;
+    constexpr int half = 1 << (BITS - 1);
+    if constexpr (BITS == 8) {
+      for (int64_t d = 0; d < D; ++d) x[d] = s * static_cast<float>(static_cast<int32_t>(c[d]) - half);
+    } else if constexpr (BITS == 4) {
+      for (int64_t k = 0; k < D / 2; ++k) {
+        const int32_t b = c[k];
+        x[2 * k] = s * static_cast<float>((b & 15) - half);
+        x[2 * k + 1] = s * static_cast<float>((b >> 4) - half);
+      }
+    } else {
+      for (int64_t k = 0; k < D / 4; ++k) {
+        const int32_t b = c[k];
+        x[4 * k] = s * static_cast<float>((b & 3) - half);
+        x[4 * k + 1] = s * static_cast<float>(((b >> 2) & 3) - half);
+        x[4 * k + 2] = s * static_cast<float>(((b >> 4) & 3) - half);
+        x[4 * k + 3] = s * static_cast<float>((b >> 6) - half);
+      }
+    }
+  }
+}
+
+// h[d] = mix32(row_key + (d + col_offset) * GOLDEN), the per-element hash
+inline void element_hash(uint32_t rk, const Params& P, uint32_t* h) {
+  const uint32_t c0 = static_cast<uint32_t>(P.col_offset);
+  for (int64_t d = 0; d < P.dim; ++d) {
+    const uint32_t c = c0 + static_cast<uint32_t>(d);
+    h[d] = mix32_u32(rk + c * kGolden);
+  }
+}
+
+// Write the updated fp32 row x back into its stored form.
+template <int BITS>
+inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, const Params& P, Scratch& S) {
+  const int64_t D = P.dim;
+  if constexpr (BITS == 32) {
+    std::memcpy(row, x, 4 * D);
+  } else if constexpr (BITS == 16) {
+    if (P.stochastic) {
+      uint32_t* h = S.h.data();
+      element_hash(row_key(P.key, grow), P, h);
+      float* y = S.p.data();  // free at this point
+      for (int64_t d = 0; d < D; ++d) {
+        uint32_t b;
+        std::memcpy(&b, x + d, 4);
+        const bool fin = (b & 0x7F800000u) != 0x7F800000u;
+        uint32_t t = (b + (h[d] & 0x1FFFu)) & 0xFFFFE000u;
+        t = fin ? t : b;
+        std::memcpy(y + d, &t, 4);
+      }
+      f2h_n(y, row, D);
+    } else {
+      f2h_n(x, row, D);
+    }
+  } else {
+    constexpr int half = 1 << (BITS - 1);
+    constexpr float qmin = static_cast<float>(-half);
+    constexpr float qmax = static_cast<float>(half - 1);
+    const float inv = 1.0f / s16;  // reciprocal(s16) * 1.0
+    int32_t* code = S.codes.data();
+    if (P.stochastic) {
+      uint32_t* h = S.h.data();
+      element_hash(row_key(P.key, grow), P, h);
+      const float two_m24 = 1.0f / 16777216.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float u = static_cast<float>(static_cast<int32_t>(h[d] >> 8)) * two_m24;
+        const float v = x[d] * inv;
+        float t = std::floor(v + u);
+        t = t < qmin ? qmin : t;
+        t = t > qmax ? qmax : t;
+        t = (t == t) ? t : 0.0f;  // NaN: the reference's int32 cast + packing gives code 0
+        code[d] = static_cast<int32_t>(t) + half;
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = x[d] * inv;
+        float t = std::floor(v + 0.5f);
+        t = t < qmin ? qmin : t;
+        t = t > qmax ? qmax : t;
+        t = (t == t) ? t : 0.0f;
+        code[d] = static_cast<int32_t>(t) + half;
+      }
+    }
+    const uint16_t sb = f2h(s16);
+    const uint16_t bb = f2h(s16 * -static_cast<float>(half));
+    std::memcpy(row, &sb, 2);
+    std::memcpy(row + 2, &bb, 2);
+    uint8_t* c = row + 4;
+    if constexpr (BITS == 8) {
+      for (int64_t d = 0; d < D; ++d) c[d] = static_cast<uint8_t>(code[d]);
+    } else if constexpr (BITS == 4) {
+      for (int64_t k = 0; k < D / 2; ++k) c[k] = static_cast<uint8_t>(code[2 * k] | (code[2 * k + 1] << 4));
+    } else {
+      for (int64_t k = 0; k < D / 4; ++k)
+        c[k] = static_cast<uint8_t>(code[4 * k] | (code[4 * k + 1] << 2) | (code[4 * k + 2] << 4) |
+                                    (code[4 * k + 3] << 6));
+    }
+  }
+}
+
+// Update nb (<= kBlock) rows whose summed gradients are in S.g[r*D:(r+1)*D].
+template <int BITS, int OPT>
+void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T, Scratch& S) {
+  const int64_t D = P.dim;
+  float* G = S.g.data();
+  float* X = S.x.data();
+  for (int r = 0; r < nb; ++r) dequantize_row<BITS>(T.rows + rid[r] * T.row_stride, D, X + r * D);
+
+  // Weight decay: g_opt = g + wd * x
+  float* GO = G;
+  if (P.has_wd) {
+    GO = S.gopt.data();
+    const float wd = P.wd;
+    for (int64_t i = 0; i < nb * D; ++i) GO[i] = G[i] + wd * X[i];
+  }
+
+  // Optimizer
+  const float lr = P.lr, eps = P.eps;
+  if constexpr (OPT == 0) {
+    for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - lr * GO[i];
+  } else if constexpr (OPT == 1) {
+    float* hn = S.p.data();
+    float* sq = S.q.data();
+    for (int r = 0; r < nb; ++r) {
+      float* h = T.s1 + rid[r] * T.s1_stride;
+      const float* g = GO + r * D;
+      float* hr = hn + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        hr[d] = h[d] + g[d] * g[d];
+        h[d] = hr[d];
+      }
+    }
+    sqrt_n(hn, sq, nb * D);
+    for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - (lr * GO[i]) / (sq[i] + eps);
+  } else if constexpr (OPT == 2) {
+    float* sqg = S.p.data();
+    for (int64_t i = 0; i < nb * D; ++i) sqg[i] = GO[i] * GO[i];
+    float sums[kBlock], hn[kBlock], sq[kBlock];
+    block_row_sums(sqg, D, nb, sums);
+    const float dimf = P.dim_f;
+    for (int r = 0; r < nb; ++r) {
+      float* hp = T.s1 + rid[r] * T.s1_stride;
+      hn[r] = *hp + sums[r] / dimf;
+      *hp = hn[r];
+    }
+    sqrt_n(hn, sq, nb);
+    for (int r = 0; r < nb; ++r) {
+      const float rate = (1.0f / (sq[r] + eps)) * lr;  // lr / t == reciprocal(t) * lr
+      float* x = X + r * D;
+      const float* g = GO + r * D;
+      for (int64_t d = 0; d < D; ++d) x[d] = x[d] - rate * g[d];
+    }
+  } else {
+    const float b1 = P.b1, omb1 = P.omb1, b2 = P.b2, omb2 = P.omb2, bc1 = P.bc1, bc2 = P.bc2;
+    float* vb = S.p.data();
+    float* sq = S.q.data();
+    for (int r = 0; r < nb; ++r) {
+      float* m = T.s1 + rid[r] * T.s1_stride;
+      float* v = T.s2 + rid[r] * T.s2_stride;
+      const float* g = GO + r * D;
+      float* vr = vb + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float mn = b1 * m[d] + omb1 * g[d];
+        const float vn = b2 * v[d] + omb2 * (g[d] * g[d]);
+        m[d] = mn;
+        v[d] = vn;
+        vr[d] = vn / bc2;
+      }
+    }
+    sqrt_n(vb, sq, nb * D);
+    for (int r = 0; r < nb; ++r) {
+      const float* m = T.s1 + rid[r] * T.s1_stride;
+      float* x = X + r * D;
+      const float* sr = sq + r * D;
+      for (int64_t d = 0; d < D; ++d) x[d] = x[d] - (lr * (m[d] / bc1)) / (sr[d] + eps);
+    }
+  }
+
+  // ALPT: LSQ step-size update (raw gradient g, updated x, fp32 master step)
+  float s16[kBlock] = {};
+  if constexpr (BITS <= 8) {
+    if (P.learn) {
+      constexpr int half = 1 << (BITS - 1);
+      constexpr float qmin = static_cast<float>(-half);
+      constexpr float qmax = static_cast<float>(half - 1);
+      float* prod = S.p.data();
+      float s[kBlock];
+      for (int r = 0; r < nb; ++r) {
+        s[r] = T.step[rid[r] * T.step_stride];
+        const float inv = 1.0f / s[r];
+        const float* x = X + r * D;
+        const float* g = G + r * D;
+        float* pr = prod + r * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = x[d] * inv;
+          const float inner = std::floor(v + 0.5f) - v;
+          const float dxs = v <= qmin ? qmin : (v >= qmax ? qmax : inner);
+          pr[d] = g[d] * dxs;
+        }
+      }
+      float sums[kBlock];
+      block_row_sums(prod, D, nb, sums);
+      for (int r = 0; r < nb; ++r) {
+        const float lsq = sums[r] * P.lsq_scale;
+        float sn = s[r] - P.step_lr * lsq;
+        sn = sn < P.min_s ? P.min_s : sn;  // torch.clamp (NaN stays NaN)
+        sn = sn > P.max_s ? P.max_s : sn;
+        T.step[rid[r] * T.step_stride] = sn;
+        s16[r] = h2f(f2h(sn));
+      }
+    } else {
+      for (int r = 0; r < nb; ++r) {
+        uint16_t sh;
+        std::memcpy(&sh, T.rows + rid[r] * T.row_stride, 2);
+        s16[r] = h2f(sh);
+      }
+    }
+  }
+
+  for (int r = 0; r < nb; ++r) {
+    write_row<BITS>(T.rows + rid[r] * T.row_stride, X + r * D, s16[r], rid[r] + P.row_offset, P, S);
+  }
+}
+
+inline void prefetch_row(const Params& P, const Tensors& T, int64_t row) {
+  const char* base = reinterpret_cast<const char*>(T.rows + row * T.row_stride);
+  for (int64_t b = 0; b < T.row_bytes; b += 64) __builtin_prefetch(base + b, 1, 1);
+  __builtin_prefetch(base + T.row_bytes - 1, 1, 1);
+  if (P.learn) __builtin_prefetch(T.step + row * T.step_stride, 1, 1);
+  if (P.opt == 2) {
+    __builtin_prefetch(T.s1 + row * T.s1_stride, 1, 1);
+  } else if (P.opt == 1 || P.opt == 3) {
+    const char* a = reinterpret_cast<const char*>(T.s1 + row * T.s1_stride);
+    for (int64_t b = 0; b < 4 * P.dim; b += 64) __builtin_prefetch(a + b, 1, 1);
+    if (P.opt == 3) {
+      const char* c = reinterpret_cast<const char*>(T.s2 + row * T.s2_stride);
+      for (int64_t b = 0; b < 4 * P.dim; b += 64) __builtin_prefetch(c + b, 1, 1);
+    }
+  }
+}
+
+// Process segments [u0, u1) of the grouped occurrences; returns the number of skipped rows.
+template <int BITS, int OPT>
+int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* seg, const int32_t* pos,
+                     const Params& P, const Tensors& T) {
+  const int64_t D = P.dim;
+  Scratch S(D);
+  int64_t rid[kBlock];
+  int nb = 0;
+  int64_t skipped = 0;
+  for (int64_t u = u0; u < u1; ++u) {
+    if (u + kPrefetchAhead < u1) prefetch_row(P, T, uniq[u + kPrefetchAhead]);
+    float* g = S.g.data() + nb * D;
+    for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
+    const int64_t e = seg[u + 1];
+    if (T.occw != nullptr) {
+      for (int64_t k = seg[u]; k < e; ++k) {
+        const int32_t p = pos[k];
+        const float* src = T.grad + T.goff[p];
+        const float w = T.occw[p];
+        for (int64_t d = 0; d < D; ++d) g[d] = g[d] + w * src[d];
+      }
+    } else {
+      for (int64_t k = seg[u]; k < e; ++k) {
+        const float* src = T.grad + T.goff[pos[k]];
+        for (int64_t d = 0; d < D; ++d) g[d] = g[d] + src[d];
+      }
+    }
+    if (!all_finite(g, D)) {
+      ++skipped;
+      continue;
+    }
+    rid[nb++] = uniq[u];
+    if (nb == kBlock) {
+      process_block<BITS, OPT>(rid, nb, P, T, S);
+      nb = 0;
+    }
+  }
+  if (nb > 0) process_block<BITS, OPT>(rid, nb, P, T, S);
+  return skipped;
+}
+
+using RunFn = int64_t (*)(int64_t, int64_t, const int64_t*, const int64_t*, const int32_t*, const Params&,
+                          const Tensors&);
+
+template <int BITS>
+RunFn pick_opt(int opt) {
+  switch (opt) {
+    case 0: return &run_segments<BITS, 0>;
+    case 1: return &run_segments<BITS, 1>;
+    case 2: return &run_segments<BITS, 2>;
+    default: return &run_segments<BITS, 3>;
+  }
+}
+
+RunFn pick(int bits, int opt) {
+  switch (bits) {
+    case 8: return pick_opt<8>(opt);
+    case 4: return pick_opt<4>(opt);
+    case 2: return pick_opt<2>(opt);
+    case 16: return pick_opt<16>(opt);
+    default: return pick_opt<32>(opt);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Grouping: stable LSD radix sort of (id << 32 | position); buffers reused across calls.
+
+struct GroupBuffers {
+  std::vector<uint64_t> a, b;
+  std::vector<int64_t> uniq, seg;
+  std::vector<int32_t> pos;
+};
+
+GroupBuffers& group_buffers() {
+  static thread_local GroupBuffers buf;
+  return buf;
+}
+
+// Fills buf.uniq[0:U] (ascending unique ids), buf.seg[0:U+1] (segment starts) and buf.pos
+// (occurrence positions grouped by id, ascending within a group); returns U.
+int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers& buf) {
+  if (buf.a.size() < static_cast<size_t>(n)) {
+    buf.a.resize(n);
+    buf.b.resize(n);
+    buf.pos.resize(n);
+    buf.uniq.resize(n);
+    buf.seg.resize(n + 1);
+  }
+  uint64_t* a = buf.a.data();
+  uint64_t* b = buf.b.data();
+  if (max_id <= static_cast<int64_t>(0xFFFFFFFFu)) {
+    for (int64_t i = 0; i < n; ++i) a[i] = (static_cast<uint64_t>(ids[i]) << 32) | static_cast<uint64_t>(i);
+    int nbits = 0;
+    while (nbits < 32 && (static_cast<uint64_t>(max_id) >> nbits) != 0) ++nbits;
+    if (nbits > 0) {
+      const int npass = (nbits + 10) / 11;
+      const int w = (nbits + npass - 1) / npass;
+      const uint32_t mask = (1u << w) - 1u;
+      std::vector<int64_t> cnt(static_cast<size_t>(npass) << w, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t k = static_cast<uint32_t>(a[i] >> 32);
+        for (int p = 0; p < npass; ++p) ++cnt[(static_cast<size_t>(p) << w) + ((k >> (p * w)) & mask)];
+      }
+      for (int p = 0; p < npass; ++p) {
+        int64_t* c = cnt.data() + (static_cast<size_t>(p) << w);
+        int64_t run = 0;
+        bool trivial = false;
+        for (uint32_t j = 0; j <= mask; ++j) {
+          if (c[j] == n) trivial = true;
+          const int64_t t = c[j];
+          c[j] = run;
+          run += t;
+        }
+        if (trivial) continue;  // every key has the same digit: this pass is the identity
+        const int shift = 32 + p * w;
+        for (int64_t i = 0; i < n; ++i) b[c[(a[i] >> shift) & mask]++] = a[i];
+        std::swap(a, b);
+      }
+    }
+  } else {
+    // ids beyond 2**32: comparison sort on (id, position)
+    for (int64_t i = 0; i < n; ++i) a[i] = static_cast<uint64_t>(i);
+    std::stable_sort(a, a + n, [&](uint64_t x, uint64_t y) { return ids[x] < ids[y]; });
+    int64_t u = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = ids[a[i]];
+      if (i == 0 || id != buf.uniq[u - 1]) {
+        buf.uniq[u] = id;
+        buf.seg[u] = i;
+        ++u;
+      }
+      buf.pos[i] = static_cast<int32_t>(a[i]);
+    }
+    buf.seg[u] = n;
+    return u;
+  }
+  int64_t u = 0;
+  int64_t prev = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = static_cast<int64_t>(a[i] >> 32);
+    if (id != prev) {
+      buf.uniq[u] = id;
+      buf.seg[u] = i;
+      ++u;
+      prev = id;
+    }
+    buf.pos[i] = static_cast<int32_t>(a[i] & 0xFFFFFFFFu);
+  }
+  buf.seg[u] = n;
+  return u;
+}
+
+void check_state(const torch::Tensor& t, const char* name, int64_t R, int64_t D, bool rowwise,
+                 const char* opt) {
+  TORCH_CHECK(t.numel() > 0, "fused_update: ", opt, " needs ", name, " (fp32 ",
+              rowwise ? "[R]" : "[R, D]", "), got an empty tensor");
+  TORCH_CHECK(t.device().is_cpu(), "fused_update: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "fused_update: ", name, " must be float32, got ",
+              t.scalar_type());
+  if (rowwise) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == R, "fused_update: ", name, " must have shape [", R,
+                "] for ", opt, ", got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == R && t.size(1) == D, "fused_update: ", name,
+                " must have shape [", R, ", ", D, "] for ", opt, ", got ", t.sizes());
+    TORCH_CHECK(t.stride(1) == 1, "fused_update: ", name, " must have unit stride along D");
+  }
+}
+
+}  // namespace
+
+int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor state1, torch::Tensor state2,
+                     torch::Tensor ids, torch::Tensor grad_offsets, torch::Tensor occ_weights,
+                     torch::Tensor grad, std::vector<double> float_args, std::vector<int64_t> int_args) {
+  TORCH_CHECK(float_args.size() == 13, "fused_update: float_args must have 13 values "
+              "[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s], got ",
+              float_args.size());
+  TORCH_CHECK(int_args.size() == 8, "fused_update: int_args must have 8 values "
+              "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset], got ",
+              int_args.size());
+  Params P;
+  P.bits = static_cast<int>(int_args[0]);
+  P.dim = int_args[1];
+  P.opt = static_cast<int>(int_args[2]);
+  P.stochastic = int_args[3] != 0;
+  P.learn = int_args[4] != 0 && P.bits <= 8;
+  P.key = int_args[5];
+  P.row_offset = int_args[6];
+  P.col_offset = int_args[7];
+  P.lr = static_cast<float>(float_args[0]);
+  P.wd = static_cast<float>(float_args[1]);
+  P.has_wd = float_args[1] != 0.0;
+  P.eps = static_cast<float>(float_args[2]);
+  P.b1 = static_cast<float>(float_args[3]);
+  P.omb1 = static_cast<float>(float_args[4]);
+  P.b2 = static_cast<float>(float_args[5]);
+  P.omb2 = static_cast<float>(float_args[6]);
+  P.bc1 = static_cast<float>(float_args[7]);
+  P.bc2 = static_cast<float>(float_args[8]);
+  P.step_lr = static_cast<float>(float_args[9]);
+  P.lsq_scale = static_cast<float>(float_args[10]);
+  P.min_s = static_cast<float>(float_args[11]);
+  P.max_s = static_cast<float>(float_args[12]);
+  P.dim_f = static_cast<float>(static_cast<double>(P.dim));
+
+  const int bits = P.bits;
+  const int64_t D = P.dim;
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2 || bits == 16 || bits == 32,
+              "fused_update: bits must be one of 8, 4, 2, 16, 32, got ", bits);
+  TORCH_CHECK(D > 0, "fused_update: dim must be > 0, got ", D);
+  TORCH_CHECK(bits >= 8 || (D * bits) % 8 == 0, "fused_update: dim ", D, " is not a multiple of ",
+              8 / bits, " as ", bits, "-bit packing needs");
+  TORCH_CHECK(P.opt >= 0 && P.opt <= 3, "fused_update: optimizer code must be 0..3 (SGD, Adagrad, "
+              "RowWiseAdagrad, Adam), got ", P.opt);
+  const int64_t nbytes = bits == 32 ? 4 * D : bits == 16 ? 2 * D : D * bits / 8 + 4;
+
+  TORCH_CHECK(rows.device().is_cpu(), "fused_update: rows must be a CPU tensor (this is the CPU kernel), got ",
+              rows.device());
+  TORCH_CHECK(rows.scalar_type() == torch::kUInt8, "fused_update: rows must be uint8, got ",
+              rows.scalar_type());
+  TORCH_CHECK(rows.dim() == 2, "fused_update: rows must be 2-D [R, >=row_bytes], got ", rows.sizes());
+  TORCH_CHECK(rows.size(1) >= nbytes, "fused_update: rows has ", rows.size(1), " bytes per row, a ", bits,
+              "-bit row of dim ", D, " needs ", nbytes);
+  TORCH_CHECK(rows.stride(1) == 1, "fused_update: rows must have unit stride along a row, got strides ",
+              rows.strides());
+  const int64_t R = rows.size(0);
+
+  TORCH_CHECK(ids.device().is_cpu() && grad_offsets.device().is_cpu() && occ_weights.device().is_cpu() &&
+                  grad.device().is_cpu() && step_size.device().is_cpu(),
+              "fused_update: all tensors must be on the CPU");
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "fused_update: ids must be a 1-D int64 "
+              "tensor, got ", ids.scalar_type(), " ", ids.sizes());
+  const int64_t N = ids.size(0);
+  TORCH_CHECK(grad_offsets.scalar_type() == torch::kInt64 && grad_offsets.dim() == 1 &&
+                  grad_offsets.size(0) == N,
+              "fused_update: grad_offsets must be int64 [", N, "] (one per id), got ",
+              grad_offsets.scalar_type(), " ", grad_offsets.sizes());
+  const bool has_w = occ_weights.numel() > 0;
+  if (has_w) {
+    TORCH_CHECK(occ_weights.scalar_type() == torch::kFloat32 && occ_weights.dim() == 1 &&
+                    occ_weights.size(0) == N,
+                "fused_update: occ_weights must be float32 [", N, "] or empty, got ",
+                occ_weights.scalar_type(), " ", occ_weights.sizes());
+  }
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat32, "fused_update: grad must be float32, got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "fused_update: grad must be contiguous");
+  TORCH_CHECK(N < (int64_t{1} << 31), "fused_update: at most 2**31-1 occurrences per call, got ", N);
+
+  Tensors T{};
+  T.rows = rows.data_ptr<uint8_t>();
+  T.row_stride = rows.stride(0);
+  T.row_bytes = nbytes;
+  if (P.learn) {
+    TORCH_CHECK(step_size.scalar_type() == torch::kFloat32 && step_size.dim() == 1 && step_size.size(0) == R,
+                "fused_update: learn_step_size needs step_size float32 [", R, "], got ",
+                step_size.scalar_type(), " ", step_size.sizes());
+    T.step = step_size.data_ptr<float>();
+    T.step_stride = step_size.stride(0);
+  }
+  static const char* kOptNames[] = {"SGD", "Adagrad", "RowWiseAdagrad", "Adam"};
+  if (P.opt == 1 || P.opt == 3) {
+    check_state(state1, "state1", R, D, false, kOptNames[P.opt]);
+    T.s1 = state1.data_ptr<float>();
+    T.s1_stride = state1.stride(0);
+  } else if (P.opt == 2) {
+    check_state(state1, "state1", R, D, true, kOptNames[P.opt]);
+    T.s1 = state1.data_ptr<float>();
+    T.s1_stride = state1.stride(0);
+  }
+  if (P.opt == 3) {
+    check_state(state2, "state2", R, D, false, kOptNames[P.opt]);
+    T.s2 = state2.data_ptr<float>();
+    T.s2_stride = state2.stride(0);
+  }
+  if (N == 0) return 0;
+
+  torch::Tensor ids_c = ids.contiguous();
+  torch::Tensor off_c = grad_offsets.contiguous();
+  torch::Tensor w_c = has_w ? occ_weights.contiguous() : occ_weights;
+  const int64_t* idp = ids_c.data_ptr<int64_t>();
+  const int64_t* offp = off_c.data_ptr<int64_t>();
+  const int64_t gnumel = grad.numel();
+
+  int64_t max_id = 0;
+  int64_t min_id = 0;
+  int64_t max_off = 0;
+  int64_t min_off = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    max_id = std::max(max_id, idp[i]);
+    min_id = std::min(min_id, idp[i]);
+    max_off = std::max(max_off, offp[i]);
+    min_off = std::min(min_off, offp[i]);
+  }
+  TORCH_CHECK(min_id >= 0 && max_id < R, "fused_update: ids must be in [0, ", R, "), got values in [",
+              min_id, ", ", max_id, "]");
+  TORCH_CHECK(min_off >= 0 && max_off <= gnumel - D, "fused_update: grad_offsets must be in [0, ",
+              gnumel - D, "] (grad has ", gnumel, " elements, dim ", D, "), got values in [", min_off, ", ",
+              max_off, "]");
+
+  T.grad = grad.data_ptr<float>();
+  T.goff = offp;
+  T.occw = has_w ? w_c.data_ptr<float>() : nullptr;
+
+  GroupBuffers& buf = group_buffers();
+  const int64_t U = group_by_row(idp, N, max_id, buf);
+  const int64_t* uniq = buf.uniq.data();
+  const int64_t* seg = buf.seg.data();
+  const int32_t* pos = buf.pos.data();
+
+  RunFn fn = pick(bits, P.opt);
+
+  // Cost-balanced split of the segments over the threads: a row costs its occurrences
+  // (gradient sums) plus a fixed amount (read, optimizer, quantize, write).
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_cost = 4;
+  const int64_t total = N + row_cost * U;
+  int64_t nchunks = std::min<int64_t>(nthreads, std::max<int64_t>(1, U / (4 * kBlock)));
+  if (at::in_parallel_region()) nchunks = 1;
+  if (nchunks <= 1) return fn(0, U, uniq, seg, pos, P, T);
+
+  std::vector<int64_t> bounds(nchunks + 1, U);
+  bounds[0] = 0;
+  {
+    int64_t c = 1;
+    int64_t acc = 0;
+    for (int64_t u = 0; u < U && c < nchunks; ++u) {
+      acc += (seg[u + 1] - seg[u]) + row_cost;
+      while (c < nchunks && acc * nchunks >= total * c) bounds[c++] = u + 1;
+    }
+  }
+  std::vector<int64_t> skipped(nchunks, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) skipped[c] = fn(bounds[c], bounds[c + 1], uniq, seg, pos, P, T);
+  });
+  int64_t total_skipped = 0;
+  for (int64_t s : skipped) total_skipped += s;
+  return total_skipped;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_update", &fused_update,
+        "Fused sparse update of low-precision embedding rows, in place; returns the number of rows "
+        "skipped for a non-finite gradient (see torchrec_lowprec/kernels/spec.py)",
+        py::arg("rows"), py::arg("step_size"), py::arg("state1"), py::arg("state2"), py::arg("ids"),
+        py::arg("grad_offsets"), py::arg("occ_weights"), py::arg("grad"), py::arg("float_args"),
+        py::arg("int_args"));
+}

@@ -1,0 +1,184 @@
+"""The native CPU fused update (``kernels/cpu/fused_update.cpp``), built on first use.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` into a cache directory
+``$TORCHREC_LOWPREC_EXT_DIR/ext-<hash>`` (default ``~/.cache/torchrec_lowprec/ext-<hash>``),
+the hash covering the source text, the compile flags, the torch and Python versions and the
+CPU (the build uses ``-march=native``). A file lock serialises concurrent builds.
+
+``is_available()`` tries the build/load once and remembers a failure (no compiler, no
+ninja, ...); ``load_error()`` tells why. ``python -m torchrec_lowprec.kernels.cpu_native
+--build`` builds it and prints the path of the library (``make setup`` runs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from torchrec_lowprec.kernels.spec import UpdateSpec
+
+SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
+#: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's.
+CFLAGS = ("-O3", "-ffp-contract=off", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def build_hash() -> str:
+    """Short hash of everything the built library depends on."""
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    for part in (
+        " ".join(CFLAGS),
+        " ".join(LDFLAGS),
+        torch.__version__,
+        f"{sys.version_info.major}.{sys.version_info.minor}",
+        _cpu_id(),
+    ):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:12]
+
+
+def build_dir() -> Path:
+    """The cache directory of this build (created on demand)."""
+    base = os.environ.get("TORCHREC_LOWPREC_EXT_DIR")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "torchrec_lowprec"
+    return root / f"ext-{build_hash()}"
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"torchrec_lowprec_cpu_{build_hash()}"
+    lock_path = directory.parent / f"{directory.name}.lock"
+    with open(lock_path, "a+") as lock_file:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: rely on torch's own baton
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            # We hold the exclusive lock, so a baton file left there is stale (a build that
+            # was killed); torch would wait on it forever.
+            stale = directory / "lock"
+            if stale.exists():
+                stale.unlink()
+        try:
+            return load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(directory),
+                verbose=False,
+            )
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _load() -> ModuleType:
+    global _module, _error, _tried
+    with _lock:
+        if _module is not None:
+            return _module
+        if _tried and _error is not None:
+            raise RuntimeError(f"the native CPU kernel is not available: {_error}")
+        _tried = True
+        try:
+            _module = _build()
+        except Exception as e:  # noqa: BLE001 - any failure means "not available"
+            _error = f"{type(e).__name__}: {e}".strip()
+            raise RuntimeError(f"the native CPU kernel is not available: {_error}") from e
+        return _module
+
+
+def is_available() -> bool:
+    """Whether the extension builds and loads here (tried once per process)."""
+    try:
+        _load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def load_error() -> str | None:
+    """Why :func:`is_available` returned False (``None`` if it loaded or was not tried)."""
+    return _error
+
+
+def library_path() -> str:
+    """Path of the built shared library (builds it if needed)."""
+    return str(_load().__file__)
+
+
+def fused_update(
+    rows: torch.Tensor,
+    step_size: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    ids: torch.Tensor,
+    grad_offsets: torch.Tensor,
+    occ_weights: torch.Tensor,
+    grad: torch.Tensor,
+    spec: UpdateSpec,
+) -> int:
+    """The fused update of :mod:`torchrec_lowprec.kernels.spec`, in place, on CPU tensors.
+
+    Same arguments and result as :func:`torchrec_lowprec.kernels.reference.reference_update`
+    (the number of rows skipped for a non-finite gradient), bit-identical to it.
+    """
+    return int(
+        _load().fused_update(
+            rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad,
+            spec.float_args(), spec.int_args(),
+        )  # fmt: skip
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m torchrec_lowprec.kernels.cpu_native")
+    parser.add_argument("--build", action="store_true", help="build the extension and print its path")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 0
+    if not is_available():
+        print(f"building the native CPU kernel failed: {load_error()}", file=sys.stderr)
+        return 1
+    print(library_path())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

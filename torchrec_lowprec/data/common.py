@@ -81,10 +81,16 @@ class RowBlock:
         n = len(self)
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
         values = np.concatenate(self.values) if self.values else np.zeros(0, np.int64)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
+        # Per-key sizes are known here; from_lengths_sync would recompute them with a torch.sum
+        # over [F, B] lengths that costs ~18 ms for 26 x 8192 on CPU.
+        per_key = [int(v.shape[0]) for v in self.values]
+        kjt = KeyedJaggedTensor(
             keys=list(keys),
             values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
             lengths=torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32)),
+            stride=n,
+            length_per_key=per_key,
+            offset_per_key=[0, *np.cumsum(per_key).tolist()],
         )
         dense = torch.from_numpy(np.ascontiguousarray(self.dense, dtype=np.float32)).reshape(n, -1)
         labels = torch.from_numpy(np.ascontiguousarray(self.labels, dtype=np.float32))

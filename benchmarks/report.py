@@ -1,0 +1,23 @@
+"""Writing one benchmark's results into its own section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+
+def write_section(path: str, key: str, title: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``.
+
+    Written to a temporary file and renamed, so an interrupted run never leaves half a file.
+    """
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n## {title}\n\n{body.rstrip()}\n{end}"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,8 +1,8 @@
 """The one place that picks a fused-update backend for a device.
 
-CPU -> the native C++ kernel (:mod:`.cpu_native`); anything else, or a machine where the
-native kernel cannot be built (no compiler), -> the PyTorch reference, with a one-time
-warning. All backends implement :mod:`.spec` and produce the same bits.
+CPU -> the native C++ kernel (:mod:`.cpu_native`); CUDA -> the Triton kernel
+(:mod:`.triton_update`); anything else, or a machine where the kernel cannot be built (no
+compiler, no triton), -> the PyTorch reference, with a one-time warning. All backends implement :mod:`.spec` and produce the same bits.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def backend_for(device: torch.device) -> str:
             "several times slower. Install a C++ compiler and ninja (`make setup`) to fix.",
         )
         return "reference"
+    if device.type == "cuda":
+        from torchrec_lowprec.kernels import triton_update
+
+        if triton_update.is_available():
+            return "triton"
     _warn_once(
         device.type,
         f"torchrec_lowprec: no fused-update kernel for device type {device.type!r}; "
@@ -71,6 +76,12 @@ def fused_update(
         from torchrec_lowprec.kernels import cpu_native
 
         return cpu_native.fused_update(
+            rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec
+        )
+    if backend == "triton":
+        from torchrec_lowprec.kernels import triton_update
+
+        return triton_update.fused_update(
             rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec
         )
     return reference_update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec)

@@ -98,6 +98,7 @@ def reference_update(
     if ids.numel() == 0:
         return 0
     bits, dim = spec.bits, spec.dim
+    ids = ids.to(torch.int64)  # the hash needs 64-bit arithmetic
     uniq, g = aggregate_row_grads(ids, grad_offsets, occ_weights, grad, dim)
     finite = torch.isfinite(g).all(dim=1)
     skipped = int((~finite).sum())

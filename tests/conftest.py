@@ -1,11 +1,12 @@
 import os
+import shutil
 import subprocess
 
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It must be set
 # before anything imports triton (torchrec does), so it is decided here, not in the tests.
 if "TRITON_INTERPRET" not in os.environ:
-    has_gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0 if os.path.exists("/usr/bin/nvidia-smi") else False
-    if not has_gpu:
+    smi = shutil.which("nvidia-smi")
+    if smi is None or subprocess.run([smi, "-L"], capture_output=True).returncode != 0:
         os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

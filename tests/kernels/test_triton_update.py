@@ -5,9 +5,8 @@ below before triton is imported). On a CUDA machine, ``TRITON_INTERPRET=0 pytest
 tests/kernels/test_triton_update.py`` runs the same comparisons with the compiled kernel on
 the GPU (the reference then runs on CUDA too).
 
-The reference is called with an IEEE (correctly rounded) ``torch.sqrt``: torch's CPU sqrt
-(MKL VML) is off by one ulp for some inputs on some CPUs, while torch on CUDA and the
-kernel's ``tl.sqrt_rn`` round correctly. With that, every case below is byte-for-byte equal
+The reference computes square roots correctly rounded (IEEE), as the kernel's
+``tl.sqrt_rn`` does; every case below is byte-for-byte equal
 with ``exact_row_sums=True`` (the default); ``test_tree_row_sums_within_tolerance`` states
 and checks what the faster tree reduction costs.
 """
@@ -49,22 +48,7 @@ if not INTERPRET and not torch.cuda.is_available():
 DEV = torch.device("cpu" if INTERPRET else "cuda")
 R = 40
 KINDS = list(OptimizerType)
-_TORCH_SQRT = torch.sqrt
-
-
-def _ieee_sqrt(t, *args, **kwargs):
-    # fp32 sqrt through fp64: double rounding is exact for sqrt (53 >= 2*24 + 2)
-    if t.dtype == torch.float32:
-        return _TORCH_SQRT(t.double(), *args, **kwargs).float()
-    return _TORCH_SQRT(t, *args, **kwargs)
-
-
-def _reference(*args, **kwargs):
-    torch.sqrt = _ieee_sqrt
-    try:
-        return reference_update(*args, **kwargs)
-    finally:
-        torch.sqrt = _TORCH_SQRT
+_reference = reference_update  # the oracle's sqrt is IEEE, like the kernel's sqrt_rn
 
 
 def _table(bits, dim, seed, scale=0.1, init="lsq"):
@@ -315,8 +299,7 @@ def test_saturation_and_step_clamps(bits):
 
 @pytest.mark.parametrize("bits", [8, 2, 16])
 def test_matches_cpu_reference_as_is_without_sqrt(bits):
-    # SGD involves no sqrt: equal to the unpatched reference too (on CPU: MKL's sqrt is the
-    # only reason for the IEEE-sqrt patch above)
+    # SGD involves no sqrt
     dim = 16
     rows, s = _table(bits, dim, seed=31)
     ids, goff, w, grad = _batch(dim, seed=32, weighted=True)

@@ -25,8 +25,9 @@ import torch
 from torchrec_lowprec.kernels.spec import UpdateSpec
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
-#: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's.
-CFLAGS = ("-O3", "-ffp-contract=off", "-march=native", "-fopenmp")
+#: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's
+#: (``-fno-trapping-math`` changes no value; it lets GCC vectorise the clamp/select loops).
+CFLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
@@ -156,12 +157,9 @@ def fused_update(
     Same arguments and result as :func:`torchrec_lowprec.kernels.reference.reference_update`
     (the number of rows skipped for a non-finite gradient), bit-identical to it.
     """
-    return int(
-        _load().fused_update(
-            rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad,
-            spec.float_args(), spec.int_args(),
-        )  # fmt: skip
-    )
+    ext = _load()
+    tensors = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad)
+    return int(ext.fused_update(*tensors, spec.float_args(), spec.int_args()))
 
 
 def main(argv: list[str] | None = None) -> int:

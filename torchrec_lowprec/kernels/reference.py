@@ -40,6 +40,16 @@ def aggregate_row_grads(
     return uniq, acc
 
 
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt (via fp64: double rounding is exact for sqrt).
+
+    ``torch.sqrt`` on CPU goes through MKL's vmsSqrt, 1 ulp off for some inputs; CUDA's
+    ``sqrt.rn`` and C++'s ``std::sqrt`` are IEEE. The oracle uses IEEE so that every backend,
+    on every device, can produce the same bits.
+    """
+    return torch.sqrt(t.double()).float()
+
+
 def _row_sum(t: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros(t.shape[0], dtype=torch.float32, device=t.device)
     for d in range(t.shape[1]):
@@ -62,16 +72,16 @@ def _apply_optimizer(
     if o.kind == OptimizerType.ADAGRAD:
         h = state1[rows] + g * g
         state1[rows] = h
-        return x - (lr * g) / (torch.sqrt(h) + eps)
+        return x - (lr * g) / (_sqrt(h) + eps)
     if o.kind == OptimizerType.ROWWISE_ADAGRAD:
         h = state1[rows] + _row_sum(g * g) / float(spec.dim)
         state1[rows] = h
-        return x - (lr / (torch.sqrt(h) + eps))[:, None] * g
+        return x - (lr / (_sqrt(h) + eps))[:, None] * g
     m = b1 * state1[rows] + omb1 * g
     v = b2 * state2[rows] + omb2 * (g * g)
     state1[rows] = m
     state2[rows] = v
-    return x - lr * (m / bc1) / (torch.sqrt(v / bc2) + eps)
+    return x - lr * (m / bc1) / (_sqrt(v / bc2) + eps)
 
 
 def _fp16_stochastic(x: torch.Tensor, noise_bits: torch.Tensor) -> torch.Tensor:

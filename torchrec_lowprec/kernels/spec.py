@@ -11,7 +11,7 @@ to the gradient of row ``ids[i]``; a row's contributions are summed in occurrenc
 4. Optimizer (fp32, states fp32):
    SGD ``x -= lr * g_opt``;
    Adagrad ``h += g_opt^2; x -= (lr * g_opt) / (sqrt(h) + eps)``;
-   RowWiseAdagrad ``h += (sum_d g_opt_d^2) / D; x -= (lr / (sqrt(h) + eps)) * g_opt``;
+   RowWiseAdagrad ``h += (sum_d g_opt_d^2) / D; x -= (lr * (1 / (sqrt(h) + eps))) * g_opt``;
    Adam ``m = b1*m + (1-b1)*g_opt; v = b2*v + (1-b2)*g_opt^2;
    x -= lr * (m / bc1) / (sqrt(v / bc2) + eps)`` with ``bc = 1 - beta^step``.
 5. ALPT (b-bit rows with a learned step): ``s = clamp(s - step_lr * lsq_grad(x, s, g),
@@ -23,8 +23,9 @@ to the gradient of row ``ids[i]``; a row's contributions are summed in occurrenc
    16-bit rows: fp16 by stochastic rounding (random low 13 mantissa bits added, then
    truncated; exact for values in fp16's normal range) or nearest; 32-bit rows as is.
 
-Sums over ``d`` (row-wise Adagrad, LSQ) are sequential from column 0, so the backends
-produce the same bits.
+Sums over ``d`` (row-wise Adagrad, LSQ) are sequential from column 0, square roots are
+correctly rounded (IEEE), divisions are IEEE, and nothing is fused into an FMA, so the
+backends produce the same bits.
 """
 
 from __future__ import annotations

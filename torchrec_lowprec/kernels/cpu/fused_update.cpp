@@ -3,23 +3,25 @@
 //
 // One call: group the occurrences by row (LSD radix sort of (id, position), stable, so each
 // row's gradients are summed in occurrence order), then one pass per touched row, parallel
-// over rows in cost-balanced chunks. Rows are processed in blocks of kBlock so that the
+// over chunks of touched rows. Rows are processed in blocks of kBlock so that the
 // sequential sums over d (row-wise Adagrad, LSQ), which must run column 0 first, run as
 // kBlock independent chains instead of one latency-bound chain.
 //
 // Must be compiled with -ffp-contract=off and without -ffast-math: every fp32 operation is
 // the same IEEE operation, in the same order, as the reference's PyTorch ops. Python float
 // scalars are cast to fp32 once, as PyTorch does for a scalar operand of an fp32 tensor op.
+// (-fno-trapping-math is fine and lets GCC if-convert, hence vectorise, the clamp/select
+// loops; it changes no value, only whether FP exception flags may be raised speculatively.)
 // PyTorch details the code follows: `c / t` is `reciprocal(t) * c`; `t / c` is a true
-// division; and `torch.sqrt` on fp32 CPU tensors is MKL VML's vmsSqrt (VML_HA) when torch is
-// built with MKL -- not always the correctly rounded sqrt (1 ulp off for some inputs on AMD
-// CPUs), so sqrt goes through the same MKL entry point that libtorch_cpu exports.
+// division; square roots are correctly rounded (the reference computes them in fp64 and
+// rounds, which equals IEEE fp32 sqrt), so the CPU, CUDA and reference bits agree.
 
 #include <torch/extension.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,16 +32,13 @@
 #include <immintrin.h>
 #endif
 
-#if AT_MKL_ENABLED() && !defined(__APPLE__)
-#define TRL_USE_MKL_SQRT 1
-// From mkl_vml_functions.h (LP64 interface); the symbol is exported by libtorch_cpu.
-extern "C" void vmsSqrt(const int n, const float* a, float* r, long long mode);
-#endif
 
 namespace {
 
 constexpr int kBlock = 8;          // rows per block (independent reduction chains)
-constexpr int kPrefetchAhead = 12;  // segments ahead whose row / state lines are prefetched
+constexpr int kPrefetchAhead = 16;  // segments ahead whose row / state lines are prefetched
+constexpr int kGradAhead = 6;       // segments ahead whose gradient slices are prefetched
+constexpr int64_t kChunkRows = 256;  // touched rows per unit of parallel work
 constexpr uint32_t kM1 = 0x7FEB352Du;
 constexpr uint32_t kM2 = 0x846CA68Bu;
 constexpr uint32_t kGolden = 0x9E3779B9u;
@@ -122,20 +121,9 @@ inline uint32_t row_key(int64_t key, int64_t grow) {
   return mix32_i64(a ^ hi);
 }
 
-// out[i] = sqrt(in[i]) with the bits of torch.sqrt (ATen/cpu/vml.h: vsqrt)
+// out[i] = sqrt(in[i]), correctly rounded (vectorised sqrtps is IEEE)
 inline void sqrt_n(const float* in, float* out, int64_t n) {
-#if defined(TRL_USE_MKL_SQRT)
-  constexpr long long kVmlMode = 0x00000002 | 0x00140000 | 0x00000100;  // HA | FTZDAZ_OFF | ERRMODE_IGNORE
-  while (n > 0) {
-    const int m = static_cast<int>(std::min<int64_t>(n, 1 << 30));
-    vmsSqrt(m, in, out, kVmlMode);
-    in += m;
-    out += m;
-    n -= m;
-  }
-#else
   for (int64_t i = 0; i < n; ++i) out[i] = std::sqrt(in[i]);
-#endif
 }
 
 inline bool all_finite(const float* g, int64_t n) {
@@ -177,8 +165,8 @@ struct Tensors {
   float* s2;
   int64_t s2_stride;
   const float* grad;
-  const int64_t* goff;
-  const float* occw;  // or null
+  const int64_t* goff;  // grad offset of each occurrence, in grouped order
+  const float* occw;    // weight of each occurrence, in grouped order, or null
 };
 
 // Sequential sums over d of kBlock rows at once: out[r] = ((0 + p[r][0]) + p[r][1]) + ...
@@ -279,7 +267,9 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
     constexpr float qmin = static_cast<float>(-half);
     constexpr float qmax = static_cast<float>(half - 1);
     const float inv = 1.0f / s16;  // reciprocal(s16) * 1.0
+    // 8-bit codes go straight into the row; 4/2-bit ones through a buffer, then packed.
     int32_t* code = S.codes.data();
+    uint8_t* c8 = row + 4;
     if (P.stochastic) {
       uint32_t* h = S.h.data();
       element_hash(row_key(P.key, grow), P, h);
@@ -291,7 +281,11 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
         t = t < qmin ? qmin : t;
         t = t > qmax ? qmax : t;
         t = (t == t) ? t : 0.0f;  // NaN: the reference's int32 cast + packing gives code 0
-        code[d] = static_cast<int32_t>(t) + half;
+        if constexpr (BITS == 8) {
+          c8[d] = static_cast<uint8_t>(static_cast<int32_t>(t) + half);
+        } else {
+          code[d] = static_cast<int32_t>(t) + half;
+        }
       }
     } else {
       for (int64_t d = 0; d < D; ++d) {
@@ -300,7 +294,11 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
         t = t < qmin ? qmin : t;
         t = t > qmax ? qmax : t;
         t = (t == t) ? t : 0.0f;
-        code[d] = static_cast<int32_t>(t) + half;
+        if constexpr (BITS == 8) {
+          c8[d] = static_cast<uint8_t>(static_cast<int32_t>(t) + half);
+        } else {
+          code[d] = static_cast<int32_t>(t) + half;
+        }
       }
     }
     const uint16_t sb = f2h(s16);
@@ -308,11 +306,9 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
     std::memcpy(row, &sb, 2);
     std::memcpy(row + 2, &bb, 2);
     uint8_t* c = row + 4;
-    if constexpr (BITS == 8) {
-      for (int64_t d = 0; d < D; ++d) c[d] = static_cast<uint8_t>(code[d]);
-    } else if constexpr (BITS == 4) {
+    if constexpr (BITS == 4) {
       for (int64_t k = 0; k < D / 2; ++k) c[k] = static_cast<uint8_t>(code[2 * k] | (code[2 * k + 1] << 4));
-    } else {
+    } else if constexpr (BITS == 2) {
       for (int64_t k = 0; k < D / 4; ++k)
         c[k] = static_cast<uint8_t>(code[4 * k] | (code[4 * k + 1] << 2) | (code[4 * k + 2] << 4) |
                                     (code[4 * k + 3] << 6));
@@ -444,47 +440,57 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
   }
 }
 
-inline void prefetch_row(const Params& P, const Tensors& T, int64_t row) {
-  const char* base = reinterpret_cast<const char*>(T.rows + row * T.row_stride);
-  for (int64_t b = 0; b < T.row_bytes; b += 64) __builtin_prefetch(base + b, 1, 1);
-  __builtin_prefetch(base + T.row_bytes - 1, 1, 1);
-  if (P.learn) __builtin_prefetch(T.step + row * T.step_stride, 1, 1);
-  if (P.opt == 2) {
-    __builtin_prefetch(T.s1 + row * T.s1_stride, 1, 1);
-  } else if (P.opt == 1 || P.opt == 3) {
-    const char* a = reinterpret_cast<const char*>(T.s1 + row * T.s1_stride);
-    for (int64_t b = 0; b < 4 * P.dim; b += 64) __builtin_prefetch(a + b, 1, 1);
-    if (P.opt == 3) {
-      const char* c = reinterpret_cast<const char*>(T.s2 + row * T.s2_stride);
-      for (int64_t b = 0; b < 4 * P.dim; b += 64) __builtin_prefetch(c + b, 1, 1);
-    }
-  }
-}
-
 // Process segments [u0, u1) of the grouped occurrences; returns the number of skipped rows.
 template <int BITS, int OPT>
-int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* seg, const int32_t* pos,
-                     const Params& P, const Tensors& T) {
+int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* seg, const Params& P,
+                     const Tensors& T) {
   const int64_t D = P.dim;
   Scratch S(D);
   int64_t rid[kBlock];
   int nb = 0;
   int64_t skipped = 0;
+  const int64_t gbytes = 4 * D;
+  // Prefetch (into L1, read; measured faster than prefetchw here) what updating a row touches:
+  // its bytes, its step size, its optimizer state. A lambda forced inline: GCC drops calls to
+  // an out-of-line function that only prefetches (it is side-effect free).
+  auto prefetch_row = [&](int64_t row) __attribute__((always_inline)) {
+    const char* base = reinterpret_cast<const char*>(T.rows + row * T.row_stride);
+    for (int64_t b = 0; b < T.row_bytes; b += 64) __builtin_prefetch(base + b, 0, 3);
+    __builtin_prefetch(base + T.row_bytes - 1, 0, 3);
+    if (P.learn) __builtin_prefetch(T.step + row * T.step_stride, 0, 3);
+    if constexpr (OPT == 2) {
+      __builtin_prefetch(T.s1 + row * T.s1_stride, 0, 3);
+    } else if constexpr (OPT == 1 || OPT == 3) {
+      const char* a = reinterpret_cast<const char*>(T.s1 + row * T.s1_stride);
+      for (int64_t b = 0; b < gbytes; b += 64) __builtin_prefetch(a + b, 0, 3);
+      if constexpr (OPT == 3) {
+        const char* c = reinterpret_cast<const char*>(T.s2 + row * T.s2_stride);
+        for (int64_t b = 0; b < gbytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+      }
+    }
+  };
+  for (int64_t u = u0; u < std::min<int64_t>(u1, u0 + kPrefetchAhead); ++u) prefetch_row(uniq[u]);
   for (int64_t u = u0; u < u1; ++u) {
-    if (u + kPrefetchAhead < u1) prefetch_row(P, T, uniq[u + kPrefetchAhead]);
+    if (u + kPrefetchAhead < u1) prefetch_row(uniq[u + kPrefetchAhead]);
+    if (u + kGradAhead < u1) {
+      for (int64_t k = seg[u + kGradAhead]; k < seg[u + kGradAhead + 1]; ++k) {
+        const char* src = reinterpret_cast<const char*>(T.grad + T.goff[k]);
+        for (int64_t b = 0; b < gbytes; b += 64) __builtin_prefetch(src + b, 0, 3);
+        __builtin_prefetch(src + gbytes - 1, 0, 3);
+      }
+    }
     float* g = S.g.data() + nb * D;
     for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
     const int64_t e = seg[u + 1];
     if (T.occw != nullptr) {
       for (int64_t k = seg[u]; k < e; ++k) {
-        const int32_t p = pos[k];
-        const float* src = T.grad + T.goff[p];
-        const float w = T.occw[p];
+        const float* src = T.grad + T.goff[k];
+        const float w = T.occw[k];
         for (int64_t d = 0; d < D; ++d) g[d] = g[d] + w * src[d];
       }
     } else {
       for (int64_t k = seg[u]; k < e; ++k) {
-        const float* src = T.grad + T.goff[pos[k]];
+        const float* src = T.grad + T.goff[k];
         for (int64_t d = 0; d < D; ++d) g[d] = g[d] + src[d];
       }
     }
@@ -502,8 +508,7 @@ int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t*
   return skipped;
 }
 
-using RunFn = int64_t (*)(int64_t, int64_t, const int64_t*, const int64_t*, const int32_t*, const Params&,
-                          const Tensors&);
+using RunFn = int64_t (*)(int64_t, int64_t, const int64_t*, const int64_t*, const Params&, const Tensors&);
 
 template <int BITS>
 RunFn pick_opt(int opt) {
@@ -530,8 +535,8 @@ RunFn pick(int bits, int opt) {
 
 struct GroupBuffers {
   std::vector<uint64_t> a, b;
-  std::vector<int64_t> uniq, seg;
-  std::vector<int32_t> pos;
+  std::vector<int64_t> uniq, seg, off;
+  std::vector<float> w;
 };
 
 GroupBuffers& group_buffers() {
@@ -539,16 +544,21 @@ GroupBuffers& group_buffers() {
   return buf;
 }
 
-// Fills buf.uniq[0:U] (ascending unique ids), buf.seg[0:U+1] (segment starts) and buf.pos
-// (occurrence positions grouped by id, ascending within a group); returns U.
-int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers& buf) {
+// Fills buf.uniq[0:U] (ascending unique ids), buf.seg[0:U+1] (segment starts) and, in grouped
+// order (by id, then by position), buf.off / buf.w: the occurrences' grad offsets and weights
+// (weights only if occw is given). Returns U.
+int64_t group_by_row(const int64_t* ids, const int64_t* goff, const float* occw, int64_t n, int64_t max_id,
+                     GroupBuffers& buf) {
   if (buf.a.size() < static_cast<size_t>(n)) {
     buf.a.resize(n);
     buf.b.resize(n);
-    buf.pos.resize(n);
+    buf.off.resize(n);
+    buf.w.resize(n);
     buf.uniq.resize(n);
     buf.seg.resize(n + 1);
   }
+  int64_t* off = buf.off.data();
+  float* w = buf.w.data();
   uint64_t* a = buf.a.data();
   uint64_t* b = buf.b.data();
   if (max_id <= static_cast<int64_t>(0xFFFFFFFFu)) {
@@ -557,15 +567,15 @@ int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers
     while (nbits < 32 && (static_cast<uint64_t>(max_id) >> nbits) != 0) ++nbits;
     if (nbits > 0) {
       const int npass = (nbits + 10) / 11;
-      const int w = (nbits + npass - 1) / npass;
-      const uint32_t mask = (1u << w) - 1u;
-      std::vector<int64_t> cnt(static_cast<size_t>(npass) << w, 0);
+      const int width = (nbits + npass - 1) / npass;  // bits per digit (<= 11)
+      const uint32_t mask = (1u << width) - 1u;
+      std::vector<int64_t> cnt(static_cast<size_t>(npass) << width, 0);
       for (int64_t i = 0; i < n; ++i) {
         const uint32_t k = static_cast<uint32_t>(a[i] >> 32);
-        for (int p = 0; p < npass; ++p) ++cnt[(static_cast<size_t>(p) << w) + ((k >> (p * w)) & mask)];
+        for (int p = 0; p < npass; ++p) ++cnt[(static_cast<size_t>(p) << width) + ((k >> (p * width)) & mask)];
       }
       for (int p = 0; p < npass; ++p) {
-        int64_t* c = cnt.data() + (static_cast<size_t>(p) << w);
+        int64_t* c = cnt.data() + (static_cast<size_t>(p) << width);
         int64_t run = 0;
         bool trivial = false;
         for (uint32_t j = 0; j <= mask; ++j) {
@@ -575,7 +585,7 @@ int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers
           run += t;
         }
         if (trivial) continue;  // every key has the same digit: this pass is the identity
-        const int shift = 32 + p * w;
+        const int shift = 32 + p * width;
         for (int64_t i = 0; i < n; ++i) b[c[(a[i] >> shift) & mask]++] = a[i];
         std::swap(a, b);
       }
@@ -592,7 +602,8 @@ int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers
         buf.seg[u] = i;
         ++u;
       }
-      buf.pos[i] = static_cast<int32_t>(a[i]);
+      off[i] = goff[a[i]];
+      if (occw != nullptr) w[i] = occw[a[i]];
     }
     buf.seg[u] = n;
     return u;
@@ -607,7 +618,9 @@ int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers
       ++u;
       prev = id;
     }
-    buf.pos[i] = static_cast<int32_t>(a[i] & 0xFFFFFFFFu);
+    const uint64_t p = a[i] & 0xFFFFFFFFu;
+    off[i] = goff[p];
+    if (occw != nullptr) w[i] = occw[p];
   }
   buf.seg[u] = n;
   return u;
@@ -615,8 +628,6 @@ int64_t group_by_row(const int64_t* ids, int64_t n, int64_t max_id, GroupBuffers
 
 void check_state(const torch::Tensor& t, const char* name, int64_t R, int64_t D, bool rowwise,
                  const char* opt) {
-  TORCH_CHECK(t.numel() > 0, "fused_update: ", opt, " needs ", name, " (fp32 ",
-              rowwise ? "[R]" : "[R, D]", "), got an empty tensor");
   TORCH_CHECK(t.device().is_cpu(), "fused_update: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, "fused_update: ", name, " must be float32, got ",
               t.scalar_type());
@@ -691,12 +702,14 @@ int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor 
   TORCH_CHECK(ids.device().is_cpu() && grad_offsets.device().is_cpu() && occ_weights.device().is_cpu() &&
                   grad.device().is_cpu() && step_size.device().is_cpu(),
               "fused_update: all tensors must be on the CPU");
-  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "fused_update: ids must be a 1-D int64 "
-              "tensor, got ", ids.scalar_type(), " ", ids.sizes());
+  const auto is_index = [](const torch::Tensor& t) {
+    return t.scalar_type() == torch::kInt64 || t.scalar_type() == torch::kInt32;
+  };
+  TORCH_CHECK(is_index(ids) && ids.dim() == 1, "fused_update: ids must be a 1-D int64 (or int32) tensor, got ",
+              ids.scalar_type(), " ", ids.sizes());
   const int64_t N = ids.size(0);
-  TORCH_CHECK(grad_offsets.scalar_type() == torch::kInt64 && grad_offsets.dim() == 1 &&
-                  grad_offsets.size(0) == N,
-              "fused_update: grad_offsets must be int64 [", N, "] (one per id), got ",
+  TORCH_CHECK(is_index(grad_offsets) && grad_offsets.dim() == 1 && grad_offsets.size(0) == N,
+              "fused_update: grad_offsets must be int64 (or int32) [", N, "] (one per id), got ",
               grad_offsets.scalar_type(), " ", grad_offsets.sizes());
   const bool has_w = occ_weights.numel() > 0;
   if (has_w) {
@@ -738,8 +751,8 @@ int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor 
   }
   if (N == 0) return 0;
 
-  torch::Tensor ids_c = ids.contiguous();
-  torch::Tensor off_c = grad_offsets.contiguous();
+  torch::Tensor ids_c = ids.to(torch::kInt64).contiguous();
+  torch::Tensor off_c = grad_offsets.to(torch::kInt64).contiguous();
   torch::Tensor w_c = has_w ? occ_weights.contiguous() : occ_weights;
   const int64_t* idp = ids_c.data_ptr<int64_t>();
   const int64_t* offp = off_c.data_ptr<int64_t>();
@@ -761,43 +774,32 @@ int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor 
               gnumel - D, "] (grad has ", gnumel, " elements, dim ", D, "), got values in [", min_off, ", ",
               max_off, "]");
 
-  T.grad = grad.data_ptr<float>();
-  T.goff = offp;
-  T.occw = has_w ? w_c.data_ptr<float>() : nullptr;
-
   GroupBuffers& buf = group_buffers();
-  const int64_t U = group_by_row(idp, N, max_id, buf);
+  const int64_t U = group_by_row(idp, offp, has_w ? w_c.data_ptr<float>() : nullptr, N, max_id, buf);
   const int64_t* uniq = buf.uniq.data();
   const int64_t* seg = buf.seg.data();
-  const int32_t* pos = buf.pos.data();
+  T.grad = grad.data_ptr<float>();
+  T.goff = buf.off.data();
+  T.occw = has_w ? buf.w.data() : nullptr;
 
   RunFn fn = pick(bits, P.opt);
 
-  // Cost-balanced split of the segments over the threads: a row costs its occurrences
-  // (gradient sums) plus a fixed amount (read, optimizer, quantize, write).
+  // Threads take chunks of kChunkRows touched rows from a shared counter (dynamic schedule:
+  // robust to a thread that gets descheduled or rows with many occurrences).
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t row_cost = 4;
-  const int64_t total = N + row_cost * U;
-  int64_t nchunks = std::min<int64_t>(nthreads, std::max<int64_t>(1, U / (4 * kBlock)));
-  if (at::in_parallel_region()) nchunks = 1;
-  if (nchunks <= 1) return fn(0, U, uniq, seg, pos, P, T);
-
-  std::vector<int64_t> bounds(nchunks + 1, U);
-  bounds[0] = 0;
-  {
-    int64_t c = 1;
-    int64_t acc = 0;
-    for (int64_t u = 0; u < U && c < nchunks; ++u) {
-      acc += (seg[u + 1] - seg[u]) + row_cost;
-      while (c < nchunks && acc * nchunks >= total * c) bounds[c++] = u + 1;
+  if (nthreads == 1 || U <= kChunkRows || at::in_parallel_region()) return fn(0, U, uniq, seg, P, T);
+  const int64_t nchunks = (U + kChunkRows - 1) / kChunkRows;
+  std::atomic<int64_t> next{0};
+  std::vector<int64_t> skipped(nthreads, 0);
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t) {
+    int64_t sk = 0;
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
+      sk += fn(c * kChunkRows, std::min(U, (c + 1) * kChunkRows), uniq, seg, P, T);
     }
-  }
-  std::vector<int64_t> skipped(nchunks, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) skipped[c] = fn(bounds[c], bounds[c + 1], uniq, seg, pos, P, T);
+    skipped[tb] += sk;
   });
   int64_t total_skipped = 0;
-  for (int64_t s : skipped) total_skipped += s;
+  for (int64_t k : skipped) total_skipped += k;
   return total_skipped;
 }
 

@@ -1,0 +1,323 @@
+"""The native CPU fused update is bit-identical to the PyTorch reference.
+
+Every comparison starts both backends from identical clones and checks the stored rows (all
+bytes), the step sizes and the optimizer states with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from torchrec_lowprec.kernels import cpu_native
+from torchrec_lowprec.kernels.reference import reference_update
+from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.quant.layout import quantize_rows, row_bytes
+from torchrec_lowprec.quant.lsq import init_step_size
+from torchrec_lowprec.types import OptimizerParams, OptimizerType
+
+if not cpu_native.is_available():
+    pytest.skip(f"native CPU kernel not available: {cpu_native.load_error()}", allow_module_level=True)
+
+BITS = (8, 4, 2, 16, 32)
+OPTIMIZERS = tuple(OptimizerType)
+EMPTY = torch.empty(0)
+
+
+def make_table(bits: int, num_rows: int, dim: int, opt: OptimizerType, seed: int, scale: float = 0.1):
+    """Quantized rows, fp32 master step sizes and optimizer states, as a module would hold them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_rows, dim, generator=g) * scale
+    if bits <= 8:
+        step = init_step_size(x, bits, "lsq")
+        rows = quantize_rows(x, step, bits)
+    else:
+        step = EMPTY.clone()
+        rows = quantize_rows(x, None, bits)
+    if opt == OptimizerType.ROWWISE_ADAGRAD:
+        s1, s2 = torch.rand(num_rows, generator=g) * 0.1, EMPTY.clone()
+    elif opt == OptimizerType.ADAGRAD:
+        s1, s2 = torch.rand(num_rows, dim, generator=g) * 0.1, EMPTY.clone()
+    elif opt == OptimizerType.ADAM:
+        s1 = torch.randn(num_rows, dim, generator=g) * 0.01
+        s2 = torch.rand(num_rows, dim, generator=g) * 0.01
+    else:
+        s1, s2 = EMPTY.clone(), EMPTY.clone()
+    return rows, step, s1, s2
+
+
+def make_batch(num_rows: int, dim: int, seed: int, n_random: int = 120, weights: bool = True):
+    """Occurrences with repeats: one row hit many times, several rows hit by several bags.
+
+    ``grad`` is ``[bags, features * dim]`` and each occurrence points at a ``[bag, feature]`` slice.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bags, feats = 32, 4
+    hot = [3] * 25
+    multi = [r for r in range(5, 11) for _ in range(4)]
+    rand = torch.randint(0, num_rows, (n_random,), generator=g).tolist()
+    ids = torch.tensor(hot + multi + rand, dtype=torch.int64)
+    ids = ids[torch.randperm(ids.numel(), generator=g)]
+    n = ids.numel()
+    bag = torch.randint(0, bags, (n,), generator=g)
+    feat = torch.randint(0, feats, (n,), generator=g)
+    offsets = bag * (feats * dim) + feat * dim
+    grad = torch.randn(bags, feats * dim, generator=g)
+    w = (torch.rand(n, generator=g) * 2 - 0.5) if weights else EMPTY
+    return ids, offsets, w, grad
+
+
+def make_spec(bits, dim, opt, stochastic, learn, *, step=3, wd=0.01, lr=0.05, key=0x2545F491, ro=0, co=0):
+    return UpdateSpec(
+        bits=bits,
+        dim=dim,
+        optimizer=OptimizerParams(opt, lr, weight_decay=wd),
+        step=step,
+        stochastic=stochastic,
+        learn_step_size=learn,
+        step_size_lr=1e-2,
+        key=key,
+        row_offset=ro,
+        col_offset=co,
+    )
+
+
+def run_both(table, batch, spec, rows_view=None):
+    """Run reference and native on clones of ``table``; return both (skipped, tensors)."""
+    ref = [t.clone() for t in table]
+    nat = [t.clone() for t in table]
+    if rows_view is not None:
+        nat[0] = rows_view(nat[0])
+    k_ref = reference_update(*ref, *batch, spec)
+    k_nat = cpu_native.fused_update(*nat, *batch, spec)
+    return (k_ref, ref), (k_nat, nat)
+
+
+def assert_same(a, b):
+    (k_ref, ref), (k_nat, nat) = a, b
+    assert k_ref == k_nat
+    names = ("rows", "step_size", "state1", "state2")
+    for name, r, n in zip(names, ref, nat):
+        assert r.shape == n.shape, name
+        assert torch.equal(r, n), f"{name} differs in {(r != n).sum().item()} places"
+
+
+@pytest.mark.parametrize("learn", [True, False], ids=["learn", "fixed"])
+@pytest.mark.parametrize("stochastic", [True, False], ids=["sr", "nearest"])
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=[o.value for o in OPTIMIZERS])
+@pytest.mark.parametrize("bits", BITS)
+def test_matches_reference(bits, opt, stochastic, learn):
+    # Three consecutive updates (states and step sizes evolve, Adam's bias corrections change),
+    # with weight decay, occurrence weights, repeated ids and nonzero row/col offsets.
+    for i, dim in enumerate((8, 16, 64)):
+        seed = 1000 * bits + 10 * i + OPTIMIZERS.index(opt)
+        table = make_table(bits, 50, dim, opt, seed)
+        ref, nat = [t.clone() for t in table], [t.clone() for t in table]
+        for step in (1, 2, 3):
+            batch = make_batch(50, dim, seed + step)
+            spec = make_spec(
+                bits, dim, opt, stochastic, learn, step=step, lr=0.2, key=seed * 7 + step, ro=11, co=5
+            )
+            k_ref = reference_update(*ref, *batch, spec)
+            k_nat = cpu_native.fused_update(*nat, *batch, spec)
+            assert_same((k_ref, ref), (k_nat, nat))
+        assert any(not torch.equal(a, b) for a, b in zip(nat, table))  # something was updated
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_no_weights_no_decay(bits):
+    for opt in OPTIMIZERS:
+        table = make_table(bits, 40, 16, opt, seed=7)
+        batch = make_batch(40, 16, seed=8, weights=False)
+        spec = make_spec(bits, 16, opt, True, True, wd=0.0)
+        assert_same(*run_both(table, batch, spec))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_strided_rows(bits):
+    dim, num_rows = 16, 30
+    nbytes = row_bytes(bits, dim)
+    table = make_table(bits, num_rows, dim, OptimizerType.ROWWISE_ADAGRAD, seed=3)
+    batch = make_batch(num_rows, dim, seed=4)
+    spec = make_spec(bits, dim, OptimizerType.ROWWISE_ADAGRAD, True, True)
+
+    def wide(rows):  # a [:, :row_bytes] slice of a wider buffer whose tail must stay untouched
+        buf = torch.full((num_rows, nbytes + 13), 0xAB, dtype=torch.uint8)
+        view = buf[:, :nbytes]
+        view.copy_(rows)
+        return view
+
+    def offset(rows):  # rows at an odd offset into a flat buffer (unaligned), padded stride
+        stride = nbytes + 3
+        flat = torch.full((5 + num_rows * stride,), 0xCD, dtype=torch.uint8)
+        view = flat[5:].view(num_rows, stride)[:, :nbytes]
+        view.copy_(rows)
+        return view
+
+    for make_view in (wide, offset):
+        ref_out, nat_out = run_both(table, batch, spec, rows_view=make_view)
+        view = nat_out[1][0]
+        assert view.stride(0) > nbytes
+        assert_same(ref_out, (nat_out[0], [view.contiguous()] + nat_out[1][1:]))
+        full = view.as_strided((num_rows, view.stride(0)), (view.stride(0), 1))
+        assert bool((full[:, nbytes:] == (0xAB if make_view is wide else 0xCD)).all())
+
+
+def test_empty_ids():
+    for bits in BITS:
+        table = make_table(bits, 20, 8, OptimizerType.ADAM, seed=5)
+        nat = [t.clone() for t in table]
+        ids = torch.empty(0, dtype=torch.int64)
+        spec = make_spec(bits, 8, OptimizerType.ADAM, True, True)
+        assert cpu_native.fused_update(*nat, ids, ids.clone(), EMPTY, torch.randn(4, 8), spec) == 0
+        for a, b in zip(table, nat):
+            assert torch.equal(a, b)
+
+
+def test_shard_without_rows():
+    # A shard that holds no rows of the table: empty rows, step sizes and states are valid.
+    for bits in BITS:
+        for opt in OPTIMIZERS:
+            rows = torch.empty(0, row_bytes(bits, 8), dtype=torch.uint8)
+            s1 = torch.empty(0) if opt == OptimizerType.ROWWISE_ADAGRAD else torch.empty(0, 8)
+            table = (rows, torch.empty(0), s1, torch.empty(0, 8))
+            ids = torch.empty(0, dtype=torch.int64)
+            spec = make_spec(bits, 8, opt, True, True)
+            assert cpu_native.fused_update(*table, ids, ids.clone(), EMPTY, torch.randn(4, 8), spec) == 0
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_non_finite_rows_skipped(bits):
+    dim = 16
+    for opt in OPTIMIZERS:
+        table = make_table(bits, 30, dim, opt, seed=9)
+        ids, offsets, w, grad = make_batch(30, dim, seed=10)
+        # Poison every occurrence of three rows: a NaN in one, +Inf in another, and +Inf / -Inf
+        # in different occurrences of the third (each occurrence finite-weighted, sum non-finite).
+        bad_nan, bad_inf, bad_mix = int(ids[0]), int(ids[1]), int(ids[2])
+        assert len({bad_nan, bad_inf, bad_mix}) == 3
+        bad = (ids == bad_nan) | (ids == bad_inf) | (ids == bad_mix)
+        flat = grad.reshape(-1)
+        clean = flat.numel()  # healthy occurrences that share a poisoned slice move to a clean one
+        grad = torch.cat([flat, torch.randn(dim, generator=torch.Generator().manual_seed(1))])
+        poisoned = set(offsets[bad].tolist())
+        offsets = torch.tensor(
+            [clean if (not b and o in poisoned) else o for o, b in zip(offsets.tolist(), bad)]
+        )
+        mix_seen = 0
+        for i, r in enumerate(ids.tolist()):
+            if r == bad_nan:
+                grad[offsets[i] + 3] = float("nan")
+            elif r == bad_inf:
+                grad[offsets[i] + 5] = float("inf")
+            elif r == bad_mix:
+                grad[offsets[i] + 1] = float("inf") if mix_seen % 2 == 0 else float("-inf")
+                mix_seen += 1
+        w = w.abs() + 0.1
+        a, b = run_both(table, (ids, offsets, w, grad), spec=make_spec(bits, dim, opt, True, True))
+        assert_same(a, b)
+        assert b[0] == 3
+        nat = b[1]
+        for r in (bad_nan, bad_inf, bad_mix):
+            assert torch.equal(nat[0][r], table[0][r])
+            for t, t0 in zip(nat[1:], table[1:]):
+                if t.numel():
+                    assert torch.equal(t[r], t0[r])
+        assert not torch.equal(nat[0], table[0])  # the healthy rows were updated
+
+
+def test_offsets_change_draws_like_reference():
+    dim = 16
+    table = make_table(8, 40, dim, OptimizerType.SGD, seed=11)
+    batch = make_batch(40, dim, seed=12)
+    outs = []
+    for ro, co in ((0, 0), (1000, 0), (0, 64), (2**33 + 5, 2**31 + 3)):
+        spec = make_spec(8, dim, OptimizerType.SGD, True, False, ro=ro, co=co)
+        a, b = run_both(table, batch, spec)
+        assert_same(a, b)
+        outs.append(b[1][0])
+    for x, y in itertools.combinations(outs, 2):
+        assert not torch.equal(x, y)
+
+
+def test_extreme_values_saturate_like_reference():
+    # Huge gradients: codes clamp at the grid ends, step sizes clamp at [MIN, MAX], fp16 rows overflow.
+    dim = 16
+    for bits in BITS:
+        for opt in (OptimizerType.SGD, OptimizerType.ADAGRAD):
+            table = make_table(bits, 20, dim, opt, seed=13)
+            ids, offsets, w, grad = make_batch(20, dim, seed=14)
+            grad = grad * 1e4
+            for step_lr in (1e3, -1e3):
+                spec = UpdateSpec(
+                    bits, dim, OptimizerParams(opt, 50.0), 1, True, True, step_lr, key=99, row_offset=0
+                )
+                assert_same(*run_both(table, (ids, offsets, w, grad), spec))
+
+
+def test_many_rows_parallel_and_threads():
+    # Enough touched rows for the multi-chunk (parallel) path; large ids (3 radix passes).
+    dim, num_rows, n = 8, (1 << 22) + 3, 6000
+    g = torch.Generator().manual_seed(15)
+    ids = torch.cat(
+        [torch.randint(0, 3000, (n // 2,), generator=g), torch.randint(0, num_rows, (n // 2,), generator=g)]
+    )
+    ids[:50] = num_rows - 1
+    touched = torch.unique(ids)
+    x = torch.randn(touched.numel(), dim, generator=g) * 0.1
+    step_t = init_step_size(x, 8, "lsq")
+    rows = torch.zeros(num_rows, row_bytes(8, dim), dtype=torch.uint8)
+    rows[touched] = quantize_rows(x, step_t, 8)
+    step = torch.ones(num_rows)
+    step[touched] = step_t
+    s1 = torch.zeros(num_rows)
+    grad = torch.randn(512, 4 * dim, generator=g)
+    offsets = (
+        torch.randint(0, 512, (n,), generator=g) * (4 * dim) + torch.randint(0, 4, (n,), generator=g) * dim
+    )
+    batch = (ids, offsets, EMPTY, grad)
+    spec = make_spec(8, dim, OptimizerType.ROWWISE_ADAGRAD, True, True)
+    table = (rows, step, s1, EMPTY)
+    a, _ = run_both(table, batch, spec)
+    threads = torch.get_num_threads()
+    try:
+        for t in sorted({1, 2, threads}):
+            torch.set_num_threads(t)
+            nat = [x.clone() for x in table]
+            k = cpu_native.fused_update(*nat, *batch, spec)
+            assert_same(a, (k, nat))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int32_indices():
+    table = make_table(4, 30, 16, OptimizerType.ADAM, seed=18)
+    ids, offsets, w, grad = make_batch(30, 16, seed=19)
+    spec = make_spec(4, 16, OptimizerType.ADAM, True, True)
+    a, _ = run_both(table, (ids, offsets, w, grad), spec)
+    nat = [t.clone() for t in table]
+    k = cpu_native.fused_update(*nat, ids.to(torch.int32), offsets.to(torch.int32), w, grad, spec)
+    assert_same(a, (k, nat))
+
+
+def test_rejects_bad_inputs():
+    dim = 8
+    rows, step, s1, s2 = make_table(8, 20, dim, OptimizerType.ROWWISE_ADAGRAD, seed=16)
+    ids, offsets, w, grad = make_batch(20, dim, seed=17, n_random=5)
+    spec = make_spec(8, dim, OptimizerType.ROWWISE_ADAGRAD, True, True)
+    with pytest.raises(RuntimeError, match="rows must be uint8"):
+        cpu_native.fused_update(rows.float(), step, s1, s2, ids, offsets, w, grad, spec)
+    with pytest.raises(RuntimeError, match="ids must be in"):
+        cpu_native.fused_update(rows, step, s1, s2, ids + 20, offsets, w, grad, spec)
+    with pytest.raises(RuntimeError, match="grad_offsets must be in"):
+        cpu_native.fused_update(rows, step, s1, s2, ids, offsets + grad.numel(), w, grad, spec)
+    with pytest.raises(RuntimeError, match="state1 must have shape"):
+        cpu_native.fused_update(rows, step, s1[:5], s2, ids, offsets, w, grad, spec)
+    with pytest.raises(RuntimeError, match="step_size"):
+        cpu_native.fused_update(rows, EMPTY, s1, s2, ids, offsets, w, grad, spec)
+    with pytest.raises(RuntimeError, match="ids must be a 1-D int64"):
+        cpu_native.fused_update(rows, step, s1, s2, ids.float(), offsets, w, grad, spec)
+    with pytest.raises(RuntimeError, match="occ_weights"):
+        cpu_native.fused_update(rows, step, s1, s2, ids, offsets, w[:3], grad, spec)

@@ -100,8 +100,7 @@ def bench_fbgemm(s: Setup, precision: SparseType, batches, grad, warmup, iters) 
         weights_precision=precision,
         pooling_mode=PoolingMode.SUM,
     )
-    state = sum(t.numel() * t.element_size() for n, t in tbe.named_buffers() if "momentum1_host" in n)
-    state += tbe.weights_host.numel() * tbe.weights_host.element_size()
+    state = sum(t.numel() * t.element_size() for t in (tbe.weights_host, tbe.momentum1_host))
 
     def fwd(kjt):
         with torch.no_grad():
@@ -110,12 +109,18 @@ def bench_fbgemm(s: Setup, precision: SparseType, batches, grad, warmup, iters) 
     def step(kjt):
         tbe(kjt.values(), kjt.offsets()).backward(grad)
 
-    return {"fwd": timed(fwd, batches, warmup, iters), "step": timed(step, batches, warmup, iters), "bytes": state}
+    return {
+        "fwd": timed(fwd, batches, warmup, iters),
+        "step": timed(step, batches, warmup, iters),
+        "bytes": state,
+    }
 
 
 def bench_lowprec(s: Setup, bits: int, batches, grad, warmup, iters) -> dict:
     tables = [
-        torchrec.EmbeddingBagConfig(name=f"t{t}", embedding_dim=s.dim, num_embeddings=s.rows, feature_names=[f"f{t}"])
+        torchrec.EmbeddingBagConfig(
+            name=f"t{t}", embedding_dim=s.dim, num_embeddings=s.rows, feature_names=[f"f{t}"]
+        )
         for t in range(s.tables)
     ]
     cfg = lp.LowPrecisionConfig(bits=bits, learning_rate=LR, optimizer="rowwise_adagrad")
@@ -128,7 +133,11 @@ def bench_lowprec(s: Setup, bits: int, batches, grad, warmup, iters) -> dict:
     def step(kjt):
         ebc(kjt).values().backward(grad)
 
-    return {"fwd": timed(fwd, batches, warmup, iters), "step": timed(step, batches, warmup, iters), "bytes": ebc.memory_bytes()}
+    return {
+        "fwd": timed(fwd, batches, warmup, iters),
+        "step": timed(step, batches, warmup, iters),
+        "bytes": ebc.memory_bytes(),
+    }
 
 
 def run(setups, alpha: float, warmup: int, iters: int) -> list[tuple[Setup, dict]]:
@@ -136,17 +145,21 @@ def run(setups, alpha: float, warmup: int, iters: int) -> list[tuple[Setup, dict
     for s in setups:
         batches = make_batches(s, 4, alpha)
         grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(1))
+        variants = [
+            ("FBGEMM FP32", bench_fbgemm, SparseType.FP32),
+            ("FBGEMM FP16", bench_fbgemm, SparseType.FP16),
+            ("lowprec int8 (ALPT)", bench_lowprec, 8),
+            ("lowprec int4 (ALPT)", bench_lowprec, 4),
+            ("lowprec int2 (ALPT)", bench_lowprec, 2),
+        ]
         rows = {}
-        for name, fn in [
-            ("FBGEMM FP32", lambda: bench_fbgemm(s, SparseType.FP32, batches, grad, warmup, iters)),
-            ("FBGEMM FP16", lambda: bench_fbgemm(s, SparseType.FP16, batches, grad, warmup, iters)),
-            ("lowprec int8 (ALPT)", lambda: bench_lowprec(s, 8, batches, grad, warmup, iters)),
-            ("lowprec int4 (ALPT)", lambda: bench_lowprec(s, 4, batches, grad, warmup, iters)),
-            ("lowprec int2 (ALPT)", lambda: bench_lowprec(s, 2, batches, grad, warmup, iters)),
-        ]:
-            rows[name] = fn()
+        for name, fn, precision in variants:
+            rows[name] = fn(s, precision, batches, grad, warmup, iters)
             gc.collect()
-            print(f"  {s.label()} | {name}: fwd {rows[name]['fwd']:.2f} ms, step {rows[name]['step']:.2f} ms", flush=True)
+            print(
+                f"  {s.label()} | {name}: fwd {rows[name]['fwd']:.2f} ms, step {rows[name]['step']:.2f} ms",
+                flush=True,
+            )
         results.append((s, rows))
     return results
 

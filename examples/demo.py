@@ -98,18 +98,27 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = SyntheticCTRConfig(
-        vocab_sizes=VOCABS, num_dense=4, train_rows=args.train_rows, val_rows=0, test_rows=args.test_rows, seed=args.seed
+        vocab_sizes=VOCABS,
+        num_dense=4,
+        train_rows=args.train_rows,
+        val_rows=0,
+        test_rows=args.test_rows,
+        seed=args.seed,
     )
     data = SyntheticCTR(cfg)
     bayes = data.bayes_metrics("test")
-    print(f"synthetic CTR: {len(VOCABS)} fields, {args.train_rows} train rows, {args.test_rows} test rows, one epoch")
+    print(
+        f"synthetic CTR: {len(VOCABS)} fields, {args.train_rows} train rows, {args.test_rows} test rows, one epoch"
+    )
     results = []
     for p in args.precisions.split(","):
         r = run(p.strip(), data, args)
         results.append(r)
         print(f"  {p}: AUC {r['auc']:.4f}, {r['ex_per_s']:.0f} ex/s", flush=True)
     print()
-    print("| precision | test AUC | Bayes AUC | gap | log-loss | Bayes log-loss | embedding bytes | vs fp32 | examples/s |")
+    print(
+        "| precision | test AUC | Bayes AUC | gap | log-loss | Bayes log-loss | embedding bytes | vs fp32 | examples/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(

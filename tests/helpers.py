@@ -13,7 +13,11 @@ def make_tables(dims=(8, 16), rows=(60, 40), features=(("a", "b"), ("c",)), pool
         kw = {}
         if pooling is not None:
             kw["pooling"] = pooling[i]
-        out.append(torchrec.EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=r, feature_names=list(f), **kw))
+        out.append(
+            torchrec.EmbeddingBagConfig(
+                name=f"t{i}", embedding_dim=d, num_embeddings=r, feature_names=list(f), **kw
+            )
+        )
     return out
 
 

@@ -7,6 +7,7 @@ Example::
     model = lp.convert(model, lp.LowPrecisionConfig(bits=4))
 """
 
+from torchrec_lowprec.distributed import sharders
 from torchrec_lowprec.modules import LowPrecisionEmbeddingBagCollection, convert, from_float, to_float
 from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
 
@@ -18,5 +19,6 @@ __all__ = [
     "OptimizerType",
     "convert",
     "from_float",
+    "sharders",
     "to_float",
 ]

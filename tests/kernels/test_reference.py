@@ -81,7 +81,9 @@ def test_sgd_exact_on_dyadic_values():
     ids = torch.tensor([3, 5, 3])
     grad = torch.randint(-4, 5, (3 * D,)).float()
     spec = UpdateSpec(bits, D, OptimizerParams(OptimizerType.SGD, lr=0.5), 1, False, False, 0.0, 9)
-    reference_update(rows, s.clone(), torch.empty(0), torch.empty(0), ids, torch.arange(3) * D, torch.empty(0), grad, spec)
+    reference_update(
+        rows, s.clone(), torch.empty(0), torch.empty(0), ids, torch.arange(3) * D, torch.empty(0), grad, spec
+    )
     want = q0.float() * 0.5
     g = _row_grads(ids, grad)
     want = want - 0.5 * g
@@ -122,7 +124,9 @@ def test_stochastic_write_back_is_unbiased(bits):
     for step in range(1, n + 1):
         rows = rows0.clone()
         spec = UpdateSpec(bits, D, opt, step, True, False, 0.0, key=step * 7919)
-        reference_update(rows, s.clone(), torch.empty(0), torch.empty(0), ids, ids * D, torch.empty(0), grad, spec)
+        reference_update(
+            rows, s.clone(), torch.empty(0), torch.empty(0), ids, ids * D, torch.empty(0), grad, spec
+        )
         acc += dequantize_rows(rows[:8], bits, D).double()
     x1 = dequantize_rows(rows0[:8], bits, D).double() - 0.01 * grad.view(8, D).double()
     qmin, qmax = code_range(bits)

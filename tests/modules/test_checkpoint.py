@@ -39,7 +39,13 @@ def test_state_dict_entries():
     sd = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8)).state_dict()
     assert sd["tables.t0.qweight"].shape == (60, 8 + 4) and sd["tables.t0.qweight"].dtype == torch.uint8
     assert sd["tables.t0.step_size"].shape == (60,) and sd["tables.t0.momentum1"].shape == (60,)
-    assert sd["_extra_state"]["tables"]["t1"] == {"rows": 40, "dim": 16, "bits": 8, "optimizer": "rowwise_adagrad", "learn_step_size": True}
+    assert sd["_extra_state"]["tables"]["t1"] == {
+        "rows": 40,
+        "dim": 16,
+        "bits": 8,
+        "optimizer": "rowwise_adagrad",
+        "learn_step_size": True,
+    }
 
 
 @pytest.mark.parametrize(

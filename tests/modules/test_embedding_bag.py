@@ -37,7 +37,9 @@ def test_weighted_sum_and_mean(bits):
     torch.testing.assert_close(ebc(kjt).values(), ref(kjt).values(), rtol=1e-6, atol=1e-6)
     # Weighted MEAN (TorchRec's nn.EmbeddingBag cannot): sum(w * e) / bag length.
     mean_tables = make_tables(pooling=(MEAN, MEAN))
-    ebc = lp.from_float(torchrec.EmbeddingBagCollection(mean_tables, is_weighted=True), lp.LowPrecisionConfig(bits=bits))
+    ebc = lp.from_float(
+        torchrec.EmbeddingBagCollection(mean_tables, is_weighted=True), lp.LowPrecisionConfig(bits=bits)
+    )
     kjt = random_kjt(mean_tables, weighted=True)
     got = ebc(kjt).to_dict()
     for t in mean_tables:
@@ -54,7 +56,11 @@ def test_weighted_sum_and_mean(bits):
 def test_all_empty_bags_and_key_order():
     tables = make_tables()
     ebc, _ = _pair(8, tables)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["c", "a", "b"], values=torch.tensor([], dtype=torch.int64), lengths=torch.zeros(9, dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["c", "a", "b"],
+        values=torch.tensor([], dtype=torch.int64),
+        lengths=torch.zeros(9, dtype=torch.int64),
+    )
     out = ebc(kjt)
     assert out.keys() == ["a", "b", "c"] and torch.equal(out.values(), torch.zeros(3, 32))
     out.values().sum().backward()  # nothing to update, no error
@@ -87,7 +93,9 @@ def test_bad_configs_raise_value_error():
     with pytest.raises(ValueError, match="embedding_dim=6 cannot be stored at 4 bits"):
         lp.LowPrecisionEmbeddingBagCollection(make_tables(dims=(6, 8)), lp.LowPrecisionConfig(bits=4))
     with pytest.raises(ValueError, match="unknown tables"):
-        lp.LowPrecisionEmbeddingBagCollection(make_tables(), per_table_configs={"nope": lp.LowPrecisionConfig()})
+        lp.LowPrecisionEmbeddingBagCollection(
+            make_tables(), per_table_configs={"nope": lp.LowPrecisionConfig()}
+        )
     # dims that are not a multiple of 4 are fine in float precision
     lp.LowPrecisionEmbeddingBagCollection(make_tables(dims=(6, 8)), lp.LowPrecisionConfig(bits=16))
 
@@ -147,7 +155,10 @@ def _train(ebc, tables, steps=3, seed=0):
 @pytest.mark.parametrize("bits", [8, 4, 2, 16])
 def test_training_is_reproducible_and_seeded(bits):
     tables = make_tables()
-    a, b, c = (lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=bits, seed=s)) for s in (1, 1, 2))
+    a, b, c = (
+        lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=bits, seed=s))
+        for s in (1, 1, 2)
+    )
     c.load_state_dict(a.state_dict())  # same start, different rounding seed
     for m in (a, b, c):
         _train(m, tables)
@@ -160,12 +171,17 @@ def test_training_is_reproducible_and_seeded(bits):
 
 def test_update_touches_only_batch_rows_and_moves_loss():
     tables = make_tables()
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.05))
+    ebc = lp.LowPrecisionEmbeddingBagCollection(
+        tables, lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.05)
+    )
     before = {t: ebc.dequantized_weight(t) for t in ("t0", "t1")}
     kjt = random_kjt(tables)
     loss0 = ebc(kjt).values().pow(2).sum()
     loss0.backward()
-    touched = {"t0": set(kjt["a"].values().tolist()) | set(kjt["b"].values().tolist()), "t1": set(kjt["c"].values().tolist())}
+    touched = {
+        "t0": set(kjt["a"].values().tolist()) | set(kjt["b"].values().tolist()),
+        "t1": set(kjt["c"].values().tolist()),
+    }
     for t in ("t0", "t1"):
         changed = set(torch.nonzero((ebc.dequantized_weight(t) != before[t]).any(1)).flatten().tolist())
         assert changed and changed <= touched[t]
@@ -180,7 +196,12 @@ def test_in_backward_optimizer_is_used():
     fl = torchrec.EmbeddingBagCollection(tables)
     _apply_optimizer_in_backward(torch.optim.SGD, fl.parameters(), {"lr": 0.5})
     tagged = lp.convert(fl, lp.LowPrecisionConfig(bits=8, rounding="nearest", learn_step_size=False))
-    plain = lp.from_float(torchrec.EmbeddingBagCollection(tables), lp.LowPrecisionConfig(bits=8, rounding="nearest", learn_step_size=False, optimizer="sgd", learning_rate=0.5))
+    plain = lp.from_float(
+        torchrec.EmbeddingBagCollection(tables),
+        lp.LowPrecisionConfig(
+            bits=8, rounding="nearest", learn_step_size=False, optimizer="sgd", learning_rate=0.5
+        ),
+    )
     plain.load_state_dict(tagged.state_dict())
     _train(tagged, tables)
     _train(plain, tables)

@@ -24,7 +24,9 @@ def _planted_task(seed=0):
         logit = effects[torch.arange(FIELDS), ids].sum(1) + dense @ dense_w - 0.5
         labels = (torch.rand(n, generator=gen) < torch.sigmoid(logit)).float()
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[f"f{i}" for i in range(FIELDS)], values=ids.t().reshape(-1), lengths=torch.ones(FIELDS * n, dtype=torch.int64)
+            keys=[f"f{i}" for i in range(FIELDS)],
+            values=ids.t().reshape(-1),
+            lengths=torch.ones(FIELDS * n, dtype=torch.int64),
         )
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
@@ -32,11 +34,23 @@ def _planted_task(seed=0):
 
 
 def _tables():
-    return [torchrec.EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=VOCAB, feature_names=[f"f{i}"]) for i in range(FIELDS)]
+    return [
+        torchrec.EmbeddingBagConfig(
+            name=f"t{i}", embedding_dim=DIM, num_embeddings=VOCAB, feature_names=[f"f{i}"]
+        )
+        for i in range(FIELDS)
+    ]
 
 
 def _dlrm(ebc):
-    return DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1]))
+    return DLRMTrain(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=3,
+            dense_arch_layer_sizes=[16, DIM],
+            over_arch_layer_sizes=[16, 1],
+        )
+    )
 
 
 def _auc(scores, labels):

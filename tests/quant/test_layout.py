@@ -26,7 +26,13 @@ def test_row_bytes_match_fbgemm():
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import unpadded_row_size_in_bytes
 
-    for bits, ty in [(8, SparseType.INT8), (4, SparseType.INT4), (2, SparseType.INT2), (16, SparseType.FP16), (32, SparseType.FP32)]:
+    for bits, ty in [
+        (8, SparseType.INT8),
+        (4, SparseType.INT4),
+        (2, SparseType.INT2),
+        (16, SparseType.FP16),
+        (32, SparseType.FP32),
+    ]:
         for d in (4, 64, 128):
             assert row_bytes(bits, d) == unpadded_row_size_in_bytes(d, ty)
 

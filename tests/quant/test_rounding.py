@@ -41,7 +41,9 @@ def test_stochastic_rounding_is_unbiased():
     acc = torch.zeros(256, dtype=torch.float64)
     n = 4096
     for step in range(n):
-        u = uniform_from_counter(row_keys(hash_key(7, 3, step), torch.zeros(1, dtype=torch.int64))[:, None], torch.arange(256))
+        u = uniform_from_counter(
+            row_keys(hash_key(7, 3, step), torch.zeros(1, dtype=torch.int64))[:, None], torch.arange(256)
+        )
         acc += round_to_grid(v[None], -128, 127, u)[0].double()
     mean_err = acc / n - v.double()
     # Each rounding has variance <= 1/4, so the mean over n has sd <= 1/(2*sqrt(n)) = 0.0078.

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
 
 # fbgemm_gpu.split_embedding_configs.SparseType values, and EmbeddingLocation.HOST/DEVICE.
 SPARSE_TYPE_OF_BITS = {32: 0, 16: 1, 8: 2, 4: 3, 2: 4}

@@ -25,7 +25,9 @@ def check_ids(
     if values.numel() == 0:
         return values, lengths, weights
     per_feature = lengths.view(len(features), batch).sum(dim=1)
-    limit = torch.repeat_interleave(torch.tensor(rows, device=values.device), per_feature, output_size=values.numel())
+    limit = torch.repeat_interleave(
+        torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()
+    )
     bad = (values < 0) | (values >= limit)
     if not bool(bad.any()):
         return values, lengths, weights

@@ -31,7 +31,12 @@ def from_float(
     tables = ebc.embedding_bag_configs()
     first = ebc.embedding_bags[tables[0].name].weight
     out = LowPrecisionEmbeddingBagCollection(
-        tables, config, per_table_configs, is_weighted=ebc.is_weighted(), device=first.device, init_weights=False
+        tables,
+        config,
+        per_table_configs,
+        is_weighted=ebc.is_weighted(),
+        device=first.device,
+        init_weights=False,
     )
     for t in tables:
         weight = ebc.embedding_bags[t.name].weight
@@ -53,7 +58,9 @@ def to_float(ebc: LowPrecisionEmbeddingBagCollection) -> EmbeddingBagCollection:
 
         float_ebc = to_float(lp_ebc)
     """
-    out = EmbeddingBagCollection(ebc.embedding_bag_configs(), is_weighted=ebc.is_weighted(), device=ebc.device)
+    out = EmbeddingBagCollection(
+        ebc.embedding_bag_configs(), is_weighted=ebc.is_weighted(), device=ebc.device
+    )
     if ebc.device.type != "meta":
         with torch.no_grad():
             for t in ebc.embedding_bag_configs():

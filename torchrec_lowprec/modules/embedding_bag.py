@@ -24,8 +24,8 @@ from torchrec_lowprec.kernels.lookup import (
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids
 from torchrec_lowprec.modules.checkpoint import validate_checkpoint
+from torchrec_lowprec.modules.table_layout import ShardOrigin, plan_layout, validate_table
 from torchrec_lowprec.modules.table_state import TableState
-from torchrec_lowprec.modules.table_layout import plan_layout, validate_table
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
 from torchrec_lowprec.types import LowPrecisionConfig
@@ -63,6 +63,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: use KJT weights as per-sample weights (as TorchRec's ``is_weighted``).
         device: where the tables live (``meta`` allocates nothing).
         init_weights: fill the tables with TorchRec's default uniform init (quantized).
+        shard_origins: for the sharded lookup: table name -> where this local table sits in
+            its global table (keys the rounding draws by global table, row and column).
 
     Example::
 
@@ -81,6 +83,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: torch.device | None = None,
         init_weights: bool = True,
+        shard_origins: dict[str, ShardOrigin] | None = None,
     ) -> None:
         super().__init__()
         config = config or LowPrecisionConfig()
@@ -98,15 +101,19 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             validate_table(t, self._configs[t.name])
         features = [f for t in tables for f in t.feature_names]
         if len(set(features)) != len(features):
-            raise ValueError(f"a feature is read by two tables in {features}; give each table its own features")
+            raise ValueError(
+                f"a feature is read by two tables in {features}; give each table its own features"
+            )
 
         self._embedding_bag_configs = tables
         self._is_weighted = is_weighted
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._row_alignment = row_alignment_for(device)
-        self._layouts, total_bytes = plan_layout(tables, self._configs, self._row_alignment)
+        self._layouts, total_bytes = plan_layout(tables, self._configs, self._row_alignment, shard_origins)
         self._table_index = {lay.name: i for i, lay in enumerate(self._layouts)}
-        self.register_buffer("_flat", torch.zeros(total_bytes, dtype=torch.uint8, device=device), persistent=False)
+        self.register_buffer(
+            "_flat", torch.zeros(total_bytes, dtype=torch.uint8, device=device), persistent=False
+        )
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.tables = nn.ModuleDict(
             {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}
@@ -115,7 +122,9 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
-                self.tables[lay.name].init_uniform(self._rows_of(lay.name), tables[self._table_index[lay.name]])
+                self.tables[lay.name].init_uniform(
+                    self._rows_of(lay.name), tables[self._table_index[lay.name]]
+                )
 
     # ----- structure -----
     def _build_lookups(self) -> None:
@@ -138,12 +147,19 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         order: list[str] = []
         for mode, lays in groups.items():
             slots = [FeatureSlot(lay.offset, lay.bits, lay.dim) for lay in lays for _ in lay.feature_names]
-            self._groups.append((mode, lays, FusedPooledLookup(slots, mode, self._row_alignment, self._flat.device)))
+            self._groups.append(
+                (mode, lays, FusedPooledLookup(slots, mode, self._row_alignment, self._flat.device))
+            )
             order.extend(f for lay in lays for f in lay.feature_names)
         self._lookup_order = order  # features in the order FBGEMM sees them
         self._lookup_cols = torch.tensor([out_cols[f] for f in order], dtype=torch.int64)
         self._lookup_dims = [self._layouts[self._table_of_feature(f)].dim for f in order]
-        self._lookup_mean = [self._layouts[self._table_of_feature(f)].pooling == PoolingType.MEAN for f in order]
+        lookup_mean = [self._layouts[self._table_of_feature(f)].pooling == PoolingType.MEAN for f in order]
+        col_feature = torch.empty(self._total_dim, dtype=torch.int64)
+        for i, (f, d) in enumerate(zip(order, self._lookup_dims)):
+            col_feature[out_cols[f] : out_cols[f] + d] = i
+        self._col_feature = col_feature  # output column -> feature (lookup order)
+        self._mean_cols = torch.tensor(lookup_mean)[col_feature] if any(lookup_mean) else None
         if len(self._groups) > 1:
             pieces = [torch.arange(out_cols[f], out_cols[f] + d) for f, d in zip(order, self._lookup_dims)]
             self._col_perm = torch.argsort(torch.cat(pieces))
@@ -183,7 +199,9 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if features.keys() != self._lookup_order:
             missing = [f for f in self._lookup_order if f not in features.keys()]
             if missing:
-                raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}")
+                raise ValueError(
+                    f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}"
+                )
             features = features.permute([features.keys().index(f) for f in self._lookup_order])
         batch = features.stride()
         values = features.values()
@@ -191,7 +209,14 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         weights = features.weights().float() if self._is_weighted else None
         rows = [self._layouts[self._table_of_feature(f)].rows for f in self._lookup_order]
         values, lengths, weights = check_ids(
-            values, lengths, weights, self._lookup_order, rows, batch, self._bounds_modes(), self._table_names_by_feature()
+            values,
+            lengths,
+            weights,
+            self._lookup_order,
+            rows,
+            batch,
+            self._bounds_modes(),
+            self._table_names_by_feature(),
         )
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
         values = values.to(offsets.dtype) if values.dtype != offsets.dtype else values
@@ -204,12 +229,17 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=out)
 
     def _bounds_modes(self) -> list[str]:
-        return [self._configs[self._layouts[self._table_of_feature(f)].name].bounds_check for f in self._lookup_order]
+        return [
+            self._configs[self._layouts[self._table_of_feature(f)].name].bounds_check
+            for f in self._lookup_order
+        ]
 
     def _table_names_by_feature(self) -> list[str]:
         return [self._layouts[self._table_of_feature(f)].name for f in self._lookup_order]
 
-    def _pooled(self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def _pooled(
+        self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None
+    ) -> torch.Tensor:
         """``[B, total_dim]`` pooled embeddings in output (table) order."""
         if len(self._groups) == 1:
             return self._groups[0][2](self._flat, values, offsets, weights)
@@ -226,7 +256,11 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ----- backward: the fused update -----
     def _fused_backward(
-        self, grad_out: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None
+        self,
+        grad_out: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None,
     ) -> None:
         grad = grad_out.contiguous().to(torch.float32)
         n_features = len(self._lookup_order)
@@ -236,11 +270,14 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
         feat = torch.div(bag, batch, rounding_mode="floor")
         goff = (bag - feat * batch) * self._total_dim + self._lookup_cols.to(dev)[feat]
+        if self._mean_cols is not None:
+            # MEAN bags: divide the bag's gradient by its length (as TorchRec's row-wise
+            # mean-pooling callback does after its reduce-scatter), so that a row's update is
+            # the same bits sharded or not.
+            div = lengths.view(n_features, batch).t().clamp(min=1).to(torch.float32)
+            div = div[:, self._col_feature.to(dev)]
+            grad = torch.where(self._mean_cols.to(dev), grad / div, grad)
         occ_w = weights
-        if any(self._lookup_mean):
-            mean = torch.tensor(self._lookup_mean, device=dev)[feat]
-            inv_len = torch.where(mean, 1.0 / lengths.clamp(min=1).to(torch.float32)[bag], 1.0)
-            occ_w = inv_len if occ_w is None else occ_w * inv_len
         occ_w = occ_w.contiguous() if occ_w is not None else torch.empty(0, device=dev)
         per_feature = lengths.view(n_features, batch).sum(dim=1).tolist()
         start = 0
@@ -264,7 +301,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         spec = UpdateSpec(
             bits=lay.bits, dim=lay.dim, optimizer=opt, step=step, stochastic=cfg.rounding == "stochastic",
             learn_step_size=cfg.keeps_master_step_size, step_size_lr=cfg.step_size_lr,
-            key=hash_key(cfg.seed, table_hash(lay.name), step),
+            key=hash_key(cfg.seed, table_hash(lay.origin.table), step),
+            row_offset=lay.origin.row_offset, col_offset=lay.origin.col_offset,
         )  # fmt: skip
         skipped = fused_update(
             self._rows_of(lay.name), state.step_size, state.state1, state.state2,
@@ -286,7 +324,9 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         fresh = int(self.step) == 0
         for lay in self._layouts:
             state: TableState = self.tables[lay.name]
-            state.ensure_optimizer(optimizer_params_from_in_backward(state.handle, self._configs[lay.name]).kind, fresh)
+            state.ensure_optimizer(
+                optimizer_params_from_in_backward(state.handle, self._configs[lay.name]).kind, fresh
+            )
 
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per table, how many row updates were skipped because their gradient was NaN/Inf."""
@@ -347,7 +387,9 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for lay in self._layouts:
             destination[f"{prefix}tables.{lay.name}.qweight"] = self.quantized_weight(lay.name)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         # Every table (and its state) is checked before anything is copied: a mismatched
         # checkpoint raises ValueError naming the table and leaves the tables untouched.
         self._resolve_optimizers()
@@ -360,4 +402,6 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 self.quantized_weight(lay.name).copy_(state_dict.pop(key))
             elif strict:
                 missing_keys.append(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -13,6 +13,19 @@ from torchrec_lowprec.types import LowPrecisionConfig
 
 
 @dataclass(frozen=True)
+class ShardOrigin:
+    """Where a locally held table sits in its global table (for a shard; zeros otherwise).
+
+    The rounding draws are keyed by the global table name, global row and global column, so a
+    row is updated identically whichever rank holds it.
+    """
+
+    table: str
+    row_offset: int = 0
+    col_offset: int = 0
+
+
+@dataclass(frozen=True)
 class TableLayout:
     """One table's place in the flat buffer: ``rows`` rows of ``stride`` bytes from ``offset``."""
 
@@ -24,6 +37,7 @@ class TableLayout:
     stride: int
     feature_names: tuple[str, ...]
     pooling: PoolingType
+    origin: ShardOrigin
 
     @property
     def row_bytes(self) -> int:
@@ -61,7 +75,10 @@ def validate_table(table: EmbeddingBagConfig, cfg: LowPrecisionConfig) -> None:
 
 
 def plan_layout(
-    tables: list[EmbeddingBagConfig], configs: dict[str, LowPrecisionConfig], row_alignment: int
+    tables: list[EmbeddingBagConfig],
+    configs: dict[str, LowPrecisionConfig],
+    row_alignment: int,
+    origins: dict[str, ShardOrigin] | None = None,
 ) -> tuple[list[TableLayout], int]:
     """Table layouts in order and the flat buffer's total bytes (tables 128-byte aligned)."""
     layouts = []
@@ -71,9 +88,16 @@ def plan_layout(
         stride = round_up(row_bytes(bits, t.embedding_dim), row_alignment)
         layouts.append(
             TableLayout(
-                t.name, t.num_embeddings, t.embedding_dim, bits, offset, stride,
-                tuple(t.feature_names), t.pooling,
-            )  # fmt: skip
+                name=t.name,
+                rows=t.num_embeddings,
+                dim=t.embedding_dim,
+                bits=bits,
+                offset=offset,
+                stride=stride,
+                feature_names=tuple(t.feature_names),
+                pooling=t.pooling,
+                origin=(origins or {}).get(t.name, ShardOrigin(t.name)),
+            )
         )
         offset = round_up(offset + t.num_embeddings * stride, TABLE_ALIGNMENT)
     return layouts, max(offset, TABLE_ALIGNMENT)

@@ -11,7 +11,7 @@ from torchrec_lowprec.modules.table_layout import TableLayout
 from torchrec_lowprec.optim.fused import allocate_state
 from torchrec_lowprec.quant.layout import dequantize_rows, quantize_rows
 from torchrec_lowprec.quant.lsq import init_step_size
-from torchrec_lowprec.quant.rounding import table_hash
+from torchrec_lowprec.quant.rounding import hash_key, table_hash
 from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
 
 #: Rows quantized per chunk when (re)initialising, to bound temporary fp32 memory.
@@ -38,6 +38,19 @@ class TableState(nn.Module):
         self.register_buffer("step_size", torch.zeros(n, dtype=torch.float32, device=device))
         self.optimizer_kind = OptimizerType(config.optimizer)
         self._set_state(*allocate_state(self.optimizer_kind, layout.rows, layout.dim, device))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "handle", None)  # holds nothing; not part of a checkpoint
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "handle" in missing_keys:
+            missing_keys.remove(prefix + "handle")
 
     def _set_state(self, s1: torch.Tensor, s2: torch.Tensor) -> None:
         self.register_buffer("momentum1", s1)
@@ -100,7 +113,10 @@ class TableState(nn.Module):
 
     def init_uniform(self, rows: torch.Tensor, table: EmbeddingBagConfig) -> None:
         """TorchRec's default init (uniform in the config's range), seeded per table, quantized."""
-        gen = torch.Generator().manual_seed((self.config.seed << 32) ^ table_hash(self.layout.name))
+        o = self.layout.origin
+        gen = torch.Generator().manual_seed(
+            hash_key(self.config.seed, table_hash(o.table), o.row_offset ^ (o.col_offset << 40))
+        )
         lo, hi = table.get_weight_init_min(), table.get_weight_init_max()
         for a in range(0, self.layout.rows, INIT_CHUNK_ROWS):
             n = min(INIT_CHUNK_ROWS, self.layout.rows - a)

@@ -71,9 +71,7 @@ def uniform_from_counter(row_key: torch.Tensor, global_cols: torch.Tensor) -> to
     return (h >> 8).to(torch.float32) * TWO_POW_M24
 
 
-def round_to_grid(
-    v: torch.Tensor, qmin: int, qmax: int, noise: torch.Tensor | None
-) -> torch.Tensor:
+def round_to_grid(v: torch.Tensor, qmin: int, qmax: int, noise: torch.Tensor | None) -> torch.Tensor:
     """Round ``v`` (values in units of the step size) to integers in ``[qmin, qmax]``.
 
     ``noise`` uniform in [0, 1) gives stochastic rounding ``floor(v + u)`` (unbiased inside

@@ -1,0 +1,125 @@
+"""Checkpoints of low-precision collections, sharded or not, through
+``torch.distributed.checkpoint`` (DCP), validated before anything is loaded.
+
+``save(model, path)`` writes every rank's shards; ``load(model, path)`` reads them back under
+the model's current plan — another sharding plan, another world size, or one process
+unsharded — after checking that every low-precision table of the checkpoint matches the
+model's (names, rows, dims, bit widths, step-size mode, optimizer state, column split).
+A mismatch raises ``ValueError`` naming the table and the field; nothing is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from torchrec_lowprec.distributed.state import TableMeta
+
+
+def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> None:
+    """Raise ``ValueError`` if ``state_dict`` (entries under ``prefix``) does not fit ``metas``."""
+    extra = state_dict.get(prefix + "_extra_state")
+    if isinstance(extra, dict) and "tables" in extra:
+        _compare_tables(extra["tables"], metas)
+    for name, meta in metas.items():
+        for key, shape in meta.global_shapes().items():
+            t = state_dict.get(f"{prefix}tables.{name}.{key}")
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(shape):
+                raise ValueError(
+                    f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {tuple(t.shape)}, "
+                    f"expected {tuple(shape)} (different rows, dim, bit width, optimizer or column split)"
+                )
+
+
+def _compare_tables(theirs: dict, metas: dict[str, TableMeta]) -> None:
+    if set(theirs) != set(metas):
+        raise ValueError(
+            f"checkpoint tables {sorted(theirs)} do not match the model's {sorted(metas)} "
+            f"(missing: {sorted(set(metas) - set(theirs))}, extra: {sorted(set(theirs) - set(metas))})"
+        )
+    for name, m in metas.items():
+        mine = {"rows": m.rows, "dim": m.dim, "bits": m.bits, "learn_step_size": m.learn_step_size}
+        for field, value in mine.items():
+            if theirs[name].get(field) != value:
+                raise ValueError(
+                    f"table {name!r}: checkpoint has {field}={theirs[name].get(field)} but the model has "
+                    f"{field}={value}; rebuild the model with the checkpoint's configuration"
+                )
+        cols = theirs[name].get("column_shards", [0])
+        if list(cols) != list(m.col_starts):
+            raise ValueError(
+                f"table {name!r}: checkpoint was column-sharded at columns {list(cols)} but the model's plan "
+                f"splits it at {list(m.col_starts)}; column shards keep one step size per shard, so load "
+                "it under a plan with the same column split"
+            )
+
+
+def _low_precision_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
+    from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+
+    kinds = (ShardedLowPrecisionEmbeddingBagCollection, LowPrecisionEmbeddingBagCollection)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _metas_of(module: nn.Module) -> dict[str, TableMeta]:
+    if hasattr(module, "_lp_metas"):
+        return module._lp_metas
+    return {
+        name: TableMeta(t["rows"], t["dim"], t["bits"], (0,), t["learn_step_size"], _opt(t["optimizer"]))
+        for name, t in module.get_extra_state()["tables"].items()
+    }
+
+
+def _opt(value: str):
+    from torchrec_lowprec.types import OptimizerType
+
+    return OptimizerType(value)
+
+
+def save(model: nn.Module, path: str) -> None:
+    """Save ``model.state_dict()`` (sharded or not) to the directory ``path`` with DCP."""
+    dcp.save(model.state_dict(), checkpoint_id=path)
+
+
+def load(model: nn.Module, path: str) -> None:
+    """Load a checkpoint written by :func:`save` into ``model`` under its current plan.
+
+    Every low-precision table is checked against the checkpoint's metadata first; a mismatch
+    raises ``ValueError`` (the same on every rank) and leaves the model untouched.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    state = model.state_dict()
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for prefix_mod, module in _low_precision_modules(model).items():
+        prefix = _state_prefix(model, prefix_mod)
+        shapes = {k: tuple(v.size) for k, v in meta.items() if k.startswith(prefix) and hasattr(v, "size")}
+        metas = _metas_of(module)
+        for name, m in metas.items():
+            for key, want in m.global_shapes().items():
+                got = shapes.get(f"{prefix}tables.{name}.{key}")
+                if got is None:
+                    raise ValueError(
+                        f"table {name!r}: the checkpoint at {path!r} has no entry tables.{name}.{key}"
+                    )
+                if got != tuple(want):
+                    raise ValueError(
+                        f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {got}, the model "
+                        f"expects {tuple(want)} (different rows, dim, bit width, optimizer or column split)"
+                    )
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    model.load_state_dict(state)
+
+
+def _state_prefix(model: nn.Module, module_name: str) -> str:
+    """The state-dict prefix of a submodule (DMP's wrappers add none of their own names)."""
+    key = module_name
+    for wrapper in ("_dmp_wrapped_module.", "module."):
+        key = key.replace(wrapper, "")
+    return key + "." if key else ""

@@ -1,0 +1,133 @@
+"""The per-rank lookup of a sharded low-precision collection: the shards this rank holds, for
+one sharding type, stored and trained by a local ``LowPrecisionEmbeddingBagCollection``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import GroupedEmbeddingConfig, ShardedEmbeddingTable
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.table_layout import ShardOrigin
+from torchrec_lowprec.types import LowPrecisionConfig
+
+# Row-wise shards return partial sums that TorchRec reduce-scatters and then divides for MEAN
+# pooling (its mean-pooling callback), so the local lookup must SUM.
+_SUM_LOCALLY = {ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value}
+
+
+@dataclass(frozen=True)
+class LocalShard:
+    """One shard held by this rank: which global table, where in it, and its local name."""
+
+    local_name: str
+    table: str
+    row_offset: int
+    col_offset: int
+    rows: int
+    cols: int
+    col_starts: tuple[int, ...]  # column offsets of all column shards of the table, sorted
+
+
+def _col_starts(t: ShardedEmbeddingTable) -> tuple[int, ...]:
+    if t.global_metadata is None:
+        return (0,)
+    return tuple(sorted({m.shard_offsets[1] for m in t.global_metadata.shards_metadata}))
+
+
+class LowPrecisionShardLookup(nn.Module):
+    """Pooled lookup over this rank's shards of one sharding type (TorchRec's lookup slot).
+
+    Takes the KJT TorchRec's input dist produces for this rank (features in grouped-config
+    order, a feature repeated once per column shard) and returns the pooled embeddings
+    ``[B, sum of local dims]`` in that order, as ``GroupedPooledEmbeddingsLookup`` does. The
+    backward pass runs the fused update on the local shards; rounding draws are keyed by the
+    global table, row and column, so a row's update does not depend on the plan.
+
+    Example::
+
+        lookup = LowPrecisionShardLookup(sharding._grouped_embedding_configs, "row_wise", cfgs, dev)
+        pooled = lookup(rank_kjt)
+    """
+
+    def __init__(
+        self,
+        grouped_configs: list[GroupedEmbeddingConfig],
+        sharding_type: str,
+        table_configs: dict[str, LowPrecisionConfig],
+        device: torch.device,
+        in_backward_tags: dict[str, tuple] | None = None,
+    ) -> None:
+        super().__init__()
+        self.sharding_type = sharding_type
+        tables: list[EmbeddingBagConfig] = []
+        per_table: dict[str, LowPrecisionConfig] = {}
+        origins: dict[str, ShardOrigin] = {}
+        self.shards: list[LocalShard] = []
+        self._keys: list[str] = []
+        is_weighted = False
+        seen: dict[str, int] = {}
+        for gc in grouped_configs:
+            is_weighted = is_weighted or gc.is_weighted
+            for t in gc.embedding_tables:
+                k = seen.get(t.name, 0)
+                seen[t.name] = k + 1
+                local = t.name if k == 0 else f"{t.name}@{k}"
+                feats = [f"{local}:{f}" for f in t.feature_names]
+                off = t.local_metadata.shard_offsets if t.local_metadata is not None else [0, 0]
+                pooling = PoolingType.SUM if sharding_type in _SUM_LOCALLY else t.pooling
+                tables.append(
+                    EmbeddingBagConfig(
+                        name=local,
+                        embedding_dim=t.local_cols,
+                        num_embeddings=t.local_rows,
+                        feature_names=feats,
+                        pooling=pooling,
+                        weight_init_min=t.weight_init_min,
+                        weight_init_max=t.weight_init_max,
+                    )
+                )
+                per_table[local] = table_configs[t.name]
+                origins[local] = ShardOrigin(t.name, int(off[0]), int(off[1]))
+                self.shards.append(
+                    LocalShard(
+                        local, t.name, int(off[0]), int(off[1]), t.local_rows, t.local_cols, _col_starts(t)
+                    )
+                )
+                self._keys.extend(feats)
+        self.ebc: LowPrecisionEmbeddingBagCollection | None = None
+        if tables:
+            self.ebc = LowPrecisionEmbeddingBagCollection(
+                tables,
+                next(iter(per_table.values())),
+                per_table_configs=per_table,
+                is_weighted=is_weighted,
+                device=device,
+                init_weights=device.type != "meta",
+                shard_origins=origins,
+            )
+            for s in self.shards:
+                handle = self.ebc.tables[s.local_name].handle
+                for tag, value in (in_backward_tags or {}).get(s.table, {}).items():
+                    setattr(handle, tag, value)
+            self.ebc._resolve_optimizers()
+        self.register_buffer("_dummy", torch.empty(0, device=device), persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.ebc is None:
+            # This rank holds no table of this sharding type. The output must still require
+            # grad, or this rank would skip the all-to-all's backward that the others run.
+            return self._dummy.new_zeros(features.stride(), 0).requires_grad_(True)
+        kjt = KeyedJaggedTensor(
+            keys=self._keys,
+            values=features.values(),
+            lengths=features.lengths(),
+            weights=features.weights_or_none(),
+            stride=features.stride(),
+        )
+        return self.ebc(kjt).values()

@@ -1,0 +1,125 @@
+"""The sharder that lets ``DistributedModelParallel`` shard low-precision collections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv, ShardingType
+
+from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+
+#: The compute kernel our shards report to TorchRec's planner: a fused-optimizer kernel.
+COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
+#: Kernels a plan may name for our tables. ``construct_module_sharding_plan`` labels tables
+#: without an in-backward optimizer "dense"; ours always train in the backward pass, so both
+#: labels mean our fused kernel. Others (UVM caching, key-value, ...) are refused.
+ACCEPTED_KERNELS = (EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value)
+
+
+class LowPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """Shards :class:`LowPrecisionEmbeddingBagCollection` TABLE_WISE, ROW_WISE, COLUMN_WISE,
+    TABLE_ROW_WISE or TABLE_COLUMN_WISE (DATA_PARALLEL is refused: see docs/sharding.md).
+
+    Takes ``EmbeddingBagCollectionSharder``'s arguments; ``qcomm_codecs_registry`` (quantized
+    all-to-alls) is used as TorchRec uses it. Like TorchRec's sharder, it offers ROW_WISE and
+    TABLE_ROW_WISE to the planner on CUDA only; manual plans may use them on CPU.
+
+    Example::
+
+        dmp = DistributedModelParallel(model, plan=plan, sharders=lp.sharders(), device=dev)
+    """
+
+    @property
+    def module_type(self) -> type[LowPrecisionEmbeddingBagCollection]:  # type: ignore[override]
+        return LowPrecisionEmbeddingBagCollection
+
+    @property
+    def sharded_module_type(self) -> type[ShardedLowPrecisionEmbeddingBagCollection]:  # type: ignore[override]
+        return ShardedLowPrecisionEmbeddingBagCollection
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return [t for t in super().sharding_types(compute_device_type) if t in _SUPPORTED]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return [COMPUTE_KERNEL]
+
+    def shardable_parameters(self, module: LowPrecisionEmbeddingBagCollection) -> dict[str, nn.Parameter]:  # type: ignore[override]
+        # The planner sizes tables from these (meta, [rows, dim]); they hold no data.
+        return {
+            t.name: nn.Parameter(torch.empty(t.num_embeddings, t.embedding_dim, device="meta"))
+            for t in module.embedding_bag_configs()
+        }
+
+    def shard(  # type: ignore[override]
+        self,
+        module: LowPrecisionEmbeddingBagCollection,
+        params: dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device | None = None,
+        module_fqn: str | None = None,
+    ) -> ShardedLowPrecisionEmbeddingBagCollection:
+        validate_plan(module, params)
+        return ShardedLowPrecisionEmbeddingBagCollection(
+            module, params, env, self.fused_params, device, self.qcomm_codecs_registry, module_fqn
+        )
+
+
+_SUPPORTED = (
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+)
+
+
+def validate_plan(module: LowPrecisionEmbeddingBagCollection, params: dict[str, ParameterSharding]) -> None:
+    """Refuse, before any collective runs, a plan our sharder cannot execute."""
+    for t in module.embedding_bag_configs():
+        ps = params.get(t.name)
+        if ps is None:
+            raise ValueError(f"the sharding plan has no entry for low-precision table {t.name!r}")
+        if ps.sharding_type not in _SUPPORTED:
+            raise ValueError(
+                f"table {t.name!r}: sharding type {ps.sharding_type!r} is not supported for low-precision "
+                f"tables (supported: {list(_SUPPORTED)}); DATA_PARALLEL replicas would diverge, use TABLE_WISE"
+            )
+        if ps.compute_kernel not in ACCEPTED_KERNELS:
+            raise ValueError(
+                f"table {t.name!r}: compute kernel {ps.compute_kernel!r} is not supported for low-precision "
+                f"tables (accepted: {list(ACCEPTED_KERNELS)}); plan with lp.sharders()"
+            )
+        if ps.sharding_type in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value):
+            bits = module.table_config(t.name).bits
+            widths = sorted({int(s.shard_sizes[1]) for s in ps.sharding_spec.shards})
+            if bits <= 8 and any(w % 4 for w in widths):
+                raise ValueError(
+                    f"table {t.name!r}: column shards of widths {widths} cannot be stored at {bits} bits "
+                    "(FBGEMM's IntNBit rows need a multiple of 4)"
+                )
+
+
+def sharders(
+    fused_params: dict[str, Any] | None = None, qcomm_codecs_registry: dict | None = None
+) -> list[ModuleSharder[nn.Module]]:
+    """Our sharder plus TorchRec's default sharders, so that a model mixing float and
+    low-precision collections shards in one call. ``fused_params`` and
+    ``qcomm_codecs_registry`` go to our sharder and TorchRec's ``EmbeddingBagCollectionSharder``.
+
+    Example::
+
+        plan = EmbeddingShardingPlanner(topology=topo).collective_plan(model, lp.sharders(), pg)
+    """
+    ours = LowPrecisionEmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry)
+    out: list[ModuleSharder[nn.Module]] = [ours]  # type: ignore[list-item]
+    for s in get_default_sharders():
+        if type(s) is EmbeddingBagCollectionSharder:
+            s = EmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry)
+        out.append(s)
+    return out

@@ -1,0 +1,139 @@
+"""State-dict entries of a sharded low-precision collection, as ShardedTensors.
+
+Keys and global shapes equal the unsharded module's (``tables.<t>.qweight``,
+``tables.<t>.step_size``, ``tables.<t>.momentum1``, ``tables.<t>.momentum2``, ``step``,
+``_extra_state``), so ``torch.distributed.checkpoint`` moves a checkpoint between plans
+(table-wise <-> row-wise) and into an unsharded module. Column-wise shards keep one step size
+per row *per column shard*; their tables are saved as ``[rows, sum of shard row bytes]``
+codes and ``[rows, column shards]`` step sizes, which only a column-wise plan with the same
+column split can load (the loader says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+from torchrec_lowprec.distributed.lookup import LocalShard, LowPrecisionShardLookup
+from torchrec_lowprec.optim.fused import OPTIMIZER_STATE_NAMES
+from torchrec_lowprec.quant.layout import row_bytes
+from torchrec_lowprec.types import OptimizerType
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """Global facts of one table, the same on every rank."""
+
+    rows: int
+    dim: int
+    bits: int
+    col_starts: tuple[int, ...]
+    learn_step_size: bool
+    optimizer: OptimizerType
+
+    @property
+    def col_widths(self) -> list[int]:
+        ends = list(self.col_starts[1:]) + [self.dim]
+        return [e - s for s, e in zip(self.col_starts, ends)]
+
+    @property
+    def column_sharded(self) -> bool:
+        return len(self.col_starts) > 1
+
+    def byte_offset(self, col: int) -> int:
+        k = self.col_starts.index(col)
+        return sum(row_bytes(self.bits, w) for w in self.col_widths[:k])
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        n = len(self.col_starts)
+        per_row = (self.rows, n) if self.column_sharded else (self.rows,)
+        shapes = {"qweight": (self.rows, sum(row_bytes(self.bits, w) for w in self.col_widths))}
+        shapes["step_size"] = per_row if self.learn_step_size else (0,)
+        names = OPTIMIZER_STATE_NAMES[self.optimizer]
+        for name in ("momentum1", "momentum2"):
+            if name not in names:
+                shapes[name] = (0,)
+            elif self.optimizer == OptimizerType.ROWWISE_ADAGRAD:
+                shapes[name] = per_row
+            else:
+                shapes[name] = (self.rows, self.dim)
+        return shapes
+
+
+def _local_pieces(meta: TableMeta, shard: LocalShard, lookup: LowPrecisionShardLookup) -> dict:
+    """``key -> (local tensor view, global offsets)`` for one local shard."""
+    ebc = lookup.ebc
+    st = ebc.tables[shard.local_name]
+    k = meta.col_starts.index(shard.col_offset)
+    row = shard.row_offset
+    out = {"qweight": (ebc.quantized_weight(shard.local_name), [row, meta.byte_offset(shard.col_offset)])}
+
+    def per_row(t: torch.Tensor):
+        return (t.view(-1, 1), [row, k]) if meta.column_sharded else (t, [row])
+
+    if meta.learn_step_size:
+        out["step_size"] = per_row(st.step_size)
+    for name in OPTIMIZER_STATE_NAMES[meta.optimizer]:
+        t = getattr(st, name)
+        out[name] = per_row(t) if t.dim() == 1 else (t, [row, shard.col_offset])
+    return out
+
+
+def build_sharded_state(
+    metas: dict[str, TableMeta],
+    lookups: list[LowPrecisionShardLookup],
+    pg: dist.ProcessGroup,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """``tables.<t>.<entry>`` -> ShardedTensor over this rank's live shard storage (or an empty
+    tensor for entries the table does not keep). Collective: every rank calls it."""
+    rank = dist.get_rank(pg)
+    pieces: dict[str, list] = {}
+    for lookup in lookups:
+        for shard in lookup.shards:
+            for key, piece in _local_pieces(metas[shard.table], shard, lookup).items():
+                pieces.setdefault(f"tables.{shard.table}.{key}", []).append(piece)
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(metas):
+        for key, shape in metas[name].global_shapes().items():
+            full = f"tables.{name}.{key}"
+            if shape == (0,):
+                out[full] = torch.empty(0, device=device)
+                continue
+            local = [
+                Shard(t, ShardMetadata(list(off), list(t.shape), f"rank:{rank}/{t.device}"))
+                for t, off in pieces.get(full, [])
+            ]
+            out[full] = ShardedTensor._init_from_local_shards(local, list(shape), process_group=pg)
+    return out
+
+
+def load_into_shards(
+    metas: dict[str, TableMeta],
+    lookups: list[LowPrecisionShardLookup],
+    state_dict: dict,
+    prefix: str,
+) -> None:
+    """Copy ``state_dict`` entries (ShardedTensors with matching shards, or full tensors, e.g.
+    from an unsharded module) into this rank's shards. Shapes were validated beforehand."""
+    for lookup in lookups:
+        for shard in lookup.shards:
+            for key, (local, off) in _local_pieces(metas[shard.table], shard, lookup).items():
+                src = state_dict.get(f"{prefix}tables.{shard.table}.{key}")
+                if src is None:
+                    continue
+                if isinstance(src, ShardedTensor):
+                    match = [s for s in src.local_shards() if list(s.metadata.shard_offsets) == list(off)]
+                    if not match:
+                        raise ValueError(
+                            f"table {shard.table!r}: the {key} entry has no local shard at offsets {off} on "
+                            "this rank; load resharded checkpoints with torch.distributed.checkpoint "
+                            "(torchrec_lowprec.distributed.checkpoint.load)"
+                        )
+                    local.copy_(match[0].tensor)
+                else:
+                    index = tuple(slice(o, o + n) for o, n in zip(off, local.shape))
+                    local.copy_(src[index])

@@ -45,6 +45,7 @@ def test_state_dict_entries():
         "bits": 8,
         "optimizer": "rowwise_adagrad",
         "learn_step_size": True,
+        "column_shards": [0],
     }
 
 

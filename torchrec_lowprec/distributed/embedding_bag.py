@@ -199,6 +199,7 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     "learn_step_size": m.learn_step_size, "column_shards": list(m.col_starts)}
                 for n, m in self._lp_metas.items()
             },
+            "nonfinite_rows": {n: self.nonfinite_rows_skipped().get(n, 0) for n in self._lp_metas},
         }  # fmt: skip
 
     def _load_from_state_dict(

@@ -372,7 +372,8 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             "tables": {
                 lay.name: {"rows": lay.rows, "dim": lay.dim, "bits": lay.bits,
                            "optimizer": self.tables[lay.name].optimizer_kind.value,
-                           "learn_step_size": self._configs[lay.name].keeps_master_step_size}
+                           "learn_step_size": self._configs[lay.name].keeps_master_step_size,
+                           "column_shards": [0]}
                 for lay in self._layouts
             },
             "nonfinite_rows": dict(self._nonfinite_rows),

@@ -127,7 +127,7 @@ def test_convert_swaps_ebc_inside_dlrm_and_trains():
         dense_opt.zero_grad()
         loss.backward()
         dense_opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert not torch.equal(ebc.quantized_weight("t0"), q0)
     assert ebc.tables["t0"].optimizer_kind == lp.OptimizerType.ROWWISE_ADAGRAD
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.02

@@ -60,11 +60,14 @@ LR = 0.01
 
 
 def zipf_ids(rows: int, n: int, alpha: float, gen: torch.Generator) -> torch.Tensor:
-    """Ids with P(rank k) ~ 1/(k+1)^alpha, hot rows scattered by a fixed permutation."""
+    """Ids with P(rank k) ~ 1/(k+1)^alpha (alpha=0: uniform), hot rows scattered by a permutation."""
     # Inverse-CDF of the continuous power law on [1, rows+1), then scatter ranks.
     u = torch.rand(n, generator=gen, dtype=torch.float64)
     a = 1.0 - alpha
-    k = ((1 + u * ((rows + 1) ** a - 1)) ** (1 / a)).long() - 1
+    if abs(a) < 1e-9:
+        k = torch.exp(u * torch.log(torch.tensor(rows + 1.0, dtype=torch.float64))).long() - 1
+    else:
+        k = ((1 + u * ((rows + 1) ** a - 1)) ** (1 / a)).long() - 1
     perm = torch.randperm(rows, generator=gen)
     return perm[k.clamp(0, rows - 1)]
 
@@ -79,28 +82,45 @@ def make_batches(s: Setup, n: int, alpha: float, seed: int = 0) -> list[KeyedJag
     return out
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, batches, warmup: int, iters: int) -> float:
+    device = batches[0].values().device
     for i in range(warmup):
         fn(batches[i % len(batches)])
     times = []
     for i in range(iters):
         b = batches[i % len(batches)]
+        _sync(device)
         t0 = time.perf_counter()
         fn(b)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
 def bench_fbgemm(s: Setup, precision: SparseType, batches, grad, warmup, iters) -> dict:
+    cuda = grad.device.type == "cuda"
+    location, compute = (
+        (EmbeddingLocation.DEVICE, ComputeDevice.CUDA)
+        if cuda
+        else (EmbeddingLocation.HOST, ComputeDevice.CPU)
+    )
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(s.rows, s.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * s.tables,
+        [(s.rows, s.dim, location, compute)] * s.tables,
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         learning_rate=LR,
         eps=1e-8,
         weights_precision=precision,
         pooling_mode=PoolingMode.SUM,
     )
-    state = sum(t.numel() * t.element_size() for t in (tbe.weights_host, tbe.momentum1_host))
+    weights, momentum = (
+        (tbe.weights_dev, tbe.momentum1_dev) if cuda else (tbe.weights_host, tbe.momentum1_host)
+    )
+    state = sum(t.numel() * t.element_size() for t in (weights, momentum))
 
     def fwd(kjt):
         with torch.no_grad():
@@ -124,7 +144,7 @@ def bench_lowprec(s: Setup, bits: int, batches, grad, warmup, iters) -> dict:
         for t in range(s.tables)
     ]
     cfg = lp.LowPrecisionConfig(bits=bits, learning_rate=LR, optimizer="rowwise_adagrad")
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, cfg)
+    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, cfg, device=grad.device)
 
     def fwd(kjt):
         with torch.no_grad():
@@ -140,11 +160,11 @@ def bench_lowprec(s: Setup, bits: int, batches, grad, warmup, iters) -> dict:
     }
 
 
-def run(setups, alpha: float, warmup: int, iters: int) -> list[tuple[Setup, dict]]:
+def run(setups, alpha: float, warmup: int, iters: int, device: torch.device) -> list[tuple[Setup, dict]]:
     results = []
     for s in setups:
-        batches = make_batches(s, 4, alpha)
-        grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(1))
+        batches = [b.to(device) for b in make_batches(s, 4, alpha)]
+        grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(1)).to(device)
         variants = [
             ("FBGEMM FP32", bench_fbgemm, SparseType.FP32),
             ("FBGEMM FP16", bench_fbgemm, SparseType.FP16),
@@ -164,11 +184,16 @@ def run(setups, alpha: float, warmup: int, iters: int) -> list[tuple[Setup, dict
     return results
 
 
-def to_markdown(results, command: str, alpha: float) -> str:
+def to_markdown(results, command: str, alpha: float, device: torch.device) -> str:
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     lines = [
         f"Command: `{command}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"update backend: `{backend_for(torch.device('cpu'))}`; ids Zipf(alpha={alpha}); optimizer RowWiseAdagrad; "
+        f"Device: {device.type} ({where}), torch {torch.__version__}; "
+        f"update backend: `{backend_for(device)}`; ids Zipf(alpha={alpha}); optimizer RowWiseAdagrad; "
         "median ms per batch. Ratios are to FBGEMM FP32 in the same run: forward speed-up (FP32 ms / ms), "
         "train-step throughput (FP32 ms / ms), state bytes (bytes / FP32 bytes; weights + optimizer state "
         "+ fp32 master step sizes).",
@@ -200,12 +225,31 @@ def main() -> None:
     ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    results = run(QUICK if args.quick else SETUPS, args.alpha, args.warmup, args.iters)
-    cmd = "python benchmarks/embedding_step.py" + (" --quick" if args.quick else "")
-    md = to_markdown(results, cmd, args.alpha)
+    setups = QUICK if args.quick else SETUPS
+    cmd = (
+        "python benchmarks/embedding_step.py"
+        + (" --quick" if args.quick else "")
+        + (f" --alpha {args.alpha}" if args.alpha != 1.05 else "")
+    )
+    cpu = torch.device("cpu")
+    md = to_markdown(run(setups, args.alpha, args.warmup, args.iters, cpu), cmd, args.alpha, cpu)
     print(md)
     if args.write:
-        write_section(args.write, "embedding_step", "Embedding train step vs FBGEMM (CPU)", md)
+        key = "embedding_step" if args.alpha == 1.05 else f"embedding_step_alpha{args.alpha:g}"
+        write_section(args.write, key, f"Embedding train step vs FBGEMM (CPU, Zipf {args.alpha:g})", md)
+    if not torch.cuda.is_available():
+        print("CUDA section skipped: no GPU on this machine (GPU figures need a GPU run).")
+        return
+    gpu = torch.device("cuda")
+    md = to_markdown(run(setups, args.alpha, args.warmup, args.iters, gpu), cmd, args.alpha, gpu)
+    print(md)
+    if args.write:
+        write_section(
+            args.write,
+            f"embedding_step_cuda_alpha{args.alpha:g}",
+            f"Embedding train step vs FBGEMM (CUDA, Zipf {args.alpha:g})",
+            md,
+        )
 
 
 if __name__ == "__main__":

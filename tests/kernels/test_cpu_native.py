@@ -321,3 +321,165 @@ def test_rejects_bad_inputs():
         cpu_native.fused_update(rows, step, s1, s2, ids.float(), offsets, w, grad, spec)
     with pytest.raises(RuntimeError, match="occ_weights"):
         cpu_native.fused_update(rows, step, s1, s2, ids, offsets, w[:3], grad, spec)
+
+
+# ----- fused_update_many: many tables in one call -----
+
+# (bits, dim, optimizer, stochastic, learn_step_size, weighted, kind); kind: "" (plain),
+# "big" (> 256 touched rows: several work chunks), "empty" (no ids), "nan" (one row's
+# gradient is NaN: skipped).
+MANY_TABLES = (
+    (8, 16, OptimizerType.ROWWISE_ADAGRAD, True, True, True, "big"),
+    (4, 8, OptimizerType.ADAM, False, True, False, ""),
+    (2, 16, OptimizerType.ADAGRAD, True, False, True, ""),
+    (16, 8, OptimizerType.SGD, True, False, True, ""),
+    (32, 24, OptimizerType.ADAM, False, False, False, ""),
+    (4, 32, OptimizerType.ROWWISE_ADAGRAD, True, True, True, "empty"),
+    (8, 8, OptimizerType.SGD, False, True, False, "nan"),
+    (2, 8, OptimizerType.ROWWISE_ADAGRAD, False, True, True, ""),
+    (16, 16, OptimizerType.ADAGRAD, False, False, False, "big"),
+)
+
+
+def make_many(seed: int, step: int, tables=MANY_TABLES):
+    """Tables and their occurrences, all pointing into one shared ``grad`` ``[bags + 1, sum(dims)]``.
+
+    Each table reads its own column range of ``grad`` (as a module's tables do); the extra
+    last bag row is NaN, read only by the occurrences of one row of the "nan" table.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bags = 48
+    dims = [t[1] for t in tables]
+    total = sum(dims)
+    grad = torch.randn(bags + 1, total, generator=g)
+    grad[bags] = float("nan")
+    items, col = [], 0
+    for i, (bits, dim, opt, stochastic, learn, weighted, kind) in enumerate(tables):
+        num_rows = 1500 if kind == "big" else 60
+        table = make_table(bits, num_rows, dim, opt, seed=seed * 31 + i)
+        if kind == "empty":
+            ids = torch.empty(0, dtype=torch.int64)
+            offsets, w = ids.clone(), EMPTY
+        else:
+            n = 1200 if kind == "big" else 150
+            ids = torch.cat([torch.full((9,), 3), torch.randint(0, num_rows, (n,), generator=g)])
+            ids = ids[torch.randperm(ids.numel(), generator=g)]
+            bag = torch.randint(0, bags, (ids.numel(),), generator=g)
+            if kind == "nan":
+                bad = int(ids[ids != 3][0])
+                bag[ids == bad] = bags
+            offsets = bag * total + col
+            w = (torch.rand(ids.numel(), generator=g) * 2 - 0.5) if weighted else EMPTY
+        spec = make_spec(
+            bits, dim, opt, stochastic, learn, step=step, lr=0.2, key=seed * 7 + i, ro=13 * i, co=5 * i
+        )
+        items.append((table, (ids, offsets, w), spec))
+        col += dim
+    return items, grad
+
+
+def _clone(table):
+    return [t.clone() for t in table]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_matches_single_and_reference(threads):
+    # Three consecutive steps of a mix of tables: batched == one call per table == reference.
+    items, _ = make_many(seed=21, step=1)
+    tables = [item[0] for item in items]
+    ref = [_clone(t) for t in tables]
+    one = [_clone(t) for t in tables]
+    many = [_clone(t) for t in tables]
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for step in (1, 2, 3):
+            batch_items, grad = make_many(seed=21 + step, step=step)
+            batches = [(b, spec) for _, b, spec in batch_items]
+            k_ref = [reference_update(*t, *b, grad, spec) for t, (b, spec) in zip(ref, batches)]
+            k_one = [cpu_native.fused_update(*t, *b, grad, spec) for t, (b, spec) in zip(one, batches)]
+            k_many = cpu_native.fused_update_many(
+                [(*t, *b, spec) for t, (b, spec) in zip(many, batches)], grad
+            )
+            assert k_many == k_one == k_ref
+            assert k_many[6] == 1 and k_many[5] == 0  # the NaN row, the empty table
+            for i, (r, o, m) in enumerate(zip(ref, one, many)):
+                assert_same((k_ref[i], r), (k_one[i], o))
+                assert_same((k_ref[i], r), (k_many[i], m))
+    finally:
+        torch.set_num_threads(saved)
+    for i, (t, m) in enumerate(zip(tables, many)):
+        assert torch.equal(t[0], m[0]) == (MANY_TABLES[i][6] == "empty")
+
+
+def test_many_dispatch_and_fallback(monkeypatch):
+    from torchrec_lowprec.kernels import dispatch
+
+    batch_items, grad = make_many(seed=40, step=2)
+    outs = []
+    for backend in ("cpu_native", "reference"):
+        monkeypatch.setattr(dispatch, "backend_for", lambda device, b=backend: b)
+        tables = [_clone(t) for t, _, _ in batch_items]
+        k = dispatch.fused_update_many([(*t, *b, spec) for t, (_, b, spec) in zip(tables, batch_items)], grad)
+        outs.append((k, tables))
+    (k_nat, nat), (k_ref, ref) = outs
+    for i in range(len(nat)):
+        assert_same((k_ref[i], ref[i]), (k_nat[i], nat[i]))
+    assert dispatch.fused_update_many([], grad) == []
+    assert cpu_native.fused_update_many([], grad) == []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_errors_like_a_loop_of_single_calls(threads):
+    batch_items, grad = make_many(seed=50, step=1)
+    items = [(*t, *b, spec) for t, b, spec in batch_items]
+    expect = [_clone(t) for t, _, _ in batch_items]
+    for t, (_, b, spec) in zip(expect[:4], batch_items[:4]):
+        cpu_native.fused_update(*t, *b, grad, spec)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        # An out-of-range id, then grad offset, in table 4: tables 0-3 are updated, 4- are not.
+        for arg, shift, msg in ((4, 10_000, "ids"), (5, grad.numel(), "grad_offsets")):
+            tables = [_clone(t) for t, _, _ in batch_items]
+            run = [(*t, *item[4:]) for t, item in zip(tables, items)]
+            bad = list(run[4])
+            bad[arg] = bad[arg] + shift
+            run[4] = tuple(bad)
+            with pytest.raises(RuntimeError, match=f"fused_update_many: table 4: {msg} must be in"):
+                cpu_native.fused_update_many(run, grad)
+            for i, (t, e, (t0, _, _)) in enumerate(zip(tables, expect, batch_items)):
+                for a, b in zip(t, e if i < 4 else t0):
+                    assert torch.equal(a, b), i
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_many_rejects_bad_arguments():
+    batch_items, grad = make_many(seed=51, step=1)
+    items = [(*t, *b, spec) for t, b, spec in batch_items]
+    # A bad argument in the last table: raised before anything is written.
+    before = [_clone(t) for t, _, _ in batch_items]
+    bad = list(items[-1])
+    bad[0] = bad[0].float()
+    with pytest.raises(RuntimeError, match="fused_update_many: table 8: rows must be uint8"):
+        cpu_native.fused_update_many(items[:-1] + [tuple(bad)], grad)
+    for t0, item in zip(before, items):
+        for a, b in zip(t0, item[:4]):
+            assert torch.equal(a, b)
+    # Tables that write the same memory are rejected: the same table twice, or two views
+    # of one table's storage whose row ranges overlap.
+    with pytest.raises(RuntimeError, match="must not share storage"):
+        cpu_native.fused_update_many([items[0], items[1], items[0]], grad)
+    rows, step, s1, s2, ids, offsets, w, spec = items[0]
+
+    def part(lo, hi):
+        keep = ids < hi - lo
+        return (rows[lo:hi], step[lo:hi], s1[lo:hi], s2, ids[keep], offsets[keep], w[keep], spec)
+
+    with pytest.raises(RuntimeError, match="table 1 writes memory"):
+        cpu_native.fused_update_many([part(0, 40), part(30, 70)], grad)
+    # Adjacent, disjoint views of one storage are fine.
+    assert len(cpu_native.fused_update_many([part(0, 40), part(40, 80)], grad)) == 2
+    with pytest.raises(RuntimeError, match="fused_update_many: every per-table list"):
+        cpu_native._load().fused_update_many([items[0][0]], [], [], [], [], [], [], grad, [], [])

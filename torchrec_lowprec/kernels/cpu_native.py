@@ -162,6 +162,46 @@ def fused_update(
     return int(ext.fused_update(*tensors, spec.float_args(), spec.int_args()))
 
 
+#: One table of a :func:`fused_update_many` call: the per-table arguments of
+#: :func:`fused_update` (all but ``grad``), in order, then its spec.
+UpdateItem = tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    UpdateSpec,
+]
+
+
+def fused_update_many(items: list[UpdateItem], grad: torch.Tensor) -> list[int]:
+    """:func:`fused_update` for many tables in one native call, all reading the same ``grad``.
+
+    ``items[i] = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)``.
+    One parallel region groups the tables' occurrences (in parallel across tables), then
+    updates the touched rows of all the tables from one shared work queue. The result (rows,
+    step sizes, states, and the returned skipped-row count per table) is bit-identical to
+    calling :func:`fused_update` once per item, in order. Tables must not share the memory
+    they write (rows, step sizes, optimizer states): the call raises if they overlap.
+
+    Errors: bad arguments (dtypes, shapes, overlap) raise before anything is written. The
+    ids / grad_offsets range check is made table by table, as the loop of single calls
+    would: if table ``k`` fails it, tables ``0..k-1`` are updated, ``k`` and later are not,
+    and the call raises for table ``k``.
+    """
+    if not items:
+        return []
+    ext = _load()
+    cols = tuple(list(c) for c in zip(*(item[:7] for item in items)))
+    specs = [item[7] for item in items]
+    counts = ext.fused_update_many(
+        *cols, grad, [s.float_args() for s in specs], [s.int_args() for s in specs]
+    )
+    return [int(k) for k in counts]
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

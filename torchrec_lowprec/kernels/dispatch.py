@@ -85,3 +85,35 @@ def fused_update(
             rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec
         )
     return reference_update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec)
+
+
+def fused_update_many(
+    items: list[
+        tuple[
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor,
+            UpdateSpec,
+        ]
+    ],
+    grad: torch.Tensor,
+) -> list[int]:
+    """Update many tables in place, all reading ``grad``; the skipped-row count per table.
+
+    ``items[i] = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)``, the
+    arguments of :func:`fused_update` but ``grad``. Same result as calling :func:`fused_update`
+    per item in order: on CPU with the native kernel, one batched call (one parallel region
+    across all the tables); elsewhere (CUDA, the reference), one call per item. Tables must
+    not share the memory they write.
+    """
+    if not items:
+        return []
+    if backend_for(grad.device) == "cpu_native" and all(item[0].device.type == "cpu" for item in items):
+        from torchrec_lowprec.kernels import cpu_native
+
+        return cpu_native.fused_update_many(items, grad)
+    return [fused_update(*item[:7], grad, item[7]) for item in items]

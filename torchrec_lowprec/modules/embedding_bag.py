@@ -13,7 +13,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_lowprec.kernels.dispatch import fused_update
+from torchrec_lowprec.kernels.dispatch import fused_update_many
 from torchrec_lowprec.kernels.lookup import (
     POOLING_MEAN,
     POOLING_SUM,
@@ -280,20 +280,26 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         occ_w = weights
         occ_w = occ_w.contiguous() if occ_w is not None else torch.empty(0, device=dev)
         per_feature = lengths.view(n_features, batch).sum(dim=1).tolist()
-        start = 0
-        f = 0
+        items, names = [], []
+        start = f = 0
         for _, lays, _ in self._groups:
             for lay in lays:
                 nf = len(lay.feature_names)
                 end = start + sum(per_feature[f : f + nf])
                 f += nf
                 if end > start:
-                    self._update_table(lay, step, values[start:end], goff[start:end],
-                                       occ_w[start:end] if occ_w.numel() else occ_w, grad)  # fmt: skip
+                    w = occ_w[start:end] if occ_w.numel() else occ_w
+                    items.append(self._update_item(lay, step, values[start:end], goff[start:end], w))
+                    names.append(lay.name)
                 start = end
+        # One call for all tables: one parallel region, rows of all tables in one work queue.
+        for name, skipped in zip(names, fused_update_many(items, grad)):
+            if skipped:
+                self._report_nonfinite(name, skipped, step)
         self.step.fill_(step)
 
-    def _update_table(self, lay, step: int, ids, goff, occ_w, grad) -> None:
+    def _update_item(self, lay, step: int, ids, goff, occ_w) -> tuple:
+        """The fused-update arguments of one table (see kernels/spec.py)."""
         state: TableState = self.tables[lay.name]
         cfg = self._configs[lay.name]
         opt = optimizer_params_from_in_backward(state.handle, cfg)
@@ -304,19 +310,18 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             key=hash_key(cfg.seed, table_hash(lay.origin.table), step),
             row_offset=lay.origin.row_offset, col_offset=lay.origin.col_offset,
         )  # fmt: skip
-        skipped = fused_update(
-            self._rows_of(lay.name), state.step_size, state.state1, state.state2,
-            ids.to(torch.int64), goff, occ_w, grad, spec,
-        )  # fmt: skip
-        if skipped:
-            if self._nonfinite_rows[lay.name] == 0:
-                warnings.warn(
-                    f"table {lay.name!r}: {skipped} row(s) got a NaN/Inf gradient at step {step}; their "
-                    "update was skipped (the rows are unchanged). See nonfinite_rows_skipped().",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self._nonfinite_rows[lay.name] += skipped
+        rows = self._rows_of(lay.name)
+        return (rows, state.step_size, state.state1, state.state2, ids.to(torch.int64), goff, occ_w, spec)
+
+    def _report_nonfinite(self, name: str, skipped: int, step: int) -> None:
+        if self._nonfinite_rows[name] == 0:
+            warnings.warn(
+                f"table {name!r}: {skipped} row(s) got a NaN/Inf gradient at step {step}; their "
+                "update was skipped (the rows are unchanged). See nonfinite_rows_skipped().",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._nonfinite_rows[name] += skipped
 
     def _resolve_optimizers(self) -> None:
         """Bring each table's optimizer state in line with its in-backward optimizer tag

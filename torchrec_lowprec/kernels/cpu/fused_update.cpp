@@ -7,6 +7,12 @@
 // sequential sums over d (row-wise Adagrad, LSQ), which must run column 0 first, run as
 // kBlock independent chains instead of one latency-bound chain.
 //
+// fused_update_many updates many tables in one call, in ONE parallel region: the threads
+// work through the tables in order from shared counters, grouping a table (a whole table
+// per thread, so grouping is parallel across tables) just before its touched rows are
+// processed, in chunks taken by whichever thread is free (see run_jobs). Same bits, and
+// same skipped-row counts, as one call per table.
+//
 // Must be compiled with -ffp-contract=off and without -ffast-math: every fp32 operation is
 // the same IEEE operation, in the same order, as the reference's PyTorch ops. Python float
 // scalars are cast to fp32 once, as PyTorch does for a scalar operand of an fp32 tensor op.
@@ -25,10 +31,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <memory>
+#include <ostream>
+#include <thread>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -189,13 +199,25 @@ inline void block_row_sums(const float* p, int64_t D, int nb, float* out) {
   }
 }
 
+// Per-row work buffers (every element is written before it is read). One per thread,
+// reused across chunks and calls: grows to the largest dim seen.
 struct Scratch {
   std::vector<float> g, x, gopt, p, q;
   std::vector<uint32_t> h;
   std::vector<int32_t> codes;
-  explicit Scratch(int64_t D)
-      : g(kBlock * D), x(kBlock * D), gopt(kBlock * D), p(kBlock * D), q(kBlock * D), h(D), codes(D) {}
+  void ensure(int64_t D) {
+    if (h.size() >= static_cast<size_t>(D)) return;
+    for (auto* v : {&g, &x, &gopt, &p, &q}) v->resize(kBlock * D);
+    h.resize(D);
+    codes.resize(D);
+  }
 };
+
+Scratch& thread_scratch(int64_t D) {
+  static thread_local Scratch S;
+  S.ensure(D);
+  return S;
+}
 
 // Dequantize one stored row into x[0:D]
 template <int BITS>
@@ -445,7 +467,7 @@ template <int BITS, int OPT>
 int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* seg, const Params& P,
                      const Tensors& T) {
   const int64_t D = P.dim;
-  Scratch S(D);
+  Scratch& S = thread_scratch(D);
   int64_t rid[kBlock];
   int nb = 0;
   int64_t skipped = 0;
@@ -539,6 +561,18 @@ struct GroupBuffers {
   std::vector<float> w;
 };
 
+// Size buf for n occurrences (a no-op once it is large enough).
+void reserve_group(GroupBuffers& buf, int64_t n) {
+  if (buf.a.size() < static_cast<size_t>(n)) {
+    buf.a.resize(n);
+    buf.b.resize(n);
+    buf.off.resize(n);
+    buf.w.resize(n);
+    buf.uniq.resize(n);
+    buf.seg.resize(n + 1);
+  }
+}
+
 GroupBuffers& group_buffers() {
   static thread_local GroupBuffers buf;
   return buf;
@@ -549,14 +583,7 @@ GroupBuffers& group_buffers() {
 // (weights only if occw is given). Returns U.
 int64_t group_by_row(const int64_t* ids, const int64_t* goff, const float* occw, int64_t n, int64_t max_id,
                      GroupBuffers& buf) {
-  if (buf.a.size() < static_cast<size_t>(n)) {
-    buf.a.resize(n);
-    buf.b.resize(n);
-    buf.off.resize(n);
-    buf.w.resize(n);
-    buf.uniq.resize(n);
-    buf.seg.resize(n + 1);
-  }
+  reserve_group(buf, n);
   int64_t* off = buf.off.data();
   float* w = buf.w.data();
   uint64_t* a = buf.a.data();
@@ -626,33 +653,79 @@ int64_t group_by_row(const int64_t* ids, const int64_t* goff, const float* occw,
   return u;
 }
 
+// Who is checking, for error messages: "fused_update" or "fused_update_many: table i".
+// (Formatted only when a check fails.)
+struct Who {
+  int64_t table;  // -1: the single-table entry
+};
+
+std::ostream& operator<<(std::ostream& os, const Who& w) {
+  if (w.table < 0) return os << "fused_update";
+  return os << "fused_update_many: table " << w.table;
+}
+
 void check_state(const torch::Tensor& t, const char* name, int64_t R, int64_t D, bool rowwise,
-                 const char* opt) {
-  TORCH_CHECK(t.device().is_cpu(), "fused_update: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "fused_update: ", name, " must be float32, got ",
+                 const char* opt, Who who) {
+  TORCH_CHECK(t.device().is_cpu(), who, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, who, ": ", name, " must be float32, got ",
               t.scalar_type());
   if (rowwise) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == R, "fused_update: ", name, " must have shape [", R,
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == R, who, ": ", name, " must have shape [", R,
                 "] for ", opt, ", got ", t.sizes());
   } else {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == R && t.size(1) == D, "fused_update: ", name,
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == R && t.size(1) == D, who, ": ", name,
                 " must have shape [", R, ", ", D, "] for ", opt, ", got ", t.sizes());
-    TORCH_CHECK(t.stride(1) == 1, "fused_update: ", name, " must have unit stride along D");
+    TORCH_CHECK(t.stride(1) == 1, who, ": ", name, " must have unit stride along D");
   }
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------
+// One table's update, from its arguments to its grouped occurrences. Both entries (one
+// table, many tables) go through: prepare_job (argument checks; serial, may call into
+// torch), scan_job + check_job (ids / offsets in range), group_job (grouping; pure C++,
+// runs on a worker thread in the batched entry), then run_jobs executes the touched rows.
 
-int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor state1, torch::Tensor state2,
-                     torch::Tensor ids, torch::Tensor grad_offsets, torch::Tensor occ_weights,
-                     torch::Tensor grad, std::vector<double> float_args, std::vector<int64_t> int_args) {
-  TORCH_CHECK(float_args.size() == 13, "fused_update: float_args must have 13 values "
+struct Job {
+  Params P{};
+  Tensors T{};
+  RunFn fn = nullptr;
+  int64_t R = 0;
+  int64_t N = 0;
+  const int64_t* ids = nullptr;
+  const int64_t* offs = nullptr;
+  const float* w = nullptr;
+  torch::Tensor ids_c, off_c, w_c;  // keep converted copies alive
+  // scan_job
+  int64_t min_id = 0, max_id = 0, min_off = 0, max_off = 0;
+  // group_job
+  const int64_t* uniq = nullptr;
+  const int64_t* seg = nullptr;
+  int64_t U = 0;
+  // written memory (rows, step sizes, states), for the batched entry's overlap check
+  struct Span {
+    uintptr_t lo, hi;
+  };
+  Span spans[4];
+  int nspans = 0;
+};
+
+void add_span(Job& J, const torch::Tensor& t, int64_t elem, int64_t rows, int64_t row_stride, int64_t row_bytes) {
+  if (rows == 0) return;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+  J.spans[J.nspans++] = {lo, lo + static_cast<uintptr_t>(((rows - 1) * row_stride) * elem + row_bytes)};
+}
+
+void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_size, const torch::Tensor& state1,
+                 const torch::Tensor& state2, const torch::Tensor& ids, const torch::Tensor& grad_offsets,
+                 const torch::Tensor& occ_weights, const torch::Tensor& grad, const std::vector<double>& float_args,
+                 const std::vector<int64_t>& int_args, Who who) {
+  TORCH_CHECK(float_args.size() == 13, who, ": float_args must have 13 values "
               "[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s], got ",
               float_args.size());
-  TORCH_CHECK(int_args.size() == 8, "fused_update: int_args must have 8 values "
+  TORCH_CHECK(int_args.size() == 8, who, ": int_args must have 8 values "
               "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset], got ",
               int_args.size());
-  Params P;
+  Params& P = J.P;
   P.bits = static_cast<int>(int_args[0]);
   P.dim = int_args[1];
   P.opt = static_cast<int>(int_args[2]);
@@ -680,133 +753,396 @@ int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor 
   const int bits = P.bits;
   const int64_t D = P.dim;
   TORCH_CHECK(bits == 8 || bits == 4 || bits == 2 || bits == 16 || bits == 32,
-              "fused_update: bits must be one of 8, 4, 2, 16, 32, got ", bits);
-  TORCH_CHECK(D > 0, "fused_update: dim must be > 0, got ", D);
-  TORCH_CHECK(bits >= 8 || (D * bits) % 8 == 0, "fused_update: dim ", D, " is not a multiple of ",
+              who, ": bits must be one of 8, 4, 2, 16, 32, got ", bits);
+  TORCH_CHECK(D > 0, who, ": dim must be > 0, got ", D);
+  TORCH_CHECK(bits >= 8 || (D * bits) % 8 == 0, who, ": dim ", D, " is not a multiple of ",
               8 / bits, " as ", bits, "-bit packing needs");
-  TORCH_CHECK(P.opt >= 0 && P.opt <= 3, "fused_update: optimizer code must be 0..3 (SGD, Adagrad, "
+  TORCH_CHECK(P.opt >= 0 && P.opt <= 3, who, ": optimizer code must be 0..3 (SGD, Adagrad, "
               "RowWiseAdagrad, Adam), got ", P.opt);
   const int64_t nbytes = bits == 32 ? 4 * D : bits == 16 ? 2 * D : D * bits / 8 + 4;
 
-  TORCH_CHECK(rows.device().is_cpu(), "fused_update: rows must be a CPU tensor (this is the CPU kernel), got ",
+  TORCH_CHECK(rows.device().is_cpu(), who, ": rows must be a CPU tensor (this is the CPU kernel), got ",
               rows.device());
-  TORCH_CHECK(rows.scalar_type() == torch::kUInt8, "fused_update: rows must be uint8, got ",
-              rows.scalar_type());
-  TORCH_CHECK(rows.dim() == 2, "fused_update: rows must be 2-D [R, >=row_bytes], got ", rows.sizes());
-  TORCH_CHECK(rows.size(1) >= nbytes, "fused_update: rows has ", rows.size(1), " bytes per row, a ", bits,
+  TORCH_CHECK(rows.scalar_type() == torch::kUInt8, who, ": rows must be uint8, got ", rows.scalar_type());
+  TORCH_CHECK(rows.dim() == 2, who, ": rows must be 2-D [R, >=row_bytes], got ", rows.sizes());
+  TORCH_CHECK(rows.size(1) >= nbytes, who, ": rows has ", rows.size(1), " bytes per row, a ", bits,
               "-bit row of dim ", D, " needs ", nbytes);
-  TORCH_CHECK(rows.stride(1) == 1, "fused_update: rows must have unit stride along a row, got strides ",
+  TORCH_CHECK(rows.stride(1) == 1, who, ": rows must have unit stride along a row, got strides ",
               rows.strides());
   const int64_t R = rows.size(0);
+  J.R = R;
 
   TORCH_CHECK(ids.device().is_cpu() && grad_offsets.device().is_cpu() && occ_weights.device().is_cpu() &&
                   grad.device().is_cpu() && step_size.device().is_cpu(),
-              "fused_update: all tensors must be on the CPU");
+              who, ": all tensors must be on the CPU");
   const auto is_index = [](const torch::Tensor& t) {
     return t.scalar_type() == torch::kInt64 || t.scalar_type() == torch::kInt32;
   };
-  TORCH_CHECK(is_index(ids) && ids.dim() == 1, "fused_update: ids must be a 1-D int64 (or int32) tensor, got ",
+  TORCH_CHECK(is_index(ids) && ids.dim() == 1, who, ": ids must be a 1-D int64 (or int32) tensor, got ",
               ids.scalar_type(), " ", ids.sizes());
   const int64_t N = ids.size(0);
+  J.N = N;
   TORCH_CHECK(is_index(grad_offsets) && grad_offsets.dim() == 1 && grad_offsets.size(0) == N,
-              "fused_update: grad_offsets must be int64 (or int32) [", N, "] (one per id), got ",
+              who, ": grad_offsets must be int64 (or int32) [", N, "] (one per id), got ",
               grad_offsets.scalar_type(), " ", grad_offsets.sizes());
   const bool has_w = occ_weights.numel() > 0;
   if (has_w) {
     TORCH_CHECK(occ_weights.scalar_type() == torch::kFloat32 && occ_weights.dim() == 1 &&
                     occ_weights.size(0) == N,
-                "fused_update: occ_weights must be float32 [", N, "] or empty, got ",
-                occ_weights.scalar_type(), " ", occ_weights.sizes());
+                who, ": occ_weights must be float32 [", N, "] or empty, got ", occ_weights.scalar_type(), " ",
+                occ_weights.sizes());
   }
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat32, "fused_update: grad must be float32, got ",
-              grad.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), "fused_update: grad must be contiguous");
-  TORCH_CHECK(N < (int64_t{1} << 31), "fused_update: at most 2**31-1 occurrences per call, got ", N);
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat32, who, ": grad must be float32, got ", grad.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), who, ": grad must be contiguous");
+  TORCH_CHECK(N < (int64_t{1} << 31), who, ": at most 2**31-1 occurrences per call, got ", N);
 
-  Tensors T{};
+  Tensors& T = J.T;
   T.rows = rows.data_ptr<uint8_t>();
   T.row_stride = rows.stride(0);
   T.row_bytes = nbytes;
+  add_span(J, rows, 1, R, T.row_stride, nbytes);
   if (P.learn) {
     TORCH_CHECK(step_size.scalar_type() == torch::kFloat32 && step_size.dim() == 1 && step_size.size(0) == R,
-                "fused_update: learn_step_size needs step_size float32 [", R, "], got ",
-                step_size.scalar_type(), " ", step_size.sizes());
+                who, ": learn_step_size needs step_size float32 [", R, "], got ", step_size.scalar_type(), " ",
+                step_size.sizes());
     T.step = step_size.data_ptr<float>();
     T.step_stride = step_size.stride(0);
+    add_span(J, step_size, 4, R, T.step_stride, 4);
   }
   static const char* kOptNames[] = {"SGD", "Adagrad", "RowWiseAdagrad", "Adam"};
   if (P.opt == 1 || P.opt == 3) {
-    check_state(state1, "state1", R, D, false, kOptNames[P.opt]);
+    check_state(state1, "state1", R, D, false, kOptNames[P.opt], who);
     T.s1 = state1.data_ptr<float>();
     T.s1_stride = state1.stride(0);
+    add_span(J, state1, 4, R, T.s1_stride, 4 * D);
   } else if (P.opt == 2) {
-    check_state(state1, "state1", R, D, true, kOptNames[P.opt]);
+    check_state(state1, "state1", R, D, true, kOptNames[P.opt], who);
     T.s1 = state1.data_ptr<float>();
     T.s1_stride = state1.stride(0);
+    add_span(J, state1, 4, R, T.s1_stride, 4);
   }
   if (P.opt == 3) {
-    check_state(state2, "state2", R, D, false, kOptNames[P.opt]);
+    check_state(state2, "state2", R, D, false, kOptNames[P.opt], who);
     T.s2 = state2.data_ptr<float>();
     T.s2_stride = state2.stride(0);
+    add_span(J, state2, 4, R, T.s2_stride, 4 * D);
   }
-  if (N == 0) return 0;
+  T.grad = grad.data_ptr<float>();
+  J.fn = pick(bits, P.opt);
+  if (N == 0) return;
 
-  torch::Tensor ids_c = ids.to(torch::kInt64).contiguous();
-  torch::Tensor off_c = grad_offsets.to(torch::kInt64).contiguous();
-  torch::Tensor w_c = has_w ? occ_weights.contiguous() : occ_weights;
-  const int64_t* idp = ids_c.data_ptr<int64_t>();
-  const int64_t* offp = off_c.data_ptr<int64_t>();
-  const int64_t gnumel = grad.numel();
+  J.ids_c = ids.to(torch::kInt64).contiguous();
+  J.off_c = grad_offsets.to(torch::kInt64).contiguous();
+  J.ids = J.ids_c.data_ptr<int64_t>();
+  J.offs = J.off_c.data_ptr<int64_t>();
+  if (has_w) {
+    J.w_c = occ_weights.contiguous();
+    J.w = J.w_c.data_ptr<float>();
+  }
+}
 
-  int64_t max_id = 0;
-  int64_t min_id = 0;
-  int64_t max_off = 0;
-  int64_t min_off = 0;
-  for (int64_t i = 0; i < N; ++i) {
+// Ranges of the ids and grad offsets (checked by check_job). Pure C++.
+void scan_job(Job& J) {
+  int64_t max_id = 0, min_id = 0, max_off = 0, min_off = 0;
+  const int64_t* idp = J.ids;
+  const int64_t* offp = J.offs;
+  for (int64_t i = 0; i < J.N; ++i) {
     max_id = std::max(max_id, idp[i]);
     min_id = std::min(min_id, idp[i]);
     max_off = std::max(max_off, offp[i]);
     min_off = std::min(min_off, offp[i]);
   }
-  TORCH_CHECK(min_id >= 0 && max_id < R, "fused_update: ids must be in [0, ", R, "), got values in [",
-              min_id, ", ", max_id, "]");
-  TORCH_CHECK(min_off >= 0 && max_off <= gnumel - D, "fused_update: grad_offsets must be in [0, ",
-              gnumel - D, "] (grad has ", gnumel, " elements, dim ", D, "), got values in [", min_off, ", ",
-              max_off, "]");
+  J.min_id = min_id;
+  J.max_id = max_id;
+  J.min_off = min_off;
+  J.max_off = max_off;
+}
 
-  GroupBuffers& buf = group_buffers();
-  const int64_t U = group_by_row(idp, offp, has_w ? w_c.data_ptr<float>() : nullptr, N, max_id, buf);
-  const int64_t* uniq = buf.uniq.data();
-  const int64_t* seg = buf.seg.data();
-  T.grad = grad.data_ptr<float>();
-  T.goff = buf.off.data();
-  T.occw = has_w ? buf.w.data() : nullptr;
+bool job_in_range(const Job& J, int64_t gnumel) {
+  return J.min_id >= 0 && J.max_id < J.R && J.min_off >= 0 && J.max_off <= gnumel - J.P.dim;
+}
 
-  RunFn fn = pick(bits, P.opt);
+void check_job(const Job& J, int64_t gnumel, Who who) {
+  TORCH_CHECK(J.min_id >= 0 && J.max_id < J.R, who, ": ids must be in [0, ", J.R, "), got values in [",
+              J.min_id, ", ", J.max_id, "]");
+  TORCH_CHECK(J.min_off >= 0 && J.max_off <= gnumel - J.P.dim, who, ": grad_offsets must be in [0, ",
+              gnumel - J.P.dim, "] (grad has ", gnumel, " elements, dim ", J.P.dim, "), got values in [",
+              J.min_off, ", ", J.max_off, "]");
+}
 
-  // Threads take chunks of kChunkRows touched rows from a shared counter (dynamic schedule:
-  // robust to a thread that gets descheduled or rows with many occurrences).
+// Group the occurrences by row into buf (pure C++ once buf is sized by reserve_group).
+void group_job(Job& J, GroupBuffers& buf) {
+  J.U = group_by_row(J.ids, J.offs, J.w, J.N, J.max_id, buf);
+  J.uniq = buf.uniq.data();
+  J.seg = buf.seg.data();
+  J.T.goff = buf.off.data();
+  J.T.occw = J.w != nullptr ? buf.w.data() : nullptr;
+}
+
+inline void spin_pause(int64_t& spins) {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+  if (++spins % 64 == 0) std::this_thread::yield();  // a descheduled peer gets the core
+}
+
+// Update the touched rows of every job; returns the skipped-row count per job.
+//
+// Work: chunks of kChunkRows touched rows. With `grouped` true (the single-table entry: the
+// jobs are already checked and grouped), the chunks of all jobs are numbered in order and
+// taken from one shared counter. With `grouped` false (the batched entry), ONE parallel
+// region runs a pipeline over the jobs in order: a thread takes the next chunk of the front
+// job (the lowest one with chunks left) if that job is grouped, and otherwise claims the next
+// ungrouped job (claims go in job order, from a counter), checks its ids / offsets and groups
+// it. So grouping is parallel across jobs, each job is grouped just before its rows are
+// processed (its ids and grouping buffers are still in cache), and no thread waits between
+// jobs. The range check is made job by job as in a loop of single calls: when job k fails
+// it, jobs 0..k-1 are completed, jobs k.. are left untouched, and the call raises for job k.
+// Rows are independent and a row's math does not depend on the chunking, so the result is
+// the same bits as running the jobs one after the other.
+std::vector<int64_t> run_jobs(std::vector<Job>& jobs, bool grouped, int64_t gnumel) {
+  const int64_t nj = static_cast<int64_t>(jobs.size());
+  std::vector<int64_t> result(nj, 0);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  if (nthreads == 1 || U <= kChunkRows || at::in_parallel_region()) return fn(0, U, uniq, seg, P, T);
-  const int64_t nchunks = (U + kChunkRows - 1) / kChunkRows;
-  std::atomic<int64_t> next{0};
-  std::vector<int64_t> skipped(nthreads, 0);
-  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t) {
-    int64_t sk = 0;
-    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
-      sk += fn(c * kChunkRows, std::min(U, (c + 1) * kChunkRows), uniq, seg, P, T);
+  const auto nchunks_of = [](const Job& J) { return (J.U + kChunkRows - 1) / kChunkRows; };
+  int64_t total_n = 0, max_n = 0;
+  for (const Job& J : jobs) {
+    total_n += J.N;
+    max_n = std::max(max_n, J.N);
+  }
+  // One thread, a nested call, or too few occurrences for a second thread to pay off.
+  const bool serial = nthreads == 1 || at::in_parallel_region() || total_n <= kChunkRows;
+
+  if (!grouped && serial) {
+    GroupBuffers& buf = group_buffers();  // one job at a time: one buffer, hot in cache
+    reserve_group(buf, max_n);
+    for (int64_t j = 0; j < nj; ++j) {
+      Job& J = jobs[j];
+      if (J.N == 0) continue;
+      scan_job(J);
+      check_job(J, gnumel, Who{j});
+      group_job(J, buf);
+      if (J.U > 0) result[j] = J.fn(0, J.U, J.uniq, J.seg, J.P, J.T);
     }
-    skipped[tb] += sk;
-  });
-  int64_t total_skipped = 0;
-  for (int64_t k : skipped) total_skipped += k;
-  return total_skipped;
+    return result;
+  }
+
+  std::vector<int64_t> skipped(static_cast<size_t>(nthreads) * nj, 0);
+  if (grouped) {
+    int64_t total = 0;
+    for (const Job& J : jobs) total += nchunks_of(J);
+    if (serial || total <= 1) {
+      for (int64_t j = 0; j < nj; ++j) {
+        Job& J = jobs[j];
+        if (J.U > 0) result[j] = J.fn(0, J.U, J.uniq, J.seg, J.P, J.T);
+      }
+      return result;
+    }
+    std::atomic<int64_t> next_chunk{0};
+    at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t) {
+      int64_t* sk = skipped.data() + tb * nj;
+      int64_t j = 0;
+      int64_t first = 0;  // first global chunk of job j
+      for (int64_t c = next_chunk.fetch_add(1);; c = next_chunk.fetch_add(1)) {
+        // c only grows for this thread: advance the job cursor.
+        while (j < nj && c >= first + nchunks_of(jobs[j])) first += nchunks_of(jobs[j++]);
+        if (j == nj) break;
+        const Job& J = jobs[j];
+        const int64_t u0 = (c - first) * kChunkRows;
+        sk[j] += J.fn(u0, std::min(J.U, u0 + kChunkRows), J.uniq, J.seg, J.P, J.T);
+      }
+    });
+  } else {
+    // Grouping buffers: a ring of kSlots, job j in slot j % kSlots, reused (so they stay in
+    // cache) once job j - kSlots is done, which the pipeline's short lookahead makes the usual
+    // case by the time job j is grouped.
+    // (The calling thread's pool: the workers get pointers, not the thread_local by name.)
+    const int64_t kSlots = std::min<int64_t>(nj, nthreads + 2);
+    static thread_local std::vector<std::unique_ptr<GroupBuffers>> pool;
+    while (static_cast<int64_t>(pool.size()) < kSlots) pool.push_back(std::make_unique<GroupBuffers>());
+    std::vector<GroupBuffers*> slots(kSlots);
+    for (int64_t k = 0; k < kSlots; ++k) {
+      slots[k] = pool[k].get();
+      reserve_group(*slots[k], max_n);
+    }
+    std::atomic<int64_t> next_group{0}, front{0};
+    // Jobs [0, limit) are run: limit drops to the first job that fails its check (or whose
+    // grouping throws); the ones before it still complete.
+    std::atomic<int64_t> limit{nj};
+    const auto lower_limit = [&](int64_t g) {
+      int64_t cur = limit.load();
+      while (g < cur && !limit.compare_exchange_weak(cur, g)) {
+      }
+    };
+    // Per job: grouped yet (release-stored after group_job), next chunk to take, chunks done.
+    std::unique_ptr<std::atomic<int>[]> ready(new std::atomic<int>[nj]);
+    std::unique_ptr<std::atomic<int64_t>[]> next_chunk(new std::atomic<int64_t>[nj]);
+    std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nj]);
+    for (int64_t j = 0; j < nj; ++j) {
+      ready[j].store(0, std::memory_order_relaxed);
+      next_chunk[j].store(0, std::memory_order_relaxed);
+      done[j].store(0, std::memory_order_relaxed);
+    }
+    std::exception_ptr error;
+    std::atomic<bool> error_set{false};
+    at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t) {
+      int64_t* sk = skipped.data() + tb * nj;
+      int64_t j = 0;
+      int64_t spins = 0;
+      while (true) {
+        j = std::max(j, front.load(std::memory_order_acquire));
+        if (j >= limit.load(std::memory_order_acquire)) break;
+        Job& J = jobs[j];
+        if (ready[j].load(std::memory_order_acquire) == 0) {
+          const int64_t g = next_group.fetch_add(1);
+          if (g >= limit.load(std::memory_order_acquire)) {
+            spin_pause(spins);  // nothing left to group: job j is being grouped by another thread
+            continue;
+          }
+          Job& G = jobs[g];
+          if (G.N > 0) {
+            // Wait until the slot's previous job p is grouped (claimed before g, so its
+            // grouping is under way; U is valid only once ready) and done (its chunks are
+            // taken by, or will be taken by, threads that do not wait on g).
+            const int64_t p = g - kSlots;
+            if (p >= 0) {
+              while (p < limit.load(std::memory_order_acquire) &&
+                     (ready[p].load(std::memory_order_acquire) == 0 ||
+                      done[p].load(std::memory_order_acquire) < nchunks_of(jobs[p])))
+                spin_pause(spins);
+            }
+            if (g < limit.load(std::memory_order_acquire)) {
+              try {
+                scan_job(G);
+                if (job_in_range(G, gnumel)) {
+                  group_job(G, *slots[g % kSlots]);
+                } else {
+                  lower_limit(g);
+                }
+              } catch (...) {
+                if (!error_set.exchange(true)) error = std::current_exception();
+                lower_limit(g);
+              }
+            }
+          }
+          ready[g].store(1, std::memory_order_release);
+          continue;
+        }
+        const int64_t c = next_chunk[j].fetch_add(1);
+        if (c < nchunks_of(J)) {
+          const int64_t u0 = c * kChunkRows;
+          sk[j] += J.fn(u0, std::min(J.U, u0 + kChunkRows), J.uniq, J.seg, J.P, J.T);
+          done[j].fetch_add(1, std::memory_order_acq_rel);
+        } else {
+          int64_t f = j;
+          front.compare_exchange_strong(f, j + 1);
+          ++j;
+        }
+      }
+    });
+    if (error) std::rethrow_exception(error);
+    const int64_t k = limit.load();
+    if (k < nj) {
+      check_job(jobs[k], gnumel, Who{k});
+      TORCH_CHECK(false, "fused_update_many: internal error (table ", k, " failed a check that passes now)");
+    }
+  }
+  for (int64_t t = 0; t < nthreads; ++t) {
+    for (int64_t j = 0; j < nj; ++j) result[j] += skipped[t * nj + j];
+  }
+  return result;
+}
+
+// Tables updated together must not share the memory they write (they would race, and the
+// result would not be that of one call after the other).
+void check_disjoint(const std::vector<Job>& jobs) {
+  struct Iv {
+    uintptr_t lo, hi;
+    int64_t job;
+  };
+  std::vector<Iv> iv;
+  for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
+    if (jobs[j].N == 0) continue;  // not written
+    for (int k = 0; k < jobs[j].nspans; ++k) iv.push_back({jobs[j].spans[k].lo, jobs[j].spans[k].hi, j});
+  }
+  std::sort(iv.begin(), iv.end(), [](const Iv& a, const Iv& b) { return a.lo < b.lo; });
+  // The two largest ends so far that belong to different jobs.
+  uintptr_t end1 = 0, end2 = 0;
+  int64_t job1 = -1;
+  for (const Iv& x : iv) {
+    const uintptr_t reach = x.job == job1 ? end2 : end1;
+    TORCH_CHECK(x.lo >= reach, "fused_update_many: table ", x.job,
+                " writes memory (rows, step sizes or optimizer state) that another table of the "
+                "call also writes; tables updated together must not share storage");
+    if (x.job == job1) {
+      end1 = std::max(end1, x.hi);
+    } else if (x.hi > end1) {
+      end2 = end1;
+      end1 = x.hi;
+      job1 = x.job;
+    } else {
+      end2 = std::max(end2, x.hi);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor state1, torch::Tensor state2,
+                     torch::Tensor ids, torch::Tensor grad_offsets, torch::Tensor occ_weights,
+                     torch::Tensor grad, std::vector<double> float_args, std::vector<int64_t> int_args) {
+  const Who who{-1};
+  std::vector<Job> jobs(1);
+  Job& J = jobs[0];
+  prepare_job(J, rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, float_args, int_args, who);
+  if (J.N == 0) return 0;
+  const int64_t gnumel = grad.numel();
+  scan_job(J);
+  check_job(J, gnumel, who);
+  GroupBuffers& buf = group_buffers();
+  reserve_group(buf, J.N);
+  group_job(J, buf);
+  return run_jobs(jobs, /*grouped=*/true, gnumel)[0];
+}
+
+std::vector<int64_t> fused_update_many(std::vector<torch::Tensor> rows, std::vector<torch::Tensor> step_size,
+                                       std::vector<torch::Tensor> state1, std::vector<torch::Tensor> state2,
+                                       std::vector<torch::Tensor> ids, std::vector<torch::Tensor> grad_offsets,
+                                       std::vector<torch::Tensor> occ_weights, torch::Tensor grad,
+                                       std::vector<std::vector<double>> float_args,
+                                       std::vector<std::vector<int64_t>> int_args) {
+  const size_t n = rows.size();
+  TORCH_CHECK(step_size.size() == n && state1.size() == n && state2.size() == n && ids.size() == n &&
+                  grad_offsets.size() == n && occ_weights.size() == n && float_args.size() == n &&
+                  int_args.size() == n,
+              "fused_update_many: every per-table list must have one entry per table (", n, " rows tensors; got ",
+              step_size.size(), " step_size, ", state1.size(), " state1, ", state2.size(), " state2, ",
+              ids.size(), " ids, ", grad_offsets.size(), " grad_offsets, ", occ_weights.size(),
+              " occ_weights, ", float_args.size(), " float_args, ", int_args.size(), " int_args)");
+  std::vector<Job> jobs(n);
+  int64_t total_n = 0;
+  for (size_t j = 0; j < n; ++j) {
+    prepare_job(jobs[j], rows[j], step_size[j], state1[j], state2[j], ids[j], grad_offsets[j], occ_weights[j],
+                grad, float_args[j], int_args[j], Who{static_cast<int64_t>(j)});
+    total_n += jobs[j].N;
+  }
+  if (total_n == 0) return std::vector<int64_t>(n, 0);
+  if (n > 1) check_disjoint(jobs);
+  return run_jobs(jobs, /*grouped=*/false, grad.numel());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_update", &fused_update,
         "Fused sparse update of low-precision embedding rows, in place; returns the number of rows "
         "skipped for a non-finite gradient (see torchrec_lowprec/kernels/spec.py)",
+        py::arg("rows"), py::arg("step_size"), py::arg("state1"), py::arg("state2"), py::arg("ids"),
+        py::arg("grad_offsets"), py::arg("occ_weights"), py::arg("grad"), py::arg("float_args"),
+        py::arg("int_args"));
+  m.def("fused_update_many", &fused_update_many,
+        "fused_update for many tables in one call (one parallel region, one work queue over all "
+        "tables' touched rows), all reading the same grad; the same bits as one fused_update call "
+        "per table in order. Per-table lists of the fused_update arguments; returns the skipped-row "
+        "count per table. Tables must not share the memory they write.",
         py::arg("rows"), py::arg("step_size"), py::arg("state1"), py::arg("state2"), py::arg("ids"),
         py::arg("grad_offsets"), py::arg("occ_weights"), py::arg("grad"), py::arg("float_args"),
         py::arg("int_args"));

@@ -102,7 +102,7 @@ def timed(fn, batches, warmup: int, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def bench_fbgemm(s: Setup, precision: SparseType, batches, grad, warmup, iters) -> dict:
+def bench_fbgemm(s: Setup, precision: SparseType, grad: torch.Tensor) -> dict:
     cuda = grad.device.type == "cuda"
     location, compute = (
         (EmbeddingLocation.DEVICE, ComputeDevice.CUDA)
@@ -129,14 +129,10 @@ def bench_fbgemm(s: Setup, precision: SparseType, batches, grad, warmup, iters) 
     def step(kjt):
         tbe(kjt.values(), kjt.offsets()).backward(grad)
 
-    return {
-        "fwd": timed(fwd, batches, warmup, iters),
-        "step": timed(step, batches, warmup, iters),
-        "bytes": state,
-    }
+    return {"fwd": fwd, "step": step, "bytes": state}
 
 
-def bench_lowprec(s: Setup, bits: int, batches, grad, warmup, iters) -> dict:
+def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
     tables = [
         torchrec.EmbeddingBagConfig(
             name=f"t{t}", embedding_dim=s.dim, num_embeddings=s.rows, feature_names=[f"f{t}"]
@@ -153,34 +149,42 @@ def bench_lowprec(s: Setup, bits: int, batches, grad, warmup, iters) -> dict:
     def step(kjt):
         ebc(kjt).values().backward(grad)
 
-    return {
-        "fwd": timed(fwd, batches, warmup, iters),
-        "step": timed(step, batches, warmup, iters),
-        "bytes": ebc.memory_bytes(),
-    }
+    return {"fwd": fwd, "step": step, "bytes": ebc.memory_bytes()}
 
 
-def run(setups, alpha: float, warmup: int, iters: int, device: torch.device) -> list[tuple[Setup, dict]]:
+def run(setups, alpha: float, rounds: int, iters: int, device: torch.device) -> list[tuple[Setup, dict]]:
+    """Build every variant, then time them interleaved: ``rounds`` rounds, each timing every
+    variant for ``iters`` batches; a variant's figure is the median over all its batches. This
+    keeps slow drifts of a shared machine from favouring whichever variant ran first."""
     results = []
     for s in setups:
         batches = [b.to(device) for b in make_batches(s, 4, alpha)]
         grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(1)).to(device)
-        variants = [
-            ("FBGEMM FP32", bench_fbgemm, SparseType.FP32),
-            ("FBGEMM FP16", bench_fbgemm, SparseType.FP16),
-            ("lowprec int8 (ALPT)", bench_lowprec, 8),
-            ("lowprec int4 (ALPT)", bench_lowprec, 4),
-            ("lowprec int2 (ALPT)", bench_lowprec, 2),
-        ]
-        rows = {}
-        for name, fn, precision in variants:
-            rows[name] = fn(s, precision, batches, grad, warmup, iters)
-            gc.collect()
-            print(
-                f"  {s.label()} | {name}: fwd {rows[name]['fwd']:.2f} ms, step {rows[name]['step']:.2f} ms",
-                flush=True,
-            )
+        variants = {
+            "FBGEMM FP32": bench_fbgemm(s, SparseType.FP32, grad),
+            "FBGEMM FP16": bench_fbgemm(s, SparseType.FP16, grad),
+            "lowprec int8 (ALPT)": bench_lowprec(s, 8, grad),
+            "lowprec int4 (ALPT)": bench_lowprec(s, 4, grad),
+            "lowprec int2 (ALPT)": bench_lowprec(s, 2, grad),
+        }
+        samples = {name: {"fwd": [], "step": []} for name in variants}
+        for _ in range(rounds):
+            for name, v in variants.items():
+                for kind in ("fwd", "step"):
+                    samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
+        rows = {
+            name: {
+                "fwd": statistics.median(samples[name]["fwd"]),
+                "step": statistics.median(samples[name]["step"]),
+                "bytes": v["bytes"],
+            }
+            for name, v in variants.items()
+        }
+        for name, r in rows.items():
+            print(f"  {s.label()} | {name}: fwd {r['fwd']:.2f} ms, step {r['step']:.2f} ms", flush=True)
         results.append((s, rows))
+        del variants
+        gc.collect()
     return results
 
 
@@ -194,7 +198,7 @@ def to_markdown(results, command: str, alpha: float, device: torch.device) -> st
         f"Command: `{command}`  ",
         f"Device: {device.type} ({where}), torch {torch.__version__}; "
         f"update backend: `{backend_for(device)}`; ids Zipf(alpha={alpha}); optimizer RowWiseAdagrad; "
-        "median ms per batch. Ratios are to FBGEMM FP32 in the same run: forward speed-up (FP32 ms / ms), "
+        "median ms per batch over interleaved rounds. Ratios are to FBGEMM FP32 in the same run: forward speed-up (FP32 ms / ms), "
         "train-step throughput (FP32 ms / ms), state bytes (bytes / FP32 bytes; weights + optimizer state "
         "+ fp32 master step sizes).",
         "",
@@ -220,8 +224,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all variants")
+    ap.add_argument("--iters", type=int, default=5, help="batches timed per variant per round")
     ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -232,7 +236,7 @@ def main() -> None:
         + (f" --alpha {args.alpha}" if args.alpha != 1.05 else "")
     )
     cpu = torch.device("cpu")
-    md = to_markdown(run(setups, args.alpha, args.warmup, args.iters, cpu), cmd, args.alpha, cpu)
+    md = to_markdown(run(setups, args.alpha, args.rounds, args.iters, cpu), cmd, args.alpha, cpu)
     print(md)
     if args.write:
         key = "embedding_step" if args.alpha == 1.05 else f"embedding_step_alpha{args.alpha:g}"
@@ -241,7 +245,7 @@ def main() -> None:
         print("CUDA section skipped: no GPU on this machine (GPU figures need a GPU run).")
         return
     gpu = torch.device("cuda")
-    md = to_markdown(run(setups, args.alpha, args.warmup, args.iters, gpu), cmd, args.alpha, gpu)
+    md = to_markdown(run(setups, args.alpha, args.rounds, args.iters, gpu), cmd, args.alpha, gpu)
     print(md)
     if args.write:
         write_section(

@@ -152,9 +152,8 @@ def _body(
         env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
     )
     if plan_kind == "cw":
-        # Column shards keep one step size per shard: the unsharded twin starts from the
-        # sharded state (re-quantized per column block) and is compared on outputs only.
-        ref = None
+        _column_wise_against_blocks(rank, world, model, unsharded, cfg, tbls)
+        return
     W = loss_weights(tbls)
     for step in range(STEPS):
         gkjt = global_batch(tbls, step, world, weighted)
@@ -172,6 +171,66 @@ def _body(
         checked = _check_state_equal(sd, ref.state_dict(), "ebc.", float_rtol)
         assert checked > 0
         assert int(sd["ebc.step"]) == STEPS
+
+
+def _column_wise_against_blocks(rank, world, model, unsharded, cfg, tbls) -> None:
+    """The CW rule (one step size per row per column shard) reproduced unsharded: each column
+    block of t0/t2 is its own table, keyed for rounding as the shard is (global table, column
+    offset). Sharded and unsharded must then agree bit for bit."""
+    from torchrec_lowprec.modules.table_layout import ShardOrigin
+
+    blocked = {"t0": 2, "t2": 2}
+    ref_tables, origins, keys, src = [], {}, [], []
+    base_keys = [f for t in tbls for f in t.feature_names]
+    for t in tbls:
+        n = blocked.get(t.name, 1)
+        w = t.embedding_dim // n
+        for k in range(n):
+            name = f"{t.name}@{k}" if n > 1 else t.name
+            feats = [f"{f}@{k}" if n > 1 else f for f in t.feature_names]
+            ref_tables.append(
+                torchrec.EmbeddingBagConfig(
+                    name=name, embedding_dim=w, num_embeddings=t.num_embeddings, feature_names=feats
+                )
+            )
+            origins[name] = ShardOrigin(t.name, 0, k * w)
+            keys += feats
+            src += [base_keys.index(f) for f in t.feature_names]
+    ref = lp.LowPrecisionEmbeddingBagCollection(ref_tables, cfg, init_weights=False, shard_origins=origins)
+    with torch.no_grad():
+        for t in ref_tables:
+            base, _, k = t.name.partition("@")
+            if k:  # what sharding does to a column shard: re-quantize the block
+                w = t.embedding_dim
+                ref.load_float_weight(
+                    t.name, unsharded.dequantized_weight(base)[:, int(k) * w : (int(k) + 1) * w]
+                )
+            else:
+                ref.quantized_weight(t.name).copy_(unsharded.quantized_weight(t.name))
+                ref.tables[t.name].step_size.copy_(unsharded.tables[t.name].step_size)
+    W = loss_weights(tbls)
+    for step in range(STEPS):
+        gkjt = global_batch(tbls, step, world)
+        out = model(rank_slice(gkjt, rank))
+        p = gkjt.permute(src)
+        ref_kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=p.values(), lengths=p.lengths())
+        r = Wrap(ref)(ref_kjt)
+        ref_out = {f: torch.cat([r[k] for k in keys if k.split("@")[0] == f], dim=1) for f in base_keys}
+        for k in out:
+            torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
+        (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
+        sum((out[k] * W[k]).sum() for k in out).backward()
+    # The reference in the sharded checkpoint layout: blocks side by side.
+    rsd = ref.state_dict()
+    merged = {}
+    for t in tbls:
+        n = blocked.get(t.name, 1)
+        names = [f"{t.name}@{k}" for k in range(n)] if n > 1 else [t.name]
+        merged[f"tables.{t.name}.qweight"] = torch.cat([rsd[f"tables.{m}.qweight"] for m in names], dim=1)
+        for key in ("step_size", "momentum1"):
+            parts = [rsd[f"tables.{m}.{key}"] for m in names]
+            merged[f"tables.{t.name}.{key}"] = torch.stack(parts, dim=1) if n > 1 else parts[0]
+    assert _check_state_equal(model.state_dict(), merged, "ebc.") > 0
 
 
 ALPT8_NEAREST = lp.LowPrecisionConfig(

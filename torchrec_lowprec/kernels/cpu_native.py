@@ -93,17 +93,38 @@ def _build() -> ModuleType:
             if stale.exists():
                 stale.unlink()
         try:
-            return load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=list(LDFLAGS),
-                build_directory=str(directory),
-                verbose=False,
-            )
+            built = directory / f"{name}.so"
+            if built.exists():
+                # The directory is keyed by a hash of everything the library depends on, so a
+                # library there is current: import it without asking ninja (a different ninja
+                # on PATH would otherwise trigger a full rebuild).
+                return _import_built(name, built)
+            # The venv's ninja (requirements) even when the venv is not activated.
+            path = os.environ.get("PATH", "")
+            os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
+            try:
+                return load(
+                    name=name,
+                    sources=[str(SOURCE)],
+                    extra_cflags=list(CFLAGS),
+                    extra_ldflags=list(LDFLAGS),
+                    build_directory=str(directory),
+                    verbose=False,
+                )
+            finally:
+                os.environ["PATH"] = path
         finally:
             if fcntl is not None:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _import_built(name: str, path: Path) -> ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load() -> ModuleType:

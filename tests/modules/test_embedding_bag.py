@@ -215,3 +215,21 @@ def test_in_backward_optimizer_is_used():
     _train(ours, tables, steps=1)
     assert ours.tables["t0"].optimizer_kind == lp.OptimizerType.ADAM
     assert ours.tables["t0"].momentum2.abs().sum() > 0
+
+
+def test_frozen_table_is_not_updated_and_others_train():
+    tables = make_tables()
+    ebc = lp.LowPrecisionEmbeddingBagCollection(
+        tables, lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.1)
+    )
+    ebc.tables["t1"].handle.requires_grad_(False)  # freeze t1 only
+    q0, q1 = ebc.quantized_weight("t0").clone(), ebc.quantized_weight("t1").clone()
+    ebc(random_kjt(tables)).values().pow(2).sum().backward()
+    assert not torch.equal(ebc.quantized_weight("t0"), q0)
+    assert torch.equal(ebc.quantized_weight("t1"), q1)
+    assert int(ebc.step) == 1
+    # Freezing every table: no autograd path, nothing changes.
+    ebc.tables["t0"].handle.requires_grad_(False)
+    q0 = ebc.quantized_weight("t0").clone()
+    out = ebc(random_kjt(tables)).values()
+    assert not out.requires_grad and torch.equal(ebc.quantized_weight("t0"), q0)

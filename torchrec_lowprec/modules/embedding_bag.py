@@ -37,6 +37,7 @@ class _FusedLookupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, values, offsets, lengths, weights, *handles):  # type: ignore[override]
         ctx.module = module
+        ctx.num_handles = len(handles)
         ctx.save_for_backward(values, lengths, weights)
         return module._pooled(values, offsets, weights)
 
@@ -44,7 +45,7 @@ class _FusedLookupFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         values, lengths, weights = ctx.saved_tensors
         ctx.module._fused_backward(grad_out, values, lengths, weights)
-        return (None,) * (5 + len(ctx.module._handles()))
+        return (None,) * (5 + ctx.num_handles)
 
 
 class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -287,7 +288,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 nf = len(lay.feature_names)
                 end = start + sum(per_feature[f : f + nf])
                 f += nf
-                if end > start:
+                if end > start and self.tables[lay.name].handle.requires_grad:  # frozen: skip
                     w = occ_w[start:end] if occ_w.numel() else occ_w
                     items.append(self._update_item(lay, step, values[start:end], goff[start:end], w))
                     names.append(lay.name)

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.kernels.spec import UpdateItem, UpdateSpec
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
 #: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's
@@ -181,20 +181,6 @@ def fused_update(
     ext = _load()
     tensors = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad)
     return int(ext.fused_update(*tensors, spec.float_args(), spec.int_args()))
-
-
-#: One table of a :func:`fused_update_many` call: the per-table arguments of
-#: :func:`fused_update` (all but ``grad``), in order, then its spec.
-UpdateItem = tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    UpdateSpec,
-]
 
 
 def fused_update_many(items: list[UpdateItem], grad: torch.Tensor) -> list[int]:

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from torchrec_lowprec.kernels.reference import reference_update
-from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.kernels.spec import UpdateItem, UpdateSpec
 
 _warned: set[str] = set()
 #: Set ``TORCHREC_LOWPREC_BACKEND=reference`` to force the PyTorch reference (debugging).
@@ -71,35 +71,25 @@ def fused_update(
     spec: UpdateSpec,
 ) -> int:
     """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads."""
-    backend = backend_for(rows.device)
+    update = _backend_function(backend_for(rows.device))
+    return update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec)
+
+
+def _backend_function(backend: str):
+    """The ``fused_update`` of a backend (all share the signature of :mod:`.spec`)."""
     if backend == "cpu_native":
         from torchrec_lowprec.kernels import cpu_native
 
-        return cpu_native.fused_update(
-            rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec
-        )
+        return cpu_native.fused_update
     if backend == "triton":
         from torchrec_lowprec.kernels import triton_update
 
-        return triton_update.fused_update(
-            rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec
-        )
-    return reference_update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec)
+        return triton_update.fused_update
+    return reference_update
 
 
 def fused_update_many(
-    items: list[
-        tuple[
-            torch.Tensor,
-            torch.Tensor,
-            torch.Tensor,
-            torch.Tensor,
-            torch.Tensor,
-            torch.Tensor,
-            torch.Tensor,
-            UpdateSpec,
-        ]
-    ],
+    items: list[UpdateItem],
     grad: torch.Tensor,
 ) -> list[int]:
     """Update many tables in place, all reading ``grad``; the skipped-row count per table.

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from torchrec_lowprec.types import OptimizerParams, OptimizerType
 
 OPTIMIZER_CODES = {
@@ -80,3 +82,17 @@ class UpdateSpec:
             self.bits, self.dim, OPTIMIZER_CODES[self.optimizer.kind], int(self.stochastic),
             int(self.learn_step_size and self.bits <= 8), self.key, self.row_offset, self.col_offset,
         ]  # fmt: skip
+
+
+#: One table of a batched update: ``(rows, step_size, state1, state2, ids, grad_offsets,
+#: occ_weights, spec)``, the arguments of a backend's ``fused_update`` but the shared ``grad``.
+UpdateItem = tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    UpdateSpec,
+]

@@ -1,0 +1,184 @@
+"""The DLRM of the example: sparse part (ONE builder), dense part, process group and sharding."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torchrec
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+
+import torchrec_lowprec as lp
+
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("model")
+    g.add_argument("--precision", default="int8", choices=list(PRECISION_BITS), help="table storage")
+    g.add_argument(
+        "--rounding",
+        default="stochastic",
+        choices=["stochastic", "nearest"],
+        help="write-back rounding (LPT-DR = nearest + --no-learn-step-size, LPT-SR = stochastic + "
+        "--no-learn-step-size, ALPT = stochastic + --learn-step-size)",
+    )
+    g.add_argument(
+        "--learn-step-size",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ALPT: learn each row's step size (int8/4/2 only)",
+    )
+    g.add_argument("--step-size-lr", type=float, default=1e-4, help="ALPT step-size learning rate")
+    g.add_argument("--embedding-dim", type=int, default=32, help="every table's dim (= last dense layer)")
+    g.add_argument(
+        "--dense-arch", default="64", help="hidden sizes of the bottom MLP (embedding dim is appended)"
+    )
+    g.add_argument("--over-arch", default="64,32", help="hidden sizes of the top MLP (1 is appended)")
+    g.add_argument("--dcn", action="store_true", help="DLRM_DCN: a low-rank cross network over the features")
+    g.add_argument("--dcn-layers", type=int, default=2)
+    g.add_argument("--dcn-rank", type=int, default=16)
+
+
+def _sizes(spec: str) -> list[int]:
+    return [int(v) for v in spec.split(",") if v.strip()]
+
+
+def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
+    """The LowPrecisionConfig the flags describe (fp32/fp16 run the same fused update unquantized)."""
+    return lp.LowPrecisionConfig(
+        bits=PRECISION_BITS[args.precision],
+        rounding=args.rounding,
+        learn_step_size=args.learn_step_size,
+        step_size_lr=args.step_size_lr,
+        seed=args.seed,
+    )
+
+
+def build_embedding_collection(
+    args: argparse.Namespace,
+    tables: list[EmbeddingBagConfig],
+    data: object | None = None,
+) -> nn.Module:
+    """The sparse part of the model: every table, its storage precision and its fused optimizer.
+
+    All precision decisions live here: TorchRec's float collection is built (TorchRec's init,
+    from the current torch seed, so every precision starts from the same weights), tagged with
+    a fused RowWiseAdagrad through ``_apply_optimizer_in_backward`` as TorchRec's DLRM examples
+    do, then swapped for a low-precision collection holding those weights quantized.
+    ``data`` (the :class:`dlrm_data.DataSource`) is there for precision plans that need the
+    training frequencies.
+    """
+    ebc = torchrec.EmbeddingBagCollection(tables, device=torch.device("cpu"))
+    _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
+    return lp.convert(ebc, table_config(args))
+
+
+def build_model(
+    args: argparse.Namespace, tables: list[EmbeddingBagConfig], num_dense: int, data=None
+) -> DLRMTrain:
+    """DLRM (or DLRM_DCN) with the collection of :func:`build_embedding_collection`, seeded by ``--seed``."""
+    torch.manual_seed(args.seed)
+    ebc = build_embedding_collection(args, tables, data)
+    dense = [*_sizes(args.dense_arch), args.embedding_dim]
+    over = [*_sizes(args.over_arch), 1]
+    if args.dcn:
+        net = DLRM_DCN(
+            embedding_bag_collection=ebc,
+            dense_in_features=num_dense,
+            dense_arch_layer_sizes=dense,
+            over_arch_layer_sizes=over,
+            dcn_num_layers=args.dcn_layers,
+            dcn_low_rank_dim=args.dcn_rank,
+        )
+    else:
+        net = DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=num_dense,
+            dense_arch_layer_sizes=dense,
+            over_arch_layer_sizes=over,
+        )
+    return DLRMTrain(net)
+
+
+def float_equivalent_bytes(tables: list[EmbeddingBagConfig]) -> int:
+    """What TorchRec/FBGEMM FP32 tables hold: fp32 rows + RowWiseAdagrad's one fp32 per row."""
+    return sum(t.num_embeddings * (4 * t.embedding_dim + 4) for t in tables)
+
+
+def sparse_module(model: nn.Module) -> nn.Module:
+    """The (possibly sharded) embedding collection of a DLRMTrain, under DMP or not."""
+    inner = getattr(model, "module", model)  # DistributedModelParallel.module is the wrapped model
+    return inner.model.sparse_arch.embedding_bag_collection
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Env:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_env() -> Env:
+    """One process, or the process group torchrun / TorchX describe (WORLD_SIZE > 1): gloo on
+    CPU, nccl on CUDA, one GPU per local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return Env(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return Env(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+def shard(model: nn.Module, env: Env) -> nn.Module:
+    """``DistributedModelParallel`` with TorchRec's planner and the project's sharders.
+
+    The model arrives with real weights on CPU, so each shard starts from the rows the
+    unsharded model holds (the same init as a one-process run).
+    """
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    pg = dist.group.WORLD
+    topology = Topology(
+        world_size=env.world, compute_device=env.device.type, local_world_size=env.local_world
+    )
+    plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, lp.sharders(), pg)
+    return DistributedModelParallel(
+        model, plan=plan, sharders=lp.sharders(), device=env.device, env=ShardingEnv.from_process_group(pg)
+    )
+
+
+def plan_summary(model: nn.Module) -> dict[str, dict]:
+    """Table -> sharding type and ranks, for the summary (empty without DMP)."""
+    plan = getattr(model, "plan", None)
+    if plan is None:
+        return {}
+    out = {}
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            out[table] = {"sharding": ps.sharding_type, "kernel": ps.compute_kernel, "ranks": ps.ranks}
+    return out

@@ -1,0 +1,362 @@
+"""Train TorchRec's DLRM with low-precision embedding tables (fp32 / fp16 / int8 / int4 / int2).
+
+One process::
+
+    python examples/dlrm/train.py --precision int4 --summary out/int4.json --plot out/int4.png
+    python examples/dlrm/train.py --data criteo:../shared/data/criteo_kaggle_sample_10k.tsv --precision int8
+
+Several processes (``WORLD_SIZE > 1``: DistributedModelParallel, TorchRec's planner, gloo on
+CPU / nccl on CUDA; each rank reads its own slice of every global batch)::
+
+    torchrun --nproc-per-node 2 examples/dlrm/train.py --precision int8
+    torchx run -s local_cwd launch/components.py:dlrm -j 1x2 -- --precision int8
+
+Variants of the papers: LPT-DR = ``--rounding nearest --no-learn-step-size``, LPT-SR =
+``--rounding stochastic --no-learn-step-size``, ALPT = ``--rounding stochastic
+--learn-step-size`` (the default). ``--batch-size`` is the global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dlrm_checkpoint  # noqa: E402
+from dlrm_data import DataError, DataSource, add_data_args, open_data  # noqa: E402
+from dlrm_model import (  # noqa: E402
+    Env,
+    add_model_args,
+    build_model,
+    float_equivalent_bytes,
+    init_env,
+    plan_summary,
+    shard,
+    sparse_module,
+)
+
+from torchrec_lowprec.data import MalformedRowError, atomic_write_bytes, exact_auc, log_loss_terms  # noqa: E402
+
+SUMMARY_VERSION = 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(ap)
+    add_model_args(ap)
+    g = ap.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=1024, help="global batch (split evenly over ranks)")
+    g.add_argument("--eval-batch-size", type=int, default=8192)
+    g.add_argument("--emb-lr", type=float, default=0.05, help="fused RowWiseAdagrad lr of the tables")
+    g.add_argument("--dense-lr", type=float, default=2e-3, help="Adam lr of the MLPs")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
+    g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
+    g.add_argument("--eval-rows", type=int, default=0, help="rows of the periodic validations (0: all)")
+    g.add_argument("--seed", type=int, default=0, help="model init and rounding draws")
+    g.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (0: cores / local ranks)"
+    )
+    g = ap.add_argument_group("output")
+    g.add_argument("--summary", help="write the run's JSON summary here (atomically)")
+    g.add_argument("--plot", help="write training curves here (PNG)")
+    g.add_argument("--checkpoint-dir", help="save checkpoints here")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--quiet", action="store_true", help="print only errors")
+    args = ap.parse_args(argv)
+    if args.resume and not args.checkpoint_dir:
+        ap.error("--resume needs --checkpoint-dir")
+    if args.batch_size < 1 or args.epochs < 1:
+        ap.error("--batch-size and --epochs must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------------- eval
+def evaluate(model, data: DataSource, split: str, args, env: Env, max_rows: int | None = None) -> dict:
+    """AUC and mean log-loss over ``split`` (every rank's rows, gathered)."""
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for lb in data.eval_batches(split, args.eval_batch_size, env.rank, env.world, max_rows):
+            _, (_, z, y) = model(lb.batch.to(env.device))
+            logits.append(z[: lb.valid].double().cpu().numpy())
+            labels.append(y[: lb.valid].cpu().numpy())
+    model.train()
+    z = np.concatenate(logits) if logits else np.zeros(0)
+    y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    if env.distributed:
+        parts: list = [None] * env.world
+        dist.all_gather_object(parts, (z, y))
+        z = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+    if len(y) == 0:
+        return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
+    return {"auc": exact_auc(z, y), "logloss": float(log_loss_terms(z, y).mean()), "rows": int(len(y))}
+
+
+def _all_sum(value: float, env: Env) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _all_gather(obj, env: Env) -> list:
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -------------------------------------------------------------------------------- train
+def train(args: argparse.Namespace, env: Env) -> dict:
+    """Build, train, evaluate; returns the summary (every rank returns the same one)."""
+    lead = env.rank == 0
+    say = (lambda *a: print(*a, flush=True)) if lead and not args.quiet else (lambda *a: None)
+    if args.batch_size % env.world:
+        raise DataError(f"--batch-size {args.batch_size} is not a multiple of the {env.world} ranks")
+    data = open_data(args)
+    tables = data.embedding_bag_configs(args.embedding_dim)
+    model = build_model(args, tables, data.num_dense_in, data)
+    if env.distributed:
+        model = shard(model, env)
+    else:
+        model = model.to(env.device)
+    emb = sparse_module(model)
+    local_bytes = int(emb.memory_bytes())
+    ours_per_rank = [int(b) for b in _all_gather(local_bytes, env)]
+    fp32_bytes = float_equivalent_bytes(tables)
+    dense_params = [p for n, p in model.named_parameters() if not hasattr(p, "_optimizer_classes")]
+    dense_opt = torch.optim.Adam(dense_params, lr=args.dense_lr)
+    say(
+        f"{data.name} data, {len(tables)} tables, dim {args.embedding_dim}, {args.precision} "
+        f"({args.rounding}, {'learned' if args.learn_step_size else 'fixed'} step), world {env.world}: "
+        f"embeddings {sum(ours_per_rank) / 2**20:.2f} MiB vs fp32 {fp32_bytes / 2**20:.2f} MiB"
+    )
+
+    trainer = {"step": 0, "epoch": 0, "rows_in_epoch": 0, "rows_trained": 0, "train_seconds": 0.0,
+               "history": {"train": [], "eval": []}, "local_steps": 0}  # fmt: skip
+    resumed_from = None
+    if args.resume:
+        path = dlrm_checkpoint.latest(args.checkpoint_dir)
+        if path is None:
+            say(f"--resume: no checkpoint in {args.checkpoint_dir}, starting fresh")
+        else:
+            trainer = dlrm_checkpoint.load(path, model, dense_opt)
+            resumed_from = trainer["step"]
+            say(f"resumed from {path} (step {trainer['step']}, epoch {trainer['epoch']})")
+
+    per_epoch = data.split_rows("train")
+    total = None
+    if per_epoch is not None:
+        total = args.epochs * (-(-per_epoch // args.batch_size))
+    if args.max_steps:
+        total = min(total, args.max_steps) if total is not None else args.max_steps
+    bar = None
+    if lead and not args.no_progress and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=trainer["step"], unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def checkpoint() -> None:
+        if args.checkpoint_dir:
+            dlrm_checkpoint.save(args.checkpoint_dir, model, dense_opt, trainer)
+
+    model.train()
+    loss_sum, loss_n = 0.0, 0
+    stop = False
+    while trainer["epoch"] < args.epochs and not stop:
+        t0 = time.perf_counter()
+        for lb in data.train_batches(args.batch_size, env.rank, env.world, trainer["rows_in_epoch"]):
+            loss, _ = model(lb.batch.to(env.device))
+            dense_opt.zero_grad()
+            loss.backward()  # the tables update here (fused optimizer in backward)
+            dense_opt.step()
+            trainer["step"] += 1
+            trainer["local_steps"] += 1
+            trainer["rows_in_epoch"] += lb.global_rows
+            trainer["rows_trained"] += lb.valid * env.world
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if bar is not None:
+                bar.update(1)
+            step = trainer["step"]
+            if loss_n and (step % 50 == 0):
+                trainer["history"]["train"].append([step, loss_sum / loss_n])
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
+                loss_sum, loss_n = 0.0, 0
+            stop = bool(args.max_steps) and step >= args.max_steps
+            if args.eval_every and step % args.eval_every == 0 and not stop:
+                trainer["train_seconds"] += time.perf_counter() - t0
+                m = evaluate(model, data, "val", args, env, args.eval_rows or None)
+                trainer["history"]["eval"].append([step, m["auc"], m["logloss"]])
+                if bar is not None:
+                    bar.write(f"step {step}: val AUC {m['auc']:.4f}, log-loss {m['logloss']:.4f}")
+                t0 = time.perf_counter()
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and not stop:
+                trainer["train_seconds"] += time.perf_counter() - t0
+                checkpoint()
+                t0 = time.perf_counter()
+            if stop:
+                break
+        trainer["train_seconds"] += time.perf_counter() - t0
+        if not stop:
+            trainer["epoch"] += 1
+            trainer["rows_in_epoch"] = 0
+    if loss_n:
+        trainer["history"]["train"].append([trainer["step"], loss_sum / loss_n])
+    if bar is not None:
+        bar.close()
+    checkpoint()
+
+    val = evaluate(model, data, "val", args, env)
+    test = evaluate(model, data, "test", args, env)
+    ranks = _all_gather({"rank": env.rank, "steps": trainer["local_steps"], "bytes": local_bytes}, env)
+    seconds = _all_sum(trainer["train_seconds"], env) / env.world
+    rows_run = trainer["rows_trained"]
+    summary = {
+        "version": SUMMARY_VERSION,
+        "command": list(sys.argv),
+        "args": vars(args),
+        "world_size": env.world,
+        "device": env.device.type,
+        "data": {
+            "source": data.name,
+            "features": len(tables),
+            "vocab_sizes": {t.name: t.num_embeddings for t in tables},
+            "malformed_rows": data.malformed_rows(),
+        },
+        "model": {
+            "arch": "DLRM_DCN" if args.dcn else "DLRM",
+            "precision": args.precision,
+            "rounding": args.rounding,
+            "learn_step_size": args.learn_step_size,
+            "embedding_dim": args.embedding_dim,
+            "plan": plan_summary(model),
+        },
+        "train": {
+            "steps": trainer["step"],
+            "epochs_completed": trainer["epoch"],
+            "rows": rows_run,
+            "seconds": seconds,
+            "examples_per_s": rows_run / seconds if seconds > 0 else float("nan"),
+            "resumed_from_step": resumed_from,
+            "final_loss": trainer["history"]["train"][-1][1] if trainer["history"]["train"] else None,
+        },
+        "ranks": ranks,
+        "val": val,
+        "test": test,
+        "bayes": {"val": data.bayes("val"), "test": data.bayes("test")} if data.is_synthetic else None,
+        "embedding_bytes": {
+            "ours": sum(ours_per_rank),
+            "per_rank": ours_per_rank,
+            "fp32_rowwise_adagrad": fp32_bytes,
+            "ratio": sum(ours_per_rank) / fp32_bytes,
+        },
+        "history": trainer["history"],
+    }
+    return summary
+
+
+def report(summary: dict) -> str:
+    """A few human-readable lines of a summary."""
+    t, v, b = summary["test"], summary["val"], summary["bayes"]
+    by = summary["embedding_bytes"]
+    lines = [
+        f"val  AUC {v['auc']:.4f}  log-loss {v['logloss']:.4f}  ({v['rows']} rows)",
+        f"test AUC {t['auc']:.4f}  log-loss {t['logloss']:.4f}  ({t['rows']} rows)",
+    ]
+    if b and b["test"]:
+        lines.append(f"Bayes test AUC {b['test']['auc']:.4f}  log-loss {b['test']['logloss']:.4f}")
+    lines.append(
+        f"embedding bytes {by['ours']:,} ({by['ratio']:.3f}x of fp32 + RowWiseAdagrad {by['fp32_rowwise_adagrad']:,})"
+    )
+    tr = summary["train"]
+    lines.append(f"{tr['steps']} steps, {tr['rows']:,} rows, {tr['examples_per_s']:,.0f} examples/s")
+    bad = {k: n for k, n in summary["data"]["malformed_rows"].items() if n}
+    if bad:
+        lines.append(f"malformed rows skipped: {bad}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    """Training loss and validation AUC against steps (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = summary["history"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if h["train"]:
+        s, loss = zip(*h["train"])
+        ax1.plot(s, loss)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("train log-loss (mean over 50 steps)")
+    evals = h["eval"] + [[summary["train"]["steps"], summary["val"]["auc"], summary["val"]["logloss"]]]
+    s, auc, _ = zip(*evals)
+    ax2.plot(s, auc, marker="o", label=summary["model"]["precision"])
+    if summary["bayes"] and summary["bayes"]["val"]:
+        ax2.axhline(summary["bayes"]["val"]["auc"], color="k", ls="--", label="Bayes")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("validation AUC")
+    ax2.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _json_default(o):
+    return str(o)  # paths, devices: anything json does not know is written as text
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the script; returns the summary. Bad data or arguments exit with status 2 and one message."""
+    args = parse_args(argv)
+    # Two ranks on two cores must not each start a thread per core.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    env = init_env()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            summary = train(args, env)
+    except (DataError, MalformedRowError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if env.distributed:
+            dist.destroy_process_group()
+        raise SystemExit(2) from None
+    if env.rank == 0:
+        if not args.quiet:
+            print(report(summary), flush=True)
+        if args.summary:
+            text = json.dumps(summary, indent=1, default=_json_default)
+            atomic_write_bytes(args.summary, text.encode())
+        if args.plot:
+            plot(summary, args.plot)
+    if env.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Export trained low-precision models to TorchRec's quantized inference modules (FBGEMM IntNBit).
+
+Example::
+
+    from torchrec_lowprec.export import to_inference
+    served = to_inference(trained_model)  # LP collections -> torchrec.quant EmbeddingBagCollection
+"""
+
+from torchrec_lowprec.export.inference import (
+    DATA_TYPE_OF_BITS,
+    KeyOrderedCollection,
+    check_servable,
+    export_collection,
+    quantized_weights,
+    to_inference,
+)
+
+__all__ = [
+    "DATA_TYPE_OF_BITS",
+    "check_servable",
+    "KeyOrderedCollection",
+    "export_collection",
+    "quantized_weights",
+    "to_inference",
+]

@@ -1,0 +1,211 @@
+"""Export trained low-precision collections to TorchRec's quantized inference collection.
+
+A :class:`LowPrecisionEmbeddingBagCollection` already stores its tables in FBGEMM's IntNBit row
+layout (fp16 scale + fp16 bias at the front, then packed codes). TorchRec's inference
+collection (``torchrec.quant.embedding_modules.EmbeddingBagCollection``) builds an
+``IntNBitTableBatchedEmbeddingBagsCodegen`` per pooling mode and accepts, per table, the
+``(codes, scale_bias)`` pair of every row. We hand it our bytes unchanged, so no value is
+re-quantized: the served table is the trained table bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_lowprec.kernels.lookup import row_alignment_for
+from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.quant.layout import SCALE_BIAS_BYTES
+
+DATA_TYPE_OF_BITS = {
+    32: DataType.FP32,
+    16: DataType.FP16,
+    8: DataType.INT8,
+    4: DataType.INT4,
+    2: DataType.INT2,
+}
+
+
+def check_servable(name: str, bits: int, dim: int) -> None:
+    """Refuse a table FBGEMM's IntNBit inference module cannot take (it asserts byte-packed
+    8/4/2-bit rows; our rule, dim % 4 == 0, is the one the training module enforces)."""
+    if bits not in DATA_TYPE_OF_BITS:
+        raise ValueError(f"table {name!r}: bits={bits} has no FBGEMM inference type (32, 16, 8, 4 or 2)")
+    if bits in (8, 4, 2) and dim % 4 != 0:
+        raise ValueError(
+            f"table {name!r}: embedding_dim={dim} at {bits} bits cannot be served by FBGEMM's IntNBit "
+            "kernels (the dim of an 8/4/2-bit table must be a multiple of 4); retrain that table at "
+            "bits=16/32 or with a dim divisible by 4"
+        )
+
+
+def quantized_weights(
+    ebc: LowPrecisionEmbeddingBagCollection,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Table name -> ``(codes, scale_bias)`` uint8 views of ``ebc``'s rows, in the form TorchRec's
+    inference modules take (``table_name_to_quantized_weights``, ``assign_weights_to_tbe``);
+    ``scale_bias`` is ``None`` for fp32/fp16 tables.
+
+    Example::
+
+        assign_weights_to_tbe(sharded_model, quantized_weights(lp_ebc))
+    """
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for t in ebc.embedding_bag_configs():
+        bits = ebc.table_config(t.name).bits
+        rows = ebc.quantized_weight(t.name).detach()
+        if bits in (8, 4, 2):
+            # Our row: [scale fp16][bias fp16][codes]. TorchRec wants (codes, scale_bias) and
+            # writes scale_bias back in front of the codes (FBGEMM's default, reverse_qparam=False).
+            out[t.name] = (rows[:, SCALE_BIAS_BYTES:], rows[:, :SCALE_BIAS_BYTES])
+        else:
+            out[t.name] = (rows, None)
+    return out
+
+
+class KeyOrderedCollection(nn.Module):
+    """TorchRec's inference collection with its output put back in the trained key order.
+
+    TorchRec's quantized collection groups tables by pooling mode, so a collection whose SUM
+    and MEAN tables interleave (``t0`` SUM, ``t1`` MEAN, ``t2`` SUM) would list ``t2``'s
+    features before ``t1``'s. Models that read the ``KeyedTensor`` by key (TorchRec's DLRM uses
+    ``to_dict()``) do not care; this wrapper keeps positional readers correct too. It is only
+    used when the order actually differs.
+
+    Example::
+
+        served = KeyOrderedCollection(quant_ebc, keys, lengths)
+        served(kjt).keys() == keys
+    """
+
+    def __init__(self, collection: QuantEmbeddingBagCollection, keys: list[str], lengths: list[int]) -> None:
+        super().__init__()
+        self.collection = collection
+        self._keys = list(keys)
+        self._lengths = list(lengths)
+        src_keys = collection._embedding_names
+        src_lengths = collection._length_per_key
+        starts = dict(zip(src_keys, torch.tensor([0] + src_lengths).cumsum(0).tolist()))
+        cols = [torch.arange(starts[k], starts[k] + n) for k, n in zip(self._keys, self._lengths)]
+        self.register_buffer("_cols", torch.cat(cols), persistent=False)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self.collection.embedding_bag_configs()
+
+    def is_weighted(self) -> bool:
+        return self.collection.is_weighted()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        out = self.collection(features)
+        return KeyedTensor(
+            keys=self._keys, length_per_key=self._lengths, values=out.values().index_select(1, self._cols)
+        )
+
+
+def export_collection(
+    ebc: LowPrecisionEmbeddingBagCollection,
+    output_dtype: torch.dtype = torch.float32,
+    row_alignment: int | None = None,
+    register_tbes: bool = False,
+    keep_key_order: bool = True,
+) -> nn.Module:
+    """TorchRec's quantized inference collection holding ``ebc``'s trained rows byte for byte.
+
+    Args:
+        ebc: a trained low-precision collection (any mix of 32/16/8/4/2-bit tables).
+        output_dtype: dtype of the pooled output (``float32`` reproduces the trained module's
+            eval output exactly; ``float16`` halves the output bytes).
+        row_alignment: FBGEMM row alignment; default 1 on CPU and 16 on CUDA, as the trained
+            module (TorchRec's own default is 16 everywhere; any value serves the same values).
+        register_tbes: register FBGEMM's TBE modules as children (TorchRec's option; needed by
+            ``torchrec.inference.modules.get_table_to_weights_from_tbe`` and fx ``call_module``).
+        keep_key_order: when TorchRec's grouping by pooling mode would reorder the output keys
+            (SUM and MEAN tables interleaved), wrap the collection in
+            :class:`KeyOrderedCollection`; ``False`` returns TorchRec's collection as is.
+
+    Returns TorchRec's ``QuantEmbeddingBagCollection`` (or the wrapper, see ``keep_key_order``).
+
+    Example::
+
+        qebc = export_collection(model.sparse_arch.embedding_bag_collection)
+        pooled = qebc(kjt)  # == the trained collection's eval output
+    """
+    if not isinstance(ebc, LowPrecisionEmbeddingBagCollection):
+        raise TypeError(
+            f"export_collection expects a LowPrecisionEmbeddingBagCollection, got {type(ebc).__name__}"
+        )
+    device = ebc.device
+    if device.type == "meta":
+        raise ValueError("cannot export a collection on the meta device: it holds no trained rows")
+    tables: list[EmbeddingBagConfig] = []
+    for t in ebc.embedding_bag_configs():
+        bits = ebc.table_config(t.name).bits
+        check_servable(t.name, bits, t.embedding_dim)
+        tables.append(dataclasses.replace(t, data_type=DATA_TYPE_OF_BITS[bits]))
+    weights = quantized_weights(ebc)
+    align = row_alignment if row_alignment is not None else row_alignment_for(device)
+    out = QuantEmbeddingBagCollection(
+        tables,
+        is_weighted=ebc.is_weighted(),
+        device=device,
+        output_dtype=output_dtype,
+        table_name_to_quantized_weights=weights,
+        row_alignment=align,
+        register_tbes=register_tbes,
+    )
+    out.train(False)
+    keys = [f for t in ebc.embedding_bag_configs() for f in t.feature_names]
+    if keep_key_order and out._embedding_names != keys:
+        lengths = [t.embedding_dim for t in ebc.embedding_bag_configs() for _ in t.feature_names]
+        return KeyOrderedCollection(out, keys, lengths).train(False)
+    return out
+
+
+def to_inference(
+    model: nn.Module,
+    output_dtype: torch.dtype = torch.float32,
+    row_alignment: int | None = None,
+    register_tbes: bool = False,
+) -> nn.Module:
+    """Replace every :class:`LowPrecisionEmbeddingBagCollection` in ``model`` (at any depth, in
+    place) by TorchRec's quantized inference ``EmbeddingBagCollection`` with the same bytes.
+
+    Returns ``model`` put in eval mode (or the new collection when ``model`` itself is one).
+    Parents are kept: a wrapper holding a low-precision collection as a child keeps working as
+    long as it only calls the child's ``forward`` (KJT -> KeyedTensor, same keys and order).
+
+    Example::
+
+        model = lp.convert(DLRM(...), lp.LowPrecisionConfig(bits=4))
+        ...  # train
+        served = to_inference(model)
+        logits = served(dense, kjt)
+    """
+    if isinstance(model, LowPrecisionEmbeddingBagCollection):
+        return export_collection(model, output_dtype, row_alignment, register_tbes)
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules(remove_duplicate=False)
+        if isinstance(mod, LowPrecisionEmbeddingBagCollection)
+    ]
+    if not targets:
+        raise ValueError(
+            f"to_inference: {type(model).__name__} holds no LowPrecisionEmbeddingBagCollection; "
+            "convert its EmbeddingBagCollections with torchrec_lowprec.convert and train first"
+        )
+    done: dict[int, nn.Module] = {}
+    for name, mod in targets:
+        # A collection shared by two parents is exported once and both point to the copy.
+        new = done.get(id(mod))
+        if new is None:
+            new = done[id(mod)] = export_collection(mod, output_dtype, row_alignment, register_tbes)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+    model.eval()
+    return model

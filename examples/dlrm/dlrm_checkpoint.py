@@ -72,11 +72,32 @@ def latest(ckpt_dir: str) -> str | None:
         return os.path.join(ckpt_dir, f.read().strip())
 
 
+def _load_dcp(model: nn.Module, path: str) -> None:
+    """``torchrec_lowprec.distributed.checkpoint.load``, except on table-wise plans.
+
+    DCP's default load planner drops ShardedTensors a rank holds no shard of, then takes the
+    missing keys for a pre-2.4 checkpoint, re-flattens the state dict the old way and fails on
+    ``..._extra_state`` ("Missing key in checkpoint state_dict"). That happens whenever some rank
+    holds no shard of some table (TABLE_WISE), so this loads with ``flatten_sharded_tensors=False``
+    (our ShardedTensors are not nested, which is all that option is for). The collection's own
+    ``load_state_dict`` still checks every table against the checkpoint.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint import load as dcp_load
+
+    if not (dist.is_available() and dist.is_initialized()):
+        dcp_checkpoint.load(model, path)  # one process: every table is local, no such problem
+        return
+    state = model.state_dict()
+    dcp_load(state, checkpoint_id=path, planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    model.load_state_dict(state)
+
+
 def load(path: str, model: nn.Module, dense_opt: torch.optim.Optimizer) -> dict:
     """Load ``path`` into ``model`` and ``dense_opt``; returns the trainer state."""
     trainer = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
     if os.path.isdir(os.path.join(path, "model")):
-        dcp_checkpoint.load(model, os.path.join(path, "model"))
+        _load_dcp(model, os.path.join(path, "model"))
     else:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(

@@ -17,7 +17,14 @@ from .criteo import (
     criteo_int_to_dense,
     criteo_schema,
 )
-from .frequencies import count_frequencies, load_frequencies, save_frequencies
+from .frequencies import (
+    count_frequencies,
+    frequency_groups,
+    frequency_rank,
+    load_frequencies,
+    remap_by_rank,
+    save_frequencies,
+)
 from .lines import count_lines, random_split_codes
 from .metrics import HistogramAUC, exact_auc, log_loss_terms
 from .schema import TabularSchema, log1p_clamped, log_squared_bucket
@@ -50,6 +57,9 @@ __all__ = [
     "Vocabulary",
     "atomic_write_bytes",
     "count_frequencies",
+    "frequency_groups",
+    "frequency_rank",
+    "remap_by_rank",
     "count_lines",
     "criteo_int_to_bucket",
     "criteo_int_to_dense",

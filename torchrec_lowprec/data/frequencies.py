@@ -10,7 +10,18 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
+from torchrec_lowprec.quant.groups import frequency_groups, frequency_rank
+
 from .common import atomic_write_bytes
+
+__all__ = [
+    "count_frequencies",
+    "frequency_groups",
+    "frequency_rank",
+    "load_frequencies",
+    "remap_by_rank",
+    "save_frequencies",
+]
 
 FREQ_FORMAT = "torchrec_lowprec.frequencies"
 FREQ_VERSION = 1
@@ -78,3 +89,26 @@ def load_frequencies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if doc.get("version") != FREQ_VERSION:
         raise ValueError(f"{path} has frequency format version {doc.get('version')}, expected {FREQ_VERSION}")
     return dict(doc["counts"])
+
+
+def remap_by_rank(kjt: KeyedJaggedTensor, ranks: Mapping[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """``kjt`` with the ids of each feature in ``ranks`` replaced by their frequency rank.
+
+    Ids outside a rank map raise ``ValueError`` (the map was built for a smaller vocabulary).
+    """
+    keys = kjt.keys()
+    pieces = list(kjt.values().split(kjt.length_per_key()))
+    for i, f in enumerate(keys):
+        if f in ranks and pieces[i].numel():
+            r = ranks[f]
+            ids = pieces[i]
+            if int(ids.min()) < 0 or int(ids.max()) >= r.numel():
+                raise ValueError(f"feature {f!r}: ids outside [0, {r.numel()}) of its frequency-rank map")
+            pieces[i] = r.to(ids.device)[ids].to(ids.dtype)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat(pieces) if pieces else kjt.values(),
+        lengths=kjt.lengths(),
+        weights=kjt.weights_or_none(),
+        stride=kjt.stride(),
+    )

@@ -2,5 +2,12 @@
 
 from torchrec_lowprec.modules.convert import convert, from_float, to_float
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 
-__all__ = ["LowPrecisionEmbeddingBagCollection", "convert", "from_float", "to_float"]
+__all__ = [
+    "LowPrecisionEmbeddingBagCollection",
+    "MixedPrecisionEmbeddingBagCollection",
+    "convert",
+    "from_float",
+    "to_float",
+]

@@ -8,8 +8,9 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_lowprec.kernels.lookup import TABLE_ALIGNMENT, round_up
+from torchrec_lowprec.optim.fused import state_bytes_per_row
 from torchrec_lowprec.quant.layout import row_bytes
-from torchrec_lowprec.types import LowPrecisionConfig
+from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,16 @@ def plan_layout(
         )
         offset = round_up(offset + t.num_embeddings * stride, TABLE_ALIGNMENT)
     return layouts, max(offset, TABLE_ALIGNMENT)
+
+
+def stored_bytes(
+    rows: int, dim: int, bits: int, optimizer: OptimizerType, keeps_master_step_size: bool, row_alignment: int
+) -> int:
+    """Bytes a table (or a shard of ``rows`` x ``dim``) holds once allocated: padded rows,
+    fp32 master step sizes (ALPT) and fp32 optimizer state. What :meth:`memory_bytes`
+    reports and what the precision planner's storage estimator counts (one formula)."""
+    if bits == 0:
+        return 0
+    stride = round_up(row_bytes(bits, dim), row_alignment)
+    master = 4 if keeps_master_step_size and bits <= 8 else 0
+    return rows * (stride + master + state_bytes_per_row(OptimizerType(optimizer), dim))

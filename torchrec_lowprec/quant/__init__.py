@@ -3,8 +3,10 @@
 - :mod:`.layout`: the FBGEMM IntNBit fused row layout (fp16 scale and bias, packed codes).
 - :mod:`.rounding`: counter-based random draws and stochastic / nearest rounding.
 - :mod:`.lsq`: the LSQ step-size gradient used by ALPT, and step-size initialisation.
+- :mod:`.fake_quant`: LSQ+ fake quantization (differentiable) for the MPE bit-width search.
 """
 
+from torchrec_lowprec.quant.fake_quant import lsq_plus_fake_quant
 from torchrec_lowprec.quant.layout import (
     SCALE_BIAS_BYTES,
     code_range,
@@ -29,6 +31,7 @@ __all__ = [
     "dequantize_rows",
     "hash_key",
     "init_step_size",
+    "lsq_plus_fake_quant",
     "lsq_step_size_grad",
     "mix32",
     "pack_codes",

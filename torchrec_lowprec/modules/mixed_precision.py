@@ -1,0 +1,329 @@
+"""``MixedPrecisionEmbeddingBagCollection``: several bit widths inside one logical table.
+
+A :class:`~torchrec_lowprec.types.PrecisionPlan` splits each table's frequency-ranked rows
+into groups with their own bit width (MPE). Runs of groups with equal bits become one
+*physical* table of an inner :class:`LowPrecisionEmbeddingBagCollection` (so the forward is
+one FBGEMM call, the backward one fused update, and ``distributed/`` shards the physical
+tables like any others); pruned groups (0 bits) have no storage and read as zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_lowprec.modules.bounds import check_ids
+from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
+
+#: Physical table ``<table>__g<first group>`` holds a run of groups; its features are
+#: ``<feature>@g<first group>``. A table kept in one piece keeps its own names.
+GROUP_TABLE_SEP = "__g"
+GROUP_FEATURE_SEP = "@g"
+
+
+def physical_name(table: str, first_group: int, whole: bool) -> str:
+    return table if whole else f"{table}{GROUP_TABLE_SEP}{first_group}"
+
+
+def table_precision(table: EmbeddingBagConfig, plan: PrecisionPlan, default_bits: int) -> TablePrecision:
+    """The plan's entry for ``table`` (checked against its shape), or one group at ``default_bits``."""
+    tp = plan.tables.get(table.name)
+    if tp is None:
+        return TablePrecision(
+            table.num_embeddings, table.embedding_dim, (table.num_embeddings,), (default_bits,)
+        )
+    if (tp.rows, tp.dim) != (table.num_embeddings, table.embedding_dim):
+        raise ValueError(
+            f"precision plan for table {table.name!r} is for {tp.rows} x {tp.dim} rows but the table is "
+            f"{table.num_embeddings} x {table.embedding_dim}; re-run the search/planner for this model"
+        )
+    return tp
+
+
+class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """A drop-in ``EmbeddingBagCollection`` whose tables hold row groups at different bit widths.
+
+    Ids must be frequency-ranked (id 0 = most frequent; see ``data.frequency_rank`` /
+    ``data.remap_by_rank``) so that a group is a contiguous id range; for a table whose plan
+    entry says ``remapped``, pass ``row_maps[table]`` (raw id -> rank) and the module keeps it
+    (4 bytes per row, counted in :meth:`memory_bytes`).
+
+    Args:
+        tables: the TorchRec table configs (SUM or MEAN pooling).
+        plan: per-table group bit widths; tables it does not name use ``config.bits``.
+        config: default :class:`LowPrecisionConfig` (its ``bits`` is replaced per group).
+        per_table_configs: table name -> config overriding ``config``.
+        is_weighted, device, init_weights: as :class:`LowPrecisionEmbeddingBagCollection`.
+        row_maps: table name -> raw id -> rank, for tables planned with ``remapped=True``.
+
+    Example::
+
+        plan = PrecisionPlan({"t": TablePrecision(1000, 64, (100, 600, 1000), (8, 4, 0))})
+        ebc = MixedPrecisionEmbeddingBagCollection(tables, plan, LowPrecisionConfig())
+        pooled = ebc(kjt)  # ids 0..99 read int8 rows, 100..599 int4, 600..999 zeros
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        plan: PrecisionPlan,
+        config: LowPrecisionConfig | None = None,
+        per_table_configs: dict[str, LowPrecisionConfig] | None = None,
+        is_weighted: bool = False,
+        device: torch.device | None = None,
+        init_weights: bool = True,
+        row_maps: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or LowPrecisionConfig()
+        per_table_configs = dict(per_table_configs or {})
+        names = [t.name for t in tables]
+        unknown = set(plan.tables) - set(names)
+        if unknown:
+            raise ValueError(f"precision plan names tables {sorted(unknown)} that are not in {names}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._tables = tables
+        self._is_weighted = is_weighted
+        self._configs = {n: per_table_configs.get(n, config) for n in names}
+        self._precisions = {t.name: table_precision(t, plan, self._configs[t.name].bits) for t in tables}
+        self.plan = PrecisionPlan(dict(self._precisions))
+
+        physical, phys_configs = [], {}
+        # Per logical feature (in table order): the segments it routes to.
+        self._features: list[str] = []
+        seg_start, seg_dest, feat_base = [], [], []
+        inner_keys: list[str] = []
+        base = 0
+        for t in tables:
+            tp = self._precisions[t.name]
+            segs = tp.segments()
+            whole = len(segs) == 1
+            phys_of_seg = {}
+            for first, a, e, bits in segs:
+                if bits == 0:
+                    continue
+                pname = physical_name(t.name, first, whole)
+                feats = [f if whole else f"{f}{GROUP_FEATURE_SEP}{first}" for f in t.feature_names]
+                physical.append(
+                    EmbeddingBagConfig(
+                        num_embeddings=e - a, embedding_dim=t.embedding_dim, name=pname, feature_names=feats,
+                        pooling=PoolingType.SUM, weight_init_min=t.get_weight_init_min(),
+                        weight_init_max=t.get_weight_init_max(),
+                    )
+                )  # fmt: skip
+                phys_configs[pname] = self._configs[t.name].replace(bits=bits)
+                phys_of_seg[first] = feats
+            for i, f in enumerate(t.feature_names):
+                self._features.append(f)
+                feat_base.append(base)
+                for first, a, _, bits in segs:
+                    seg_start.append(base + a)
+                    if bits == 0:
+                        seg_dest.append(-1)
+                    else:
+                        seg_dest.append(len(inner_keys))
+                        inner_keys.append(phys_of_seg[first][i])
+                base += tp.rows
+        if not physical:
+            raise ValueError("the precision plan prunes every row of every table; nothing would be stored")
+        # Features are routed by their physical position in a virtual concatenation of all
+        # features' tables: one searchsorted finds each id's segment.
+        self._seg_start = torch.tensor(seg_start, dtype=torch.int64)
+        self._seg_dest = torch.tensor(seg_dest, dtype=torch.int64)
+        self._feat_base = torch.tensor(feat_base, dtype=torch.int64)
+        self._inner_keys = inner_keys
+        self._inner_key_index = {k: i for i, k in enumerate(inner_keys)}
+        self._inner_key_feature = {}
+        for t in tables:
+            for f in t.feature_names:
+                for k in inner_keys:
+                    if k == f or k.startswith(f + GROUP_FEATURE_SEP):
+                        self._inner_key_feature[k] = f
+        self.row_groups = LowPrecisionEmbeddingBagCollection(
+            physical, config, phys_configs, is_weighted, device, init_weights
+        )
+        dims = {f: t.embedding_dim for t in tables for f in t.feature_names}
+        self._dims = [dims[f] for f in self._features]
+        self._col0 = dict(zip(self._features, [sum(self._dims[:i]) for i in range(len(self._dims))]))
+        self._total_dim = sum(self._dims)
+        mean = [t.pooling == PoolingType.MEAN for t in tables for _ in t.feature_names]
+        self._mean_features = torch.tensor(mean) if any(mean) else None
+        self._col_maps: dict[tuple[str, ...], torch.Tensor] = {}
+        self._rows = [t.num_embeddings for t in tables for _ in t.feature_names]
+        self._table_of_feature = [t.name for t in tables for _ in t.feature_names]
+        self._remapped = {n for n, tp in self._precisions.items() if tp.remapped}
+        row_maps = row_maps or {}
+        for n in names:
+            if n in self._remapped:
+                if n not in row_maps:
+                    raise ValueError(
+                        f"table {n!r} is planned with remapped=True but no row_maps[{n!r}] (raw id -> rank) was given"
+                    )
+                m = row_maps[n]
+                if m.shape != (self._precisions[n].rows,):
+                    raise ValueError(
+                        f"row_maps[{n!r}] has shape {tuple(m.shape)}, expected ({self._precisions[n].rows},)"
+                    )
+                self.register_buffer(f"row_map_{n}", m.to(device=device, dtype=torch.int32))
+
+    # ----- interface -----
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_groups.device
+
+    def table_config(self, name: str) -> LowPrecisionConfig:
+        return self._configs[name]
+
+    def group_tables(self, name: str) -> list[str]:
+        """The physical tables (in ``row_groups``) holding table ``name``'s stored groups."""
+        segs = self._precisions[name].segments()
+        return [physical_name(name, first, len(segs) == 1) for first, _, _, bits in segs if bits]
+
+    # ----- forward -----
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.keys() != self._features:
+            missing = [f for f in self._features if f not in features.keys()]
+            if missing:
+                raise ValueError(
+                    f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}"
+                )
+            features = features.permute([features.keys().index(f) for f in self._features])
+        batch = features.stride()
+        values, lengths = features.values(), features.lengths()
+        weights = features.weights().float() if self._is_weighted else None
+        modes = [self._configs[t].bounds_check for t in self._table_of_feature]
+        values, lengths, weights = check_ids(
+            values, lengths, weights, self._features, self._rows, batch, modes, self._table_of_feature
+        )
+        inner = self._route(values.to(torch.int64), lengths, weights, batch)
+        pooled = self.row_groups(inner)
+        out = torch.zeros(batch, self._total_dim, dtype=torch.float32, device=values.device)
+        out = out.index_add(
+            1, self._col_map(pooled.keys(), pooled.length_per_key(), out.device), pooled.values()
+        )
+        if self._mean_features is not None:
+            n = lengths.view(len(self._features), batch).t().clamp(min=1).to(out.dtype)
+            div = torch.where(self._mean_features.to(out.device), n, torch.ones_like(n))
+            out = out / torch.repeat_interleave(div, torch.tensor(self._dims, device=out.device), dim=1)
+        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=out)
+
+    def _route(
+        self, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, batch: int
+    ) -> KeyedJaggedTensor:
+        """The inner KJT: each id moved to its group's physical feature, as a row of that table."""
+        dev = values.device
+        nf = len(self._features)
+        bag = torch.repeat_interleave(
+            torch.arange(nf * batch, device=dev), lengths, output_size=values.numel()
+        )
+        feat = torch.div(bag, batch, rounding_mode="floor")
+        for i, t in enumerate(self._table_of_feature):
+            if t in self._remapped:
+                sel = feat == i
+                values = torch.where(sel, getattr(self, f"row_map_{t}").to(torch.int64)[values * sel], values)
+        seg_start = self._seg_start.to(dev)
+        seg = torch.searchsorted(seg_start, self._feat_base.to(dev)[feat] + values, right=True) - 1
+        local = values - (seg_start[seg] - self._feat_base.to(dev)[feat])
+        dest = self._seg_dest.to(dev)[seg]
+        keep = dest >= 0
+        dest_bag = dest[keep] * batch + (bag[keep] - feat[keep] * batch)
+        order = torch.argsort(dest_bag, stable=True)
+        n_keys = len(self._inner_keys)
+        new_lengths = torch.bincount(dest_bag, minlength=n_keys * batch).to(lengths.dtype)
+        return KeyedJaggedTensor(
+            keys=self._inner_keys,
+            values=local[keep][order],
+            lengths=new_lengths,
+            weights=weights[keep][order] if weights is not None else None,
+            stride=batch,
+        )
+
+    def _col_map(self, keys: list[str], lengths: list[int], device: torch.device) -> torch.Tensor:
+        """Inner output column -> logical output column (cached per inner key order: a sharded
+        inner collection may return its keys grouped by shard)."""
+        k = tuple(keys)
+        cm = self._col_maps.get(k)
+        if cm is None:
+            pieces = []
+            for key, d in zip(keys, lengths):
+                c0 = self._col0[self._inner_key_feature[key]]
+                pieces.append(torch.arange(c0, c0 + d))
+            cm = self._col_maps[k] = torch.cat(pieces)
+        return cm.to(device)
+
+    # ----- weights and accounting -----
+    def dequantized_weight(self, name: str) -> torch.Tensor:
+        """Table ``name`` as fp32 ``[rows, dim]`` indexed by (frequency-ranked) id; pruned rows are 0."""
+        tp = self._precisions[name]
+        segs = tp.segments()
+        out = torch.zeros(tp.rows, tp.dim, dtype=torch.float32, device=self.device)
+        for first, a, e, bits in segs:
+            if bits:
+                out[a:e] = self.row_groups.dequantized_weight(physical_name(name, first, len(segs) == 1))
+        return out
+
+    def load_float_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Quantize fp32 ``weight`` ``[rows, dim]`` (indexed by raw id) into table ``name``'s groups."""
+        tp = self._precisions[name]
+        if tuple(weight.shape) != (tp.rows, tp.dim):
+            raise ValueError(f"table {name!r}: weight {tuple(weight.shape)} is not {tp.rows} x {tp.dim}")
+        if name in self._remapped:
+            ranked = torch.empty_like(weight)
+            ranked[getattr(self, f"row_map_{name}").to(torch.int64).to(weight.device)] = weight
+            weight = ranked
+        segs = tp.segments()
+        for first, a, e, bits in segs:
+            if bits:
+                self.row_groups.load_float_weight(physical_name(name, first, len(segs) == 1), weight[a:e])
+
+    def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
+        """Bytes held: the physical tables' rows, step sizes, optimizer state, plus row maps."""
+        report = self.row_groups.memory_bytes(per_table=True)
+        for n in sorted(self._remapped):
+            m = getattr(self, f"row_map_{n}")
+            report[f"{n}.row_map"] = {
+                "row_map": m.numel() * m.element_size(),
+                "total": m.numel() * m.element_size(),
+            }
+        if per_table:
+            return report
+        return sum(p["total"] for p in report.values())
+
+    # ----- checkpoints: the plan travels with the tables -----
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"precision_plan": self.plan.to_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = PrecisionPlan.from_dict(state.get("precision_plan"), "checkpoint")
+        if saved != self.plan:
+            diff = sorted(
+                n
+                for n in set(saved.tables) | set(self.plan.tables)
+                if saved.tables.get(n) != self.plan.tables.get(n)
+            )
+            raise ValueError(
+                f"checkpoint was trained with a different precision plan (tables {diff} differ); build the "
+                "module from the checkpoint's plan (PrecisionPlan.from_dict(sd[...'_extra_state']['precision_plan']))"
+            )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
+        # The plan is checked before any child copies rows, so a mismatch loads nothing.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            self.set_extra_state(extra)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -1,0 +1,305 @@
+"""MPE (Li et al., "Mixed-Precision Embeddings for Large-Scale Recommendation Models"): learn,
+per frequency group of rows, a distribution over candidate bit widths; select; retrain.
+
+During the search every table is an fp32 weight; each looked-up row is replaced by its
+*expected* quantized value ``sum_i p_gi * Q_bi(w)`` (``p_g = softmax(alpha_g / T)`` for the
+row's group ``g``, ``Q_b`` LSQ+ fake quantization with a learnable step per bit width and an
+offset per dimension), and :meth:`MPESearchEmbeddingBagCollection.regularization` adds
+``lambda * sum_g sum_i p_gi * b_i / c_g`` (``c_g`` = the group's lookup mass relative to the
+table's smallest group), which pushes rarely seen groups to fewer bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_lowprec.quant.fake_quant import (
+    SEARCH_BITS,
+    lsq_grad_scale_for,
+    lsq_plus_fake_quant,
+    lsq_plus_init_step,
+)
+from torchrec_lowprec.quant.groups import frequency_groups, table_counts
+from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+
+#: Search widths the storage cannot hold are stored at the next storable width.
+STORABLE_BITS = (0, 2, 4, 8, 16, 32)
+#: Keeps c_g finite for groups never looked up (masses are fractions of a table's lookups).
+MASS_FLOOR = 1e-6
+
+
+def storable_bits(bits: int) -> int:
+    return min(b for b in STORABLE_BITS if b >= bits)
+
+
+@dataclass(frozen=True)
+class MPESearchConfig:
+    """Hyper-parameters of the MPE search.
+
+    Args:
+        candidate_bits: the widths searched (paper: 0..6; default 0, 2, 4, 8). Widths the
+            storage lacks (1, 3, 5, 6, 7) are stored at the next wider storable width.
+        num_groups: frequency groups per table (paper: 128, equal row counts).
+        min_rows_per_group: tables too small for ``num_groups`` groups of this many rows get fewer.
+        temperature: softmax temperature ``T`` of the bit-width distribution.
+        reg_lambda: ``lambda`` of the bit regulariser.
+
+    Example::
+
+        MPESearchConfig(candidate_bits=(0, 2, 4, 8), num_groups=64, reg_lambda=1e-4)
+    """
+
+    candidate_bits: tuple[int, ...] = (0, 2, 4, 8)
+    num_groups: int = 64
+    min_rows_per_group: int = 16
+    temperature: float = 1.0
+    reg_lambda: float = 1e-4
+
+    def __post_init__(self) -> None:
+        bits = tuple(sorted(set(int(b) for b in self.candidate_bits)))
+        bad = [b for b in bits if b not in SEARCH_BITS]
+        if bad or len(bits) < 2:
+            raise ValueError(
+                f"MPESearchConfig.candidate_bits={self.candidate_bits!r}: need >= 2 distinct widths from "
+                f"{list(SEARCH_BITS)}"
+            )
+        object.__setattr__(self, "candidate_bits", bits)
+        if self.num_groups < 1 or self.min_rows_per_group < 1:
+            raise ValueError("MPESearchConfig.num_groups and min_rows_per_group must be >= 1")
+        if not self.temperature > 0 or not self.reg_lambda >= 0:
+            raise ValueError("MPESearchConfig.temperature must be > 0 and reg_lambda >= 0")
+
+
+class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Search-time collection: KJT -> KeyedTensor like ``torchrec.EmbeddingBagCollection``, with
+    every looked-up row replaced by its expected quantized value under the group's learned
+    bit-width distribution. Ids must be frequency-ranked (``data.remap_by_rank``).
+
+    Parameters: ``weights`` (fp32 tables), ``bit_logits`` (``[G, m]`` per table),
+    ``step_sizes`` (per table and integer width) and ``offsets`` (``[widths, D]`` per
+    table). Train all with the model's loss plus :meth:`regularization`; then
+    :meth:`select` gives the :class:`PrecisionPlan` to retrain with.
+
+    Args:
+        tables: TorchRec table configs (SUM or MEAN pooling).
+        config: :class:`MPESearchConfig`.
+        frequencies: feature name -> per-id lookup counts *indexed by frequency rank* or raw
+            id (only the sorted counts are used). A table without counts gets equal groups
+            and equal masses.
+        is_weighted: use KJT weights as per-sample weights.
+
+    Example::
+
+        search = MPESearchEmbeddingBagCollection(tables, MPESearchConfig(), counts)
+        loss = bce(model(batch)) + search.regularization()
+        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan)
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        config: MPESearchConfig | None = None,
+        frequencies: dict[str, torch.Tensor] | None = None,
+        is_weighted: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or MPESearchConfig()
+        self._tables = tables
+        self._is_weighted = is_weighted
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        frequencies = frequencies or {}
+        bits = self.config.candidate_bits
+        self._int_bits = [b for b in bits if 0 < b <= 8]
+        self.weights = nn.ParameterDict()
+        self.bit_logits = nn.ParameterDict()
+        self.step_sizes = nn.ParameterDict()
+        self.offsets = nn.ParameterDict()
+        self._group_ends: dict[str, tuple[int, ...]] = {}
+        self._group_mass: dict[str, tuple[float, ...]] = {}
+        for t in tables:
+            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
+            counts = table_counts(t, frequencies)
+            ends, mass = frequency_groups(counts, self.config.num_groups, self.config.min_rows_per_group)
+            self._group_ends[t.name], self._group_mass[t.name] = ends, mass
+            w = torch.empty(t.num_embeddings, t.embedding_dim, device=device)
+            w.uniform_(t.get_weight_init_min(), t.get_weight_init_max())
+            self.weights[t.name] = nn.Parameter(w)
+            self.bit_logits[t.name] = nn.Parameter(torch.zeros(len(ends), len(bits), device=device))
+            steps = [lsq_plus_init_step(w, b) for b in self._int_bits]
+            self.step_sizes[t.name] = nn.Parameter(torch.tensor(steps, device=device))
+            self.offsets[t.name] = nn.Parameter(
+                torch.zeros(len(self._int_bits), t.embedding_dim, device=device)
+            )
+            self.register_buffer(f"group_ends_{t.name}", torch.tensor(ends, dtype=torch.int64, device=device))
+            rel = torch.tensor(mass, dtype=torch.float32) + MASS_FLOOR
+            self.register_buffer(f"inv_rel_mass_{t.name}", (rel.min() / rel).to(device))
+        self._features = [f for t in tables for f in t.feature_names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self.register_buffer("_bits", torch.tensor(bits, dtype=torch.float32, device=device))
+
+    @staticmethod
+    def from_float(
+        ebc: EmbeddingBagCollection, config: MPESearchConfig | None = None, frequencies=None
+    ) -> MPESearchEmbeddingBagCollection:
+        """A search collection starting from ``ebc``'s weights (step sizes re-initialised)."""
+        tables = ebc.embedding_bag_configs()
+        dev = ebc.embedding_bags[tables[0].name].weight.device
+        out = MPESearchEmbeddingBagCollection(tables, config, frequencies, ebc.is_weighted(), dev)
+        with torch.no_grad():
+            for t in tables:
+                w = ebc.embedding_bags[t.name].weight
+                out.weights[t.name].copy_(w)
+                steps = [lsq_plus_init_step(w, b) for b in out._int_bits]
+                out.step_sizes[t.name].copy_(torch.tensor(steps))
+        return out
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def architecture_parameters(self) -> list[nn.Parameter]:
+        """The bit-width logits (often trained with their own optimizer / learning rate)."""
+        return list(self.bit_logits.values())
+
+    def bit_probabilities(self) -> dict[str, torch.Tensor]:
+        """Table -> ``[groups, candidates]`` softmax probabilities (candidates ascending)."""
+        return {n: torch.softmax(a / self.config.temperature, dim=1) for n, a in self.bit_logits.items()}
+
+    def regularization(self) -> torch.Tensor:
+        """``lambda * sum_tables sum_g sum_i p_gi * b_i / c_g``."""
+        total = torch.zeros((), device=self._bits.device)
+        for n, p in self.bit_probabilities().items():
+            total = total + ((p @ self._bits) * getattr(self, f"inv_rel_mass_{n}")).sum()
+        return self.config.reg_lambda * total
+
+    def expected_bits(self) -> dict[str, torch.Tensor]:
+        """Table -> expected bit width per group (a readable summary of the search state)."""
+        return {n: (p @ self._bits).detach() for n, p in self.bit_probabilities().items()}
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.keys() != self._features:
+            missing = [f for f in self._features if f not in features.keys()]
+            if missing:
+                raise ValueError(
+                    f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}"
+                )
+            features = features.permute([features.keys().index(f) for f in self._features])
+        batch = features.stride()
+        per_key = features.to_dict()
+        outs = []
+        probs = self.bit_probabilities()
+        for t in self._tables:
+            w = self.weights[t.name]
+            for f in t.feature_names:
+                jt = per_key[f]
+                ids = jt.values().to(torch.int64)
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= t.num_embeddings):
+                    raise IndexError(
+                        f"feature {f!r} has an id outside [0, {t.num_embeddings}) of table {t.name!r}"
+                    )
+                rows = F.embedding(ids, w)
+                emb = self._expected_rows(t.name, ids, rows, probs[t.name])
+                if self._is_weighted:
+                    emb = emb * jt.weights().float().unsqueeze(1)
+                lengths = jt.lengths()
+                bag = torch.repeat_interleave(
+                    torch.arange(batch, device=ids.device), lengths, output_size=ids.numel()
+                )
+                pooled = torch.zeros(batch, t.embedding_dim, device=w.device, dtype=w.dtype).index_add(
+                    0, bag, emb
+                )
+                if t.pooling == PoolingType.MEAN:
+                    pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+                outs.append(pooled)
+        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=torch.cat(outs, dim=1))
+
+    def _expected_rows(
+        self, name: str, ids: torch.Tensor, rows: torch.Tensor, p: torch.Tensor
+    ) -> torch.Tensor:
+        group = torch.searchsorted(getattr(self, f"group_ends_{name}"), ids, right=True)
+        pg = p[group]  # [n, m]
+        out = torch.zeros_like(rows)
+        k = 0
+        for i, b in enumerate(self.config.candidate_bits):
+            if b == 0:
+                continue  # a pruned row contributes nothing
+            if b <= 8:
+                scale = lsq_grad_scale_for(rows.numel(), b)
+                q = lsq_plus_fake_quant(rows, self.step_sizes[name][k], self.offsets[name][k], b, scale)
+                k += 1
+            else:
+                q = lsq_plus_fake_quant(rows, self.step_sizes[name][0], self.offsets[name][0], b)
+            out = out + pg[:, i : i + 1] * q
+        return out
+
+    def select(self) -> PrecisionPlan:
+        """The paper's rule: per group, the highest width whose probability is >= 1/(2m);
+        widths the storage lacks are rounded up (see ``STORABLE_BITS``)."""
+        m = len(self.config.candidate_bits)
+        plan = {}
+        for t in self._tables:
+            p = self.bit_probabilities()[t.name].detach().cpu()
+            chosen = []
+            for g in range(p.shape[0]):
+                ok = [b for b, pi in zip(self.config.candidate_bits, p[g].tolist()) if pi >= 1.0 / (2 * m)]
+                chosen.append(storable_bits(max(ok)))
+            plan[t.name] = TablePrecision(
+                t.num_embeddings,
+                t.embedding_dim,
+                self._group_ends[t.name],
+                tuple(chosen),
+                self._group_mass[t.name],
+            )
+        return PrecisionPlan(plan)
+
+
+def mpe_search_(
+    model: nn.Module,
+    config: MPESearchConfig | None = None,
+    frequencies: dict[str, torch.Tensor] | None = None,
+) -> list[MPESearchEmbeddingBagCollection]:
+    """Swap every ``torchrec.EmbeddingBagCollection`` in ``model`` (in place) for a search
+    collection starting from its weights; returns the search collections.
+
+    Example::
+
+        searches = mpe_search_(dlrm, MPESearchConfig(reg_lambda=3e-4), counts)
+        ...  # train with loss + sum(s.regularization() for s in searches)
+        plan = merge_plans([s.select() for s in searches])
+    """
+    found = []
+    for name, child in list(model.named_children()):
+        if type(child) is EmbeddingBagCollection:
+            new = MPESearchEmbeddingBagCollection.from_float(child, config, frequencies)
+            setattr(model, name, new)
+            found.append(new)
+        else:
+            found.extend(mpe_search_(child, config, frequencies))
+    return found
+
+
+def merge_plans(plans: list[PrecisionPlan]) -> PrecisionPlan:
+    """One plan holding the tables of several (e.g. one per collection of a model)."""
+    out: dict[str, TablePrecision] = {}
+    for p in plans:
+        dup = set(out) & set(p.tables)
+        if dup:
+            raise ValueError(f"tables {sorted(dup)} appear in two plans")
+        out.update(p.tables)
+    return PrecisionPlan(out)
+
+
+def regularization(searches: list[MPESearchEmbeddingBagCollection]) -> torch.Tensor:
+    """The summed bit regulariser of several search collections."""
+    return sum((s.regularization() for s in searches), torch.zeros(()))

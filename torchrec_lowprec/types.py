@@ -279,6 +279,6 @@ class PrecisionPlan:
                 doc = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON ({e})") from None
-        if isinstance(doc, dict) and "precision" in doc and "format" not in doc:
+        if isinstance(doc, dict) and doc.get("format") != PLAN_FORMAT and "precision" in doc:
             doc = doc["precision"]  # a planner output file: the plan travels beside the sharding
         return PrecisionPlan.from_dict(doc, path)

@@ -1,0 +1,131 @@
+"""Mixed-precision collections sharded over 2 gloo ranks: equal to unsharded, and the planner's
+per-rank bytes equal the bytes the sharded model actually allocates."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torchrec
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+import torchrec_lowprec as lp
+from tests.distributed.multiprocess import run_multiprocess
+from tests.distributed.test_sharding import (
+    B,
+    Wrap,
+    _check_state_equal,
+    global_batch,
+    loss_weights,
+    rank_slice,
+)
+from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
+from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
+from torchrec_lowprec.planner import plan_precision, planned_bytes_per_rank
+from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+
+pytestmark = pytest.mark.slow
+STEPS = 3
+
+
+def _tables():
+    return [
+        torchrec.EmbeddingBagConfig(
+            name="t0", embedding_dim=16, num_embeddings=40, feature_names=["f0", "f1"]
+        ),
+        torchrec.EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["f2"]),
+    ]
+
+
+PLAN = PrecisionPlan(
+    {
+        "t0": TablePrecision(40, 16, (10, 20, 32, 40), (8, 4, 2, 0)),
+        "t1": TablePrecision(30, 8, (6, 30), (8, 4)),
+    }
+)
+CFG = lp.LowPrecisionConfig(rounding="stochastic", learning_rate=0.05, step_size_lr=1e-3)
+
+
+def _equal_body(rank: int, world: int, kind: str) -> None:
+    torch.manual_seed(0)
+    tbls = _tables()
+    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, PLAN, CFG)
+    ref = copy.deepcopy(unsharded)
+    phys = [t.name for t in unsharded.row_groups.embedding_bag_configs()]
+    assert phys == ["t0__g0", "t0__g1", "t0__g2", "t1__g0", "t1__g1"]
+    specs = {n: (table_wise(rank=i % world) if kind == "tw" else row_wise()) for i, n in enumerate(phys)}
+    module_plan = construct_module_sharding_plan(
+        unsharded.row_groups, specs, local_size=world, world_size=world, device_type="cpu",
+        sharder=LowPrecisionEmbeddingBagCollectionSharder(),
+    )  # fmt: skip
+    model = DistributedModelParallel(
+        Wrap(unsharded),
+        plan=ShardingPlan({"ebc.row_groups": module_plan}),
+        sharders=lp.sharders(),
+        device=torch.device("cpu"),
+        env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
+    )
+    W = loss_weights(tbls)
+    for step in range(STEPS):
+        gkjt = global_batch(tbls, step, world)
+        out = model(rank_slice(gkjt, rank))
+        ref_out = Wrap(ref)(gkjt)
+        for k in out:
+            torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
+        (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
+        sum((out[k] * W[k]).sum() for k in out).backward()
+    checked = _check_state_equal(model.state_dict(), ref.row_groups.state_dict(), "ebc.row_groups.")
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("kind", ["tw", "rw"])
+def test_mixed_precision_sharded_equals_unsharded(kind):
+    run_multiprocess(_equal_body, kind)
+
+
+def _bytes_body(rank: int, world: int) -> None:
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    tbls = [
+        torchrec.EmbeddingBagConfig(name=f"t{i}", embedding_dim=32, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, r in enumerate((60_000, 20_000, 500))
+    ]
+    counts = {"f0": (1e6 / torch.arange(1, 60_001, dtype=torch.float64) ** 1.1).long()}
+    cfg = lp.LowPrecisionConfig()  # RowWiseAdagrad, ALPT
+    fp32 = 80_500 * (32 * 4 + 4)
+    topo = Topology(world_size=world, compute_device="cpu", hbm_cap=0, ddr_cap=int(0.7 * fp32 / world / 0.85))
+    mp = plan_precision(tbls, topo, cfg, frequencies=counts, num_groups=4, module_path="ebc", batch_size=64)
+    assert any(b < 32 for tp in mp.precision.tables.values() for b in tp.bits)  # the budget forced lowering
+    model = DistributedModelParallel(
+        Wrap(MixedPrecisionEmbeddingBagCollection(tbls, mp.precision, cfg, device=torch.device("meta"))),
+        plan=mp.sharding,
+        sharders=lp.sharders(),
+        device=torch.device("cpu"),
+        env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
+    )
+    actual = model.module.ebc.row_groups.memory_bytes()
+    planned = mp.per_rank_bytes[rank]
+    assert abs(actual - planned) <= 0.01 * planned, (rank, actual, planned)
+    # A row-wise plan of the same model (CPU planners do not propose RW): same check.
+    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, mp.precision, cfg, device=torch.device("meta"))
+    phys = [t.name for t in unsharded.row_groups.embedding_bag_configs()]
+    rw = construct_module_sharding_plan(
+        unsharded.row_groups, {n: row_wise() for n in phys}, local_size=world, world_size=world,
+        device_type="cpu", sharder=LowPrecisionEmbeddingBagCollectionSharder(),
+    )  # fmt: skip
+    plan = ShardingPlan({"ebc.row_groups": rw})
+    planned = planned_bytes_per_rank(plan, unsharded, world, "cpu")[rank]
+    model = DistributedModelParallel(
+        Wrap(unsharded), plan=plan, sharders=lp.sharders(), device=torch.device("cpu"),
+        env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
+    )  # fmt: skip
+    actual = model.module.ebc.row_groups.memory_bytes()
+    assert abs(actual - planned) <= 0.01 * planned, (rank, actual, planned)
+
+
+def test_planned_bytes_match_allocated_bytes_per_rank():
+    run_multiprocess(_bytes_body)

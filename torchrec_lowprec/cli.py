@@ -1,0 +1,176 @@
+"""``torchrec-lowprec``: command-line entry points.
+
+torchrec-lowprec plan --tables tables.yaml --world-size 8 --hbm-gb 40 --out plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TABLES_HELP = """\
+file formats:
+  --tables (YAML or JSON): a list of tables, or {"tables": [...]}; each table has
+      name: t_user            (required; no '.')
+      rows: 40000000          (required; alias num_embeddings)
+      dim: 128                (required; alias embedding_dim)
+      features: [user_id]     (optional; default [name])
+      pooling: sum | mean     (optional; default sum)
+  --frequencies: a file written by torchrec_lowprec.data.save_frequencies (feature -> per-id
+      counts from the training split); tables are then split into --groups frequency groups
+      and rare groups are lowered first. Ids must then be frequency-ranked by the data
+      pipeline (torchrec_lowprec.data.remap_by_rank), or pass --remap-in-module.
+  --precision-plan: a PrecisionPlan JSON (MPE's selection, or a previous plan.json): the
+      starting precision, only ever lowered.
+  --out: JSON with "precision" (the PrecisionPlan; pass it to lp.convert(model, cfg,
+      precision_plan=...)) and "sharding" (TorchRec's plan for DistributedModelParallel, keyed
+      by --module-path + ".row_groups"); load both with torchrec_lowprec.planner.MemoryPlan.load.
+
+exit status: 0 planned; 2 bad arguments or file; 3 the budget cannot be met (the message
+gives the smallest bytes per rank that would fit).
+"""
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"torchrec-lowprec: error: {msg}", file=sys.stderr)
+    return code
+
+
+def read_tables(path: str) -> list:
+    """Table configs from a YAML/JSON file (format in ``TABLES_HELP``); ``ValueError`` if malformed."""
+    import yaml
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tables file {path} does not exist")
+    with open(path) as f:
+        try:
+            doc = yaml.safe_load(f)  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not YAML/JSON ({str(e).splitlines()[0]})") from None
+    items = doc.get("tables") if isinstance(doc, dict) else doc
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty list of tables (or a 'tables:' key holding one)")
+    out = []
+    for i, t in enumerate(items):
+        if not isinstance(t, dict):
+            raise ValueError(f"{path}: table #{i} is not a mapping")
+        try:
+            name = str(t["name"])
+            rows = int(t.get("rows", t.get("num_embeddings")))
+            dim = int(t.get("dim", t.get("embedding_dim")))
+            pooling = PoolingType[str(t.get("pooling", "sum")).upper()]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path}: table #{i} {t!r} needs name, rows, dim (and pooling sum|mean): {e}"
+            ) from None
+        if rows <= 0 or dim <= 0 or "." in name or not name:
+            raise ValueError(
+                f"{path}: table {name!r}: rows and dim must be > 0 and the name non-empty without '.'"
+            )
+        feats = [str(x) for x in t.get("features", [name])]
+        out.append(
+            EmbeddingBagConfig(
+                name=name, num_embeddings=rows, embedding_dim=dim, feature_names=feats, pooling=pooling
+            )
+        )
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate table names")
+    return out
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="bit widths + TorchRec sharding plan that fit a memory budget",
+        description="Plan per-table / per-group precision and sharding so the tables fit a memory budget per rank.",
+        epilog=TABLES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tables", required=True, help="YAML/JSON table list (format below)")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
+    p.add_argument("--hbm-gb", type=float, help="memory per rank in GiB (GPU HBM; for --device cpu: DDR)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="compute device (default cuda)")
+    p.add_argument("--frequencies", help="per-id counts (torchrec_lowprec.data.save_frequencies)")
+    p.add_argument("--precision-plan", help="starting PrecisionPlan JSON (e.g. MPE's selection)")
+    p.add_argument("--groups", type=int, default=16, help="frequency groups per table with --frequencies")
+    p.add_argument(
+        "--min-bits", type=int, default=2, choices=(0, 2, 4, 8, 16, 32), help="floor (0 allows pruning)"
+    )
+    p.add_argument("--max-bits", type=int, default=32, choices=(2, 4, 8, 16, 32), help="ceiling")
+    p.add_argument(
+        "--optimizer", default="rowwise_adagrad", choices=("sgd", "adagrad", "rowwise_adagrad", "adam")
+    )
+    p.add_argument("--no-learn-step-size", action="store_true", help="LPT (no fp32 master step per row)")
+    p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size (I/O estimate)")
+    p.add_argument("--reserved-fraction", type=float, default=0.15, help="memory kept for dense parts")
+    p.add_argument("--module-path", default="", help="the collection's path in the model (keys the plan)")
+    p.add_argument(
+        "--remap-in-module", action="store_true", help="ids are raw: keep a 4 B/row id map per table"
+    )
+    p.add_argument("--out", required=True, help="output plan JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import torch
+    from torchrec.distributed.planner import Topology
+
+    from torchrec_lowprec.data.frequencies import load_frequencies
+    from torchrec_lowprec.planner import GiB, InfeasibleBudgetError, plan_precision
+    from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan
+
+    if args.hbm_gb is None or args.hbm_gb <= 0 or args.world_size < 1:
+        return _fail("--hbm-gb must be > 0 and --world-size >= 1")
+    try:
+        tables = read_tables(args.tables)
+        freqs = load_frequencies(args.frequencies) if args.frequencies else None
+        start = PrecisionPlan.load(args.precision_plan) if args.precision_plan else None
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    cap = int(args.hbm_gb * GiB)
+    caps = {"hbm_cap": cap} if args.device == "cuda" else {"hbm_cap": 0, "ddr_cap": cap}
+    topo = Topology(
+        world_size=args.world_size,
+        compute_device=args.device,
+        local_world_size=min(args.world_size, 8),
+        **caps,
+    )
+    cfg = LowPrecisionConfig(optimizer=args.optimizer, learn_step_size=not args.no_learn_step_size)
+    try:
+        with torch.no_grad():
+            mp = plan_precision(
+                tables, topo, cfg, batch_size=args.batch_size, precision_plan=start, frequencies=freqs,
+                num_groups=args.groups, min_bits=args.min_bits, max_bits=args.max_bits,
+                reserved_fraction=args.reserved_fraction, module_path=args.module_path,
+                remap_in_module=args.remap_in_module,
+            )  # fmt: skip
+    except InfeasibleBudgetError as e:
+        return _fail(str(e), 3)
+    except ValueError as e:
+        return _fail(str(e))
+    print(mp.summary())
+    mp.save(args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # TorchRec's planner logs advisory warnings about directly built topologies and dry runs.
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    parser = argparse.ArgumentParser(
+        prog="torchrec-lowprec", description=__doc__.splitlines()[0].strip("`: ")
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _plan_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _run_plan(args)
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

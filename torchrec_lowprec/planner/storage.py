@@ -1,0 +1,84 @@
+"""A storage estimator for TorchRec's planner that counts the bytes low-precision shards hold.
+
+TorchRec sizes a table from its parameter's dtype and counts int8 / int4 tables as 2 bytes
+per element; its optimizer-state guess assumes state in the parameter's dtype. For our
+tables the estimator replaces that tensor + optimizer part, shard by shard, with
+:func:`~torchrec_lowprec.modules.table_layout.stored_bytes` (padded IntNBit rows, fp32
+master step sizes, fp32 optimizer state): the same formula ``memory_bytes()`` reports for
+the allocated shards. TorchRec's input/output (pipeline) bytes are kept as it computes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec.distributed.planner.shard_estimators import (
+    EmbeddingStorageEstimator,
+    _calculate_storage_specific_sizes,
+)
+from torchrec.distributed.planner.types import ShardingOption
+from torchrec.distributed.types import ShardingType
+
+from torchrec_lowprec.kernels.lookup import row_alignment_for
+from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.table_layout import stored_bytes
+from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
+
+#: Where TorchRec puts the tensor bytes of a non-cached kernel, by compute device.
+_HBM_DEVICES = ("cuda", "mtia")
+
+
+def shard_bytes(
+    module: LowPrecisionEmbeddingBagCollection,
+    table: str,
+    shard_rows: int,
+    shard_cols: int,
+    compute_device: str,
+) -> int:
+    """Bytes one shard of ``table`` (``shard_rows`` x ``shard_cols``) holds on ``compute_device``."""
+    cfg = module.table_config(table)
+    kind = optimizer_params_from_in_backward(module.tables[table].handle, cfg).kind
+    align = row_alignment_for(torch.device("cuda" if compute_device in _HBM_DEVICES else "cpu"))
+    return stored_bytes(shard_rows, shard_cols, cfg.bits, kind, cfg.keeps_master_step_size, align)
+
+
+class LowPrecisionStorageEstimator(EmbeddingStorageEstimator):
+    """``EmbeddingStorageEstimator`` that sizes low-precision tables by their real bytes.
+
+    Takes ``EmbeddingStorageEstimator``'s arguments. Options of other modules (TorchRec float
+    collections) keep TorchRec's estimate.
+
+    Example::
+
+        enumerator = EmbeddingEnumerator(topology, batch_size, estimator=[
+            EmbeddingPerfEstimator(topology), LowPrecisionStorageEstimator(topology)])
+        planner = EmbeddingShardingPlanner(topology, batch_size, enumerator=enumerator)
+    """
+
+    def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:  # type: ignore[override]
+        super().estimate(sharding_options, sharder_data_map)
+        device = self._topology.compute_device
+        for so in sharding_options:
+            module = so.module[1]
+            if not isinstance(module, LowPrecisionEmbeddingBagCollection):
+                continue
+            sizes = [list(s.size) for s in so.shards]
+            # What TorchRec just counted for tensor + optimizer (the rest is I/O): removed.
+            tensor = so.tensor
+            theirs = _calculate_storage_specific_sizes(
+                storage=tensor.numel() * tensor.element_size(),
+                shape=tensor.shape,
+                shard_sizes=sizes,
+                sharding_type=so.sharding_type,
+                optimizer_class=getattr(tensor, "_optimizer_classes", [None])[0],
+                is_inference=self._is_inference,
+            )
+            for shard, size, their_bytes in zip(so.shards, sizes, theirs):
+                rows, cols = size
+                if so.sharding_type == ShardingType.DATA_PARALLEL.value:
+                    rows, cols = tensor.shape
+                ours = shard_bytes(module, so.name, rows, cols, device)
+                st = shard.storage
+                if device in _HBM_DEVICES:
+                    st.hbm = st.hbm - their_bytes + ours
+                else:
+                    st.ddr = st.ddr - their_bytes + ours

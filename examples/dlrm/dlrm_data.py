@@ -121,8 +121,11 @@ class LocalBatch:
 class DataSource:
     """One data set (synthetic or tabular) as per-rank batch streams."""
 
-    def __init__(self, name: str, source: SyntheticCTR | TabularDataset) -> None:
+    def __init__(self, name: str, source: SyntheticCTR | TabularDataset, cache: bool = False) -> None:
         self.name = name
+        # Synthetic chunks kept after their first generation (about 300 bytes per row with 26
+        # one-hot fields), for callers that train many models on one data set.
+        self._cache: dict[tuple[str, int], RowBlock] | None = {} if cache else None
         self.source = source
         self.keys = list(source.feature_names)
         # DLRM needs at least one dense input; a categorical-only file gets a constant 1.
@@ -155,7 +158,7 @@ class DataSource:
             data: SyntheticCTR = self.source
             chunk = data.config.chunk_rows
             for k in range(start_row // chunk, data.num_chunks(split)):
-                block, _ = data.chunk(split, k)
+                block = self._chunk(split, k)
                 skip = start_row - k * chunk
                 yield block.slice(skip, len(block)) if skip > 0 else block
             return
@@ -167,6 +170,13 @@ class DataSource:
                 continue
             yield block.slice(skip, len(block)) if skip else block
             skip = 0
+
+    def _chunk(self, split: str, k: int) -> RowBlock:
+        if self._cache is None:
+            return self.source.chunk(split, k)[0]
+        if (split, k) not in self._cache:
+            self._cache[(split, k)] = self.source.chunk(split, k)[0]
+        return self._cache[(split, k)]
 
     def _to_batch(self, block: RowBlock) -> Batch:
         if block.dense.shape[1] == 0:
@@ -208,8 +218,11 @@ class DataSource:
             yield LocalBatch(self._to_batch(part), valid, len(block))
 
 
-def open_data(args: argparse.Namespace) -> DataSource:
-    """The data set the arguments name; ``DataError`` with one clear message if it cannot be opened."""
+def open_data(args: argparse.Namespace, cache: bool = False) -> DataSource:
+    """The data set the arguments name; ``DataError`` with one clear message if it cannot be opened.
+
+    ``cache`` keeps generated synthetic rows in memory (see :class:`DataSource`).
+    """
     spec: str = args.data
     kind, _, rest = spec.partition(":")
     if kind == "synthetic":
@@ -223,7 +236,7 @@ def open_data(args: argparse.Namespace) -> DataSource:
             test_rows=args.test_rows,
             seed=args.data_seed,
         )
-        return DataSource("synthetic", SyntheticCTR(cfg))
+        return DataSource("synthetic", SyntheticCTR(cfg), cache=cache)
     common = dict(min_count=args.min_count, split=args.split, seed=args.data_seed, strict=args.strict)
     try:
         if kind == "criteo":

@@ -125,13 +125,17 @@ def _all_gather(obj, env: Env) -> list:
 
 
 # -------------------------------------------------------------------------------- train
-def train(args: argparse.Namespace, env: Env) -> dict:
-    """Build, train, evaluate; returns the summary (every rank returns the same one)."""
+def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) -> dict:
+    """Build, train, evaluate; returns the summary (every rank returns the same one).
+
+    ``data`` reuses an opened data set (the benchmark trains many models on one); by default
+    the arguments name it.
+    """
     lead = env.rank == 0
     say = (lambda *a: print(*a, flush=True)) if lead and not args.quiet else (lambda *a: None)
     if args.batch_size % env.world:
         raise DataError(f"--batch-size {args.batch_size} is not a multiple of the {env.world} ranks")
-    data = open_data(args)
+    data = data or open_data(args)
     tables = data.embedding_bag_configs(args.embedding_dim)
     model = build_model(args, tables, data.num_dense_in, data)
     if env.distributed:

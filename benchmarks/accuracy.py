@@ -1,0 +1,285 @@
+"""Accuracy of low-precision tables: fp32, fp16, LPT-DR, LPT-SR and ALPT at 8/4/2 bits.
+
+Trains the DLRM example (``examples/dlrm/train.py``, in this process) once per variant and
+seed on one synthetic data set with a known Bayes ceiling (and on the Criteo sample when
+``--criteo`` is given), then reports the mean and spread over seeds of test AUC and log-loss,
+the gap to the Bayes AUC, and embedding bytes, and writes the "accuracy" section of
+docs/benchmarks.md::
+
+    python benchmarks/accuracy.py --criteo ../shared/data/criteo_kaggle_sample_10k.tsv --write docs/benchmarks.md
+
+The seed changes the model's init and the rounding draws; the data set is the same for every
+run, so variants are compared on the same rows. Finished runs are appended to ``--results``
+(JSON lines) and reused when the same command runs again, so an interrupted run continues.
+New variants (mixed precision, compression) are one ``register_variant`` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "examples", "dlrm"))
+sys.path.insert(0, HERE)
+
+import dlrm_data  # noqa: E402
+import train as dlrm_train  # noqa: E402
+from dlrm_model import Env  # noqa: E402
+from report import write_section  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of storing and training the tables: a name and the train.py flags it means."""
+
+    name: str
+    family: str  # fp32, fp16, LPT-DR, LPT-SR, ALPT (or a later method's name)
+    bits: int
+    flags: tuple[str, ...] = field(default=())
+
+
+VARIANTS: list[Variant] = []
+
+
+def register_variant(v: Variant) -> None:
+    """Add a variant to the harness (e.g. ``Variant("mpe-4", "MPE", 4, ("--precision", "mpe"))``)."""
+    if any(x.name == v.name for x in VARIANTS):
+        raise ValueError(f"variant {v.name!r} is already registered")
+    VARIANTS.append(v)
+
+
+register_variant(Variant("fp32", "fp32", 32, ("--precision", "fp32")))
+register_variant(Variant("fp16", "fp16", 16, ("--precision", "fp16", "--rounding", "stochastic")))
+for _bits in (8, 4, 2):
+    _p = ("--precision", f"int{_bits}")
+    register_variant(
+        Variant(f"lpt-dr-{_bits}", "LPT-DR", _bits, (*_p, "--rounding", "nearest", "--no-learn-step-size"))
+    )
+    register_variant(
+        Variant(f"lpt-sr-{_bits}", "LPT-SR", _bits, (*_p, "--rounding", "stochastic", "--no-learn-step-size"))
+    )
+    register_variant(
+        Variant(f"alpt-{_bits}", "ALPT", _bits, (*_p, "--rounding", "stochastic", "--learn-step-size"))
+    )
+
+
+def dataset_flags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Data set name -> the train.py flags that select it and its training settings."""
+    out = {
+        "synthetic": [
+            "--data", "synthetic", "--vocab-sizes", args.vocab_sizes, "--zipf", str(args.zipf),
+            "--num-dense", str(args.num_dense), "--train-rows", str(args.train_rows), "--val-rows", "0",
+            "--test-rows", str(args.test_rows), "--batch-size", str(args.batch_size),
+            "--epochs", str(args.epochs), "--embedding-dim", str(args.dim),
+        ]
+    }  # fmt: skip
+    if args.criteo:
+        out["criteo-sample"] = [
+            "--data", f"criteo:{args.criteo}", "--batch-size", str(args.criteo_batch_size),
+            "--epochs", str(args.criteo_epochs), "--embedding-dim", str(args.dim),
+            "--min-count", str(args.criteo_min_count),
+        ]  # fmt: skip
+    return out
+
+
+def _key(dataset: str, flags: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps([dataset, list(flags)]).encode()).hexdigest()[:16]
+
+
+def run_one(dataset: str, flags: list[str], data: dlrm_data.DataSource, threads: int) -> dict:
+    """Train and evaluate one model; the numbers the report needs."""
+    args = dlrm_train.parse_args([*flags, "--no-progress", "--quiet", "--threads", str(threads)])
+    s = dlrm_train.train(args, Env(), data)
+    bayes = s["bayes"]["test"] if s["bayes"] else None
+    return {
+        "auc": s["test"]["auc"],
+        "logloss": s["test"]["logloss"],
+        "test_rows": s["test"]["rows"],
+        "bayes_auc": bayes["auc"] if bayes else None,
+        "bayes_logloss": bayes["logloss"] if bayes else None,
+        "bytes": s["embedding_bytes"]["ours"],
+        "fp32_bytes": s["embedding_bytes"]["fp32_rowwise_adagrad"],
+        "examples_per_s": s["train"]["examples_per_s"],
+        "train_rows": s["train"]["rows"],
+        "steps": s["train"]["steps"],
+    }
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def table(dataset: str, rows: dict[str, list[dict]]) -> str:
+    """Markdown table of one data set: mean ± sample std over seeds."""
+    base = statistics.fmean(r["auc"] for r in rows["fp32"]) if "fp32" in rows else None
+    has_bayes = any(r["bayes_auc"] is not None for rs in rows.values() for r in rs)
+    head = "| variant | bits | test AUC | vs fp32 | "
+    head += "gap to Bayes | " if has_bayes else ""
+    head += "log-loss | embedding bytes | vs fp32 | examples/s |"
+    lines = [head, "|" + "---|" + "---:|" * (head.count("|") - 2)]
+    for v in VARIANTS:
+        rs = rows.get(v.name)
+        if not rs:
+            continue
+        auc, auc_sd = _mean_sd([r["auc"] for r in rs])
+        ll, ll_sd = _mean_sd([r["logloss"] for r in rs])
+        line = f"| {v.family} | {v.bits} | {auc:.4f} ± {auc_sd:.4f} | "
+        line += f"{auc - base:+.4f} | " if base is not None else "| "
+        if has_bayes:
+            line += f"{rs[0]['bayes_auc'] - auc:.4f} | "
+        r0 = rs[0]
+        line += (
+            f"{ll:.4f} ± {ll_sd:.4f} | {r0['bytes'] / 2**20:.1f} MiB | {r0['bytes'] / r0['fp32_bytes']:.3f}x | "
+            f"{statistics.fmean(r['examples_per_s'] for r in rs):,.0f} |"
+        )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def verdicts(rows: dict[str, list[dict]]) -> list[str]:
+    """The papers' claims, checked against the means (differences in AUC)."""
+
+    def m(name: str) -> float | None:
+        rs = rows.get(name)
+        return statistics.fmean(r["auc"] for r in rs) if rs else None
+
+    def sd(name: str) -> float:
+        rs = rows.get(name) or []
+        return statistics.stdev([r["auc"] for r in rs]) if len(rs) > 1 else 0.0
+
+    out = []
+    fp32, a8 = m("fp32"), m("alpt-8")
+    if fp32 is not None and a8 is not None:
+        d = a8 - fp32
+        out.append(
+            f"int8 ALPT vs fp32: {d:+.4f} AUC (claim: within 0.0005) — "
+            + ("holds" if abs(d) <= 0.0005 else "does not hold")
+            + f" here (seed spread ±{max(sd('fp32'), sd('alpt-8')):.4f})."
+        )
+    for bits in (4, 2):
+        sr, dr, al = m(f"lpt-sr-{bits}"), m(f"lpt-dr-{bits}"), m(f"alpt-{bits}")
+        if sr is not None and dr is not None:
+            out.append(
+                f"{bits}-bit stochastic vs nearest rounding (LPT-SR − LPT-DR): {sr - dr:+.4f} AUC (claim: SR better) — "
+                + ("holds" if sr > dr else "does not hold")
+                + "."
+            )
+        if al is not None and sr is not None:
+            out.append(
+                f"{bits}-bit ALPT vs LPT-SR: {al - sr:+.4f} AUC (claim: ALPT better) — "
+                + ("holds" if al > sr else "does not hold")
+                + "."
+            )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-rows", type=int, default=3_000_000)
+    ap.add_argument("--test-rows", type=int, default=300_000)
+    ap.add_argument(
+        "--vocab-sizes", default="1000000,300000,100000,30000,10000,1000,100,10", help="synthetic fields"
+    )
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--num-dense", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared machine OpenMP spin-waits make 2 threads up to 10x slower)",
+    )
+    ap.add_argument("--variants", default="all", help="comma-separated names (default: every registered one)")
+    ap.add_argument("--criteo", help="Criteo TSV (e.g. ../shared/data/criteo_kaggle_sample_10k.tsv)")
+    ap.add_argument("--criteo-batch-size", type=int, default=256)
+    ap.add_argument("--criteo-epochs", type=int, default=1)
+    ap.add_argument("--criteo-min-count", type=int, default=3, help="rarer values share the OOV row")
+    ap.add_argument("--results", default="runs/accuracy.jsonl", help="finished runs (reused on a rerun)")
+    ap.add_argument("--write", help="write the 'accuracy' section of this markdown file")
+    args = ap.parse_args(argv)
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    wanted = [v for v in VARIANTS if args.variants == "all" or v.name in args.variants.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    done: dict[str, dict] = {}
+    if os.path.exists(args.results):
+        with open(args.results) as f:
+            for line in f:
+                rec = json.loads(line)
+                done[rec["key"]] = rec["result"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    t_start = time.perf_counter()
+    results: dict[str, dict[str, list[dict]]] = {}
+    for dataset, dflags in dataset_flags(args).items():
+        data = dlrm_data.open_data(dlrm_train.parse_args(dflags), cache=True)
+        results[dataset] = {}
+        for v in wanted:
+            for seed in seeds:
+                flags = [*dflags, *v.flags, "--seed", str(seed)]
+                key = _key(dataset, flags)
+                if key not in done:
+                    t0 = time.perf_counter()
+                    done[key] = run_one(dataset, flags, data, args.threads)
+                    with open(args.results, "a") as f:
+                        f.write(json.dumps({"key": key, "dataset": dataset, "variant": v.name,
+                                            "seed": seed, "flags": flags, "result": done[key]}) + "\n")  # fmt: skip
+                    r = done[key]
+                    print(
+                        f"{dataset:>14} {v.name:>9} seed {seed}: AUC {r['auc']:.4f} log-loss {r['logloss']:.4f} "
+                        f"({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
+                results[dataset].setdefault(v.name, []).append(done[key])
+        del data
+    wall = time.perf_counter() - t_start
+
+    parts = [
+        f"Command: `{command}` ({len(seeds)} seeds; {wall / 60:.1f} min here with "
+        f"{os.cpu_count()} CPU cores, {args.threads} torch thread(s), {platform.machine()}; runs reused from "
+        f"`{args.results}` not counted). Mean ± sample standard deviation over seeds "
+        f"{', '.join(map(str, seeds))} (model init and rounding draws; the data are fixed). Embedding "
+        "bytes: ours (`memory_bytes()`: codes, fp16 scales, fp32 master steps, RowWiseAdagrad state) "
+        "against FP32 rows + RowWiseAdagrad. Examples/s: training only, one process.",
+    ]
+    for dataset, rows in results.items():
+        if dataset == "synthetic":
+            desc = (
+                f"**Synthetic** (planted model, known Bayes AUC): {len(args.vocab_sizes.split(','))} fields "
+                f"with Zipf({args.zipf}) ids over vocabularies {args.vocab_sizes}, {args.num_dense} dense, "
+                f"{args.train_rows:,} training rows x {args.epochs} epoch(s), {args.test_rows:,} test rows; "
+                f"DLRM dim {args.dim}, batch {args.batch_size}, RowWiseAdagrad lr 0.05 on the tables, Adam 2e-3 dense."
+            )
+        else:
+            r0 = next(iter(rows.values()))[0]
+            desc = (
+                f"**Criteo sample** (`{os.path.basename(args.criteo)}`: random 8:1:1 split, {r0['train_rows']:,} "
+                f"training rows x {args.criteo_epochs} epoch(s), {r0['test_rows']:,} test rows, values seen < "
+                f"{args.criteo_min_count} times in the training rows share one OOV row): batch {args.criteo_batch_size}; AUC differences below ~0.01 are noise at this size."
+            )
+        parts += ["", desc, "", table(dataset, rows)]
+        v = verdicts(rows)
+        if v:
+            parts += [""] + [f"- {line}" for line in v]
+    md = "\n".join(parts)
+    print("\n" + md)
+    if args.write:
+        write_section(args.write, "accuracy", "Accuracy: fp32, fp16, LPT-DR, LPT-SR, ALPT (DLRM)", md)
+
+
+if __name__ == "__main__":
+    main()

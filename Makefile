@@ -35,7 +35,7 @@ test: setup lint
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) examples/demo.py
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) examples/dlrm/demo.py
 
 bench: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/embedding_step.py --write docs/benchmarks.md

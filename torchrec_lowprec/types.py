@@ -206,6 +206,18 @@ class TablePrecision:
                 out.append((g, a, e, b))
         return out
 
+    def serving_bytes(self) -> int:
+        """Bytes of the stored rows (codes + fp16 scale/bias, unpadded; pruned rows 0), plus the
+        raw id -> rank map when ``remapped``: what an exported table holds."""
+        from torchrec_lowprec.quant.layout import row_bytes  # quant imports this module
+
+        rows = sum(
+            (e - a) * row_bytes(b, self.dim)
+            for a, e, b in zip(self.group_starts(), self.group_ends, self.bits)
+            if b
+        )
+        return rows + (4 * self.rows if self.remapped else 0)
+
     def with_bits(self, bits: tuple[int, ...]) -> TablePrecision:
         return TablePrecision(self.rows, self.dim, self.group_ends, bits, self.group_mass, self.remapped)
 
@@ -236,7 +248,7 @@ class PrecisionPlan:
             "tables": {
                 n: {"rows": t.rows, "dim": t.dim, "group_ends": list(t.group_ends), "bits": list(t.bits),
                     "group_mass": list(t.group_mass) if t.group_mass is not None else None,
-                    "remapped": t.remapped}
+                    "remapped": t.remapped, "serving_bytes": t.serving_bytes()}
                 for n, t in self.tables.items()
             },
         }  # fmt: skip

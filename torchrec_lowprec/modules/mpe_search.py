@@ -50,6 +50,9 @@ class MPESearchConfig:
         min_rows_per_group: tables too small for ``num_groups`` groups of this many rows get fewer.
         temperature: softmax temperature ``T`` of the bit-width distribution.
         reg_lambda: ``lambda`` of the bit regulariser.
+        sparse_weights: the tables' gradients are sparse (``torch.optim.SparseAdam`` /
+            ``Adagrad`` / ``SGD`` then update only the looked-up rows; a dense optimizer over a
+            large table costs a full pass per step).
 
     Example::
 
@@ -61,6 +64,7 @@ class MPESearchConfig:
     min_rows_per_group: int = 16
     temperature: float = 1.0
     reg_lambda: float = 1e-4
+    sparse_weights: bool = False
 
     def __post_init__(self) -> None:
         bits = tuple(sorted(set(int(b) for b in self.candidate_bits)))
@@ -208,7 +212,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     raise IndexError(
                         f"feature {f!r} has an id outside [0, {t.num_embeddings}) of table {t.name!r}"
                     )
-                rows = F.embedding(ids, w)
+                rows = F.embedding(ids, w, sparse=self.config.sparse_weights)
                 emb = self._expected_rows(t.name, ids, rows, probs[t.name])
                 if self._is_weighted:
                     emb = emb * jt.weights().float().unsqueeze(1)

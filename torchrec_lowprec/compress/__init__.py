@@ -1,0 +1,38 @@
+"""MEC: compress trained embedding tables into product-quantization codes and codebooks.
+
+Example::
+
+    from torchrec_lowprec.compress import MECConfig, compress_
+    counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
+    compress_(model, counts, MECConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
+"""
+
+from torchrec_lowprec.compress.api import (
+    codebook_parameters,
+    compress_,
+    compress_collection,
+    finetune_codebooks,
+)
+from torchrec_lowprec.compress.codebook_ebc import (
+    CodebookEmbeddingBagCollection,
+    CodebookTable,
+    codebook_table,
+)
+from torchrec_lowprec.compress.config import MECConfig
+from torchrec_lowprec.compress.pq import PQResult, code_entropy, learn_pq, popularity_weights, reconstruct
+
+__all__ = [
+    "CodebookEmbeddingBagCollection",
+    "CodebookTable",
+    "MECConfig",
+    "PQResult",
+    "code_entropy",
+    "codebook_parameters",
+    "codebook_table",
+    "compress_",
+    "compress_collection",
+    "finetune_codebooks",
+    "learn_pq",
+    "popularity_weights",
+    "reconstruct",
+]

@@ -51,8 +51,15 @@ def _sizes(spec: str) -> list[int]:
 
 
 def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
-    """The LowPrecisionConfig the flags describe (fp32/fp16 run the same fused update unquantized)."""
+    """The LowPrecisionConfig the flags describe (fp32/fp16 run the same fused update unquantized).
+
+    The optimizer and its lr are set here as well as through the in-backward tag: TorchRec's
+    sharding rewrites a tag's kwargs in place (``{"lr": x}`` becomes ``{"optimizer": ...,
+    "learning_rate": x}``), after which the sharded tables fall back to the config's lr.
+    """
     return lp.LowPrecisionConfig(
+        optimizer="rowwise_adagrad",
+        learning_rate=args.emb_lr,
         bits=PRECISION_BITS[args.precision],
         rounding=args.rounding,
         learn_step_size=args.learn_step_size,

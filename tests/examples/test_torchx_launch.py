@@ -1,0 +1,54 @@
+"""A real TorchX launch of the DLRM example on 2 local CPU processes (gloo, DMP, TorchRec's planner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import train  # examples/dlrm, put on sys.path by conftest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARGS = [
+    "--train-rows", "30000", "--val-rows", "2000", "--test-rows", "10000", "--vocab-sizes", "3000,500,40,8",
+    "--num-dense", "3", "--embedding-dim", "8", "--dense-arch", "16", "--over-arch", "16",
+    "--batch-size", "512", "--precision", "int8", "--no-progress",
+]  # fmt: skip
+
+
+def test_torchx_local_cwd_trains_on_two_ranks(tmp_path):
+    summary = tmp_path / "summary.json"
+    venv_bin = os.path.dirname(sys.executable)  # torchx runs `torchrun` from PATH
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("WORLD_SIZE", None)
+    cmd = [os.path.join(venv_bin, "torchx"), "run", "-s", "local_cwd", "launch/components.py:dlrm",
+           "-j", "1x2", "--", *ARGS, "--summary", str(summary)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stderr + proc.stdout
+    s = json.loads(summary.read_text())
+    assert s["world_size"] == 2
+    steps = -(-30000 // 512)
+    assert [r["rank"] for r in s["ranks"]] == [0, 1]
+    assert [r["steps"] for r in s["ranks"]] == [steps, steps]
+    # TorchRec's planner puts whole tables on ranks (TABLE_WISE on CPU); both ranks hold some.
+    plan = s["model"]["plan"]
+    assert {p["sharding"] for p in plan.values()} == {"table_wise"}
+    assert {r for p in plan.values() for r in p["ranks"]} == {0, 1}
+    assert all(b > 0 for b in s["embedding_bytes"]["per_rank"])
+    assert s["embedding_bytes"]["ours"] == sum(s["embedding_bytes"]["per_rank"])
+    assert s["train"]["rows"] == 30000 - (30000 % 512) % 2  # a last odd row would be dropped
+    assert s["test"]["rows"] == 10000 and s["val"]["rows"] == 2000
+
+    # The 2 ranks train on the same global batches as one process does (the sharded embedding
+    # gradient is divided by the world size, DDP averages the dense one), so the result is the
+    # one-process result up to float summation order.
+    one = train.main([*ARGS, "--threads", "1", "--quiet"])
+    assert s["embedding_bytes"]["ours"] == one["embedding_bytes"]["ours"]
+    assert abs(s["test"]["auc"] - one["test"]["auc"]) < 2e-3, (s["test"], one["test"])
+    assert abs(s["test"]["logloss"] - one["test"]["logloss"]) < 2e-3
+    assert s["test"]["auc"] > 0.6

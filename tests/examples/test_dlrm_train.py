@@ -159,3 +159,12 @@ def test_tabular_csv_with_schema_trains(tmp_path):
                     "--precision", "int4"])  # fmt: skip
     assert s["data"]["features"] == 2 and s["model"]["precision"] == "int4"
     assert s["test"]["auc"] > 0.68, s["test"]  # Bayes ~0.79 (click rate 0.7 vs 0.15 by site)
+
+
+def test_dcn_with_fp16_tables():
+    s = train.main([*TINY, "--dcn", "--precision", "fp16", "--train-rows", "20000", "--val-rows", "0",
+                    "--test-rows", "5000", "--batch-size", "256"])  # fmt: skip
+    assert s["model"]["arch"] == "DLRM_DCN"
+    # fp16 rows at dim 8 (16 bytes) + RowWiseAdagrad (4) against fp32 rows (32) + 4.
+    assert s["embedding_bytes"]["ratio"] == pytest.approx(20 / 36)
+    assert s["test"]["auc"] > 0.6, s["test"]

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -184,7 +184,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
 
     model.train()
     loss_sum, loss_n = 0.0, 0
-    stop = False
+    stop = bool(args.max_steps) and trainer["step"] >= args.max_steps  # a resumed run may be done
     while trainer["epoch"] < args.epochs and not stop:
         t0 = time.perf_counter()
         for lb in data.train_batches(args.batch_size, env.rank, env.world, trainer["rows_in_epoch"]):
@@ -339,10 +339,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     env = init_env()
+    if env.distributed:
+        # The planner warns on every rank that a Topology built by hand may not match the
+        # hardware; ours is built from the process group itself.
+        logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            summary = train(args, env)
+        summary = train(args, env)
     except (DataError, MalformedRowError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if env.distributed:

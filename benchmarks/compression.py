@@ -1,0 +1,278 @@
+"""MEC codebook compression vs ALPT int8/int4 vs fp32, on synthetic CTR data; plus an export check.
+
+One TorchRec DLRM per precision, trained for one epoch on the same data from the same init
+(fused RowWiseAdagrad for the tables, Adam for the dense layers, as examples/demo.py):
+- fp32 (``lp.convert`` with ``bits=32``), int8 and int4 ALPT;
+- MEC: the trained fp32 model's tables of >= ``--min-rows`` rows replaced by PQ codes learned
+  from them and their training-data frequencies (``compress_``), for several (L, K), then the
+  codebooks fine-tuned inside the model (codes, dense layers and small tables frozen).
+Reports test AUC and the serving bytes of the tables (codes + codebooks + uncompressed tables,
+vs fp32 tables), and checks export of the int8 / int4 models to TorchRec's quantized
+EmbeddingBagCollection (predictions before/after, forward time).
+
+    python benchmarks/compression.py                         # the full run (~10-15 min, 2 cores)
+    python benchmarks/compression.py --quick                 # small sizes, a smoke run
+    python benchmarks/compression.py --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torchrec
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.models.dlrm import DLRM, DLRMTrain
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write_section  # noqa: E402
+
+import torchrec_lowprec as lp  # noqa: E402
+from torchrec_lowprec.compress import MECConfig, compress_, finetune_codebooks  # noqa: E402
+from torchrec_lowprec.data import count_frequencies, exact_auc  # noqa: E402
+from torchrec_lowprec.data.synthetic import SyntheticCTR, SyntheticCTRConfig  # noqa: E402
+from torchrec_lowprec.export import to_inference  # noqa: E402
+
+VOCABS = (400_000, 200_000, 100_000, 10_000, 1_000, 100)
+QUICK_VOCABS = (40_000, 20_000, 1_000, 100)
+
+
+def build(data: SyntheticCTR, dim: int, seed: int) -> DLRMTrain:
+    torch.manual_seed(seed)
+    ebc = torchrec.EmbeddingBagCollection(data.embedding_bag_configs(dim))
+    return DLRMTrain(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=data.num_dense,
+            dense_arch_layer_sizes=[64, dim],
+            over_arch_layer_sizes=[64, 32, 1],
+        )
+    )
+
+
+def train(data: SyntheticCTR, bits: int, args) -> tuple[DLRMTrain, float]:
+    model = build(data, args.dim, args.seed)
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
+    lp.convert(model, lp.LowPrecisionConfig(bits=bits, rounding="stochastic", learn_step_size=True))
+    dense = [p for p in model.parameters() if not hasattr(p, "_optimizer_classes")]
+    opt = torch.optim.Adam(dense, lr=args.dense_lr)
+    model.train()
+    t0 = time.perf_counter()
+    for batch in data.batches("train", args.batch_size):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, time.perf_counter() - t0
+
+
+def predict(dlrm: torch.nn.Module, data: SyntheticCTR) -> tuple[np.ndarray, np.ndarray]:
+    dlrm.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for b in data.batches("test", 8192):
+            logits.append(dlrm(b.dense_features, b.sparse_features).reshape(-1).double().numpy())
+            labels.append(b.labels.numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def auc(dlrm: torch.nn.Module, data: SyntheticCTR) -> float:
+    return exact_auc(*predict(dlrm, data))
+
+
+def fp32_table_bytes(tables) -> int:
+    return sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
+
+
+def lp_serving_bytes(ebc) -> int:
+    """Stored rows only (what the served table holds; no optimizer state or fp32 master steps)."""
+    return sum(ebc.quantized_weight(t.name).numel() for t in ebc.embedding_bag_configs())
+
+
+def mec_serving_bytes(cebc) -> int:
+    rest = lp_serving_bytes(cebc.uncompressed) if cebc.uncompressed is not None else 0
+    return sum(t.memory_bytes() for t in cebc.compressed.values()) + rest
+
+
+def forward_ms(fn, batches, repeats: int = 5) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for b in batches:
+                fn(b)
+            times.append((time.perf_counter() - t0) / len(batches) * 1e3)
+    return statistics.median(times)
+
+
+def export_check(model: DLRMTrain, data: SyntheticCTR) -> dict:
+    dlrm = model.model
+    batches = [
+        b.sparse_features for b in data.batches("test", 4096, num_rows=min(8 * 4096, data.split_rows("test")))
+    ]
+    before, labels = predict(dlrm, data)
+    trained_ms = forward_ms(dlrm.sparse_arch.embedding_bag_collection, batches)
+    to_inference(dlrm)
+    after, _ = predict(dlrm, data)
+    served_ms = forward_ms(dlrm.sparse_arch.embedding_bag_collection, batches)
+    return {
+        "max_abs_diff": float(np.abs(after - before).max()),
+        "equal": bool(np.array_equal(after, before)),
+        "auc": exact_auc(after, labels),
+        "trained_ms": trained_ms,
+        "served_ms": served_ms,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--train-rows", type=int, default=600_000)
+    ap.add_argument("--test-rows", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--emb-lr", type=float, default=0.05)
+    ap.add_argument("--dense-lr", type=float, default=2e-3)
+    ap.add_argument("--min-rows", type=int, default=50_000)
+    ap.add_argument("--mec", default="4x256,8x256,2x4096", help="L x K settings")
+    ap.add_argument("--mec-steps", type=int, default=150)
+    ap.add_argument("--popularity", default="log,count,uniform", help="weightings tried at the first L x K")
+    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--finetune-lr", type=float, default=5e-4)
+    # One intra-op thread: on the shared 2-core machine, 2 threads made these small ops up to 60x
+    # slower (OpenMP barrier waits while other jobs hold the cores).
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write", default=None, help="write the section into this markdown file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    vocabs = QUICK_VOCABS if args.quick else VOCABS
+    if args.quick:
+        args.train_rows, args.test_rows, args.min_rows = 60_000, 20_000, 10_000
+        args.mec, args.mec_steps, args.finetune_steps = "4x256", 30, 30
+    cfg = SyntheticCTRConfig(
+        vocab_sizes=vocabs, num_dense=4, train_rows=args.train_rows, val_rows=0, test_rows=args.test_rows,
+        seed=args.seed,
+    )  # fmt: skip
+    data = SyntheticCTR(cfg)
+    bayes = data.bayes_metrics("test")["auc"]
+    tables = data.embedding_bag_configs(args.dim)
+    fp32_bytes = fp32_table_bytes(tables)
+    t_start = time.perf_counter()
+    rows = []  # (method, setting, auc, bytes, note)
+    trained = {}
+    for name, bits in (("fp32", 32), ("int8 ALPT", 8), ("int4 ALPT", 4)):
+        model, secs = train(data, bits, args)
+        a = auc(model.model, data)
+        ebc = model.model.sparse_arch.embedding_bag_collection
+        rows.append((name, "-", a, lp_serving_bytes(ebc), f"trained in {secs:.0f} s"))
+        trained[bits] = model
+        print(f"{name}: AUC {a:.4f}, {secs:.0f} s", flush=True)
+    float_auc = rows[0][2]
+
+    counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
+    finetune_batches = max(1, args.finetune_steps)
+    settings = [tuple(int(v) for v in s.split("x")) for s in args.mec.split(",")]
+    runs = [(L, K, "log") for L, K in settings]
+    runs += [(settings[0][0], settings[0][1], p) for p in args.popularity.split(",") if p != "log"]
+    for L, K, pop in runs:
+        model = copy.deepcopy(trained[32])
+        mec = MECConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=args.mec_steps,
+                        popularity=pop, seed=args.seed)  # fmt: skip
+        t0 = time.perf_counter()
+        compress_(model, counts, mec)
+        secs = time.perf_counter() - t0
+        cebc = model.model.sparse_arch.embedding_bag_collection
+        nbytes = mec_serving_bytes(cebc)
+        a = auc(model.model, data)
+        ent = statistics.mean(e for r in cebc.fit_report.values() for e in r["entropy_bits"])
+        note = f"learned in {secs:.0f} s; code entropy {ent:.2f} of {np.log2(K):.0f} bits"
+        rows.append((f"MEC ({pop})", f"L={L}, K={K}", a, nbytes, note))
+        print(f"MEC L={L} K={K} {pop}: AUC {a:.4f}, {fp32_bytes / nbytes:.1f}x, {secs:.0f} s", flush=True)
+        if pop == "log":
+            t0 = time.perf_counter()
+            n = finetune_codebooks(
+                model, data.batches("train", 2048), lambda b, m=model: m(b)[0], lr=args.finetune_lr,
+                max_steps=finetune_batches,
+            )  # fmt: skip
+            a = auc(model.model, data)
+            rows.append((f"MEC ({pop}) + fine-tune", f"L={L}, K={K}", a, nbytes,
+                         f"{n} steps x 2048 rows in {time.perf_counter() - t0:.0f} s"))  # fmt: skip
+            print(f"  + fine-tune: AUC {a:.4f}", flush=True)
+
+    exports = {bits: export_check(trained[bits], data) for bits in (8, 4)}
+    total = time.perf_counter() - t_start
+
+    lines = [
+        f"Synthetic CTR (`SyntheticCTR`, seed {args.seed}): {len(vocabs)} fields with vocabularies "
+        f"{', '.join(f'{v:,}' for v in vocabs)} (Zipf 1.1), dim {args.dim}, {args.train_rows:,} train rows "
+        f"(one epoch, batch {args.batch_size}), {args.test_rows:,} test rows; Bayes AUC {bayes:.4f}. "
+        f"MEC compresses tables of >= {args.min_rows:,} rows "
+        f"({sum(t.num_embeddings for t in tables if t.num_embeddings >= args.min_rows):,} of "
+        f"{sum(t.num_embeddings for t in tables):,} rows); {args.mec_steps} learner steps per table; "
+        f"fine-tuning: {args.finetune_steps} Adam steps (lr {args.finetune_lr:g}) on the codebooks only. "
+        f"Bytes are what serving holds: codes + codebooks + uncompressed tables (MEC), stored rows "
+        f"with fp16 scale/bias (ALPT), vs fp32 tables ({fp32_bytes / 2**20:.1f} MiB). "
+        f"{args.threads} threads; whole run {total / 60:.1f} min.",
+        "",
+        "| method | setting | test AUC | vs fp32 AUC | table bytes | compression | notes |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name, setting, a, nbytes, note in rows:
+        lines.append(
+            f"| {name} | {setting} | {a:.4f} | {a - float_auc:+.4f} | {nbytes / 2**20:.2f} MiB | "
+            f"{fp32_bytes / nbytes:.1f}x | {note} |"
+        )
+    best = [r for r in rows if r[0].startswith("MEC") and fp32_bytes / r[3] >= 16]
+    met = [r for r in best if r[2] >= float_auc - 0.002]
+    verdict = (
+        f"**Target (>= 16x at AUC >= fp32 - 0.002): met** by {', '.join(f'{r[0]} {r[1]}' for r in met)}."
+        if met
+        else "**Target (>= 16x at AUC >= fp32 - 0.002): not met** in this run"
+        + (
+            f"; best >= 16x: {max(best, key=lambda r: r[2])[0]} {max(best, key=lambda r: r[2])[1]} "
+            f"at {max(r[2] for r in best) - float_auc:+.4f} AUC."
+            if best
+            else "."
+        )  # fmt: skip
+    )
+    lines += [
+        "",
+        verdict,
+        "",
+        "Export to TorchRec's quantized `EmbeddingBagCollection` (`to_inference`):",
+        "",
+    ]
+    lines += [
+        "| model | predictions after == before | max abs logit diff | AUC after | "
+        "embedding forward, trained module | served module |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for bits, e in exports.items():
+        lines.append(
+            f"| int{bits} ALPT | {'bit-identical' if e['equal'] else 'differ'} | {e['max_abs_diff']:.1e} | "
+            f"{e['auc']:.4f} | {e['trained_ms']:.2f} ms | {e['served_ms']:.2f} ms |"
+        )
+    lines += [
+        "",
+        "Forward time: median ms per batch of 4096 over 8 test batches, embedding collection only.",
+        "",
+        "```",
+        "python benchmarks/compression.py --write docs/benchmarks.md" + (" --quick" if args.quick else ""),
+        "```",
+    ]
+    md = "\n".join(lines)
+    print(md)
+    if args.write:
+        write_section(args.write, "compression", "MEC compression vs ALPT (DLRM, synthetic CTR)", md)
+
+
+if __name__ == "__main__":
+    main()

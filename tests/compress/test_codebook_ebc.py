@@ -184,3 +184,22 @@ def test_compress_in_a_model_keeps_small_collections_and_refuses_bad_input():
     )
     with pytest.raises(IndexError, match="id 999 outside"):
         cebc(bad)
+
+
+def test_to_inference_converts_the_uncompressed_lp_tables_inside_a_compressed_collection():
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+    from torchrec_lowprec.export import to_inference
+
+    tables = _tables()
+    model = nn.ModuleDict(
+        {"ebc": lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=4))}
+    )
+    compress_(model, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
+    kjt = random_kjt(tables, batch=6)
+    with torch.no_grad():
+        ref = model["ebc"](kjt)
+    to_inference(model)
+    assert isinstance(model["ebc"], CodebookEmbeddingBagCollection)
+    assert isinstance(model["ebc"].uncompressed, QuantEBC)
+    assert torch.equal(model["ebc"](kjt).values(), ref.values())

@@ -198,6 +198,23 @@ def verdicts(rows: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def _code_version() -> str:
+    """The commit the runs used, and whether the library had uncommitted changes."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "an unknown commit"
+    dirty = git("status", "--porcelain", "--", "torchrec_lowprec", "examples/dlrm")
+    return f"commit {head}" + (
+        " with uncommitted changes in torchrec_lowprec/ or examples/dlrm/" if dirty else ""
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-rows", type=int, default=3_000_000)
@@ -239,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 done[rec["key"]] = rec["result"]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     t_start = time.perf_counter()
+    code = _code_version()
     results: dict[str, dict[str, list[dict]]] = {}
     for dataset, dflags in dataset_flags(args).items():
         data = dlrm_data.open_data(dlrm_train.parse_args(dflags), cache=True)
@@ -269,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Command: `{command}` ({len(seeds)} seeds x {len(wanted)} variants per data set; the runs took "
         f"{run_seconds / 60:.1f} min in all, this invocation {wall / 60:.1f} min (runs found in "
         f"`{args.results}` are reused), on {os.cpu_count()} CPU cores shared with other work, "
-        f"{args.threads} torch thread(s)). Test AUC and log-loss: mean ± sample standard deviation over "
+        f"{args.threads} torch thread(s); code: {code}). Test AUC and log-loss: mean ± sample standard deviation over "
         f"seeds {', '.join(map(str, seeds))} (the seed sets the model init and the rounding draws; the "
         "data are fixed). *vs fp32 (paired)*: the per-seed difference to the fp32 run of the same seed, "
         "mean ± its standard error — runs of one seed start from the same weights, so this is far less "

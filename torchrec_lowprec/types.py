@@ -42,6 +42,10 @@ class LowPrecisionConfig:
         step_size_lr: learning rate of the step size (plain SGD on the LSQ gradient).
         step_size_init: ``"lsq"`` (``2*mean|w|/sqrt(Qp)``), ``"absmax"`` (``max|w|/Qp``) or
             a positive float used for every row.
+        grow_step_size: when an updated row would leave its grid, grow the row's step size
+            just enough to hold it (no update is clipped). ``False`` clips, as the papers do;
+            with TorchRec's tiny default init (``|w| <= 1/sqrt(rows)``) the initial grid of a
+            large table is far narrower than its trained rows, and clipping costs accuracy.
         optimizer: the fused optimizer of the table (``OptimizerType`` or its value).
         learning_rate, weight_decay, eps, beta1, beta2: its hyper-parameters (weight decay
             is L2 added to the gradient; betas are Adam's).
@@ -60,6 +64,7 @@ class LowPrecisionConfig:
     learn_step_size: bool = True
     step_size_lr: float = 1e-4
     step_size_init: str | float = "lsq"
+    grow_step_size: bool = True
     optimizer: OptimizerType | str = OptimizerType.ROWWISE_ADAGRAD
     learning_rate: float = 0.01
     weight_decay: float = 0.0

@@ -14,7 +14,7 @@ import torch
 from torchrec_lowprec.kernels import cpu_native
 from torchrec_lowprec.kernels.reference import reference_update
 from torchrec_lowprec.kernels.spec import UpdateSpec
-from torchrec_lowprec.quant.layout import quantize_rows, row_bytes
+from torchrec_lowprec.quant.layout import code_range, quantize_rows, row_bytes, unpack_codes
 from torchrec_lowprec.quant.lsq import init_step_size
 from torchrec_lowprec.types import OptimizerParams, OptimizerType
 
@@ -69,7 +69,9 @@ def make_batch(num_rows: int, dim: int, seed: int, n_random: int = 120, weights:
     return ids, offsets, w, grad
 
 
-def make_spec(bits, dim, opt, stochastic, learn, *, step=3, wd=0.01, lr=0.05, key=0x2545F491, ro=0, co=0):
+def make_spec(
+    bits, dim, opt, stochastic, learn, *, step=3, wd=0.01, lr=0.05, key=0x2545F491, ro=0, co=0, grow=False
+):
     return UpdateSpec(
         bits=bits,
         dim=dim,
@@ -81,6 +83,7 @@ def make_spec(bits, dim, opt, stochastic, learn, *, step=3, wd=0.01, lr=0.05, ke
         key=key,
         row_offset=ro,
         col_offset=co,
+        grow_step=grow,
     )
 
 
@@ -117,9 +120,11 @@ def test_matches_reference(bits, opt, stochastic, learn):
         ref, nat = [t.clone() for t in table], [t.clone() for t in table]
         for step in (1, 2, 3):
             batch = make_batch(50, dim, seed + step)
+            # lr 0.2 moves rows past their grid: step-size growth (dims 8 and 64) triggers.
             spec = make_spec(
-                bits, dim, opt, stochastic, learn, step=step, lr=0.2, key=seed * 7 + step, ro=11, co=5
-            )
+                bits, dim, opt, stochastic, learn, step=step, lr=0.2, key=seed * 7 + step, ro=11, co=5,
+                grow=i != 1,
+            )  # fmt: skip
             k_ref = reference_update(*ref, *batch, spec)
             k_nat = cpu_native.fused_update(*nat, *batch, spec)
             assert_same((k_ref, ref), (k_nat, nat))
@@ -483,3 +488,32 @@ def test_many_rejects_bad_arguments():
     assert len(cpu_native.fused_update_many([part(0, 40), part(40, 80)], grad)) == 2
     with pytest.raises(RuntimeError, match="fused_update_many: every per-table list"):
         cpu_native._load().fused_update_many([items[0][0]], [], [], [], [], [], [], grad, [], [])
+
+
+@pytest.mark.parametrize("learn", [True, False], ids=["learn", "fixed"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_step_grows_instead_of_clipping(bits, learn):
+    # A tiny-step table (TorchRec-like init of a big table) and large updates: with growth the
+    # updated rows are held (max |x| fits the grid), without it they saturate.
+    dim, n = 16, 40
+    table = make_table(bits, n, dim, OptimizerType.SGD, seed=5, scale=0.001)
+    batch = make_batch(n, dim, seed=6)
+    outs = {}
+    for grow in (False, True):
+        spec = make_spec(bits, dim, OptimizerType.SGD, True, learn, step=1, lr=1.0, grow=grow)
+        a, b = run_both(table, batch, spec)
+        assert_same(a, b)
+        outs[grow] = a[1]
+    ids = batch[0].unique()
+    qmin, qmax = code_range(bits)
+    for grow, (rows, step, _, _) in outs.items():
+        codes = unpack_codes(rows[ids, 4:].contiguous(), bits)
+        saturated = ((codes == 0) | (codes == qmax - qmin)).float().mean()
+        if grow:
+            s16 = rows[ids, :2].contiguous().view(torch.float16).float().flatten()
+            s0 = table[0][ids, :2].contiguous().view(torch.float16).float().flatten()
+            assert (s16 > s0).float().mean() > 0.5  # most touched rows grew their step
+            if learn:
+                assert torch.all(step[ids].to(torch.float16).float() == s16)
+        elif not learn:  # (ALPT's own LSQ step here may already widen the grid in one step)
+            assert saturated > 0.3

@@ -184,7 +184,9 @@ def test_matches_reference_bit_for_bit(bits, kind, stochastic, learn):
     # two steps in sequence (the second one sees the first one's rows, states and steps)
     for step in (1, 2):
         ids, goff, w, grad = _batch(dim, seed=100 * i + step, weighted=weighted)
-        spec = UpdateSpec(bits, dim, opt, step, stochastic, learn, 0.05, key=1000 * i + step)
+        spec = UpdateSpec(
+            bits, dim, opt, step, stochastic, learn, 0.05, key=1000 * i + step, grow_step=i % 2 == 0
+        )
         ref, got = _run_both(tensors, ids, goff, w, grad, spec)
         _assert_same(ref, got)
         assert ref[0] == 0

@@ -142,15 +142,19 @@ def reference_update(
         return skipped
 
     s16_old = stored[:, 0:2].contiguous().view(torch.float16).reshape(-1).to(torch.float32)
+    qmin, qmax = code_range(bits)
     if spec.learn_step_size:
         s = step_size[uniq]
         s = s - f[9] * lsq_step_size_grad(x, s, g, bits)
         s = torch.clamp(s, min=f[11], max=f[12])
-        step_size[uniq] = s
-        s16 = s.to(torch.float16).to(torch.float32)
     else:
-        s16 = s16_old
-    qmin, qmax = code_range(bits)
+        s = s16_old
+    if spec.grow_step:
+        need = torch.maximum(x.amax(dim=1) / float(qmax), x.amin(dim=1) / float(qmin))
+        s = torch.where(need > s, torch.clamp(need, max=f[12]), s)
+    if spec.learn_step_size:
+        step_size[uniq] = s
+    s16 = s.to(torch.float16).to(torch.float32)
     noise = uniform_from_counter(keys, gcols) if need_noise else None
     q = round_to_grid(x * (1.0 / s16)[:, None], qmin, qmax, noise)
     rows[uniq, :nbytes] = encode_rows(q, s16, bits)

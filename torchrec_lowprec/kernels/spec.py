@@ -17,6 +17,10 @@ to the gradient of row ``ids[i]``; a row's contributions are summed in occurrenc
 5. ALPT (b-bit rows with a learned step): ``s = clamp(s - step_lr * lsq_grad(x, s, g),
    min_step, max_step)`` with the LSQ gradient of :mod:`torchrec_lowprec.quant.lsq`
    evaluated at the updated row, the raw loss gradient ``g`` and the fp32 master ``s``.
+5b. Growth (b-bit rows, ``grow_step``): with ``hi = max_d x_d`` and ``lo = min_d x_d``,
+   ``need = max(hi / Qp, lo / Qn)``; if ``need > s`` then ``s = min(need, max_step)`` (``s``
+   is the fp32 master after 5, or the row's stored fp16 step when the step is not learned;
+   the master is updated too).
 6. Write back: ``s16 = fp16(s)``; ``q = clamp(floor(x * (1/s16) + u), Qn, Qp)``, ``u`` the
    counter-based draw of (key, global row, global column) for stochastic rounding or 0.5
    for nearest; the row gets ``s16``, ``bias = -2^(b-1) * s16`` and the packed codes.
@@ -58,6 +62,7 @@ class UpdateSpec:
     key: int
     row_offset: int = 0
     col_offset: int = 0
+    grow_step: bool = False
 
     @property
     def bias_corrections(self) -> tuple[float, float]:
@@ -77,10 +82,12 @@ class UpdateSpec:
         ]  # fmt: skip
 
     def int_args(self) -> list[int]:
-        """``[bits, dim, optimizer code, stochastic, learn_step_size, key, row_offset, col_offset]``."""
+        """``[bits, dim, optimizer code, stochastic, learn_step_size, key, row_offset, col_offset,
+        grow_step]``."""
         return [
             self.bits, self.dim, OPTIMIZER_CODES[self.optimizer.kind], int(self.stochastic),
             int(self.learn_step_size and self.bits <= 8), self.key, self.row_offset, self.col_offset,
+            int(self.grow_step and self.bits <= 8),
         ]  # fmt: skip
 
 

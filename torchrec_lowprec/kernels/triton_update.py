@@ -91,8 +91,12 @@ def _interpreting() -> bool:
 # functions find each other through this module's globals, which _build() fills).
 tl = None  # triton.language, set by _build()
 _tl_sum = None  # tl.sum, set by _build() (see there)
+_tl_max = None  # tl.max, likewise
+_tl_min = None  # tl.min, likewise
 
-_JIT_HELPERS = ("_mix32_u32", "_mix32_i64", "_row_key", "_element_hash", "_uniform", "_row_sum", "_floor")
+_JIT_HELPERS = (
+    "_mix32_u32", "_mix32_i64", "_row_key", "_element_hash", "_uniform", "_row_sum", "_floor", "_grown_step",
+)  # fmt: skip
 _JIT_KERNELS = {
     "_fused_update_kernel": ("key_lo", "key_hi", "row_offset", "col_offset"),
     "_draws_kernel": ("key_lo", "key_hi", "col_offset"),
@@ -161,6 +165,16 @@ def _row_sum(p, cols, D, EXACT: tl.constexpr):
     return acc
 
 
+def _grown_step(s, x, cmask, qmin, qmax, max_s):
+    # spec step 5b: the smallest step holding the updated row, if larger than s
+    hi = _tl_max(tl.where(cmask, x, float("-inf")), axis=0)
+    lo = _tl_min(tl.where(cmask, x, float("inf")), axis=0)
+    need_hi = tl.div_rn(hi, qmax)
+    need_lo = tl.div_rn(lo, qmin)
+    need = tl.where(need_hi > need_lo, need_hi, need_lo)
+    return tl.where(need > s, tl.where(need > max_s, max_s, need), s)
+
+
 def _fused_update_kernel(
     rows_ptr, row_stride,
     step_ptr, step_stride,
@@ -172,7 +186,7 @@ def _fused_update_kernel(
     lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s,
     key_lo, key_hi, row_offset, col_offset,
     BITS: tl.constexpr, OPT: tl.constexpr, STOCHASTIC: tl.constexpr,
-    LEARN: tl.constexpr, HAS_WD: tl.constexpr, HAS_W: tl.constexpr,
+    LEARN: tl.constexpr, GROW: tl.constexpr, HAS_WD: tl.constexpr, HAS_W: tl.constexpr,
     TYPED: tl.constexpr, EXACT_SUM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -295,8 +309,12 @@ def _fused_update_kernel(
             sn = s - step_lr * lsq
             sn = tl.where(sn < min_s, min_s, sn)  # torch.clamp: NaN stays NaN
             sn = tl.where(sn > max_s, max_s, sn)
+            if GROW:
+                sn = _grown_step(sn, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s)
             tl.store(sp, sn, mask=ok)
             s16 = sn.to(tl.float16).to(tl.float32)
+        elif GROW:
+            s16 = _grown_step(s16_old, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s).to(tl.float16).to(tl.float32)
         else:
             s16 = s16_old
         vq = x * tl.div_rn(1.0, s16)
@@ -352,7 +370,9 @@ def _build() -> dict[str, object]:
     # triton's standard library). If triton was imported before TRITON_INTERPRET=1 was set
     # (torchrec imports it), its standard library holds compiled-mode JITFunctions, which
     # the interpreter cannot call: re-jit tl.sum here, in the current mode.
-    g["_tl_sum"] = triton.jit(triton.language.sum.fn) if _interpreting() else triton.language.sum
+    for name in ("sum", "max", "min"):
+        fn = getattr(triton.language, name)
+        g[f"_tl_{name}"] = triton.jit(fn.fn) if _interpreting() else fn
     for name in _JIT_HELPERS:
         g[name] = triton.jit(_RAW[name])
     for name, dns in _JIT_KERNELS.items():
@@ -521,7 +541,7 @@ def fused_update(
         dim, float(dim),
         *f,
         lo, hi, spec.row_offset, spec.col_offset,
-        BITS=bits, OPT=opt, STOCHASTIC=stochastic, LEARN=learn,
+        BITS=bits, OPT=opt, STOCHASTIC=stochastic, LEARN=learn, GROW=bool(ints[8]),
         HAS_WD=f[1] != 0.0, HAS_W=has_w, TYPED=typed, EXACT_SUM=bool(exact_row_sums),
         BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=False,
     )  # fmt: skip

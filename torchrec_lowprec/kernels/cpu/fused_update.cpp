@@ -155,6 +155,7 @@ struct Params {
   int opt;
   bool stochastic;
   bool learn;
+  bool grow;  // grow a row's step when the updated row leaves its grid (spec step 5b)
   int64_t key;
   int64_t row_offset;
   int64_t col_offset;
@@ -262,6 +263,23 @@ inline void element_hash(uint32_t rk, const Params& P, uint32_t* h) {
 }
 
 // Write the updated fp32 row x back into its stored form.
+// Spec step 5b: the smallest step that holds the updated row x on the b-bit grid, if it is
+// larger than s (max/min are exact; the two divisions are IEEE, as torch's).
+template <int BITS>
+inline float grown_step(float s, const float* x, int64_t D, float max_s) {
+  constexpr int half = 1 << (BITS - 1);
+  float hi = x[0], lo = x[0];
+  for (int64_t d = 1; d < D; ++d) {
+    hi = x[d] > hi ? x[d] : hi;
+    lo = x[d] < lo ? x[d] : lo;
+  }
+  const float need_hi = hi / static_cast<float>(half - 1);
+  const float need_lo = lo / static_cast<float>(-half);
+  const float need = need_hi > need_lo ? need_hi : need_lo;
+  if (need > s) return need > max_s ? max_s : need;
+  return s;
+}
+
 template <int BITS>
 inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, const Params& P, Scratch& S) {
   const int64_t D = P.dim;
@@ -445,6 +463,7 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
         float sn = s[r] - P.step_lr * lsq;
         sn = sn < P.min_s ? P.min_s : sn;  // torch.clamp (NaN stays NaN)
         sn = sn > P.max_s ? P.max_s : sn;
+        if (P.grow) sn = grown_step<BITS>(sn, X + r * D, D, P.max_s);
         T.step[rid[r] * T.step_stride] = sn;
         s16[r] = h2f(f2h(sn));
       }
@@ -452,7 +471,7 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
       for (int r = 0; r < nb; ++r) {
         uint16_t sh;
         std::memcpy(&sh, T.rows + rid[r] * T.row_stride, 2);
-        s16[r] = h2f(sh);
+        s16[r] = P.grow ? h2f(f2h(grown_step<BITS>(h2f(sh), X + r * D, D, P.max_s))) : h2f(sh);
       }
     }
   }
@@ -722,8 +741,8 @@ void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_si
   TORCH_CHECK(float_args.size() == 13, who, ": float_args must have 13 values "
               "[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s], got ",
               float_args.size());
-  TORCH_CHECK(int_args.size() == 8, who, ": int_args must have 8 values "
-              "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset], got ",
+  TORCH_CHECK(int_args.size() == 9, who, ": int_args must have 9 values "
+              "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset, grow_step], got ",
               int_args.size());
   Params& P = J.P;
   P.bits = static_cast<int>(int_args[0]);
@@ -734,6 +753,7 @@ void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_si
   P.key = int_args[5];
   P.row_offset = int_args[6];
   P.col_offset = int_args[7];
+  P.grow = int_args[8] != 0 && P.bits <= 8;
   P.lr = static_cast<float>(float_args[0]);
   P.wd = static_cast<float>(float_args[1]);
   P.has_wd = float_args[1] != 0.0;

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from enum import Enum
+
+from torchrec_lowprec.files import read_json, write_json
 
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
 ROUNDING_MODES = ("stochastic", "nearest")
@@ -281,21 +281,11 @@ class PrecisionPlan:
 
     def save(self, path: str) -> None:
         """Write the plan as JSON (atomically: a temp file renamed over ``path``)."""
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".plan-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @staticmethod
     def load(path: str) -> PrecisionPlan:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"precision plan {path} does not exist")
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
+        doc = read_json(path, "precision plan")
         if isinstance(doc, dict) and doc.get("format") != PLAN_FORMAT and "precision" in doc:
             doc = doc["precision"]  # a planner output file: the plan travels beside the sharding
         return PrecisionPlan.from_dict(doc, path)

@@ -7,8 +7,6 @@ row stream never depends on the batch size.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +14,8 @@ import numpy as np
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.datasets.utils import Batch
+
+from torchrec_lowprec.files import atomic_write_bytes  # noqa: F401  (re-exported: data's public API)
 
 SPLITS = ("train", "val", "test")
 
@@ -141,24 +141,3 @@ def embedding_bag_configs(
         )
         for name, rows in vocab_sizes.items()
     ]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
-
-    A reader never sees a half-written file, and a crash leaves the old file in place.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def check_ids(
@@ -47,3 +48,14 @@ def check_ids(
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
     new_lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.to(lengths.dtype))
     return values[keep], new_lengths, weights[keep] if weights is not None else None
+
+
+def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
+    """``features`` with its keys in ``order`` (extra keys dropped); ``ValueError`` naming any
+    feature of ``order`` the KJT lacks."""
+    if features.keys() == order:
+        return features
+    missing = [f for f in order if f not in features.keys()]
+    if missing:
+        raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}")
+    return features.permute([features.keys().index(f) for f in order])

@@ -22,7 +22,7 @@ from torchrec_lowprec.kernels.lookup import (
     row_alignment_for,
 )
 from torchrec_lowprec.kernels.spec import UpdateSpec
-from torchrec_lowprec.modules.bounds import check_ids
+from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_checkpoint
 from torchrec_lowprec.modules.table_layout import ShardOrigin, plan_layout, validate_table
 from torchrec_lowprec.modules.table_state import TableState
@@ -197,13 +197,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
-        if features.keys() != self._lookup_order:
-            missing = [f for f in self._lookup_order if f not in features.keys()]
-            if missing:
-                raise ValueError(
-                    f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}"
-                )
-            features = features.permute([features.keys().index(f) for f in self._lookup_order])
+        features = in_feature_order(features, self._lookup_order)
         batch = features.stride()
         values = features.values()
         lengths = features.lengths()

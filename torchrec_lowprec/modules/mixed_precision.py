@@ -16,7 +16,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_lowprec.modules.bounds import check_ids
+from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
 
@@ -192,13 +192,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if features.keys() != self._features:
-            missing = [f for f in self._features if f not in features.keys()]
-            if missing:
-                raise ValueError(
-                    f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}"
-                )
-            features = features.permute([features.keys().index(f) for f in self._features])
+        features = in_feature_order(features, self._features)
         batch = features.stride()
         values, lengths = features.values(), features.lengths()
         weights = features.weights().float() if self._is_weighted else None

@@ -20,6 +20,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_lowprec.modules.bounds import in_feature_order
 from torchrec_lowprec.quant.fake_quant import (
     SEARCH_BITS,
     lsq_grad_scale_for,
@@ -192,13 +193,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return {n: (p @ self._bits).detach() for n, p in self.bit_probabilities().items()}
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if features.keys() != self._features:
-            missing = [f for f in self._features if f not in features.keys()]
-            if missing:
-                raise ValueError(
-                    f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}"
-                )
-            features = features.permute([features.keys().index(f) for f in self._features])
+        features = in_feature_order(features, self._features)
         batch = features.stride()
         per_key = features.to_dict()
         outs = []

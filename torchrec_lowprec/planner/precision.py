@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +24,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
+from torchrec_lowprec.files import read_json, write_json
 from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import stored_bytes
@@ -100,21 +98,11 @@ class MemoryPlan:
 
     def save(self, path: str) -> None:
         """Write JSON atomically (temp file + rename)."""
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".plan-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @staticmethod
     def load(path: str) -> MemoryPlan:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"plan file {path} does not exist")
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
+        doc = read_json(path, "plan file")
         if not isinstance(doc, dict) or doc.get("format") != MEMORY_PLAN_FORMAT:
             raise ValueError(
                 f"{path} is not a {MEMORY_PLAN_FORMAT} file (written by `torchrec-lowprec plan`)"

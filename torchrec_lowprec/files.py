@@ -1,0 +1,45 @@
+"""Small file helpers shared by every layer: atomic writes and JSON documents (no torchrec import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    A reader never sees a half-written file, and a crash leaves the old file in place.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, doc: object) -> None:
+    """``doc`` as indented JSON at ``path``, written atomically."""
+    atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
+
+
+def read_json(path: str | os.PathLike, what: str) -> object:
+    """The JSON document at ``path``; ``FileNotFoundError`` / ``ValueError`` naming ``what``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not JSON ({e})") from None

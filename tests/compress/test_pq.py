@@ -70,11 +70,13 @@ def test_learning_is_deterministic_and_codes_are_narrow():
     assert big.codes.dtype == torch.uint16 and int(big.codes.to(torch.int64).max()) < 512
 
 
-def test_learned_codes_beat_kmeans_init_alone_or_match_it():
+def test_learned_codes_beat_kmeans_alone():
     x, counts = _zipf_table(n=2000)
     km = learn_pq(x, counts, MECConfig(num_subspaces=2, codebook_size=16, steps=0, seed=4))
     learned = learn_pq(x, counts, MECConfig(num_subspaces=2, codebook_size=16, steps=200, seed=4))
-    assert learned.weighted_mse < 1.02 * km.weighted_mse
+    # Measured: weighted error 1.656 vs 1.681, entropy 3.88 vs 3.81 bits (of 4).
+    assert learned.weighted_mse < 0.995 * km.weighted_mse
+    assert sum(learned.entropy_bits) > sum(km.entropy_bits)
 
 
 def test_helpers():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,8 @@ def test_bad_input_gives_one_clear_error():
 
 # ----- a trained DLRM, before and after export -----
 DIM = 16
+MIXED = {"t_cat_0": 4, "t_cat_1": 8, "t_cat_2": 4, "t_cat_3": 8}
+WITH_FLOAT = {"t_cat_0": 4, "t_cat_1": 8, "t_cat_2": 2, "t_cat_3": 16}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +160,26 @@ def ctr_data() -> SyntheticCTR:
         vocab_sizes=(2000, 500, 100, 20), num_dense=4, train_rows=60_000, val_rows=0, test_rows=8_000, seed=3
     )
     return SyntheticCTR(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(ctr_data):
+    """One trained DLRM per bit assignment, trained once for the module; tests get copies."""
+    cache: dict[tuple, DLRMTrain] = {}
+
+    def get(bits: dict[str, int]) -> DLRMTrain:
+        key = tuple(sorted(bits.items()))
+        if key not in cache:
+            # Small ops: one thread (two were up to 50x slower on the shared 2-core machine).
+            old = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cache[key] = _train_dlrm(ctr_data, bits)
+            finally:
+                torch.set_num_threads(old)
+        return copy.deepcopy(cache[key])
+
+    return get
 
 
 def _train_dlrm(data: SyntheticCTR, per_table_bits: dict[str, int]) -> DLRMTrain:
@@ -196,12 +220,12 @@ def _predict(dlrm: nn.Module, data: SyntheticCTR) -> tuple[torch.Tensor, np.ndar
     [
         {"t_cat_0": 8, "t_cat_1": 8, "t_cat_2": 8, "t_cat_3": 8},
         {"t_cat_0": 4, "t_cat_1": 4, "t_cat_2": 4, "t_cat_3": 4},
-        {"t_cat_0": 4, "t_cat_1": 8, "t_cat_2": 4, "t_cat_3": 8},
+        MIXED,
     ],
     ids=["int8", "int4", "mixed"],
 )
-def test_trained_dlrm_predicts_identically_after_export(ctr_data, bits):
-    train = _train_dlrm(ctr_data, bits)
+def test_trained_dlrm_predicts_identically_after_export(ctr_data, trained, bits):
+    train = trained(bits)
     dlrm = train.model
     before, labels = _predict(dlrm, ctr_data)
     assert exact_auc(before.double().numpy(), labels) > 0.62  # it learned something
@@ -211,10 +235,10 @@ def test_trained_dlrm_predicts_identically_after_export(ctr_data, bits):
     assert torch.equal(after, before)
 
 
-def test_fx_trace_and_jit_script_of_the_served_model(ctr_data):
+def test_fx_trace_and_jit_script_of_the_served_model(ctr_data, trained):
     from torchrec.fx import symbolic_trace
 
-    dlrm = _train_dlrm(ctr_data, {"t_cat_0": 4, "t_cat_1": 8, "t_cat_2": 2, "t_cat_3": 32}).model
+    dlrm = trained(WITH_FLOAT).model
     batch = next(iter(ctr_data.batches("test", 512)))
     args = (batch.dense_features, batch.sparse_features)
     with torch.no_grad():
@@ -268,10 +292,10 @@ def _shard_table_wise_on_cpu(dlrm: nn.Module) -> nn.Module:
     return sharded
 
 
-def test_table_wise_quant_sharding_on_cpu_serves_the_same_predictions(ctr_data, propagate_device):
+def test_table_wise_quant_sharding_on_cpu_serves_the_same_predictions(ctr_data, trained, propagate_device):
     from torchrec.inference.modules import assign_weights_to_tbe, get_table_to_weights_from_tbe
 
-    dlrm = _train_dlrm(ctr_data, {"t_cat_0": 4, "t_cat_1": 8, "t_cat_2": 2, "t_cat_3": 8}).model
+    dlrm = trained(MIXED).model
     batch = next(iter(ctr_data.batches("test", 512)))
     args = (batch.dense_features, batch.sparse_features)
     with torch.no_grad():
@@ -284,10 +308,10 @@ def test_table_wise_quant_sharding_on_cpu_serves_the_same_predictions(ctr_data, 
         assert torch.equal(sharded(*args), ref)
 
 
-def test_torchrec_quant_sharding_still_rejects_float_tables(ctr_data, propagate_device):
+def test_torchrec_quant_sharding_still_rejects_float_tables(trained, propagate_device):
     """TorchRec 1.8's sharded quant state dict assumes every table has a scale/bias, so FP16/FP32
     tables crash it (quant_state.py). When this starts passing, docs/serving.md can drop the caveat."""
-    dlrm = _train_dlrm(ctr_data, {"t_cat_0": 4, "t_cat_1": 8, "t_cat_2": 4, "t_cat_3": 16}).model
+    dlrm = trained(WITH_FLOAT).model
     to_inference(dlrm, register_tbes=True)
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'shape'"):
         _shard_table_wise_on_cpu(dlrm)

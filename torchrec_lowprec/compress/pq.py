@@ -29,6 +29,8 @@ import torch
 from torchrec_lowprec.compress.config import MECConfig
 
 _CHUNK = 4096  # rows per distance block: bounds the [L, rows, K] temporary (cache-sized)
+_REFIT_ITERS = 2
+_KMEANS_MAX_ROWS = 1 << 16  # k-means init sample: 64 rows per code, at most 65536 rows (K=4096: 16)
 
 
 @contextlib.contextmanager
@@ -176,7 +178,7 @@ def learn_pq(weight: torch.Tensor, counts: torch.Tensor | None, cfg: MECConfig) 
     if cfg.init == "kmeans":
         # k-means on rows drawn in proportion to their weight (an unbiased sample of the weighted
         # objective; a uniform subsample would miss the few popular rows the weighting is about).
-        sub = torch.multinomial(w, min(n, 64 * K), replacement=True, generator=gen)
+        sub = torch.multinomial(w, min(n, 64 * K, _KMEANS_MAX_ROWS), replacement=True, generator=gen)
         codebooks = weighted_kmeans(x[sub], torch.ones(sub.numel()), K, cfg.kmeans_iters, gen)
     else:
         codebooks = (torch.randn(L, K, d, generator=gen) * scale.sqrt()[:, None, None] / math.sqrt(d)) + 3 * (
@@ -189,11 +191,17 @@ def learn_pq(weight: torch.Tensor, counts: torch.Tensor | None, cfg: MECConfig) 
         _optimise(x, w, codebooks, encoder, opt, scale, cfg, gen)
 
     with torch.no_grad():
-        z = x + torch.einsum("bld,lde->ble", x, encoder)
-        codes = assign(z, codebooks.detach())
         cb = codebooks.detach().clone()
         if cfg.refit:
-            cb, _ = _weighted_centroids(x, w, codes, K, cb)
+            # What is served is the codewords, so finish with Lloyd iterations on the rows
+            # themselves: nearest codeword to x, then each codeword the weighted mean of its rows.
+            # Each iteration can only lower the weighted reconstruction error.
+            for _ in range(_REFIT_ITERS):
+                codes = assign(x, cb)
+                cb, _ = _weighted_centroids(x, w, codes, K, cb)
+            codes = assign(x, cb)
+        else:
+            codes = assign(x + torch.einsum("bld,lde->ble", x, encoder), cb)
         rec = reconstruct(codes, cb)
         mse = float((w * ((weight.detach().float().cpu() - rec) ** 2).sum(1)).sum() / w.sum())
     return PQResult(codes.to(code_dtype(K)), cb, mse, code_entropy(codes, K).tolist())

@@ -133,6 +133,8 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         comp_feats = [f for t in tables if t.name in compressed for f in t.feature_names]
         self._rest_feats = [f for t in rest for f in t.feature_names]
         self._lookup_order = comp_feats + self._rest_feats
+        # Per compressed table, the learner's statistics (set by compress_; empty otherwise).
+        self.fit_report: dict[str, dict[str, Any]] = {}
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._embedding_bag_configs

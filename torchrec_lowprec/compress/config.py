@@ -42,8 +42,9 @@ class MECConfig:
             to the sub-space's mean squared distance.
         kmeans_iters: Lloyd iterations of the (popularity-weighted) k-means initialisation.
         init: ``"kmeans"`` or ``"random"`` (Gaussian codewords; for tests and ablations).
-        refit: after learning, set each used codeword to the weighted mean of its rows (the
-            reconstruction optimum for the final codes).
+        refit: after learning, run Lloyd iterations on the rows themselves (nearest codeword,
+            weighted mean) and serve nearest-codeword codes; ``False`` keeps the encoder's codes
+            and the learned codebooks.
         seed: every random draw of the learner derives from it.
 
     Example::

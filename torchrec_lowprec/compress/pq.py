@@ -2,8 +2,9 @@
 
 A table ``X [N, D]`` is cut into ``L`` column blocks of ``d = D / L``. Block ``l`` has a
 codebook ``C_l [K, d]``; row ``n`` stores codes ``c_n [L]`` and is served as
-``concat_l C_l[c_n[l]]``. The codes come from an encoder ``z = x + x A_l`` (per block, a
-residual linear map starting at the identity) and the nearest codeword to ``z``.
+``concat_l C_l[c_n[l]]``. During learning the codes come from an encoder ``z = x + x A_l``
+(per block, a residual linear map starting at the identity) and the nearest codeword to ``z``;
+with ``refit`` (default) the served codes are then re-chosen on the rows (Lloyd iterations).
 
 Objective per batch of rows (``w`` = popularity weight, ``sg`` = stop-gradient)::
 
@@ -143,7 +144,13 @@ def weighted_kmeans(
 @dataclass
 class PQResult:
     """Learned codes ``[N, L]`` (uint8 if K <= 256 else uint16), codebooks ``[L, K, d]`` fp32, and
-    statistics of the fit (weighted MSE, per-block code entropy in bits)."""
+    statistics of the fit (weighted MSE, per-block code entropy in bits).
+
+    Example::
+
+        res = learn_pq(table, counts, MECConfig())
+        served = reconstruct(res.codes, res.codebooks)
+    """
 
     codes: torch.Tensor
     codebooks: torch.Tensor
@@ -152,6 +159,7 @@ class PQResult:
 
 
 def code_dtype(codebook_size: int) -> torch.dtype:
+    """The narrowest dtype holding codes ``< codebook_size``."""
     return torch.uint8 if codebook_size <= 256 else torch.uint16
 
 

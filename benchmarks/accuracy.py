@@ -11,7 +11,9 @@ docs/benchmarks.md::
 The seed changes the model's init and the rounding draws; the data set is the same for every
 run, so variants are compared on the same rows. Finished runs are appended to ``--results``
 (JSON lines) and reused when the same command runs again, so an interrupted run continues.
-New variants (mixed precision, compression) are one ``register_variant`` call.
+New variants (mixed precision, compression) are one ``register_variant`` call. LPT-DR,
+LPT-SR and ALPT are the papers' (a row that leaves its grid is clipped); "+grow" rows use the
+library's default, which grows that row's step size instead.
 """
 
 from __future__ import annotations
@@ -61,15 +63,16 @@ register_variant(Variant("fp32", "fp32", 32, ("--precision", "fp32")))
 register_variant(Variant("fp16", "fp16", 16, ("--precision", "fp16", "--rounding", "stochastic")))
 for _bits in (8, 4, 2):
     _p = ("--precision", f"int{_bits}")
-    register_variant(
-        Variant(f"lpt-dr-{_bits}", "LPT-DR", _bits, (*_p, "--rounding", "nearest", "--no-learn-step-size"))
-    )
-    register_variant(
-        Variant(f"lpt-sr-{_bits}", "LPT-SR", _bits, (*_p, "--rounding", "stochastic", "--no-learn-step-size"))
-    )
-    register_variant(
-        Variant(f"alpt-{_bits}", "ALPT", _bits, (*_p, "--rounding", "stochastic", "--learn-step-size"))
-    )
+    # The papers' variants clip a row that leaves its grid; the library's default grows the
+    # row's step instead ("+grow" rows), which changes LPT and ALPT alike.
+    _clip, _grow = ("--no-grow-step-size",), ("--grow-step-size",)
+    _dr, _sr = ("--rounding", "nearest"), ("--rounding", "stochastic")
+    _fixed, _learned = ("--no-learn-step-size",), ("--learn-step-size",)
+    register_variant(Variant(f"lpt-dr-{_bits}", "LPT-DR", _bits, (*_p, *_dr, *_fixed, *_clip)))
+    register_variant(Variant(f"lpt-sr-{_bits}", "LPT-SR", _bits, (*_p, *_sr, *_fixed, *_clip)))
+    register_variant(Variant(f"alpt-{_bits}", "ALPT", _bits, (*_p, *_sr, *_learned, *_clip)))
+    register_variant(Variant(f"lpt-sr-grow-{_bits}", "LPT-SR +grow", _bits, (*_p, *_sr, *_fixed, *_grow)))
+    register_variant(Variant(f"alpt-grow-{_bits}", "ALPT +grow", _bits, (*_p, *_sr, *_learned, *_grow)))
 
 
 def dataset_flags(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -195,6 +198,14 @@ def verdicts(rows: dict[str, list[dict]]) -> list[str]:
             out.append(
                 f"{bits}-bit ALPT − LPT-SR: {d[0]:+.4f} ± {d[1]:.4f} AUC (claim: ALPT better) — {_better(d)}."
             )
+    for bits in (8, 4, 2):
+        g = paired(rows, f"alpt-grow-{bits}", f"alpt-{bits}")
+        a = paired(rows, f"alpt-grow-{bits}", f"lpt-sr-grow-{bits}")
+        if g and a:
+            out.append(
+                f"{bits}-bit step growth (the library's default): ALPT +grow − ALPT {g[0]:+.4f} ± {g[1]:.4f}; "
+                f"ALPT +grow − LPT-SR +grow {a[0]:+.4f} ± {a[1]:.4f} AUC."
+            )
     return out
 
 
@@ -317,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     md = "\n".join(parts)
     print("\n" + md)
     if args.write:
-        write_section(args.write, "accuracy", "Accuracy: fp32, fp16, LPT-DR, LPT-SR, ALPT (DLRM)", md)
+        write_section(
+            args.write, "accuracy", "Accuracy: fp32, fp16, LPT-DR, LPT-SR, ALPT at 8/4/2 bits (DLRM)", md
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         "--rounding",
         default="stochastic",
         choices=["stochastic", "nearest"],
-        help="write-back rounding (LPT-DR = nearest + --no-learn-step-size, LPT-SR = stochastic + "
-        "--no-learn-step-size, ALPT = stochastic + --learn-step-size)",
+        help="write-back rounding (the papers' LPT-DR = nearest + --no-learn-step-size, LPT-SR = "
+        "stochastic + --no-learn-step-size, ALPT = stochastic + --learn-step-size, each with "
+        "--no-grow-step-size)",
     )
     g.add_argument(
         "--learn-step-size",
@@ -36,6 +37,13 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         help="ALPT: learn each row's step size (int8/4/2 only)",
     )
     g.add_argument("--step-size-lr", type=float, default=1e-4, help="ALPT step-size learning rate")
+    g.add_argument(
+        "--grow-step-size",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a row whose update leaves its grid grows its step (the library's default) instead of "
+        "being clipped (--no-grow-step-size: the papers' LPT/ALPT)",
+    )
     g.add_argument("--embedding-dim", type=int, default=32, help="every table's dim (= last dense layer)")
     g.add_argument(
         "--dense-arch", default="64", help="hidden sizes of the bottom MLP (embedding dim is appended)"
@@ -65,6 +73,7 @@ def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
         learn_step_size=args.learn_step_size,
         step_size_lr=args.step_size_lr,
         seed=args.seed,
+        **({} if args.grow_step_size is None else {"grow_step_size": args.grow_step_size}),
     )
 
 

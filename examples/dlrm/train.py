@@ -13,7 +13,9 @@ CPU / nccl on CUDA; each rank reads its own slice of every global batch)::
 
 Variants of the papers: LPT-DR = ``--rounding nearest --no-learn-step-size``, LPT-SR =
 ``--rounding stochastic --no-learn-step-size``, ALPT = ``--rounding stochastic
---learn-step-size`` (the default). ``--batch-size`` is the global batch.
+--learn-step-size`` (the default), each with ``--no-grow-step-size`` to clip rows that leave
+their grid as the papers do (the library's default grows the row's step instead).
+``--batch-size`` is the global batch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from dlrm_model import (  # noqa: E402
     plan_summary,
     shard,
     sparse_module,
+    table_config,
 )
 
 from torchrec_lowprec.data import MalformedRowError, atomic_write_bytes, exact_auc, log_loss_terms  # noqa: E402
@@ -150,7 +153,8 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     dense_opt = torch.optim.Adam(dense_params, lr=args.dense_lr)
     say(
         f"{data.name} data, {len(tables)} tables, dim {args.embedding_dim}, {args.precision} "
-        f"({args.rounding}, {'learned' if args.learn_step_size else 'fixed'} step), world {env.world}: "
+        f"({args.rounding}, {'learned' if args.learn_step_size else 'fixed'} step"
+        f"{', clipped' if args.grow_step_size is False else ''}), world {env.world}: "
         f"embeddings {sum(ours_per_rank) / 2**20:.2f} MiB vs fp32 {fp32_bytes / 2**20:.2f} MiB"
     )
 
@@ -252,6 +256,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "precision": args.precision,
             "rounding": args.rounding,
             "learn_step_size": args.learn_step_size,
+            "grow_step_size": table_config(args).grow_step_size,
             "embedding_dim": args.embedding_dim,
             "plan": plan_summary(model),
         },

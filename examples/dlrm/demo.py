@@ -4,7 +4,8 @@ The data come from a planted model, so the best achievable (Bayes) AUC is known.
 ``examples/dlrm/train.py`` (in this process, on the same data): the same TorchRec DLRM init,
 a fused RowWiseAdagrad on the tables, and the tables stored as fp32 (``bits=32``: the same
 fused update, no quantization) or int8 / int4 with ALPT (learned per-row step sizes,
-stochastic rounding). Prints one table.
+stochastic rounding, and the library's default step growth for rows that leave their grid).
+Prints one table.
 
     python examples/dlrm/demo.py [--train-rows 1000000] [--precisions fp32,int8,int4] [-- more train.py flags]
 """

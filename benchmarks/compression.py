@@ -154,17 +154,23 @@ def access_entropy(cebc, counts: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    ap.add_argument("--train-rows", type=int, default=600_000)
+    ap.add_argument("--train-rows", type=int, default=2_000_000)
     ap.add_argument("--test-rows", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--emb-lr", type=float, default=0.05)
     ap.add_argument("--dense-lr", type=float, default=2e-3)
     ap.add_argument("--min-rows", type=int, default=50_000)
-    ap.add_argument("--mec", default="4x256,2x256,8x256,2x4096", help="L x K settings")
+    ap.add_argument(
+        "--mec", default="4x256,2x256,1x256,1x2", help="L x K settings (1x2: a floor, ~no per-id info)"
+    )
     ap.add_argument("--mec-steps", type=int, default=150)
     ap.add_argument("--popularity", default="count", help="weighting of every L x K")
-    ap.add_argument("--ablate", default="log,uniform", help="other weightings tried at the first L x K")
+    ap.add_argument(
+        "--ablate",
+        default="log,uniform,kmeans",
+        help="at the first L x K: other weightings; kmeans = no learner steps",
+    )
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--finetune-lr", type=float, default=5e-5)
     # One intra-op thread: on the shared 2-core machine, 2 threads made these small ops up to 60x
@@ -201,13 +207,16 @@ def main() -> None:
     counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
     finetune_batches = max(1, args.finetune_steps)
     settings = [tuple(int(v) for v in s.split("x")) for s in args.mec.split(",")]
-    runs = [(L, K, args.popularity) for L, K in settings]
-    runs += [
-        (settings[0][0], settings[0][1], p) for p in args.ablate.split(",") if p and p != args.popularity
-    ]
-    for L, K, pop in runs:
+    runs = [(L, K, args.popularity, args.mec_steps) for L, K in settings]
+    L0, K0 = settings[0]
+    for p in args.ablate.split(","):
+        if p == "kmeans":
+            runs.append((L0, K0, args.popularity, 0))
+        elif p and p != args.popularity:
+            runs.append((L0, K0, p, args.mec_steps))
+    for L, K, pop, steps in runs:
         model = copy.deepcopy(trained[32])
-        mec = MECConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=args.mec_steps,
+        mec = MECConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=steps,
                         popularity=pop, seed=args.seed)  # fmt: skip
         t0 = time.perf_counter()
         compress_(model, counts, mec)
@@ -220,9 +229,10 @@ def main() -> None:
             f"learned in {secs:.0f} s; code entropy {ent:.2f} (per row) / {access_entropy(cebc, counts):.2f} "
             f"(per access) of {np.log2(K):.0f} bits"
         )
-        rows.append((f"MEC ({pop})", f"L={L}, K={K}", a, nbytes, note))
+        label = f"MEC ({pop})" if steps else f"MEC ({pop}, k-means only)"
+        rows.append((label, f"L={L}, K={K}", a, nbytes, note))
         print(f"MEC L={L} K={K} {pop}: AUC {a:.4f}, {fp32_bytes / nbytes:.1f}x, {secs:.0f} s", flush=True)
-        if pop == args.popularity:
+        if steps:  # every learned setting, also the lossy ablations and the floor
             t0 = time.perf_counter()
             n = finetune_codebooks(
                 model, data.batches("train", 2048), lambda b, m=model: m(b)[0], lr=args.finetune_lr,
@@ -272,6 +282,8 @@ def main() -> None:
     lines += [
         "",
         verdict,
+        "What this shows and its caveats (one seed; the fp32 model learns mostly the head ids): "
+        "[compression.md](compression.md#results-and-when-to-prefer-mec).",
         "",
         "Export to TorchRec's quantized `EmbeddingBagCollection` (`to_inference`):",
         "",

@@ -42,10 +42,12 @@ class LowPrecisionConfig:
         step_size_lr: learning rate of the step size (plain SGD on the LSQ gradient).
         step_size_init: ``"lsq"`` (``2*mean|w|/sqrt(Qp)``), ``"absmax"`` (``max|w|/Qp``) or
             a positive float used for every row.
-        grow_step_size: when an updated row would leave its grid, grow the row's step size
-            just enough to hold it (no update is clipped). ``False`` clips, as the papers do;
-            with TorchRec's tiny default init (``|w| <= 1/sqrt(rows)``) the initial grid of a
-            large table is far narrower than its trained rows, and clipping costs accuracy.
+        grow_step_size: when an updated row needs a grid more than ``growth_threshold`` times
+            wider than its step gives, grow the row's step just enough to hold it. ``False``
+            always clips, as the papers do. TorchRec's default init (``|w| <= 1/sqrt(rows)``)
+            gives a large table an initial grid far narrower than its trained rows; growth
+            fixes that at once, while rows that overshoot by less are clipped as ALPT intends.
+        growth_threshold: the factor above (>= 1; 1 = never clip).
         optimizer: the fused optimizer of the table (``OptimizerType`` or its value).
         learning_rate, weight_decay, eps, beta1, beta2: its hyper-parameters (weight decay
             is L2 added to the gradient; betas are Adam's).
@@ -65,6 +67,7 @@ class LowPrecisionConfig:
     step_size_lr: float = 1e-4
     step_size_init: str | float = "lsq"
     grow_step_size: bool = True
+    growth_threshold: float = 2.0
     optimizer: OptimizerType | str = OptimizerType.ROWWISE_ADAGRAD
     learning_rate: float = 0.01
     weight_decay: float = 0.0
@@ -92,6 +95,8 @@ class LowPrecisionConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"LowPrecisionConfig.{name}={v!r} must be a number >= 0")
+        if not self.growth_threshold >= 1:
+            raise ValueError(f"LowPrecisionConfig.growth_threshold={self.growth_threshold!r} must be >= 1")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if not 0 <= v < 1:

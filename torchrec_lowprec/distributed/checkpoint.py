@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from torchrec_lowprec.distributed.state import TableMeta
 
@@ -113,7 +114,12 @@ def load(model: nn.Module, path: str) -> None:
                         f"expects {tuple(want)} (different rows, dim, bit width, optimizer or column split)"
                     )
     no_dist = not (dist.is_available() and dist.is_initialized())
-    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    # DCP's default planner drops ShardedTensors a rank holds no shard of, then mistakes the
+    # state dict for a pre-2.4 one and fails on `..._extra_state` ("Missing key"): that is any
+    # TABLE_WISE plan where a rank lacks a table. Our ShardedTensors are not nested, which is
+    # all flattening is for.
+    planner = DefaultLoadPlanner(flatten_sharded_tensors=False)
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist, planner=planner)
     model.load_state_dict(state)
 
 

@@ -151,7 +151,7 @@ def reference_update(
         s = s16_old
     if spec.grow_step:
         need = torch.maximum(x.amax(dim=1) / float(qmax), x.amin(dim=1) / float(qmin))
-        s = torch.where(need > s, torch.clamp(need, max=f[12]), s)
+        s = torch.where(need > f[13] * s, torch.clamp(need, max=f[12]), s)
     if spec.learn_step_size:
         step_size[uniq] = s
     s16 = s.to(torch.float16).to(torch.float32)

@@ -18,7 +18,8 @@ to the gradient of row ``ids[i]``; a row's contributions are summed in occurrenc
    min_step, max_step)`` with the LSQ gradient of :mod:`torchrec_lowprec.quant.lsq`
    evaluated at the updated row, the raw loss gradient ``g`` and the fp32 master ``s``.
 5b. Growth (b-bit rows, ``grow_step``): with ``hi = max_d x_d`` and ``lo = min_d x_d``,
-   ``need = max(hi / Qp, lo / Qn)``; if ``need > s`` then ``s = min(need, max_step)`` (``s``
+   ``need = max(hi / Qp, lo / Qn)``; if ``need > growth_threshold * s`` then
+   ``s = min(need, max_step)`` (``s``
    is the fp32 master after 5, or the row's stored fp16 step when the step is not learned;
    the master is updated too).
 6. Write back: ``s16 = fp16(s)``; ``q = clamp(floor(x * (1/s16) + u), Qn, Qp)``, ``u`` the
@@ -63,6 +64,7 @@ class UpdateSpec:
     row_offset: int = 0
     col_offset: int = 0
     grow_step: bool = False
+    growth_threshold: float = 2.0
 
     @property
     def bias_corrections(self) -> tuple[float, float]:
@@ -70,7 +72,8 @@ class UpdateSpec:
         return 1.0 - o.beta1**self.step, 1.0 - o.beta2**self.step
 
     def float_args(self) -> list[float]:
-        """``[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s]``."""
+        """``[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s,
+        growth_threshold]``."""
         from torchrec_lowprec.quant.lsq import MAX_STEP_SIZE, MIN_STEP_SIZE, lsq_grad_scale
 
         o = self.optimizer
@@ -78,7 +81,7 @@ class UpdateSpec:
         lsq = lsq_grad_scale(self.bits, self.dim) if self.bits <= 8 else 0.0
         return [
             o.lr, o.weight_decay, o.eps, o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2,
-            bc1, bc2, self.step_size_lr, lsq, MIN_STEP_SIZE, MAX_STEP_SIZE,
+            bc1, bc2, self.step_size_lr, lsq, MIN_STEP_SIZE, MAX_STEP_SIZE, self.growth_threshold,
         ]  # fmt: skip
 
     def int_args(self) -> list[int]:

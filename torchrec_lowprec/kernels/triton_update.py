@@ -165,14 +165,14 @@ def _row_sum(p, cols, D, EXACT: tl.constexpr):
     return acc
 
 
-def _grown_step(s, x, cmask, qmin, qmax, max_s):
+def _grown_step(s, x, cmask, qmin, qmax, max_s, thr):
     # spec step 5b: the smallest step holding the updated row, if larger than s
     hi = _tl_max(tl.where(cmask, x, float("-inf")), axis=0)
     lo = _tl_min(tl.where(cmask, x, float("inf")), axis=0)
     need_hi = tl.div_rn(hi, qmax)
     need_lo = tl.div_rn(lo, qmin)
     need = tl.where(need_hi > need_lo, need_hi, need_lo)
-    return tl.where(need > s, tl.where(need > max_s, max_s, need), s)
+    return tl.where(need > thr * s, tl.where(need > max_s, max_s, need), s)
 
 
 def _fused_update_kernel(
@@ -183,7 +183,7 @@ def _fused_update_kernel(
     uniq_ptr, start_ptr, count_ptr, perm_ptr,
     goff_ptr, occw_ptr, grad_ptr, flag_ptr,
     D, dim_f,
-    lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s,
+    lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s, grow_thr,
     key_lo, key_hi, row_offset, col_offset,
     BITS: tl.constexpr, OPT: tl.constexpr, STOCHASTIC: tl.constexpr,
     LEARN: tl.constexpr, GROW: tl.constexpr, HAS_WD: tl.constexpr, HAS_W: tl.constexpr,
@@ -310,11 +310,15 @@ def _fused_update_kernel(
             sn = tl.where(sn < min_s, min_s, sn)  # torch.clamp: NaN stays NaN
             sn = tl.where(sn > max_s, max_s, sn)
             if GROW:
-                sn = _grown_step(sn, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s)
+                sn = _grown_step(sn, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s, grow_thr)
             tl.store(sp, sn, mask=ok)
             s16 = sn.to(tl.float16).to(tl.float32)
         elif GROW:
-            s16 = _grown_step(s16_old, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s).to(tl.float16).to(tl.float32)
+            s16 = (
+                _grown_step(s16_old, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s, grow_thr)
+                .to(tl.float16)
+                .to(tl.float32)
+            )
         else:
             s16 = s16_old
         vq = x * tl.div_rn(1.0, s16)

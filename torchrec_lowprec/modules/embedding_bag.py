@@ -304,7 +304,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             learn_step_size=cfg.keeps_master_step_size, step_size_lr=cfg.step_size_lr,
             key=hash_key(cfg.seed, table_hash(lay.origin.table), step),
             row_offset=lay.origin.row_offset, col_offset=lay.origin.col_offset,
-            grow_step=cfg.grow_step_size,
+            grow_step=cfg.grow_step_size, growth_threshold=cfg.growth_threshold,
         )  # fmt: skip
         rows = self._rows_of(lay.name)
         return (rows, state.step_size, state.state1, state.state2, ids.to(torch.int64), goff, occ_w, spec)

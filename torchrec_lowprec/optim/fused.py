@@ -72,7 +72,7 @@ def optimizer_params_from_in_backward(param: torch.Tensor, cfg: LowPrecisionConf
         return OptimizerParams.from_config(cfg)
     kwargs = dict(param._optimizer_kwargs[0])
     kind = _optimizer_kind_of_class(classes[0])
-    betas = kwargs.get("betas", (cfg.beta1, cfg.beta2))
+    betas = kwargs.get("betas", (kwargs.get("beta1", cfg.beta1), kwargs.get("beta2", cfg.beta2)))
     unsupported = {k for k, v in kwargs.items() if k in ("momentum", "amsgrad", "nesterov") and v}
     if unsupported:
         raise ValueError(
@@ -81,7 +81,9 @@ def optimizer_params_from_in_backward(param: torch.Tensor, cfg: LowPrecisionConf
         )
     return OptimizerParams(
         kind=kind,
-        lr=float(kwargs.get("lr", cfg.learning_rate)),
+        # TorchRec's sharders rewrite the tag in place into FBGEMM's fused-parameter names
+        # ({"lr": x} -> {"learning_rate": x}); both spellings are honoured.
+        lr=float(kwargs.get("lr", kwargs.get("learning_rate", cfg.learning_rate))),
         weight_decay=float(kwargs.get("weight_decay", cfg.weight_decay)),
         eps=float(kwargs.get("eps", cfg.eps)),
         beta1=float(betas[0]),

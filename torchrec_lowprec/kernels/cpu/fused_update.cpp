@@ -160,7 +160,7 @@ struct Params {
   int64_t row_offset;
   int64_t col_offset;
   // fp32 casts of the float args
-  float lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s;
+  float lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s, grow_thr;
   bool has_wd;  // the reference adds wd * x only when wd != 0.0 (a Python double test)
   float dim_f;  // (float)dim: the row-wise Adagrad divisor
 };
@@ -266,7 +266,7 @@ inline void element_hash(uint32_t rk, const Params& P, uint32_t* h) {
 // Spec step 5b: the smallest step that holds the updated row x on the b-bit grid, if it is
 // larger than s (max/min are exact; the two divisions are IEEE, as torch's).
 template <int BITS>
-inline float grown_step(float s, const float* x, int64_t D, float max_s) {
+inline float grown_step(float s, const float* x, int64_t D, float max_s, float thr) {
   constexpr int half = 1 << (BITS - 1);
   float hi = x[0], lo = x[0];
   for (int64_t d = 1; d < D; ++d) {
@@ -276,7 +276,7 @@ inline float grown_step(float s, const float* x, int64_t D, float max_s) {
   const float need_hi = hi / static_cast<float>(half - 1);
   const float need_lo = lo / static_cast<float>(-half);
   const float need = need_hi > need_lo ? need_hi : need_lo;
-  if (need > s) return need > max_s ? max_s : need;
+  if (need > thr * s) return need > max_s ? max_s : need;
   return s;
 }
 
@@ -463,7 +463,7 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
         float sn = s[r] - P.step_lr * lsq;
         sn = sn < P.min_s ? P.min_s : sn;  // torch.clamp (NaN stays NaN)
         sn = sn > P.max_s ? P.max_s : sn;
-        if (P.grow) sn = grown_step<BITS>(sn, X + r * D, D, P.max_s);
+        if (P.grow) sn = grown_step<BITS>(sn, X + r * D, D, P.max_s, P.grow_thr);
         T.step[rid[r] * T.step_stride] = sn;
         s16[r] = h2f(f2h(sn));
       }
@@ -471,7 +471,7 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
       for (int r = 0; r < nb; ++r) {
         uint16_t sh;
         std::memcpy(&sh, T.rows + rid[r] * T.row_stride, 2);
-        s16[r] = P.grow ? h2f(f2h(grown_step<BITS>(h2f(sh), X + r * D, D, P.max_s))) : h2f(sh);
+        s16[r] = P.grow ? h2f(f2h(grown_step<BITS>(h2f(sh), X + r * D, D, P.max_s, P.grow_thr))) : h2f(sh);
       }
     }
   }
@@ -738,8 +738,8 @@ void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_si
                  const torch::Tensor& state2, const torch::Tensor& ids, const torch::Tensor& grad_offsets,
                  const torch::Tensor& occ_weights, const torch::Tensor& grad, const std::vector<double>& float_args,
                  const std::vector<int64_t>& int_args, Who who) {
-  TORCH_CHECK(float_args.size() == 13, who, ": float_args must have 13 values "
-              "[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s], got ",
+  TORCH_CHECK(float_args.size() == 14, who, ": float_args must have 14 values "
+              "[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s, growth_threshold], got ",
               float_args.size());
   TORCH_CHECK(int_args.size() == 9, who, ": int_args must have 9 values "
               "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset, grow_step], got ",
@@ -768,6 +768,7 @@ void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_si
   P.lsq_scale = static_cast<float>(float_args[10]);
   P.min_s = static_cast<float>(float_args[11]);
   P.max_s = static_cast<float>(float_args[12]);
+  P.grow_thr = static_cast<float>(float_args[13]);
   P.dim_f = static_cast<float>(static_cast<double>(P.dim));
 
   const int bits = P.bits;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ from torchrec import EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
 import torchrec_lowprec as lp
+from torchrec_lowprec.data import count_frequencies, frequency_rank
+from torchrec_lowprec.quant.groups import table_counts
+from torchrec_lowprec.types import PrecisionPlan
 
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 
@@ -43,6 +47,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="a row whose update leaves its grid grows its step (the library's default) instead of "
         "being clipped (--no-grow-step-size: the papers' LPT/ALPT)",
+    )
+    g.add_argument(
+        "--precision-plan",
+        help="a PrecisionPlan JSON (MPE's selection, benchmarks/mpe.py) or a `torchrec-lowprec plan` output: "
+        "per-table / per-frequency-group bit widths (the tables become MixedPrecisionEmbeddingBagCollection; "
+        "--precision is then the width of tables the plan does not name)",
     )
     g.add_argument("--embedding-dim", type=int, default=32, help="every table's dim (= last dense layer)")
     g.add_argument(
@@ -93,7 +103,33 @@ def build_embedding_collection(
     """
     ebc = torchrec.EmbeddingBagCollection(tables, device=torch.device("cpu"))
     _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
+    if getattr(args, "precision_plan", None):
+        plan, row_maps = precision_plan_for(args.precision_plan, tables, data)
+        return lp.convert(ebc, table_config(args), precision_plan=plan, row_maps=row_maps)
     return lp.convert(ebc, table_config(args))
+
+
+def precision_plan_for(path: str, tables: list[EmbeddingBagConfig], data) -> tuple[PrecisionPlan, dict]:
+    """The plan at ``path``, with raw id -> frequency-rank maps for its grouped tables.
+
+    This example's data pipeline feeds raw ids, so a table split into frequency groups gets an
+    id map (4 B/row, counted in the embedding bytes) built from the training split's counts.
+    """
+    plan = PrecisionPlan.load(path)
+    grouped = {n for n, tp in plan.tables.items() if tp.num_groups > 1}
+    if not grouped:
+        return plan, {}
+    if data is None:
+        raise ValueError(
+            f"{path} splits tables into frequency groups: the training data are needed for id maps"
+        )
+    feats = {f: t.num_embeddings for t in tables if t.name in grouped for f in t.feature_names}
+    counts = count_frequencies((b.batch for b in data.train_batches(65536, 0, 1)), feats)
+    maps = {t.name: frequency_rank(table_counts(t, counts)) for t in tables if t.name in grouped}
+    remapped = {
+        n: dataclasses.replace(tp, remapped=True) if n in grouped else tp for n, tp in plan.tables.items()
+    }
+    return PrecisionPlan(remapped), maps
 
 
 def build_model(

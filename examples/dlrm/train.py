@@ -152,7 +152,8 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     dense_params = [p for n, p in model.named_parameters() if not hasattr(p, "_optimizer_classes")]
     dense_opt = torch.optim.Adam(dense_params, lr=args.dense_lr)
     say(
-        f"{data.name} data, {len(tables)} tables, dim {args.embedding_dim}, {args.precision} "
+        f"{data.name} data, {len(tables)} tables, dim {args.embedding_dim}, "
+        f"{'plan ' + args.precision_plan + ', else ' if args.precision_plan else ''}{args.precision} "
         f"({args.rounding}, {'learned' if args.learn_step_size else 'fixed'} step"
         f"{', clipped' if args.grow_step_size is False else ''}), world {env.world}: "
         f"embeddings {sum(ours_per_rank) / 2**20:.2f} MiB vs fp32 {fp32_bytes / 2**20:.2f} MiB"

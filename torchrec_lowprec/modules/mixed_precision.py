@@ -283,7 +283,11 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
         """Bytes held: the physical tables' rows, step sizes, optimizer state, plus row maps."""
-        report = self.row_groups.memory_bytes(per_table=True)
+        inner = self.row_groups
+        if isinstance(inner, LowPrecisionEmbeddingBagCollection):
+            report = inner.memory_bytes(per_table=True)
+        else:  # sharded by DistributedModelParallel: this rank's shards
+            report = {"row_groups": {"total": inner.memory_bytes()}}
         for n in sorted(self._remapped):
             m = getattr(self, f"row_map_{n}")
             report[f"{n}.row_map"] = {

@@ -7,7 +7,7 @@ frequency rank (``data.remap_by_rank``), search bit widths per frequency group w
 fresh DLRM whose tables are ``MixedPrecisionEmbeddingBagCollection`` (ALPT, stochastic
 rounding) from scratch and evaluate on the test split.
 
-    python benchmarks/mpe.py [--train-rows 500000] [--lambdas 1e-5,1e-4,1e-3] [--write docs/benchmarks.md]
+    python benchmarks/mpe.py [--train-rows 500000] [--variants 0-2-4-8:1e-5,0-8:1e-5] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def low_precision_run(name: str, rd: RankedData, args, cfg, plan=None) -> dict:
     model = build_dlrm(rd.data, args.dim, args.seed)
     ebc = sparse_of(model)
     _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
-    lp.convert(model, cfg, precision_plan=plan)
+    lp.convert(model, cfg.replace(seed=args.seed), precision_plan=plan)
     ebc = sparse_of(model)
     dense = [p for p in model.parameters() if not hasattr(p, "_optimizer_classes")]
     ex_s = train_epoch(model, rd, torch.optim.Adam(dense, lr=args.dense_lr))
@@ -128,10 +128,10 @@ class _Both:
             o.step()
 
 
-def mpe_run(lam: float, rd: RankedData, args) -> tuple[dict, dict]:
+def mpe_run(candidates: tuple[int, ...], lam: float, rd: RankedData, args) -> tuple[dict, dict]:
     model = build_dlrm(rd.data, args.dim, args.seed)
     scfg = MPESearchConfig(
-        candidate_bits=(0, 2, 4, 8), num_groups=args.groups, reg_lambda=lam, sparse_weights=True
+        candidate_bits=candidates, num_groups=args.groups, reg_lambda=lam, sparse_weights=True
     )
     searches = mpe_search_(model, scfg, rd.counts)
     arch = [p for s in searches for p in s.architecture_parameters()]
@@ -148,7 +148,8 @@ def mpe_run(lam: float, rd: RankedData, args) -> tuple[dict, dict]:
     train_epoch(model, rd, opt, lambda: regularization(searches))
     search_s = time.perf_counter() - t0
     plan = merge_plans([s.select() for s in searches])
-    run = low_precision_run(f"MPE λ={lam:g}", rd, args, lp.LowPrecisionConfig(), plan)
+    name = f"MPE {{{', '.join(map(str, candidates))}}} λ={lam:g}"
+    run = low_precision_run(name, rd, args, lp.LowPrecisionConfig(), plan)
     run["search_s"] = search_s
     return run, plan.to_dict()
 
@@ -164,6 +165,56 @@ def bits_mix(plan: dict) -> str:
     return " ".join(f"{b}b:{100 * n / total:.0f}%" for b, n in sorted(share.items(), reverse=True))
 
 
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, (var / len(xs)) ** 0.5
+
+
+def table_lines(
+    per_seed: list[list[dict]], plans: dict, fp32_serve: int, bayes_aucs: list[float], args
+) -> list[str]:
+    """Mean over seeds; "vs fp32" is the per-seed (paired) difference, mean ± standard error."""
+    n = len(per_seed)
+    lines = [
+        f"Synthetic CTR: {len(VOCABS)} fields (vocabularies {', '.join(f'{v:,}' for v in VOCABS)}; Zipf 1.1), "
+        f"dim {args.dim}, {args.train_rows:,} training rows (one epoch, batch {args.batch_size}), "
+        f"{args.test_rows:,} test rows, Bayes AUC {sum(bayes_aucs) / n:.4f}; {n} seed(s) ({args.seeds}: the seed "
+        f"draws the data, the init and the rounding). TorchRec DLRM; tables trained by the fused RowWiseAdagrad "
+        f"(lr {args.emb_lr}), ALPT with the library defaults. MPE: the candidate widths and lambda in each row's "
+        f"name, {args.groups} frequency groups per table (counted on train), one search epoch, selection rule "
+        "1/(2m), retrain from scratch (ALPT). Bits and compression: the seed-0 selection.",
+        "",
+        "Compression = fp32 table bytes / serving bytes (codes + fp16 scale/bias per stored row + id maps; "
+        "pruned rows cost nothing). Training bytes add the fp32 master step sizes and RowWiseAdagrad state.",
+        "",
+        "| model | test AUC | vs fp32 (paired) | log-loss | bits (share of rows) | serving bytes | compression | "
+        "training bytes | examples/s (indicative: shared machine) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    met = []
+    for i, r0 in enumerate(per_seed[0]):
+        rs = [runs[i] for runs in per_seed]
+        auc, _ = _mean_se([r["auc"] for r in rs])
+        d, se = _mean_se([r["auc"] - runs[0]["auc"] for r, runs in zip(rs, per_seed)])
+        ll, _ = _mean_se([r["logloss"] for r in rs])
+        mix = bits_mix(plans[r0["name"]]) if r0["name"] in plans else r0["name"].split()[0]
+        comp = fp32_serve / r0["serve"]
+        diff = "" if i == 0 else f"{d:+.4f} ± {se:.4f}" if n > 1 else f"{d:+.4f}"
+        lines.append(
+            f"| {r0['name']} | {auc:.4f} | {diff} | {ll:.4f} | {mix} | {r0['serve'] / 2**20:.2f} MiB | {comp:.1f}x | "
+            f"{r0['train'] / 2**20:.2f} MiB | {sum(r['ex_s'] for r in rs) / n:,.0f} |"
+        )
+        if i >= 3 and comp >= 10 and d >= -0.001:
+            met.append(f"{r0['name']} ({comp:.1f}x, {d:+.4f} ± {se:.4f})")
+    verdict = "Target (>= 10x at AUC >= fp32 - 0.001, on the mean paired difference): " + (
+        "met by " + "; ".join(met) if met else "NOT met"
+    )
+    return lines + ["", verdict]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-rows", type=int, default=500_000)
@@ -174,62 +225,45 @@ def main() -> None:
     ap.add_argument("--dense-lr", type=float, default=2e-3)
     ap.add_argument("--arch-lr", type=float, default=0.05)
     ap.add_argument("--groups", type=int, default=32)
-    ap.add_argument("--lambdas", default="1e-5,1e-4,1e-3")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variants",
+        default="0-8:1e-5,0-4-8:1e-5,0-2-4-8:1e-3",
+        help="MPE runs: candidate widths joined by '-', ':' lambda; comma-separated",
+    )
+    ap.add_argument("--seeds", default="0", help="comma-separated; each seed draws data, init and rounding")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--write", help="write the results section into this markdown file")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    cfg = SyntheticCTRConfig(
-        vocab_sizes=VOCABS,
-        num_dense=4,
-        train_rows=args.train_rows,
-        val_rows=0,
-        test_rows=args.test_rows,
-        seed=args.seed,
-    )
-    data = SyntheticCTR(cfg)
-    rd = RankedData(data, args.batch_size)
-    bayes = data.bayes_metrics("test")
+    torch.set_num_threads(args.threads)
     fp32_serve = sum(v * args.dim * 4 for v in VOCABS)
-    runs, plans = [], {}
-    for name, c in (("fp32", lp.LowPrecisionConfig(bits=32)), ("int8 ALPT", lp.LowPrecisionConfig(bits=8)),
-                    ("int4 ALPT", lp.LowPrecisionConfig(bits=4))):  # fmt: skip
-        runs.append(low_precision_run(name, rd, args, c))
-        print(f"{name}: AUC {runs[-1]['auc']:.4f}", flush=True)
-    for lam in (float(x) for x in args.lambdas.split(",")):
-        r, plan = mpe_run(lam, rd, args)
-        runs.append(r)
-        plans[r["name"]] = plan
-        print(f"{r['name']}: AUC {r['auc']:.4f} {bits_mix(plan)} search {r['search_s']:.0f}s", flush=True)
-    base = runs[0]["auc"]
-    lines = [
-        f"Synthetic CTR: {len(VOCABS)} fields (vocabularies {', '.join(f'{v:,}' for v in VOCABS)}; Zipf 1.1), "
-        f"dim {args.dim}, {args.train_rows:,} training rows (one epoch, batch {args.batch_size}), "
-        f"{args.test_rows:,} test rows, Bayes AUC {bayes['auc']:.4f}. TorchRec DLRM; tables trained by the fused "
-        f"RowWiseAdagrad (lr {args.emb_lr}). MPE: candidates {{0, 2, 4, 8}}, {args.groups} frequency groups per "
-        "table (counted on train), one search epoch, selection rule 1/(2m), retrain from scratch with ALPT.",
-        "",
-        "Compression = fp32 table bytes / serving bytes (codes + fp16 scale/bias per stored row + id maps; "
-        "pruned rows cost nothing). Training bytes add the fp32 master step sizes and RowWiseAdagrad state.",
-        "",
-        "| model | test AUC | vs fp32 | log-loss | bits (share of rows) | serving bytes | compression | "
-        "training bytes | examples/s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        mix = bits_mix(plans[r["name"]]) if r["name"] in plans else r["name"].split()[0]
-        lines.append(
-            f"| {r['name']} | {r['auc']:.4f} | {r['auc'] - base:+.4f} | {r['logloss']:.4f} | {mix} | "
-            f"{r['serve'] / 2**20:.2f} MiB | {fp32_serve / r['serve']:.1f}x | {r['train'] / 2**20:.2f} MiB | "
-            f"{r['ex_s']:,.0f} |"
-        )
-    best = [r for r in runs[3:] if r["auc"] >= base - 0.001]
-    verdict = (
-        f"Target (>= 10x at AUC >= fp32 - 0.001): met by {', '.join(r['name'] for r in best if fp32_serve / r['serve'] >= 10)}"
-        if any(fp32_serve / r["serve"] >= 10 for r in best)
-        else "Target (>= 10x at AUC >= fp32 - 0.001): NOT met in this run"
-    )
-    lines += ["", verdict]
+    per_seed: list[list[dict]] = []
+    plans: dict[str, dict] = {}
+    bayes_aucs = []
+    for seed in (int(x) for x in args.seeds.split(",")):
+        args.seed = seed
+        cfg = SyntheticCTRConfig(
+            vocab_sizes=VOCABS, num_dense=4, train_rows=args.train_rows, val_rows=0, test_rows=args.test_rows,
+            seed=seed,
+        )  # fmt: skip
+        data = SyntheticCTR(cfg)
+        rd = RankedData(data, args.batch_size)
+        bayes_aucs.append(data.bayes_metrics("test")["auc"])
+        runs = []
+        for name, c in (("fp32", lp.LowPrecisionConfig(bits=32)), ("int8 ALPT", lp.LowPrecisionConfig(bits=8)),
+                        ("int4 ALPT", lp.LowPrecisionConfig(bits=4))):  # fmt: skip
+            runs.append(low_precision_run(name, rd, args, c))
+            print(f"seed {seed} {name}: AUC {runs[-1]['auc']:.4f}", flush=True)
+        for v in args.variants.split(","):
+            cands, lam = v.split(":")
+            r, plan = mpe_run(tuple(int(b) for b in cands.split("-")), float(lam), rd, args)
+            runs.append(r)
+            plans.setdefault(r["name"], plan)  # the seed-0 selection is the one shown
+            print(
+                f"seed {seed} {r['name']}: AUC {r['auc']:.4f} {bits_mix(plan)} {fp32_serve / r['serve']:.1f}x",
+                flush=True,
+            )
+        per_seed.append(runs)
+    lines = table_lines(per_seed, plans, fp32_serve, bayes_aucs, args)
     cmd = "python benchmarks/mpe.py " + " ".join(sys.argv[1:])
     body = f"Command: `{cmd}`\n\n" + "\n".join(lines)
     print(body)

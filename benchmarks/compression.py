@@ -1,7 +1,7 @@
 """MEC codebook compression vs ALPT int8/int4 vs fp32, on synthetic CTR data; plus an export check.
 
 One TorchRec DLRM per precision, trained for one epoch on the same data from the same init
-(fused RowWiseAdagrad for the tables, Adam for the dense layers, as examples/demo.py):
+(fused RowWiseAdagrad for the tables, Adam for the dense layers, as examples/dlrm/train.py):
 - fp32 (``lp.convert`` with ``bits=32``), int8 and int4 ALPT;
 - MEC: the trained fp32 model's tables of >= ``--min-rows`` rows replaced by PQ codes learned
   from them and their training-data frequencies (``compress_``), for several (L, K), then the

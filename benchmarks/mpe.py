@@ -37,7 +37,7 @@ from torchrec_lowprec.data import (
 from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import write_section  # noqa: E402
+from report import publish  # noqa: E402
 
 VOCABS = (200_000, 100_000, 50_000, 20_000, 5_000, 1_000, 200, 20)
 
@@ -264,11 +264,9 @@ def main() -> None:
             )
         per_seed.append(runs)
     lines = table_lines(per_seed, plans, fp32_serve, bayes_aucs, args)
-    cmd = "python benchmarks/mpe.py " + " ".join(sys.argv[1:])
-    body = f"Command: `{cmd}`\n\n" + "\n".join(lines)
-    print(body)
-    if args.write:
-        write_section(args.write, "mpe", "MPE: mixed precision by frequency group", body)
+    publish(
+        args.write, "mpe", "MPE: mixed precision by frequency group", "benchmarks/mpe.py", sys.argv[1:], lines
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torchrec_lowprec.modules.table_layout import stored_bytes
 from torchrec_lowprec.planner import GiB, InfeasibleBudgetError, plan_precision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import write_section  # noqa: E402
+from report import publish  # noqa: E402
 
 CRITEO_1TB_VOCABS = (
     45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10,
@@ -116,11 +116,14 @@ def main() -> None:
         "`tests/distributed/test_mixed_precision_sharding.py` checks that the bytes each rank then allocates "
         "equal the planned bytes (exactly, in that test: TW/CW plans from the planner and a RW plan).",
     ]
-    cmd = "python benchmarks/planner.py " + " ".join(sys.argv[1:])
-    body = f"Command: `{cmd}`\n\n" + "\n".join(lines)
-    print(body)
-    if args.write:
-        write_section(args.write, "planner", "Precision planner: a Criteo-1TB-sized model on 8 GPUs", body)
+    publish(
+        args.write,
+        "planner",
+        "Precision planner: a Criteo-1TB-sized model on 8 GPUs",
+        "benchmarks/planner.py",
+        sys.argv[1:],
+        lines,
+    )
 
 
 if __name__ == "__main__":

@@ -23,3 +23,14 @@ def write_section(path: str, key: str, title: str, body: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def publish(
+    write_to: str | None, key: str, title: str, script: str, argv: list[str], lines: list[str]
+) -> None:
+    """Print a benchmark's section (led by the command that produced it) and, if ``write_to``
+    names a markdown file, replace the section there."""
+    body = f"Command: `python {script} {' '.join(argv)}`\n\n" + "\n".join(lines)
+    print(body)
+    if write_to:
+        write_section(write_to, key, title, body)

@@ -25,7 +25,19 @@ PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("model")
-    g.add_argument("--precision", default="int8", choices=list(PRECISION_BITS), help="table storage")
+    g.add_argument(
+        "--precision",
+        default="int8",
+        choices=[*PRECISION_BITS, "mpe"],
+        help="table storage; mpe: search bit widths per frequency group first (one process; see --mpe-*), "
+        "then train the mixed-precision tables from scratch",
+    )
+    g.add_argument("--mpe-bits", default="0,8", help="MPE candidate widths")
+    g.add_argument("--mpe-lambda", type=float, default=1e-5, help="MPE bit regulariser weight")
+    g.add_argument("--mpe-groups", type=int, default=32, help="MPE frequency groups per table")
+    g.add_argument(
+        "--mpe-plan-out", default="runs/mpe_plan.json", help="where --precision mpe writes its plan"
+    )
     g.add_argument(
         "--rounding",
         default="stochastic",
@@ -78,7 +90,7 @@ def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
     return lp.LowPrecisionConfig(
         optimizer="rowwise_adagrad",
         learning_rate=args.emb_lr,
-        bits=PRECISION_BITS[args.precision],
+        bits=PRECISION_BITS.get(args.precision, 8),  # mpe: tables its plan does not split
         rounding=args.rounding,
         learn_step_size=args.learn_step_size,
         step_size_lr=args.step_size_lr,
@@ -103,29 +115,41 @@ def build_embedding_collection(
     """
     ebc = torchrec.EmbeddingBagCollection(tables, device=torch.device("cpu"))
     _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
-    if getattr(args, "precision_plan", None):
-        plan, row_maps = precision_plan_for(args.precision_plan, tables, data)
+    plan = None
+    if args.precision == "mpe":
+        from dlrm_mpe import search_plan  # noqa: PLC0415 (the search needs the whole model)
+
+        plan = search_plan(args, tables, data)
+    elif getattr(args, "precision_plan", None):
+        plan = PrecisionPlan.load(args.precision_plan)
+    if plan is not None:
+        plan, row_maps = with_id_maps(plan, tables, data)
         return lp.convert(ebc, table_config(args), precision_plan=plan, row_maps=row_maps)
     return lp.convert(ebc, table_config(args))
 
 
-def precision_plan_for(path: str, tables: list[EmbeddingBagConfig], data) -> tuple[PrecisionPlan, dict]:
-    """The plan at ``path``, with raw id -> frequency-rank maps for its grouped tables.
+def training_ranks(tables: list[EmbeddingBagConfig], data, names: set[str]) -> tuple[dict, dict]:
+    """Per-feature lookup counts on the training split and, for tables in ``names``, the raw id ->
+    frequency rank map (one per table: its features share its id space)."""
+    feats = {f: t.num_embeddings for t in tables if t.name in names for f in t.feature_names}
+    counts = count_frequencies((b.batch for b in data.train_batches(65536, 0, 1)), feats)
+    return counts, {t.name: frequency_rank(table_counts(t, counts)) for t in tables if t.name in names}
+
+
+def with_id_maps(plan: PrecisionPlan, tables: list[EmbeddingBagConfig], data) -> tuple[PrecisionPlan, dict]:
+    """``plan`` with raw id -> frequency-rank maps for its grouped tables.
 
     This example's data pipeline feeds raw ids, so a table split into frequency groups gets an
     id map (4 B/row, counted in the embedding bytes) built from the training split's counts.
     """
-    plan = PrecisionPlan.load(path)
     grouped = {n for n, tp in plan.tables.items() if tp.num_groups > 1}
     if not grouped:
         return plan, {}
     if data is None:
         raise ValueError(
-            f"{path} splits tables into frequency groups: the training data are needed for id maps"
+            "the precision plan splits tables into frequency groups: the training data are needed"
         )
-    feats = {f: t.num_embeddings for t in tables if t.name in grouped for f in t.feature_names}
-    counts = count_frequencies((b.batch for b in data.train_batches(65536, 0, 1)), feats)
-    maps = {t.name: frequency_rank(table_counts(t, counts)) for t in tables if t.name in grouped}
+    _, maps = training_ranks(tables, data, grouped)
     remapped = {
         n: dataclasses.replace(tp, remapped=True) if n in grouped else tp for n, tp in plan.tables.items()
     }
@@ -133,11 +157,16 @@ def precision_plan_for(path: str, tables: list[EmbeddingBagConfig], data) -> tup
 
 
 def build_model(
-    args: argparse.Namespace, tables: list[EmbeddingBagConfig], num_dense: int, data=None
+    args: argparse.Namespace,
+    tables: list[EmbeddingBagConfig],
+    num_dense: int,
+    data=None,
+    ebc: nn.Module | None = None,
 ) -> DLRMTrain:
-    """DLRM (or DLRM_DCN) with the collection of :func:`build_embedding_collection`, seeded by ``--seed``."""
+    """DLRM (or DLRM_DCN) with the collection of :func:`build_embedding_collection` (or ``ebc``),
+    seeded by ``--seed``."""
     torch.manual_seed(args.seed)
-    ebc = build_embedding_collection(args, tables, data)
+    ebc = ebc if ebc is not None else build_embedding_collection(args, tables, data)
     dense = [*_sizes(args.dense_arch), args.embedding_dim]
     over = [*_sizes(args.over_arch), 1]
     if args.dcn:

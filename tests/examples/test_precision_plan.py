@@ -33,3 +33,22 @@ def test_train_with_a_precision_plan(tmp_path):
     # int8 rows of 100 ids + int4 of 400 + id map of t_cat_0 + int2 t_cat_1, ALPT + RowWiseAdagrad
     want = 100 * (20 + 8) + 400 * (12 + 8) + 1000 * 4 + 100 * (8 + 8)
     assert ours == want and ours < 0.25 * fp32
+
+
+def test_precision_mpe_searches_then_trains(tmp_path):
+    plan_path, summary = tmp_path / "mpe.json", tmp_path / "s.json"
+    cmd = [
+        sys.executable, str(ROOT / "examples/dlrm/train.py"), "--vocab-sizes", "5000,100", "--embedding-dim", "16",
+        "--train-rows", "20000", "--test-rows", "4000", "--val-rows", "2000", "--batch-size", "512",
+        "--precision", "mpe", "--mpe-bits", "0,4,8", "--mpe-lambda", "1e-2", "--mpe-groups", "8",
+        "--mpe-plan-out", str(plan_path), "--summary", str(summary), "--no-progress",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = PrecisionPlan.load(str(plan_path))
+    bits = plan.tables["t_cat_0"].bits
+    assert len(bits) == 8 and set(bits) <= {0, 4, 8}
+    assert bits[-1] < bits[0]  # the strong regulariser lowered the rarest group
+    s = json.loads(summary.read_text())
+    assert s["test"]["auc"] > 0.6
+    assert s["embedding_bytes"]["ours"] < 0.35 * s["embedding_bytes"]["fp32_rowwise_adagrad"]

@@ -1,0 +1,69 @@
+"""``--precision mpe``: the MPE bit-width search before training (one process).
+
+One epoch of the DLRM with every table an ``MPESearchEmbeddingBagCollection`` (fp32 weights,
+a softmax over ``--mpe-bits`` per frequency group, the bit regulariser), on ids re-mapped to
+frequency rank; then the paper's selection. The caller retrains a fresh model on the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torchrec
+from dlrm_model import build_model, training_ranks
+from torchrec.datasets.utils import Batch
+
+from torchrec_lowprec.data import remap_by_rank
+from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
+from torchrec_lowprec.types import PrecisionPlan
+
+
+def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConfig], data) -> PrecisionPlan:
+    """Search, select, write the plan to ``--mpe-plan-out`` and return it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "--precision mpe searches in one process: run it once without torchrun (it writes "
+            f"{args.mpe_plan_out}), then train sharded with --precision-plan {args.mpe_plan_out}"
+        )
+    if data is None:
+        raise ValueError("--precision mpe needs the training data (frequencies and the search epoch)")
+    counts, table_ranks = training_ranks(tables, data, {t.name for t in tables})
+    feature_ranks = {f: table_ranks[t.name] for t in tables for f in t.feature_names}
+    ranked_counts = {}
+    for t in tables:
+        for f in t.feature_names:  # counts indexed by rank, as the search's groups expect
+            c = torch.zeros_like(counts[f])
+            c[table_ranks[t.name]] = counts[f]
+            ranked_counts[f] = c
+    cfg = MPESearchConfig(
+        candidate_bits=tuple(int(b) for b in args.mpe_bits.split(",")),
+        num_groups=args.mpe_groups,
+        reg_lambda=args.mpe_lambda,
+        sparse_weights=True,
+    )
+    model = build_model(args, tables, data.num_dense_in, data, ebc=torchrec.EmbeddingBagCollection(tables))
+    searches = mpe_search_(model, cfg, ranked_counts)
+    arch = [p for s in searches for p in s.architecture_parameters()]
+    weights = [p for s in searches for p in s.weights.parameters()]
+    searched = {id(p) for p in arch + weights}
+    dense = [p for p in model.parameters() if id(p) not in searched]
+    opts = [
+        torch.optim.Adam([{"params": dense, "lr": args.dense_lr}, {"params": arch, "lr": 0.05}]),
+        torch.optim.Adagrad(weights, lr=args.emb_lr),  # row-sparse gradients: touched rows only
+    ]
+    model.train()
+    for lb in data.train_batches(args.batch_size, 0, 1):
+        b = lb.batch
+        loss, _ = model(Batch(b.dense_features, remap_by_rank(b.sparse_features, feature_ranks), b.labels))
+        loss = loss + regularization(searches)
+        for o in opts:
+            o.zero_grad()
+        loss.backward()
+        for o in opts:
+            o.step()
+    plan = merge_plans([s.select() for s in searches])
+    os.makedirs(os.path.dirname(os.path.abspath(args.mpe_plan_out)), exist_ok=True)
+    plan.save(args.mpe_plan_out)
+    return plan

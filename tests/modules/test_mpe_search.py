@@ -92,7 +92,8 @@ def test_strong_lambda_prunes_rare_groups_zero_lambda_keeps_top_width():
     assert list(strong) == sorted(strong, reverse=True)  # never more bits for a rarer group
 
 
-def test_search_module_matches_float_collection_when_fp32_is_certain():
+@pytest.mark.parametrize("candidates", [(0, 8, 32), (0, 16, 32)])
+def test_search_module_matches_float_collection_when_fp32_is_certain(candidates):
     tables = _tables()
     fl = torchrec.EmbeddingBagCollection(tables)
     model = torch.nn.Sequential()
@@ -100,7 +101,7 @@ def test_search_module_matches_float_collection_when_fp32_is_certain():
     ref = torchrec.EmbeddingBagCollection(tables)
     ref.load_state_dict(fl.state_dict())
     (search,) = mpe_search_(
-        model, MPESearchConfig(candidate_bits=(0, 8, 32), num_groups=2, min_rows_per_group=1)
+        model, MPESearchConfig(candidate_bits=candidates, num_groups=2, min_rows_per_group=1)
     )
     with torch.no_grad():
         search.bit_logits["t0"].copy_(torch.tensor([[-1e4, -1e4, 0.0]] * 2))

@@ -98,6 +98,8 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._features: list[str] = []
         seg_start, seg_dest, feat_base = [], [], []
         inner_keys: list[str] = []
+        self._inner_key_feature: dict[str, str] = {}
+        self._logical_table: dict[str, str] = {}  # physical table -> logical table
         base = 0
         for t in tables:
             tp = self._precisions[t.name]
@@ -117,6 +119,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     )
                 )  # fmt: skip
                 phys_configs[pname] = self._configs[t.name].replace(bits=bits)
+                self._logical_table[pname] = t.name
                 phys_of_seg[first] = feats
             for i, f in enumerate(t.feature_names):
                 self._features.append(f)
@@ -128,6 +131,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     else:
                         seg_dest.append(len(inner_keys))
                         inner_keys.append(phys_of_seg[first][i])
+                        self._inner_key_feature[inner_keys[-1]] = f
                 base += tp.rows
         if not physical:
             raise ValueError("the precision plan prunes every row of every table; nothing would be stored")
@@ -137,22 +141,21 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._seg_dest = torch.tensor(seg_dest, dtype=torch.int64)
         self._feat_base = torch.tensor(feat_base, dtype=torch.int64)
         self._inner_keys = inner_keys
-        self._inner_key_index = {k: i for i, k in enumerate(inner_keys)}
-        self._inner_key_feature = {}
-        for t in tables:
-            for f in t.feature_names:
-                for k in inner_keys:
-                    if k == f or k.startswith(f + GROUP_FEATURE_SEP):
-                        self._inner_key_feature[k] = f
         self.row_groups = LowPrecisionEmbeddingBagCollection(
             physical, config, phys_configs, is_weighted, device, init_weights
         )
         dims = {f: t.embedding_dim for t in tables for f in t.feature_names}
         self._dims = [dims[f] for f in self._features]
-        self._col0 = dict(zip(self._features, [sum(self._dims[:i]) for i in range(len(self._dims))]))
-        self._total_dim = sum(self._dims)
+        starts = [0]
+        for d in self._dims:
+            starts.append(starts[-1] + d)
+        self._col0 = dict(zip(self._features, starts))
+        self._total_dim = starts[-1]
         mean = [t.pooling == PoolingType.MEAN for t in tables for _ in t.feature_names]
-        self._mean_features = torch.tensor(mean) if any(mean) else None
+        # MEAN output columns and the feature each belongs to (divided by its bag length).
+        col_feature = torch.repeat_interleave(torch.arange(len(self._dims)), torch.tensor(self._dims))
+        self._mean_cols = torch.tensor(mean)[col_feature] if any(mean) else None
+        self._col_feature = col_feature
         self._col_maps: dict[tuple[str, ...], torch.Tensor] = {}
         self._rows = [t.num_embeddings for t in tables for _ in t.feature_names]
         self._table_of_feature = [t.name for t in tables for _ in t.feature_names]
@@ -185,6 +188,10 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def table_config(self, name: str) -> LowPrecisionConfig:
         return self._configs[name]
 
+    def logical_table(self, physical: str) -> str:
+        """The table whose groups physical table ``physical`` (of ``row_groups``) holds."""
+        return self._logical_table[physical]
+
     def group_tables(self, name: str) -> list[str]:
         """The physical tables (in ``row_groups``) holding table ``name``'s stored groups."""
         segs = self._precisions[name].segments()
@@ -206,10 +213,11 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         out = out.index_add(
             1, self._col_map(pooled.keys(), pooled.length_per_key(), out.device), pooled.values()
         )
-        if self._mean_features is not None:
+        if self._mean_cols is not None:
             n = lengths.view(len(self._features), batch).t().clamp(min=1).to(out.dtype)
-            div = torch.where(self._mean_features.to(out.device), n, torch.ones_like(n))
-            out = out / torch.repeat_interleave(div, torch.tensor(self._dims, device=out.device), dim=1)
+            out = torch.where(
+                self._mean_cols.to(out.device), out / n[:, self._col_feature.to(out.device)], out
+            )
         return KeyedTensor(keys=self._features, length_per_key=self._dims, values=out)
 
     def _route(
@@ -227,8 +235,9 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 sel = feat == i
                 values = torch.where(sel, getattr(self, f"row_map_{t}").to(torch.int64)[values * sel], values)
         seg_start = self._seg_start.to(dev)
-        seg = torch.searchsorted(seg_start, self._feat_base.to(dev)[feat] + values, right=True) - 1
-        local = values - (seg_start[seg] - self._feat_base.to(dev)[feat])
+        base = self._feat_base.to(dev)[feat]
+        seg = torch.searchsorted(seg_start, base + values, right=True) - 1
+        local = values - (seg_start[seg] - base)
         dest = self._seg_dest.to(dev)[seg]
         keep = dest >= 0
         dest_bag = dest[keep] * batch + (bag[keep] - feat[keep] * batch)

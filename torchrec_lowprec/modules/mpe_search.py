@@ -23,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_lowprec.modules.bounds import in_feature_order
 from torchrec_lowprec.quant.fake_quant import (
     SEARCH_BITS,
+    float_fake_quant,
     lsq_grad_scale_for,
     lsq_plus_fake_quant,
     lsq_plus_init_step,
@@ -238,7 +239,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 q = lsq_plus_fake_quant(rows, self.step_sizes[name][k], self.offsets[name][k], b, scale)
                 k += 1
             else:
-                q = lsq_plus_fake_quant(rows, self.step_sizes[name][0], self.offsets[name][0], b)
+                q = float_fake_quant(rows, b)
             out = out + pg[:, i : i + 1] * q
         return out
 

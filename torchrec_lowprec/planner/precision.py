@@ -387,7 +387,7 @@ def plan_precision(
     placements: dict[str, set[int]] = {}
     by_table: dict[str, int] = {}
     for name, ps in rekeyed.plan[prefix].items():
-        logical = _logical(name, precision)
+        logical = model.logical_table(name)
         placements.setdefault(logical, set()).update(s.placement.rank() for s in ps.sharding_spec.shards)
         by_table[logical] = by_table.get(logical, 0) + sum(
             shard_bytes(model.row_groups, name, *s.shard_sizes, device) for s in ps.sharding_spec.shards
@@ -396,10 +396,3 @@ def plan_precision(
         precision, rekeyed, module_path, device, topology.world_size, int(cap), reserved_fraction,
         [b + map_bytes for b in per_rank], {n: sorted(r) for n, r in placements.items()}, by_table, map_bytes,
     )  # fmt: skip
-
-
-def _logical(physical: str, precision: PrecisionPlan) -> str:
-    if physical in precision.tables:
-        return physical
-    base, _, _ = physical.rpartition("__g")
-    return base

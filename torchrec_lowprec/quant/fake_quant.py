@@ -41,17 +41,24 @@ def lsq_plus_fake_quant(
     """
     if bits not in SEARCH_BITS:
         raise ValueError(f"bits={bits} is not a search candidate; allowed: {list(SEARCH_BITS)}")
-    if bits == 0:
-        return torch.zeros_like(w)
-    if bits == 32:
-        return w
-    if bits == 16:
-        return w + (w.to(torch.float16).to(w.dtype) - w).detach()
+    if bits in (0, 16, 32):
+        return float_fake_quant(w, bits)
     qn, qp = signed_range(bits)
     s = scale_grad(step, grad_scale)
     o = scale_grad(offset, grad_scale)
     v = torch.clamp((w - o) / s, qn, qp)
     return round_ste(v) * s + o
+
+
+def float_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The widths with no step: 0 -> zeros, 16 -> fp16 values (identity gradient), 32 -> ``w``."""
+    if bits == 0:
+        return torch.zeros_like(w)
+    if bits == 16:
+        return w + (w.to(torch.float16).to(w.dtype) - w).detach()
+    if bits == 32:
+        return w
+    raise ValueError(f"bits={bits} has a quantization step: use lsq_plus_fake_quant")
 
 
 def lsq_plus_init_step(w: torch.Tensor, bits: int) -> float:

@@ -268,8 +268,23 @@ inline void element_hash(uint32_t rk, const Params& P, uint32_t* h) {
 template <int BITS>
 inline float grown_step(float s, const float* x, int64_t D, float max_s, float thr) {
   constexpr int half = 1 << (BITS - 1);
+  // Eight independent lanes so the compiler emits vector max/min (exact in any order).
+  constexpr int kLanes = 8;
+  float hi8[kLanes], lo8[kLanes];
+  for (int l = 0; l < kLanes; ++l) hi8[l] = lo8[l] = x[0];
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      hi8[l] = x[d + l] > hi8[l] ? x[d + l] : hi8[l];
+      lo8[l] = x[d + l] < lo8[l] ? x[d + l] : lo8[l];
+    }
+  }
   float hi = x[0], lo = x[0];
-  for (int64_t d = 1; d < D; ++d) {
+  for (int l = 0; l < kLanes; ++l) {
+    hi = hi8[l] > hi ? hi8[l] : hi;
+    lo = lo8[l] < lo ? lo8[l] : lo;
+  }
+  for (; d < D; ++d) {
     hi = x[d] > hi ? x[d] : hi;
     lo = x[d] < lo ? x[d] : lo;
   }

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-$(STACK)
 EXTRA_REQS := $(if $(filter cpu,$(STACK)),-r requirements/triton-cpu.txt,)
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: setup
 
 bench: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/embedding_step.py --write docs/benchmarks.md
+
+# The CUDA path on one GPU (setup, kernel tests, DMP + checkpoint, CUDA benchmark) within the
+# device budget; OUT=dir collects logs and summary.md. GPU_CHECK_DRY=1: the CPU dry run.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

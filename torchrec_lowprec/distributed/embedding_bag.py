@@ -20,6 +20,7 @@ from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingT
 
 from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup
 from torchrec_lowprec.distributed.state import TableMeta, build_sharded_state, load_into_shards
+from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
 
@@ -205,8 +206,6 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # type: ignore[override]
-        from torchrec_lowprec.distributed.checkpoint import validate_sharded_checkpoint
-
         validate_sharded_checkpoint(self._lp_metas, state_dict, prefix)
         load_into_shards(self._lp_metas, self._lp_lookups(), state_dict, prefix)
         step = state_dict.get(prefix + "step")

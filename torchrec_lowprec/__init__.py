@@ -20,13 +20,18 @@ __version__ = "0.1.0"
 
 #: Public name -> the module defining it (imported on first access).
 _LAZY = {
+    "CodebookConfig": "torchrec_lowprec.types",
+    "InferenceConfig": "torchrec_lowprec.types",
     "LowPrecisionConfig": "torchrec_lowprec.types",
+    "MixedPrecisionConfig": "torchrec_lowprec.types",
+    "PerTableConfig": "torchrec_lowprec.types",
     "OptimizerType": "torchrec_lowprec.types",
     "PrecisionPlan": "torchrec_lowprec.types",
     "MPESearchConfig": "torchrec_lowprec.modules.mpe_search",
     "LowPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.embedding_bag",
     "MixedPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.mixed_precision",
-    "convert": "torchrec_lowprec.modules.convert",
+    "convert": "torchrec_lowprec.transform",
+    "register_transform": "torchrec_lowprec.transform",
     "from_float": "torchrec_lowprec.modules.convert",
     "to_float": "torchrec_lowprec.modules.convert",
     "sharders": "torchrec_lowprec.distributed.sharder",

@@ -23,8 +23,7 @@ from torchrec_lowprec.distributed.state import TableMeta, build_sharded_state, l
 from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
-
-_IN_BACKWARD_TAGS = ("_optimizer_classes", "_optimizer_kwargs")
+from torchrec_lowprec.transform import copy_in_backward_tags, in_backward_tags
 
 
 class _ShardingView:
@@ -38,10 +37,7 @@ class _ShardingView:
         self._params: dict[str, nn.Parameter] = {}
         for t in module.embedding_bag_configs():
             p = nn.Parameter(torch.empty(t.num_embeddings, t.embedding_dim, device="meta"))
-            handle = module.tables[t.name].handle
-            for tag in _IN_BACKWARD_TAGS:
-                if hasattr(handle, tag):
-                    setattr(p, tag, getattr(handle, tag))
+            copy_in_backward_tags(module.tables[t.name].handle, p)
             self._params[f"embedding_bags.{t.name}.weight"] = p
 
     def embedding_bag_configs(self):
@@ -90,12 +86,7 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     ) -> None:
         self._lp_configs = {t.name: module.table_config(t.name) for t in module.embedding_bag_configs()}
         self._lp_tags = {
-            t.name: {
-                tag: getattr(module.tables[t.name].handle, tag)
-                for tag in _IN_BACKWARD_TAGS
-                if hasattr(module.tables[t.name].handle, tag)
-            }
-            for t in module.embedding_bag_configs()
+            t.name: in_backward_tags(module.tables[t.name].handle) for t in module.embedding_bag_configs()
         }
         self._lp_device = device or torch.device("cpu")
         super().__init__(

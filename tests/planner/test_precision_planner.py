@@ -46,7 +46,7 @@ def test_storage_estimator_counts_real_bytes(device):
     tables = _tables()
     per = {"t1": lp.LowPrecisionConfig(bits=4, optimizer="adam"), "t2": lp.LowPrecisionConfig(bits=32)}
     ebc = lp.LowPrecisionEmbeddingBagCollection(
-        tables, lp.LowPrecisionConfig(bits=8), per, device=torch.device("meta")
+        tables, config=lp.LowPrecisionConfig(bits=8), per_table_configs=per, device=torch.device("meta")
     )
     topo = Topology(world_size=2, compute_device=device, hbm_cap=8 * GiB, ddr_cap=8 * GiB)
     ours = _options(ebc, topo, LowPrecisionStorageEstimator)

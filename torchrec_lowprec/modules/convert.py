@@ -56,13 +56,13 @@ def _from_float(
     if precision_plan is not None:
         out = MixedPrecisionEmbeddingBagCollection(
             tables,
-            precision_plan,
-            config,
-            per_table_configs,
-            ebc.is_weighted(),
-            first.device,
-            False,
-            row_maps,
+            plan=precision_plan,
+            config=config,
+            per_table_configs=per_table_configs,
+            is_weighted=ebc.is_weighted(),
+            device=first.device,
+            init_weights=False,
+            row_maps=row_maps,
         )
         handles = {
             t.name: [out.row_groups.tables[p].handle for p in out.group_tables(t.name)] for t in tables
@@ -70,8 +70,8 @@ def _from_float(
     else:
         out = LowPrecisionEmbeddingBagCollection(
             tables,
-            config,
-            per_table_configs,
+            config=config,
+            per_table_configs=per_table_configs,
             is_weighted=ebc.is_weighted(),
             device=first.device,
             init_weights=False,

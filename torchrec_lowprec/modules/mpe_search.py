@@ -111,7 +111,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
         search = MPESearchEmbeddingBagCollection(tables, MPESearchConfig(), counts)
         loss = bce(model(batch)) + search.regularization()
-        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan)
+        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan=plan)
     """
 
     def __init__(

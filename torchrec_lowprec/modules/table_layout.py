@@ -115,3 +115,37 @@ def stored_bytes(
     stride = round_up(row_bytes(bits, dim), row_alignment)
     master = 4 if keeps_master_step_size and bits <= 8 else 0
     return rows * (stride + master + state_bytes_per_row(OptimizerType(optimizer), dim))
+
+
+def check_collection_args(
+    owner: str, tables: object, is_weighted: object, device: object, config: object, per_table: object
+) -> None:
+    """``TypeError`` naming the argument when a collection constructor gets the wrong kind of value
+    (TorchRec's positional order is ``tables, is_weighted, device``; configs are keyword-only)."""
+    if not isinstance(tables, (list, tuple)) or not all(isinstance(t, EmbeddingBagConfig) for t in tables):
+        raise TypeError(f"{owner}: tables must be a list of torchrec.EmbeddingBagConfig, got {tables!r:.200}")
+    if not isinstance(is_weighted, bool):
+        raise TypeError(
+            f"{owner}: is_weighted must be a bool, got {type(is_weighted).__name__}; the positional "
+            "arguments are (tables, is_weighted, device) as in torchrec.EmbeddingBagCollection, pass "
+            "configs by keyword (config=..., per_table_configs=...)"
+        )
+    if device is not None and not isinstance(device, (torch.device, str)):
+        raise TypeError(f"{owner}: device must be a torch.device, a str or None, got {type(device).__name__}")
+    if config is not None and not isinstance(config, LowPrecisionConfig):
+        hint = " (a dict of tables -> configs goes to per_table_configs=)" if isinstance(config, dict) else ""
+        raise TypeError(
+            f"{owner}: config must be a LowPrecisionConfig or None, got {type(config).__name__}{hint}"
+        )
+    if per_table is not None and (
+        not isinstance(per_table, dict)
+        or not all(isinstance(v, LowPrecisionConfig) for v in per_table.values())
+    ):
+        raise TypeError(
+            f"{owner}: per_table_configs must map table name -> LowPrecisionConfig, got {per_table!r:.200}"
+        )
+
+
+def table_summary(rows: object) -> str:
+    """``extra_repr`` lines, one per table: ``name: rows x dim, bits, bytes`` (bytes held)."""
+    return "\n".join(f"{n}: {r} x {d}, {b} bits, {nbytes} bytes" for n, r, d, b, nbytes in rows)

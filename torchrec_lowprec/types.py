@@ -243,10 +243,10 @@ class TablePrecision:
     def serving_bytes(self) -> int:
         """Bytes of the stored rows (codes + fp16 scale/bias, unpadded; pruned rows 0), plus the
         raw id -> rank map when ``remapped``: what an exported table holds."""
-        from torchrec_lowprec.quant.layout import row_bytes  # quant imports this module
+        from torchrec_lowprec.quant.layout import RowFormat  # imports torch: not at module level
 
         rows = sum(
-            (e - a) * row_bytes(b, self.dim)
+            (e - a) * RowFormat(b, self.dim).row_bytes
             for a, e, b in zip(self.group_starts(), self.group_ends, self.bits)
             if b
         )

@@ -97,9 +97,9 @@ def test_bytes_accounting_matches_tensor_sizes():
     small_bytes = src.memory_bytes(per_table=True)["small"]["total"]
     cebc = compress_(src, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
     per = cebc.memory_bytes(per_table=True)
-    assert per["big0"] == 400 * 4 * 1 + 4 * 16 * 4 * 4  # uint8 codes + fp32 codebooks [L, K, d]
-    assert per["big1"] == 300 * 4 * 1 + 4 * 16 * 3 * 4
-    assert per["uncompressed"] == small_bytes
+    assert per["big0"]["total"] == 400 * 4 * 1 + 4 * 16 * 4 * 4  # uint8 codes + fp32 codebooks [L, K, d]
+    assert per["big1"]["total"] == 300 * 4 * 1 + 4 * 16 * 3 * 4
+    assert per["uncompressed"] == {"total": small_bytes}
     tensors = sum(t.numel() * t.element_size() for t in cebc.compressed.state_dict().values())
     assert cebc.memory_bytes() == tensors + small_bytes
     wide = compress_(
@@ -107,7 +107,11 @@ def test_bytes_accounting_matches_tensor_sizes():
                                                                steps=1, kmeans_iters=1)
     )  # fmt: skip
     assert wide.compressed["big0"].codes.dtype == torch.uint16
-    assert wide.memory_bytes(per_table=True)["big0"] == 400 * 2 * 2 + 2 * 512 * 8 * 4
+    assert wide.memory_bytes(per_table=True)["big0"] == {
+        "codes": 400 * 2 * 2,
+        "codebooks": 2 * 512 * 8 * 4,
+        "total": 400 * 2 * 2 + 2 * 512 * 8 * 4,
+    }
 
 
 def test_state_dict_round_trip_and_validation():

@@ -192,13 +192,17 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The codebooks (what fine-tuning trains; codes are buffers and never change)."""
         return [t.codebooks for t in self.compressed.values()]
 
-    def memory_bytes(self, per_table: bool = False) -> int | dict[str, int]:
+    def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
         """Bytes held: codes + codebooks of each compressed table, plus the uncompressed collection
-        (its own ``memory_bytes()`` when it has one, else its parameters and buffers)."""
-        parts = {name: t.memory_bytes() for name, t in self.compressed.items()}
+        (its own ``memory_bytes()`` when it has one, else its parameters and buffers).
+        ``per_table=True``: name -> parts with a ``"total"`` (as every collection here reports)."""
+        parts: dict[str, dict[str, int]] = {}
+        for name, t in self.compressed.items():
+            codes = t.codes.numel() * t.codes.element_size()
+            parts[name] = {"codes": codes, "codebooks": t.memory_bytes() - codes, "total": t.memory_bytes()}
         if self.uncompressed is not None:
-            parts["uncompressed"] = _module_bytes(self.uncompressed)
-        return parts if per_table else sum(parts.values())
+            parts["uncompressed"] = {"total": _module_bytes(self.uncompressed)}
+        return parts if per_table else sum(p["total"] for p in parts.values())
 
     # ----- checkpoints -----
     def get_extra_state(self) -> dict[str, Any]:

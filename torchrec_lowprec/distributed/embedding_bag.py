@@ -211,9 +211,14 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
-    def memory_bytes(self) -> int:
-        """Bytes this rank holds for its shards (rows, step sizes, optimizer state)."""
-        return sum(lk.ebc.memory_bytes() for lk in self._lp_lookups() if lk.ebc is not None)
+    def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
+        """Bytes this rank holds for its shards (rows, step sizes, optimizer state); ``per_table``:
+        local shard name -> parts with a ``"total"``."""
+        report: dict[str, dict[str, int]] = {}
+        for lk in self._lp_lookups():
+            if lk.ebc is not None:
+                report.update(lk.ebc.memory_bytes(per_table=True))
+        return report if per_table else sum(p["total"] for p in report.values())
 
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per global table, row updates this rank skipped for a NaN/Inf gradient."""

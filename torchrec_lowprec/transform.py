@@ -210,8 +210,3 @@ def copy_in_backward_tags(src: object, dst: object) -> None:
 def in_backward_tags(param: object) -> dict[str, Any]:
     """The in-backward optimizer tags set on ``param`` (empty when none)."""
     return {tag: getattr(param, tag) for tag in IN_BACKWARD_TAGS if hasattr(param, tag)}
-
-
-def count_tables(model: Any) -> int:
-    """Tables held by the embedding collections of ``model`` (each collection counted once)."""
-    return sum(len(m.embedding_bag_configs()) for m in model.modules() if hasattr(m, "embedding_bag_configs"))

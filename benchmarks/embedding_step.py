@@ -140,7 +140,7 @@ def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
         for t in range(s.tables)
     ]
     cfg = lp.LowPrecisionConfig(bits=bits, learning_rate=LR, optimizer="rowwise_adagrad")
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, cfg, device=grad.device)
+    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg, device=grad.device)
 
     def fwd(kjt):
         with torch.no_grad():

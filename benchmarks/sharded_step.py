@@ -80,7 +80,9 @@ def _model(kind: str, plan_kind: str, world: int):
         sharder = torchrec.distributed.embeddingbag.EmbeddingBagCollectionSharder()
     else:
         ebc = lp.LowPrecisionEmbeddingBagCollection(
-            tables, lp.LowPrecisionConfig(bits=int(kind[3:]), learning_rate=0.01), device=torch.device("meta")
+            tables,
+            config=lp.LowPrecisionConfig(bits=int(kind[3:]), learning_rate=0.01),
+            device=torch.device("meta"),
         )
         sharder = LowPrecisionEmbeddingBagCollectionSharder()
     plan = construct_module_sharding_plan(

@@ -1,5 +1,9 @@
 """torchrec-lowprec: train TorchRec embedding tables stored in int8/int4/int2.
 
+Importing the package imports neither torch nor torchrec: the public names below resolve on
+first use (PEP 562), so ``torchrec-lowprec --help`` and ``import torchrec_lowprec.quant`` stay
+light, and ``lp.sharders`` pulls in ``torchrec.distributed`` only when called for.
+
 Example::
 
     import torchrec, torchrec_lowprec as lp
@@ -7,18 +11,43 @@ Example::
     model = lp.convert(model, lp.LowPrecisionConfig(bits=4))
 """
 
-from torchrec_lowprec.distributed import sharders
-from torchrec_lowprec.modules import LowPrecisionEmbeddingBagCollection, convert, from_float, to_float
-from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LowPrecisionConfig",
-    "LowPrecisionEmbeddingBagCollection",
-    "OptimizerType",
-    "convert",
-    "from_float",
-    "sharders",
-    "to_float",
-]
+#: Public name -> the module defining it (imported on first access).
+_LAZY = {
+    "CodebookConfig": "torchrec_lowprec.types",
+    "InferenceConfig": "torchrec_lowprec.types",
+    "LowPrecisionConfig": "torchrec_lowprec.types",
+    "MixedPrecisionConfig": "torchrec_lowprec.types",
+    "PerTableConfig": "torchrec_lowprec.types",
+    "OptimizerType": "torchrec_lowprec.types",
+    "PrecisionPlan": "torchrec_lowprec.types",
+    "MPESearchConfig": "torchrec_lowprec.modules.mpe_search",
+    "LowPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.embedding_bag",
+    "MixedPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.mixed_precision",
+    "convert": "torchrec_lowprec.transform",
+    "register_transform": "torchrec_lowprec.transform",
+    "from_float": "torchrec_lowprec.modules.convert",
+    "to_float": "torchrec_lowprec.modules.convert",
+    "sharders": "torchrec_lowprec.distributed.sharder",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchrec_lowprec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,10 +1,23 @@
-"""Configuration types shared by every layer (no torchrec import)."""
+"""The vocabulary shared by every layer (no torch or torchrec import): the configs that
+:func:`torchrec_lowprec.convert` takes, the training config of a table, and precision plans.
+
+Configs of the one transform verb (see :mod:`torchrec_lowprec.transform`):
+
+* :class:`LowPrecisionConfig` / :class:`PerTableConfig`: float collections -> low precision;
+* :class:`MixedPrecisionConfig`: -> mixed precision from a :class:`PrecisionPlan`;
+* ``MPESearchConfig`` (defined in ``modules/mpe_search.py``, re-exported here): -> MPE search;
+* :class:`CodebookConfig`: -> MEC codebooks (wraps ``compress.MECConfig``);
+* :class:`InferenceConfig`: low precision -> TorchRec's quantized inference modules.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 from torchrec_lowprec.files import read_json, write_json
 
@@ -28,8 +41,19 @@ def _allowed(field: str, value: object, allowed: tuple) -> None:
         raise ValueError(f"LowPrecisionConfig.{field}={value!r} is not supported; allowed: {list(allowed)}")
 
 
+class TransformConfig:
+    """Base of every config :func:`torchrec_lowprec.convert` dispatches on (torchao's
+    ``AOBaseConfig``). A subclass plus a handler registered with
+    :func:`torchrec_lowprec.transform.register_transform` is a new transform.
+
+    Example::
+
+        isinstance(LowPrecisionConfig(bits=4), TransformConfig)  # True
+    """
+
+
 @dataclass(frozen=True)
-class LowPrecisionConfig:
+class LowPrecisionConfig(TransformConfig):
     """How a table is stored and trained.
 
     Args:
@@ -219,10 +243,10 @@ class TablePrecision:
     def serving_bytes(self) -> int:
         """Bytes of the stored rows (codes + fp16 scale/bias, unpadded; pruned rows 0), plus the
         raw id -> rank map when ``remapped``: what an exported table holds."""
-        from torchrec_lowprec.quant.layout import row_bytes  # quant imports this module
+        from torchrec_lowprec.quant.layout import RowFormat  # imports torch: not at module level
 
         rows = sum(
-            (e - a) * row_bytes(b, self.dim)
+            (e - a) * RowFormat(b, self.dim).row_bytes
             for a, e, b in zip(self.group_starts(), self.group_ends, self.bits)
             if b
         )
@@ -294,3 +318,108 @@ class PrecisionPlan:
         if isinstance(doc, dict) and doc.get("format") != PLAN_FORMAT and "precision" in doc:
             doc = doc["precision"]  # a planner output file: the plan travels beside the sharding
         return PrecisionPlan.from_dict(doc, path)
+
+
+def _check_tables(owner: str, tables: object) -> None:
+    if not isinstance(tables, Mapping) or not all(isinstance(v, LowPrecisionConfig) for v in tables.values()):
+        raise TypeError(
+            f"{owner}: per-table configs must map table name -> LowPrecisionConfig, got {tables!r}"
+        )
+
+
+@dataclass(frozen=True)
+class PerTableConfig(TransformConfig):
+    """Low precision with settings per table (torchao's ``FqnToConfig``, one level down).
+
+    ``tables`` maps table name -> :class:`LowPrecisionConfig`; other tables take ``default``,
+    or, when ``default`` is ``None``, the width of their ``EmbeddingBagConfig.data_type``.
+    Precedence: ``tables[name]`` > ``default`` > the table's ``data_type``.
+
+    Example::
+
+        convert(model, PerTableConfig({"t_user": LowPrecisionConfig(bits=8)}, LowPrecisionConfig(bits=4)))
+    """
+
+    tables: Mapping[str, LowPrecisionConfig] = field(default_factory=dict)
+    default: LowPrecisionConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check_tables("PerTableConfig", self.tables)
+        if self.default is not None and not isinstance(self.default, LowPrecisionConfig):
+            raise TypeError(
+                f"PerTableConfig.default must be a LowPrecisionConfig or None, got {self.default!r}"
+            )
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig(TransformConfig):
+    """Mixed precision: row groups of each table stored at the widths of ``plan`` (MPE's
+    selection or the precision planner's); ``row_maps`` (table -> raw id -> frequency rank) for
+    tables the data pipeline does not rank; ``base`` / ``per_table`` the training settings.
+
+    Example::
+
+        convert(model, MixedPrecisionConfig(PrecisionPlan.load("plan.json"), base=LowPrecisionConfig()))
+    """
+
+    plan: PrecisionPlan
+    row_maps: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    base: LowPrecisionConfig | None = None
+    per_table: Mapping[str, LowPrecisionConfig] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.plan, PrecisionPlan):
+            raise TypeError(
+                f"MixedPrecisionConfig.plan must be a PrecisionPlan, got {type(self.plan).__name__}"
+            )
+        if self.base is not None and not isinstance(self.base, LowPrecisionConfig):
+            raise TypeError(
+                f"MixedPrecisionConfig.base must be a LowPrecisionConfig or None, got {self.base!r}"
+            )
+        if self.per_table is not None:
+            _check_tables("MixedPrecisionConfig", self.per_table)
+
+
+@dataclass(frozen=True)
+class CodebookConfig(TransformConfig):
+    """MEC: tables of at least ``mec.min_rows`` rows replaced by product-quantization codes,
+    learned from the tables' current values weighted by ``frequencies`` (feature -> per-id
+    counts; ``None``: every row weighs 1). ``mec`` is a ``compress.MECConfig`` (``None``: its
+    defaults).
+
+    Example::
+
+        convert(model, CodebookConfig(MECConfig(num_subspaces=4), frequencies=counts))
+    """
+
+    mec: Any = None
+    frequencies: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class InferenceConfig(TransformConfig):
+    """Export: low-precision collections -> TorchRec's quantized inference
+    ``EmbeddingBagCollection`` holding the same bytes; the model is put in eval mode.
+    ``output_dtype`` ``None`` is ``torch.float32``; ``row_alignment`` ``None`` is the device's.
+
+    Example::
+
+        served = convert(trained_model, InferenceConfig())
+    """
+
+    output_dtype: Any = None
+    row_alignment: int | None = None
+    register_tbes: bool = False
+
+
+#: Configs defined next to the code they configure, re-exported here on first use.
+_ELSEWHERE = {
+    "MPESearchConfig": "torchrec_lowprec.modules.mpe_search",
+    "MECConfig": "torchrec_lowprec.compress.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module 'torchrec_lowprec.types' has no attribute {name!r}")

@@ -69,7 +69,7 @@ def test_lookup_equals_gather_and_pool_reference(kind, weighted):
     tables = _tables((PoolingType.SUM,) * 3) if kind == "float" and weighted else _tables()
     if kind == "lp":
         src = lp.LowPrecisionEmbeddingBagCollection(
-            tables, lp.LowPrecisionConfig(bits=8), per_table_configs={"small": lp.LowPrecisionConfig(bits=4)},
+            tables, config=lp.LowPrecisionConfig(bits=8), per_table_configs={"small": lp.LowPrecisionConfig(bits=4)},
             is_weighted=weighted,
         )  # fmt: skip
     else:
@@ -93,13 +93,13 @@ def test_lookup_equals_gather_and_pool_reference(kind, weighted):
 
 def test_bytes_accounting_matches_tensor_sizes():
     tables = _tables()
-    src = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8))
+    src = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8))
     small_bytes = src.memory_bytes(per_table=True)["small"]["total"]
     cebc = compress_(src, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
     per = cebc.memory_bytes(per_table=True)
-    assert per["big0"] == 400 * 4 * 1 + 4 * 16 * 4 * 4  # uint8 codes + fp32 codebooks [L, K, d]
-    assert per["big1"] == 300 * 4 * 1 + 4 * 16 * 3 * 4
-    assert per["uncompressed"] == small_bytes
+    assert per["big0"]["total"] == 400 * 4 * 1 + 4 * 16 * 4 * 4  # uint8 codes + fp32 codebooks [L, K, d]
+    assert per["big1"]["total"] == 300 * 4 * 1 + 4 * 16 * 3 * 4
+    assert per["uncompressed"] == {"total": small_bytes}
     tensors = sum(t.numel() * t.element_size() for t in cebc.compressed.state_dict().values())
     assert cebc.memory_bytes() == tensors + small_bytes
     wide = compress_(
@@ -107,7 +107,11 @@ def test_bytes_accounting_matches_tensor_sizes():
                                                                steps=1, kmeans_iters=1)
     )  # fmt: skip
     assert wide.compressed["big0"].codes.dtype == torch.uint16
-    assert wide.memory_bytes(per_table=True)["big0"] == 400 * 2 * 2 + 2 * 512 * 8 * 4
+    assert wide.memory_bytes(per_table=True)["big0"] == {
+        "codes": 400 * 2 * 2,
+        "codebooks": 2 * 512 * 8 * 4,
+        "total": 400 * 2 * 2 + 2 * 512 * 8 * 4,
+    }
 
 
 def test_state_dict_round_trip_and_validation():
@@ -133,7 +137,7 @@ def test_state_dict_round_trip_and_validation():
 
 def test_finetuning_changes_codebooks_not_codes_nor_other_weights():
     tables = _tables(pooling=(PoolingType.SUM,) * 3)
-    src = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8))
+    src = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8))
     model = nn.ModuleDict({"ebc": src, "head": nn.Linear(36 + 8, 1)})
     compress_(model, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
     cebc = model["ebc"]
@@ -193,7 +197,7 @@ def test_to_inference_converts_the_uncompressed_lp_tables_inside_a_compressed_co
 
     tables = _tables()
     model = nn.ModuleDict(
-        {"ebc": lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=4))}
+        {"ebc": lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=4))}
     )
     compress_(model, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
     kjt = random_kjt(tables, batch=6)

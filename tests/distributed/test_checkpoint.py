@@ -56,7 +56,7 @@ def _step(model, ref, step, rank, world, tbls, W):
 def _reshard_body(rank: int, world: int, path: str) -> None:
     tbls = tables()
     W = loss_weights(tbls)
-    src = lp.LowPrecisionEmbeddingBagCollection(tbls, ALPT_SR, per_table_configs=PER_TABLE)
+    src = lp.LowPrecisionEmbeddingBagCollection(tbls, config=ALPT_SR, per_table_configs=PER_TABLE)
     ref = copy.deepcopy(src)
     tw = _dmp(src, {"t0": table_wise(rank=0), "t1": table_wise(rank=1), "t2": table_wise(rank=0)}, world)
     for step in range(2):
@@ -66,7 +66,9 @@ def _reshard_body(rank: int, world: int, path: str) -> None:
         torch.save(ref.state_dict(), os.path.join(path, "..", "ref_after_2.pt"))
 
     # A different init and a different plan: everything must come from the checkpoint.
-    other = lp.LowPrecisionEmbeddingBagCollection(tbls, ALPT_SR.replace(seed=0), per_table_configs=PER_TABLE)
+    other = lp.LowPrecisionEmbeddingBagCollection(
+        tbls, config=ALPT_SR.replace(seed=0), per_table_configs=PER_TABLE
+    )
     with torch.no_grad():
         for t in tbls:
             other.load_float_weight(t.name, torch.randn(t.num_embeddings, t.embedding_dim))
@@ -80,7 +82,9 @@ def _reshard_body(rank: int, world: int, path: str) -> None:
     # Back into a TABLE_WISE model where each rank lacks some tables (DCP's default load
     # planner fails on exactly that).
     checkpoint.save(rw, path + "-rw")
-    again = lp.LowPrecisionEmbeddingBagCollection(tbls, ALPT_SR.replace(seed=5), per_table_configs=PER_TABLE)
+    again = lp.LowPrecisionEmbeddingBagCollection(
+        tbls, config=ALPT_SR.replace(seed=5), per_table_configs=PER_TABLE
+    )
     tw2 = _dmp(again, {"t0": table_wise(rank=1), "t1": table_wise(rank=1), "t2": table_wise(rank=0)}, world)
     checkpoint.load(tw2, path + "-rw")
     assert _check_state_equal(tw2.state_dict(), ref.state_dict(), "ebc.") > 0
@@ -91,7 +95,9 @@ def test_table_wise_checkpoint_loads_row_wise_and_unsharded(tmp_path):
     run_multiprocess(_reshard_body, path)
     # One process, no process group: the 2-rank checkpoint into an unsharded module.
     tbls = tables()
-    single = lp.LowPrecisionEmbeddingBagCollection(tbls, ALPT_SR.replace(seed=0), per_table_configs=PER_TABLE)
+    single = lp.LowPrecisionEmbeddingBagCollection(
+        tbls, config=ALPT_SR.replace(seed=0), per_table_configs=PER_TABLE
+    )
     checkpoint.load(Wrap(single), path)
     want = torch.load(tmp_path / "ref_after_2.pt")
     for key, value in single.state_dict().items():
@@ -102,10 +108,10 @@ def test_table_wise_checkpoint_loads_row_wise_and_unsharded(tmp_path):
 def test_mismatched_checkpoint_is_refused(tmp_path):
     path = str(tmp_path / "ckpt")
     tbls = tables()
-    src = lp.LowPrecisionEmbeddingBagCollection(tbls, ALPT_SR, per_table_configs=PER_TABLE)
+    src = lp.LowPrecisionEmbeddingBagCollection(tbls, config=ALPT_SR, per_table_configs=PER_TABLE)
     checkpoint.save(Wrap(src), path)
     wrong = lp.LowPrecisionEmbeddingBagCollection(
-        tbls, ALPT_SR, per_table_configs={**PER_TABLE, "t2": ALPT_SR.replace(bits=4)}
+        tbls, config=ALPT_SR, per_table_configs={**PER_TABLE, "t2": ALPT_SR.replace(bits=4)}
     )
     before = {k: v.clone() for k, v in wrong.state_dict().items() if isinstance(v, torch.Tensor)}
     with pytest.raises(

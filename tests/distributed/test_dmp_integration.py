@@ -46,7 +46,7 @@ class TwoCollections(nn.Module):
         self.float_ebc = torchrec.EmbeddingBagCollection(float_tables, device=device)
         self.lp_ebc = lp.LowPrecisionEmbeddingBagCollection(
             lp_tables,
-            lp.LowPrecisionConfig(bits=8),
+            config=lp.LowPrecisionConfig(bits=8),
             per_table_configs={"f_int4": lp.LowPrecisionConfig(bits=4)},
             device=device,
         )

@@ -54,7 +54,7 @@ CFG = lp.LowPrecisionConfig(rounding="stochastic", learning_rate=0.05, step_size
 def _equal_body(rank: int, world: int, kind: str) -> None:
     torch.manual_seed(0)
     tbls = _tables()
-    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, PLAN, CFG)
+    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, plan=PLAN, config=CFG)
     ref = copy.deepcopy(unsharded)
     phys = [t.name for t in unsharded.row_groups.embedding_bag_configs()]
     assert phys == ["t0__g0", "t0__g1", "t0__g2", "t1__g0", "t1__g1"]
@@ -101,7 +101,11 @@ def _bytes_body(rank: int, world: int) -> None:
     mp = plan_precision(tbls, topo, cfg, frequencies=counts, num_groups=4, module_path="ebc", batch_size=64)
     assert any(b < 32 for tp in mp.precision.tables.values() for b in tp.bits)  # the budget forced lowering
     model = DistributedModelParallel(
-        Wrap(MixedPrecisionEmbeddingBagCollection(tbls, mp.precision, cfg, device=torch.device("meta"))),
+        Wrap(
+            MixedPrecisionEmbeddingBagCollection(
+                tbls, plan=mp.precision, config=cfg, device=torch.device("meta")
+            )
+        ),
         plan=mp.sharding,
         sharders=lp.sharders(),
         device=torch.device("cpu"),
@@ -109,9 +113,11 @@ def _bytes_body(rank: int, world: int) -> None:
     )
     actual = model.module.ebc.row_groups.memory_bytes()
     planned = mp.per_rank_bytes[rank]
-    assert abs(actual - planned) <= 0.01 * planned, (rank, actual, planned)
+    assert actual == planned, (rank, actual, planned)
     # A row-wise plan of the same model (CPU planners do not propose RW): same check.
-    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, mp.precision, cfg, device=torch.device("meta"))
+    unsharded = MixedPrecisionEmbeddingBagCollection(
+        tbls, plan=mp.precision, config=cfg, device=torch.device("meta")
+    )
     phys = [t.name for t in unsharded.row_groups.embedding_bag_configs()]
     rw = construct_module_sharding_plan(
         unsharded.row_groups, {n: row_wise() for n in phys}, local_size=world, world_size=world,
@@ -124,7 +130,7 @@ def _bytes_body(rank: int, world: int) -> None:
         env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
     )  # fmt: skip
     actual = model.module.ebc.row_groups.memory_bytes()
-    assert abs(actual - planned) <= 0.01 * planned, (rank, actual, planned)
+    assert actual == planned, (rank, actual, planned)
 
 
 def test_planned_bytes_match_allocated_bytes_per_rank():

@@ -127,7 +127,7 @@ def _body(
     pool = torchrec.PoolingType[pooling]
     tbls = tables(pool)
     unsharded = lp.LowPrecisionEmbeddingBagCollection(
-        tbls, cfg, per_table_configs=per_table, is_weighted=weighted
+        tbls, config=cfg, per_table_configs=per_table, is_weighted=weighted
     )
     ref = copy.deepcopy(unsharded)
     sharder = LowPrecisionEmbeddingBagCollectionSharder()
@@ -196,7 +196,9 @@ def _column_wise_against_blocks(rank, world, model, unsharded, cfg, tbls) -> Non
             origins[name] = ShardOrigin(t.name, 0, k * w)
             keys += feats
             src += [base_keys.index(f) for f in t.feature_names]
-    ref = lp.LowPrecisionEmbeddingBagCollection(ref_tables, cfg, init_weights=False, shard_origins=origins)
+    ref = lp.LowPrecisionEmbeddingBagCollection(
+        ref_tables, config=cfg, init_weights=False, shard_origins=origins
+    )
     with torch.no_grad():
         for t in ref_tables:
             base, _, k = t.name.partition("@")

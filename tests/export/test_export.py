@@ -118,7 +118,7 @@ def test_to_inference_replaces_nested_collections_and_keeps_parents():
         torchrec.EmbeddingBagConfig(name="p1", embedding_dim=8, num_embeddings=20, feature_names=["in_y"]),
     ]
     inner = lp.LowPrecisionEmbeddingBagCollection(
-        tables, lp.LowPrecisionConfig(bits=4), per_table_configs={"p1": lp.LowPrecisionConfig(bits=8)}
+        tables, config=lp.LowPrecisionConfig(bits=4), per_table_configs={"p1": lp.LowPrecisionConfig(bits=8)}
     )
     model = nn.Sequential(nn.Identity(), _RenamingWrapper(inner)).eval()
     outer_tables = [

@@ -19,7 +19,9 @@ def test_mixed_precision_collection_exports_bit_exactly():
         }
     )
     model = torch.nn.Sequential()
-    model.add_module("ebc", MixedPrecisionEmbeddingBagCollection(tables, plan, lp.LowPrecisionConfig()))
+    model.add_module(
+        "ebc", MixedPrecisionEmbeddingBagCollection(tables, plan=plan, config=lp.LowPrecisionConfig())
+    )
     for step in range(3):  # train a little so the rows are not the init
         kjt = random_kjt(tables, batch=8, gen=torch.Generator().manual_seed(step))
         (model.ebc(kjt).values() ** 2).sum().backward()

@@ -16,8 +16,8 @@ def _train(ebc, tables, gen, steps):
 def test_resume_equals_uninterrupted(optimizer):
     tables = make_tables()
     cfg = lp.LowPrecisionConfig(bits=4, optimizer=optimizer)
-    full = lp.LowPrecisionEmbeddingBagCollection(tables, cfg)
-    first = lp.LowPrecisionEmbeddingBagCollection(tables, cfg)
+    full = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg)
+    first = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg)
     first.load_state_dict(full.state_dict())
     g_full, g_first = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     _train(full, tables, g_full, 6)
@@ -25,7 +25,7 @@ def test_resume_equals_uninterrupted(optimizer):
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
-    resumed = lp.LowPrecisionEmbeddingBagCollection(tables, cfg.replace(seed=0))
+    resumed = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg.replace(seed=0))
     resumed.load_state_dict(torch.load(buf))
     assert int(resumed.step) == 3  # the rounding RNG position travels with the checkpoint
     _train(resumed, tables, g_first, 3)
@@ -36,7 +36,7 @@ def test_resume_equals_uninterrupted(optimizer):
 
 def test_state_dict_entries():
     tables = make_tables()
-    sd = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8)).state_dict()
+    sd = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8)).state_dict()
     assert sd["tables.t0.qweight"].shape == (60, 8 + 4) and sd["tables.t0.qweight"].dtype == torch.uint8
     assert sd["tables.t0.step_size"].shape == (60,) and sd["tables.t0.momentum1"].shape == (60,)
     assert sd["_extra_state"]["tables"]["t1"] == {
@@ -58,9 +58,11 @@ def test_state_dict_entries():
 )
 def test_mismatched_checkpoint_is_refused_and_nothing_loads(change, match):
     tables = make_tables()
-    src = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8))
+    src = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8))
     cfg = lp.LowPrecisionConfig(bits=8)
-    dst = lp.LowPrecisionEmbeddingBagCollection(tables, cfg, per_table_configs={"t0": cfg.replace(**change)})
+    dst = lp.LowPrecisionEmbeddingBagCollection(
+        tables, config=cfg, per_table_configs={"t0": cfg.replace(**change)}
+    )
     before = {k: v.clone() for k, v in dst.state_dict().items() if isinstance(v, torch.Tensor)}
     with pytest.raises(ValueError, match=match):
         dst.load_state_dict(src.state_dict())

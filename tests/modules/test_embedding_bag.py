@@ -72,7 +72,9 @@ def test_all_empty_bags_and_key_order():
 def test_memory_bytes_matches_tensors():
     tables = make_tables(dims=(64, 32), rows=(1000, 500))
     cfgs = {"t1": lp.LowPrecisionConfig(bits=4, optimizer="adam", learn_step_size=False)}
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=8), per_table_configs=cfgs)
+    ebc = lp.LowPrecisionEmbeddingBagCollection(
+        tables, config=lp.LowPrecisionConfig(bits=8), per_table_configs=cfgs
+    )
     rep = ebc.memory_bytes(per_table=True)
     # int8 dim 64: 64 codes + 4 bytes fp16 scale/bias; fp32 master step; RowWiseAdagrad 4 bytes.
     assert rep["t0"] == {"rows": 1000 * 68, "step_size": 1000 * 4, "optimizer": 1000 * 4, "total": 1000 * 76}
@@ -91,13 +93,13 @@ def test_bad_configs_raise_value_error():
     with pytest.raises(ValueError, match="optimizer"):
         lp.LowPrecisionConfig(optimizer="lamb")
     with pytest.raises(ValueError, match="embedding_dim=6 cannot be stored at 4 bits"):
-        lp.LowPrecisionEmbeddingBagCollection(make_tables(dims=(6, 8)), lp.LowPrecisionConfig(bits=4))
+        lp.LowPrecisionEmbeddingBagCollection(make_tables(dims=(6, 8)), config=lp.LowPrecisionConfig(bits=4))
     with pytest.raises(ValueError, match="unknown tables"):
         lp.LowPrecisionEmbeddingBagCollection(
             make_tables(), per_table_configs={"nope": lp.LowPrecisionConfig()}
         )
     # dims that are not a multiple of 4 are fine in float precision
-    lp.LowPrecisionEmbeddingBagCollection(make_tables(dims=(6, 8)), lp.LowPrecisionConfig(bits=16))
+    lp.LowPrecisionEmbeddingBagCollection(make_tables(dims=(6, 8)), config=lp.LowPrecisionConfig(bits=16))
 
 
 def _kjt_with(values, tables, batch=2):
@@ -115,7 +117,7 @@ def test_out_of_range_ids():
     with pytest.raises(IndexError, match="id -1 of feature 'a'"):
         ebc(_kjt_with([-1], tables))
     for mode in ("warn", "ignore"):
-        ebc = lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bounds_check=mode))
+        ebc = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bounds_check=mode))
         with pytest.warns(RuntimeWarning, match="dropped") if mode == "warn" else _no_warning():
             out = ebc(_kjt_with([1, 60, 2], tables)).to_dict()["a"]
         want = ebc.dequantized_weight("t0")[[1, 2]].sum(0)
@@ -156,7 +158,7 @@ def _train(ebc, tables, steps=3, seed=0):
 def test_training_is_reproducible_and_seeded(bits):
     tables = make_tables()
     a, b, c = (
-        lp.LowPrecisionEmbeddingBagCollection(tables, lp.LowPrecisionConfig(bits=bits, seed=s))
+        lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=bits, seed=s))
         for s in (1, 1, 2)
     )
     c.load_state_dict(a.state_dict())  # same start, different rounding seed
@@ -172,7 +174,7 @@ def test_training_is_reproducible_and_seeded(bits):
 def test_update_touches_only_batch_rows_and_moves_loss():
     tables = make_tables()
     ebc = lp.LowPrecisionEmbeddingBagCollection(
-        tables, lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.05)
+        tables, config=lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.05)
     )
     before = {t: ebc.dequantized_weight(t) for t in ("t0", "t1")}
     kjt = random_kjt(tables)
@@ -220,7 +222,7 @@ def test_in_backward_optimizer_is_used():
 def test_frozen_table_is_not_updated_and_others_train():
     tables = make_tables()
     ebc = lp.LowPrecisionEmbeddingBagCollection(
-        tables, lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.1)
+        tables, config=lp.LowPrecisionConfig(bits=8, optimizer="sgd", learning_rate=0.1)
     )
     ebc.tables["t1"].handle.requires_grad_(False)  # freeze t1 only
     q0, q1 = ebc.quantized_weight("t0").clone(), ebc.quantized_weight("t1").clone()
@@ -233,3 +235,50 @@ def test_frozen_table_is_not_updated_and_others_train():
     q0 = ebc.quantized_weight("t0").clone()
     out = ebc(random_kjt(tables)).values()
     assert not out.requires_grad and torch.equal(ebc.quantized_weight("t0"), q0)
+
+
+# ----- constructor mirrors torchrec.EmbeddingBagCollection; repr -----
+def test_positional_arguments_are_torchrecs():
+    tables = make_tables()
+    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, True, torch.device("cpu"))
+    assert ebc.is_weighted() and ebc.device == torch.device("cpu")
+    kjt = random_kjt(tables, weighted=True)
+    ref = torchrec.EmbeddingBagCollection(tables, True, torch.device("cpu"))
+    assert ebc(kjt).keys() == ref(kjt).keys()
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((lp.LowPrecisionConfig(),), {}, "is_weighted must be a bool, got LowPrecisionConfig"),
+        (
+            (),
+            {"config": {"t0": lp.LowPrecisionConfig()}},
+            "config must be a LowPrecisionConfig or None, got dict",
+        ),
+        ((), {"config": True}, "config must be a LowPrecisionConfig or None, got bool"),
+        ((), {"per_table_configs": {"t0": 4}}, "per_table_configs must map table name"),
+        ((False, 3), {}, "device must be a torch.device"),
+    ],
+)
+def test_wrong_argument_types_raise_type_error(args, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        lp.LowPrecisionEmbeddingBagCollection(make_tables(), *args, **kwargs)
+
+
+def test_configs_are_keyword_only():
+    with pytest.raises(TypeError):
+        lp.LowPrecisionEmbeddingBagCollection(make_tables(), False, None, lp.LowPrecisionConfig())
+
+
+def test_repr_shows_rows_dim_bits_bytes_per_table():
+    ebc = lp.LowPrecisionEmbeddingBagCollection(
+        make_tables(dims=(8, 16)),
+        config=lp.LowPrecisionConfig(bits=4, learn_step_size=False, optimizer="sgd"),
+    )
+    text = repr(ebc)
+    # int4, dim 8: 4 B codes + 4 B scale/bias = 8 B (CPU: no row padding); SGD keeps no state.
+    assert "t0: 60 x 8, 4 bits, 480 bytes" in text
+    # dim 16: 8 + 4 = 12 B per row.
+    assert "t1: 40 x 16, 4 bits, 480 bytes" in text
+    assert ebc.memory_bytes() == 960

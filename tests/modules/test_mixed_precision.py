@@ -41,7 +41,9 @@ def _reference(ebc, tables, weighted=False):
 )
 def test_forward_equals_float_reference(pooling, weighted):
     tables = make_tables(pooling=pooling)
-    ebc = MixedPrecisionEmbeddingBagCollection(tables, _plan(), lp.LowPrecisionConfig(), is_weighted=weighted)
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        tables, plan=_plan(), config=lp.LowPrecisionConfig(), is_weighted=weighted
+    )
     kjt = random_kjt(tables, batch=9, weighted=weighted)
     out, want = ebc(kjt), _reference(ebc, tables, weighted)(kjt)
     assert out.keys() == want.keys() == ["a", "b", "c"]
@@ -60,8 +62,8 @@ def test_single_group_plan_is_bit_identical_to_a_uniform_collection():
     tables = make_tables(pooling=(SUM, SUM))
     cfg = lp.LowPrecisionConfig(bits=4, learning_rate=0.2, step_size_lr=1e-3)
     plan = PrecisionPlan.uniform({"t0": (60, 8), "t1": (40, 16)}, 4)
-    mixed = MixedPrecisionEmbeddingBagCollection(tables, plan, cfg)
-    plain = lp.LowPrecisionEmbeddingBagCollection(tables, cfg)
+    mixed = MixedPrecisionEmbeddingBagCollection(tables, plan=plan, config=cfg)
+    plain = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg)
     for step in range(3):
         kjt = random_kjt(tables, batch=8, gen=torch.Generator().manual_seed(step))
         a, b = mixed(kjt), plain(kjt)
@@ -78,7 +80,7 @@ def test_gradients_reach_the_right_rows_of_each_group():
     cfg = lp.LowPrecisionConfig(
         rounding="nearest", learn_step_size=False, optimizer="sgd", learning_rate=0.05
     )
-    ebc = MixedPrecisionEmbeddingBagCollection(tables, _plan(), cfg)
+    ebc = MixedPrecisionEmbeddingBagCollection(tables, plan=_plan(), config=cfg)
     ref = _reference(ebc, tables)
     before = {t.name: ebc.dequantized_weight(t.name) for t in tables}
     kjt = random_kjt(tables, batch=16)
@@ -110,16 +112,16 @@ def test_gradients_reach_the_right_rows_of_each_group():
 
 def test_checkpoint_round_trip_and_plan_mismatch_loads_nothing():
     tables = make_tables()
-    ebc = MixedPrecisionEmbeddingBagCollection(tables, _plan(), lp.LowPrecisionConfig())
+    ebc = MixedPrecisionEmbeddingBagCollection(tables, plan=_plan(), config=lp.LowPrecisionConfig())
     kjt = random_kjt(tables)
     ebc(kjt).values().sum().backward()
     sd = ebc.state_dict()
     assert sd["_extra_state"]["precision_plan"] == _plan().to_dict()
-    fresh = MixedPrecisionEmbeddingBagCollection(tables, _plan(), lp.LowPrecisionConfig(seed=3))
+    fresh = MixedPrecisionEmbeddingBagCollection(tables, plan=_plan(), config=lp.LowPrecisionConfig(seed=3))
     fresh.load_state_dict(sd)
     assert torch.equal(fresh(kjt).values(), ebc(kjt).values())
     other = PrecisionPlan({**_plan().tables, "t1": TablePrecision(40, 16, (8, 40), (4, 16))})
-    wrong = MixedPrecisionEmbeddingBagCollection(tables, other, lp.LowPrecisionConfig())
+    wrong = MixedPrecisionEmbeddingBagCollection(tables, plan=other, config=lp.LowPrecisionConfig())
     before = copy.deepcopy(wrong.state_dict())
     with pytest.raises(ValueError, match=r"different precision plan \(tables \['t1'\]"):
         wrong.load_state_dict(sd)
@@ -133,7 +135,9 @@ def test_row_maps_route_raw_ids_and_are_counted():
     rank = frequency_rank(counts)
     plan = PrecisionPlan({"t0": TablePrecision(60, 8, (10, 60), (8, 2), remapped=True)})
     weight = torch.randn(60, 8)
-    ebc = MixedPrecisionEmbeddingBagCollection(tables, plan, lp.LowPrecisionConfig(), row_maps={"t0": rank})
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        tables, plan=plan, config=lp.LowPrecisionConfig(), row_maps={"t0": rank}
+    )
     ebc.load_float_weight("t0", weight)
     # The 10 most frequent raw ids sit in the int8 group: their rows are closer to fp32.
     ranked = ebc.dequantized_weight("t0")
@@ -149,22 +153,24 @@ def test_row_maps_route_raw_ids_and_are_counted():
     torch.testing.assert_close(ebc(kjt).values(), ref(kjt).values(), rtol=1e-6, atol=1e-6)
     assert ebc.memory_bytes(per_table=True)["t0.row_map"]["total"] == 60 * 4
     with pytest.raises(ValueError, match="remapped=True but no row_maps"):
-        MixedPrecisionEmbeddingBagCollection(tables, plan, lp.LowPrecisionConfig())
+        MixedPrecisionEmbeddingBagCollection(tables, plan=plan, config=lp.LowPrecisionConfig())
 
 
 def test_bad_plans_and_ids_are_refused():
     tables = make_tables()
     with pytest.raises(ValueError, match="is for 50 x 8 rows but the table is 60 x 8"):
         MixedPrecisionEmbeddingBagCollection(
-            tables, PrecisionPlan({"t0": TablePrecision(50, 8, (50,), (8,))})
+            tables, plan=PrecisionPlan({"t0": TablePrecision(50, 8, (50,), (8,))})
         )
     with pytest.raises(ValueError, match="not in"):
-        MixedPrecisionEmbeddingBagCollection(tables, PrecisionPlan({"zz": TablePrecision(5, 8, (5,), (8,))}))
+        MixedPrecisionEmbeddingBagCollection(
+            tables, plan=PrecisionPlan({"zz": TablePrecision(5, 8, (5,), (8,))})
+        )
     with pytest.raises(ValueError, match="not storable"):
         TablePrecision(60, 8, (10, 60), (8, 3))
     with pytest.raises(ValueError, match="increase strictly"):
         TablePrecision(60, 8, (30, 20), (8, 4))
-    ebc = MixedPrecisionEmbeddingBagCollection(tables, _plan())
+    ebc = MixedPrecisionEmbeddingBagCollection(tables, plan=_plan())
     kjt = random_kjt(tables)
     bad = torchrec.KeyedJaggedTensor.from_lengths_sync(
         keys=kjt.keys(), values=kjt.values().clone().fill_(60), lengths=kjt.lengths()
@@ -192,3 +198,16 @@ def test_convert_with_a_precision_plan_keeps_weights_and_in_backward_optimizer()
     # PrecisionPlan JSON round trip
     p = _plan()
     assert PrecisionPlan.from_dict(p.to_dict()) == p
+
+
+def test_constructor_mirrors_torchrec_and_repr_shows_groups():
+    tables = make_tables()
+    ebc = MixedPrecisionEmbeddingBagCollection(tables, True, plan=_plan())
+    assert ebc.is_weighted()
+    with pytest.raises(TypeError, match="is_weighted must be a bool, got PrecisionPlan"):
+        MixedPrecisionEmbeddingBagCollection(tables, _plan())
+    with pytest.raises(TypeError, match="plan= .keyword. must be a PrecisionPlan, got dict"):
+        MixedPrecisionEmbeddingBagCollection(tables, plan={})
+    text = repr(ebc)
+    assert "t0: 60 x 8, rows 0-10: 8 bits, rows 10-45: 4 bits, rows 45-60: 0 bits" in text
+    assert "t1: 40 x 16, rows 0-8: 2 bits, rows 8-40: 16 bits" in text

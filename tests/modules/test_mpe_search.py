@@ -112,7 +112,7 @@ def test_search_module_matches_float_collection_when_fp32_is_certain(candidates)
 def test_selection_retrains_as_a_mixed_collection():
     m = _train_search(1.0, steps=60)
     plan = m.select()
-    ebc = MixedPrecisionEmbeddingBagCollection(_tables(), plan, lp.LowPrecisionConfig())
+    ebc = MixedPrecisionEmbeddingBagCollection(_tables(), plan=plan, config=lp.LowPrecisionConfig())
     kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([0, 511]), lengths=torch.tensor([1, 1]))
     out = ebc(kjt).values()
     assert out.shape == (2, DIM)

@@ -64,3 +64,38 @@ def test_nearest_quantization_error_bounded(bits):
     inside = (x / s16[:, None]).abs() <= code_range(bits)[1]
     err = (deq - x).abs()
     assert bool((err[inside] <= 0.5 * s16[:, None].expand_as(x)[inside] * (1 + 1e-5)).all())
+
+
+# ----- RowFormat: the one owner of row bytes -----
+def test_row_format_bytes():
+    from torchrec_lowprec.quant.layout import RowFormat
+
+    f = RowFormat(4, 128)
+    assert (f.row_bytes, f.stride(1), f.stride(16)) == (68, 68, 80)
+    assert f.master_step_bytes(True) == 4 and f.master_step_bytes(False) == 0
+    assert [f.optimizer_bytes(k) for k in ("sgd", "rowwise_adagrad", "adagrad", "adam")] == [0, 4, 512, 1024]
+    assert f.bytes_per_row(16, "rowwise_adagrad", True) == 88
+    assert RowFormat(2, 12).row_bytes == 7 and RowFormat(16, 12).row_bytes == 24
+    assert RowFormat(32, 12).master_step_bytes(True) == 0  # float rows keep no step size
+    with pytest.raises(ValueError, match="not storable"):
+        RowFormat(3, 8)
+
+
+def test_max_step_size_is_the_largest_step_the_fp16_bias_holds():
+    from torchrec_lowprec.quant.layout import RowFormat, encode_rows, max_step_size, split_row
+
+    assert [max_step_size(b) for b in (8, 4, 2)] == [511.75, 8188.0, 32752.0]
+    assert RowFormat(16, 8).max_step_size is None
+    for bits in (8, 4, 2):
+        qmin, qmax = code_range(bits)
+        q = torch.tensor([[qmin, qmax, 0, 1, 0, 0, 0, 0]])
+        top = torch.tensor([max_step_size(bits)])
+        row = encode_rows(q, top, bits)
+        bias = row[:, 2:4].contiguous().view(torch.float16).float()
+        assert torch.isfinite(bias).all()
+        scale, back = split_row(row, bits, 8)
+        assert scale.item() == max_step_size(bits) and torch.equal(back, q.to(back.dtype))
+        # One fp16 step above, the bias overflows to -inf.
+        above = torch.tensor([float(torch.tensor(max_step_size(bits), dtype=torch.float16).float()) * 1.001])
+        bias = encode_rows(q, above, bits)[:, 2:4].contiguous().view(torch.float16).float()
+        assert torch.isinf(bias).all()

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_lowprec.compress.codebook_ebc import (
@@ -18,24 +17,19 @@ from torchrec_lowprec.compress.codebook_ebc import (
 from torchrec_lowprec.compress.config import MECConfig
 from torchrec_lowprec.compress.pq import learn_pq
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-
-_IN_BACKWARD_TAGS = ("_optimizer_classes", "_optimizer_kwargs")
+from torchrec_lowprec.quant.groups import table_counts
+from torchrec_lowprec.transform import convert, copy_in_backward_tags, register_transform
+from torchrec_lowprec.types import CodebookConfig
 
 
 def _is_target(m: nn.Module) -> bool:
-    return isinstance(m, LowPrecisionEmbeddingBagCollection) or type(m) is EmbeddingBagCollection
+    return isinstance(m, (LowPrecisionEmbeddingBagCollection, EmbeddingBagCollection))
 
 
 def _float_weight(ebc: nn.Module, name: str) -> torch.Tensor:
     if isinstance(ebc, LowPrecisionEmbeddingBagCollection):
         return ebc.dequantized_weight(name)
     return ebc.embedding_bags[name].weight.detach().float()
-
-
-def _copy_tags(src: torch.Tensor, dst: torch.Tensor) -> None:
-    for tag in _IN_BACKWARD_TAGS:
-        if hasattr(src, tag):
-            setattr(dst, tag, getattr(src, tag))
 
 
 def _subset(ebc: nn.Module, names: list[str]) -> nn.Module | None:
@@ -55,7 +49,7 @@ def _subset(ebc: nn.Module, names: list[str]) -> nn.Module | None:
             for t in tables:
                 ebc._resolve_optimizers()
                 sub.quantized_weight(t.name).copy_(ebc.quantized_weight(t.name))
-                _copy_tags(ebc.tables[t.name].handle, sub.tables[t.name].handle)
+                copy_in_backward_tags(ebc.tables[t.name].handle, sub.tables[t.name].handle)
                 sub._resolve_optimizers()
                 sub.tables[t.name].load_state_dict(ebc.tables[t.name].state_dict())
             sub.step.copy_(ebc.step)
@@ -66,31 +60,9 @@ def _subset(ebc: nn.Module, names: list[str]) -> nn.Module | None:
             for t in tables:
                 src = ebc.embedding_bags[t.name].weight
                 sub.embedding_bags[t.name].weight.copy_(src)
-                _copy_tags(src, sub.embedding_bags[t.name].weight)
+                copy_in_backward_tags(src, sub.embedding_bags[t.name].weight)
     sub.train(ebc.training)
     return sub
-
-
-def _table_counts(
-    table: EmbeddingBagConfig, frequencies: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor | None:
-    """Access counts of a table's rows: the sum over the features it serves."""
-    if frequencies is None:
-        return None
-    counts = torch.zeros(table.num_embeddings, dtype=torch.int64)
-    for f in table.feature_names:
-        if f not in frequencies:
-            raise ValueError(
-                f"frequencies has no entry for feature {f!r} of table {table.name!r}; count them with "
-                "torchrec_lowprec.data.count_frequencies over the training data (or pass frequencies=None)"
-            )
-        c = frequencies[f].to(torch.int64).cpu()
-        if c.numel() != table.num_embeddings:
-            raise ValueError(
-                f"frequencies[{f!r}] has {c.numel()} entries, table {table.name!r} has {table.num_embeddings} rows"
-            )
-        counts += c
-    return counts
 
 
 def compress_collection(
@@ -109,7 +81,9 @@ def compress_collection(
         config.check_dim(t.name, t.embedding_dim)
     if not large:
         return ebc
-    counts = {t.name: _table_counts(t, frequencies) for t in large}
+    counts = {
+        t.name: None if frequencies is None else table_counts(t, frequencies, require_all=True) for t in large
+    }
     compressed: dict[str, CodebookTable] = {}
     report: dict[str, dict[str, Any]] = {}
     for t in large:
@@ -124,14 +98,35 @@ def compress_collection(
     return out
 
 
+def _check_dims(targets: list[tuple[str, nn.Module]], config: CodebookConfig) -> None:
+    """Every table MEC would compress can be split into its sub-spaces (checked before any learning)."""
+    mec = config.mec or MECConfig()
+    for _, mod in targets:
+        for t in mod.embedding_bag_configs():
+            if t.num_embeddings >= mec.min_rows:
+                mec.check_dim(t.name, t.embedding_dim)
+
+
+@register_transform(
+    CodebookConfig,
+    is_target=_is_target,
+    targets="EmbeddingBagCollection or LowPrecisionEmbeddingBagCollection to compress",
+    if_none="raise",
+    precheck=_check_dims,
+)
+def _to_codebooks(ebc: nn.Module, config: CodebookConfig, fqn: str) -> nn.Module:
+    return compress_collection(ebc, config.frequencies, config.mec or MECConfig())
+
+
 def compress_(
     model: nn.Module, frequencies: Mapping[str, torch.Tensor] | None, config: MECConfig | None = None
 ) -> nn.Module:
-    """Replace, in place and at any depth, every ``LowPrecisionEmbeddingBagCollection`` and
-    ``torchrec.EmbeddingBagCollection`` of ``model`` by a :class:`CodebookEmbeddingBagCollection`
-    whose large tables are MEC codes (learned from the tables' current values and
-    ``frequencies``: feature name -> per-id counts on the training data, e.g. from
-    ``torchrec_lowprec.data.count_frequencies``; ``None`` weighs every row equally).
+    """``convert(model, CodebookConfig(config, frequencies))``: replace, in place and at any
+    depth, every ``LowPrecisionEmbeddingBagCollection`` and ``torchrec.EmbeddingBagCollection``
+    of ``model`` by a :class:`CodebookEmbeddingBagCollection` whose large tables are MEC codes
+    (learned from the tables' current values and ``frequencies``: feature name -> per-id counts
+    on the training data, e.g. from ``torchrec_lowprec.data.count_frequencies``; ``None``
+    weighs every row equally).
 
     Returns ``model`` (or the new collection when ``model`` itself is one).
 
@@ -140,24 +135,7 @@ def compress_(
         counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
         compress_(model, counts, MECConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
     """
-    config = config or MECConfig()
-    if _is_target(model):
-        return compress_collection(model, frequencies, config)
-    targets = [(n, m) for n, m in model.named_modules() if _is_target(m)]
-    if not targets:
-        raise ValueError(
-            f"compress_: {type(model).__name__} holds no EmbeddingBagCollection or "
-            "LowPrecisionEmbeddingBagCollection to compress"
-        )
-    for _, mod in targets:
-        for t in mod.embedding_bag_configs():
-            if t.num_embeddings >= config.min_rows:
-                config.check_dim(t.name, t.embedding_dim)
-    for name, mod in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, compress_collection(mod, frequencies, config))
-    return model
+    return convert(model, CodebookConfig(config, frequencies))
 
 
 def codebook_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -11,6 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.compress.pq import code_dtype
+from torchrec_lowprec.modules.bounds import in_feature_order
 
 STATE_FORMAT = 1
 
@@ -143,15 +144,7 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        keys = features.keys()
-        missing = [f for f in self._lookup_order if f not in keys]
-        if missing:
-            raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {keys}")
-        kjt = (
-            features
-            if keys == self._lookup_order
-            else features.permute([keys.index(f) for f in self._lookup_order])
-        )
+        kjt = in_feature_order(features, self._lookup_order)
         batch = kjt.stride()
         lengths = kjt.lengths()
         offsets = kjt.offsets()
@@ -199,13 +192,17 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The codebooks (what fine-tuning trains; codes are buffers and never change)."""
         return [t.codebooks for t in self.compressed.values()]
 
-    def memory_bytes(self, per_table: bool = False) -> int | dict[str, int]:
+    def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
         """Bytes held: codes + codebooks of each compressed table, plus the uncompressed collection
-        (its own ``memory_bytes()`` when it has one, else its parameters and buffers)."""
-        parts = {name: t.memory_bytes() for name, t in self.compressed.items()}
+        (its own ``memory_bytes()`` when it has one, else its parameters and buffers).
+        ``per_table=True``: name -> parts with a ``"total"`` (as every collection here reports)."""
+        parts: dict[str, dict[str, int]] = {}
+        for name, t in self.compressed.items():
+            codes = t.codes.numel() * t.codes.element_size()
+            parts[name] = {"codes": codes, "codebooks": t.memory_bytes() - codes, "total": t.memory_bytes()}
         if self.uncompressed is not None:
-            parts["uncompressed"] = _module_bytes(self.uncompressed)
-        return parts if per_table else sum(parts.values())
+            parts["uncompressed"] = {"total": _module_bytes(self.uncompressed)}
+        return parts if per_table else sum(p["total"] for p in parts.values())
 
     # ----- checkpoints -----
     def get_extra_state(self) -> dict[str, Any]:

@@ -20,10 +20,10 @@ from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingT
 
 from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup
 from torchrec_lowprec.distributed.state import TableMeta, build_sharded_state, load_into_shards
+from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
-
-_IN_BACKWARD_TAGS = ("_optimizer_classes", "_optimizer_kwargs")
+from torchrec_lowprec.transform import copy_in_backward_tags, in_backward_tags
 
 
 class _ShardingView:
@@ -37,10 +37,7 @@ class _ShardingView:
         self._params: dict[str, nn.Parameter] = {}
         for t in module.embedding_bag_configs():
             p = nn.Parameter(torch.empty(t.num_embeddings, t.embedding_dim, device="meta"))
-            handle = module.tables[t.name].handle
-            for tag in _IN_BACKWARD_TAGS:
-                if hasattr(handle, tag):
-                    setattr(p, tag, getattr(handle, tag))
+            copy_in_backward_tags(module.tables[t.name].handle, p)
             self._params[f"embedding_bags.{t.name}.weight"] = p
 
     def embedding_bag_configs(self):
@@ -89,12 +86,7 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     ) -> None:
         self._lp_configs = {t.name: module.table_config(t.name) for t in module.embedding_bag_configs()}
         self._lp_tags = {
-            t.name: {
-                tag: getattr(module.tables[t.name].handle, tag)
-                for tag in _IN_BACKWARD_TAGS
-                if hasattr(module.tables[t.name].handle, tag)
-            }
-            for t in module.embedding_bag_configs()
+            t.name: in_backward_tags(module.tables[t.name].handle) for t in module.embedding_bag_configs()
         }
         self._lp_device = device or torch.device("cpu")
         super().__init__(
@@ -205,8 +197,6 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # type: ignore[override]
-        from torchrec_lowprec.distributed.checkpoint import validate_sharded_checkpoint
-
         validate_sharded_checkpoint(self._lp_metas, state_dict, prefix)
         load_into_shards(self._lp_metas, self._lp_lookups(), state_dict, prefix)
         step = state_dict.get(prefix + "step")
@@ -221,9 +211,14 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
-    def memory_bytes(self) -> int:
-        """Bytes this rank holds for its shards (rows, step sizes, optimizer state)."""
-        return sum(lk.ebc.memory_bytes() for lk in self._lp_lookups() if lk.ebc is not None)
+    def memory_bytes(self, per_table: bool = False) -> int | dict[str, dict[str, int]]:
+        """Bytes this rank holds for its shards (rows, step sizes, optimizer state); ``per_table``:
+        local shard name -> parts with a ``"total"``."""
+        report: dict[str, dict[str, int]] = {}
+        for lk in self._lp_lookups():
+            if lk.ebc is not None:
+                report.update(lk.ebc.memory_bytes(per_table=True))
+        return report if per_table else sum(p["total"] for p in report.values())
 
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per global table, row updates this rank skipped for a NaN/Inf gradient."""

@@ -104,7 +104,7 @@ class LowPrecisionShardLookup(nn.Module):
         if tables:
             self.ebc = LowPrecisionEmbeddingBagCollection(
                 tables,
-                next(iter(per_table.values())),
+                config=next(iter(per_table.values())),
                 per_table_configs=per_table,
                 is_weighted=is_weighted,
                 device=device,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -12,7 +15,10 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv, ShardingType
 
 from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.table_layout import stored_bytes
+from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
 
 #: The compute kernel our shards report to TorchRec's planner: a fused-optimizer kernel.
 COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
@@ -20,6 +26,60 @@ COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
 #: without an in-backward optimizer "dense"; ours always train in the backward pass, so both
 #: labels mean our fused kernel. Others (UVM caching, key-value, ...) are refused.
 ACCEPTED_KERNELS = (EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value)
+
+
+#: Compute devices whose tables use FBGEMM's 16-byte CUDA rows (TorchRec's HBM devices).
+_PADDED_DEVICES = ("cuda", "mtia")
+
+
+def table_bytes(
+    module: LowPrecisionEmbeddingBagCollection,
+    name: str,
+    compute_device: str,
+    rows: int | None = None,
+    cols: int | None = None,
+) -> int:
+    """Bytes table ``name`` of ``module`` (or a ``rows`` x ``cols`` shard of it) holds on
+    ``compute_device``: padded rows, master step sizes, state of the optimizer it will run."""
+    cfg = module.table_config(name)
+    t = next(t for t in module.embedding_bag_configs() if t.name == name)
+    kind = optimizer_params_from_in_backward(module.tables[name].handle, cfg).kind
+    align = row_alignment_for(torch.device("cuda" if compute_device in _PADDED_DEVICES else "cpu"))
+    return stored_bytes(
+        t.num_embeddings if rows is None else rows, t.embedding_dim if cols is None else cols,
+        cfg.bits, kind, cfg.keeps_master_step_size, align,
+    )  # fmt: skip
+
+
+class PlannerParameter(nn.Parameter):
+    """A meta ``[rows, dim]`` parameter for TorchRec's planner whose ``numel() *
+    element_size()`` is ``nbytes()`` (a function: the bytes depend on the planned device).
+
+    ``element_size()`` stays fp32's 4 (the pooled output and its all-to-alls are fp32, and the
+    planner reads their sizes from it); ``numel()`` is the exact fraction ``nbytes() / 4``.
+
+    Example::
+
+        p = PlannerParameter(1000, 64, lambda: 1000 * 72)
+        p.shape, p.numel() * p.element_size()  # (torch.Size([1000, 64]), Fraction(72000, 1))
+    """
+
+    def __new__(cls, rows: int, dim: int, nbytes: Callable[[], int]) -> PlannerParameter:
+        p = super().__new__(cls, torch.empty(rows, dim, device="meta"), requires_grad=False)
+        p._lp_nbytes = nbytes
+        return p
+
+    def __init__(self, rows: int, dim: int, nbytes: Callable[[], int]) -> None:
+        pass
+
+    def numel(self) -> Fraction:  # type: ignore[override]
+        return Fraction(self._lp_nbytes(), self.element_size())
+
+    def __deepcopy__(self, memo: dict) -> PlannerParameter:  # the planner deep-copies options
+        return PlannerParameter(self.shape[0], self.shape[1], self._lp_nbytes)
+
+    def __reduce_ex__(self, proto):  # type: ignore[override]
+        return PlannerParameter, (self.shape[0], self.shape[1], self._lp_nbytes)
 
 
 class LowPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -44,17 +104,40 @@ class LowPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return ShardedLowPrecisionEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
+        self._planned_device = compute_device_type  # the planner's device: sets the row padding
         return [t for t in super().sharding_types(compute_device_type) if t in _SUPPORTED]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        self._planned_device = compute_device_type
         return [COMPUTE_KERNEL]
 
     def shardable_parameters(self, module: LowPrecisionEmbeddingBagCollection) -> dict[str, nn.Parameter]:  # type: ignore[override]
-        # The planner sizes tables from these (meta, [rows, dim]); they hold no data.
+        """One meta ``[rows, dim]`` parameter per table whose size in bytes, as TorchRec's
+        storage estimator reads it (``numel() * element_size()``), is what the table holds.
+
+        TorchRec sizes a shard as ``table bytes * shard elements / table elements`` (plus an
+        optimizer share read from ``_optimizer_classes``, absent here). Our bytes are
+        ``rows * RowFormat.bytes_per_row``, so every shard holding whole rows (TABLE_WISE,
+        ROW_WISE, TABLE_ROW_WISE) is sized exactly; column shards repeat each row's fixed part
+        (fp16 scale/bias, step size, row-wise state) and are under-counted by it
+        (``LowPrecisionStorageEstimator`` counts them exactly)."""
         return {
-            t.name: nn.Parameter(torch.empty(t.num_embeddings, t.embedding_dim, device="meta"))
+            t.name: PlannerParameter(
+                t.num_embeddings, t.embedding_dim, functools.partial(self._table_bytes, module, t.name)
+            )
             for t in module.embedding_bag_configs()
         }
+
+    def storage_usage(  # type: ignore[override]
+        self, tensor: torch.Tensor, compute_device_type: str, compute_kernel: str
+    ) -> dict[str, int]:
+        """Bytes of a table (``tensor`` from :meth:`shardable_parameters`) on ``compute_device_type``."""
+        self._planned_device = compute_device_type
+        return super().storage_usage(tensor, compute_device_type, compute_kernel)
+
+    def _table_bytes(self, module: LowPrecisionEmbeddingBagCollection, name: str) -> int:
+        device = getattr(self, "_planned_device", None) or module.device.type
+        return table_bytes(module, name, device)
 
     def shard(  # type: ignore[override]
         self,

@@ -21,6 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.quant.layout import SCALE_BIAS_BYTES
+from torchrec_lowprec.transform import convert, register_transform
+from torchrec_lowprec.types import InferenceConfig
 
 DATA_TYPE_OF_BITS = {
     32: DataType.FP32,
@@ -166,14 +168,35 @@ def export_collection(
     return out
 
 
+def _is_low_precision(module: nn.Module) -> bool:
+    return isinstance(module, LowPrecisionEmbeddingBagCollection)
+
+
+def _to_eval(model: nn.Module, config: InferenceConfig) -> None:
+    model.eval()
+
+
+@register_transform(
+    InferenceConfig,
+    is_target=_is_low_precision,
+    targets="LowPrecisionEmbeddingBagCollection (convert its EmbeddingBagCollections and train first)",
+    if_none="raise",
+    finish=_to_eval,
+)
+def _to_quantized(ebc: LowPrecisionEmbeddingBagCollection, config: InferenceConfig, fqn: str) -> nn.Module:
+    dtype = config.output_dtype if config.output_dtype is not None else torch.float32
+    return export_collection(ebc, dtype, config.row_alignment, config.register_tbes)
+
+
 def to_inference(
     model: nn.Module,
     output_dtype: torch.dtype = torch.float32,
     row_alignment: int | None = None,
     register_tbes: bool = False,
 ) -> nn.Module:
-    """Replace every :class:`LowPrecisionEmbeddingBagCollection` in ``model`` (at any depth, in
-    place) by TorchRec's quantized inference ``EmbeddingBagCollection`` with the same bytes.
+    """``convert(model, InferenceConfig(...))``: replace every
+    :class:`LowPrecisionEmbeddingBagCollection` in ``model`` (at any depth, in place) by
+    TorchRec's quantized inference ``EmbeddingBagCollection`` with the same bytes.
 
     Returns ``model`` put in eval mode (or the new collection when ``model`` itself is one).
     Parents are kept: a wrapper holding a low-precision collection as a child keeps working as
@@ -186,26 +209,4 @@ def to_inference(
         served = to_inference(model)
         logits = served(dense, kjt)
     """
-    if isinstance(model, LowPrecisionEmbeddingBagCollection):
-        return export_collection(model, output_dtype, row_alignment, register_tbes)
-    targets = [
-        (name, mod)
-        for name, mod in model.named_modules(remove_duplicate=False)
-        if isinstance(mod, LowPrecisionEmbeddingBagCollection)
-    ]
-    if not targets:
-        raise ValueError(
-            f"to_inference: {type(model).__name__} holds no LowPrecisionEmbeddingBagCollection; "
-            "convert its EmbeddingBagCollections with torchrec_lowprec.convert and train first"
-        )
-    done: dict[int, nn.Module] = {}
-    for name, mod in targets:
-        # A collection shared by two parents is exported once and both point to the copy.
-        new = done.get(id(mod))
-        if new is None:
-            new = done[id(mod)] = export_collection(mod, output_dtype, row_alignment, register_tbes)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, new)
-    model.eval()
-    return model
+    return convert(model, InferenceConfig(output_dtype, row_alignment, register_tbes))

@@ -1,6 +1,9 @@
-"""Swapping TorchRec collections for low-precision ones, and back."""
+"""Swapping TorchRec collections for low-precision ones, and back; the handlers of
+:func:`torchrec_lowprec.convert` for low-precision, mixed-precision and MPE-search configs."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -8,9 +11,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
-from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan
+from torchrec_lowprec.modules.mpe_search import MPESearchConfig, MPESearchEmbeddingBagCollection
+from torchrec_lowprec.transform import convert, copy_in_backward_tags, register_transform
+from torchrec_lowprec.types import LowPrecisionConfig, MixedPrecisionConfig, PerTableConfig, PrecisionPlan
 
-_IN_BACKWARD_TAGS = ("_optimizer_classes", "_optimizer_kwargs")
+__all__ = ["convert", "from_float", "to_float"]
 
 
 def from_float(
@@ -22,7 +27,7 @@ def from_float(
 ) -> LowPrecisionEmbeddingBagCollection | MixedPrecisionEmbeddingBagCollection:
     """A :class:`LowPrecisionEmbeddingBagCollection` holding ``ebc``'s current weights, quantized
     (a :class:`MixedPrecisionEmbeddingBagCollection` when ``precision_plan`` is given; its
-    ``row_maps`` are passed on).
+    ``row_maps`` are passed on). ``convert`` on one collection; ``ebc`` is left as it is.
 
     In-backward optimizers set on ``ebc``'s weights with ``_apply_optimizer_in_backward`` carry
     over to the new tables. A collection on the ``meta`` device gives one on ``meta``.
@@ -33,18 +38,31 @@ def from_float(
     """
     if not isinstance(ebc, EmbeddingBagCollection):
         raise TypeError(f"from_float expects a torchrec.EmbeddingBagCollection, got {type(ebc).__name__}")
+    return convert(
+        ebc, config, per_table_configs=per_table_configs, precision_plan=precision_plan, row_maps=row_maps
+    )
+
+
+def _from_float(
+    ebc: EmbeddingBagCollection,
+    config: LowPrecisionConfig | None = None,
+    per_table_configs: dict[str, LowPrecisionConfig] | None = None,
+    precision_plan: PrecisionPlan | None = None,
+    row_maps: dict[str, torch.Tensor] | None = None,
+) -> LowPrecisionEmbeddingBagCollection | MixedPrecisionEmbeddingBagCollection:
+    """What the low-/mixed-precision handlers build from one float collection."""
     tables = ebc.embedding_bag_configs()
     first = ebc.embedding_bags[tables[0].name].weight
     if precision_plan is not None:
         out = MixedPrecisionEmbeddingBagCollection(
             tables,
-            precision_plan,
-            config,
-            per_table_configs,
-            ebc.is_weighted(),
-            first.device,
-            False,
-            row_maps,
+            plan=precision_plan,
+            config=config,
+            per_table_configs=per_table_configs,
+            is_weighted=ebc.is_weighted(),
+            device=first.device,
+            init_weights=False,
+            row_maps=row_maps,
         )
         handles = {
             t.name: [out.row_groups.tables[p].handle for p in out.group_tables(t.name)] for t in tables
@@ -52,8 +70,8 @@ def from_float(
     else:
         out = LowPrecisionEmbeddingBagCollection(
             tables,
-            config,
-            per_table_configs,
+            config=config,
+            per_table_configs=per_table_configs,
             is_weighted=ebc.is_weighted(),
             device=first.device,
             init_weights=False,
@@ -65,9 +83,7 @@ def from_float(
             with torch.no_grad():
                 out.load_float_weight(t.name, weight.detach())
         for handle in handles.get(t.name, []):
-            for tag in _IN_BACKWARD_TAGS:
-                if hasattr(weight, tag):
-                    setattr(handle, tag, getattr(weight, tag))
+            copy_in_backward_tags(weight, handle)
     out.train(ebc.training)
     return out
 
@@ -89,44 +105,44 @@ def to_float(ebc: LowPrecisionEmbeddingBagCollection) -> EmbeddingBagCollection:
     return out
 
 
-def convert(
-    model: nn.Module,
-    config: LowPrecisionConfig | None = None,
-    per_table_configs: dict[str, LowPrecisionConfig] | None = None,
-    precision_plan: PrecisionPlan | None = None,
-    row_maps: dict[str, torch.Tensor] | None = None,
-) -> nn.Module:
-    """Swap every ``torchrec.EmbeddingBagCollection`` inside ``model`` (in place) for a
-    low-precision one holding its current weights; returns ``model`` (or the new collection
-    when ``model`` itself is one). With ``precision_plan`` (MPE's selection or the precision
-    planner's), collections become :class:`MixedPrecisionEmbeddingBagCollection`.
+def _is_float_collection(module: nn.Module) -> bool:
+    """A ``torchrec.EmbeddingBagCollection``, or a subclass keeping its semantics (ours are not
+    subclasses of it: they implement ``EmbeddingBagCollectionInterface``)."""
+    return isinstance(module, EmbeddingBagCollection)
 
-    Example::
 
-        model = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables), ...)
-        model = convert(model, LowPrecisionConfig(bits=4))
-    """
+_FLOAT = "torchrec.EmbeddingBagCollection (or subclass)"
 
-    def swap(ebc: EmbeddingBagCollection) -> nn.Module:
-        names = {t.name for t in ebc.embedding_bag_configs()}
-        plan = None
-        if precision_plan is not None:
-            plan = PrecisionPlan({n: p for n, p in precision_plan.tables.items() if n in names})
-        maps = {n: m for n, m in (row_maps or {}).items() if n in names}
-        return from_float(ebc, config, _tables_subset(ebc, per_table_configs), plan, maps)
 
-    if type(model) is EmbeddingBagCollection:
-        return swap(model)
-    for name, child in list(model.named_children()):
-        if type(child) is EmbeddingBagCollection:
-            setattr(model, name, swap(child))
-        else:
-            convert(child, config, per_table_configs, precision_plan, row_maps)
-    return model
+@register_transform(PerTableConfig, is_target=_is_float_collection, targets=_FLOAT)
+@register_transform(LowPrecisionConfig, is_target=_is_float_collection, targets=_FLOAT)
+def _to_low_precision(
+    ebc: EmbeddingBagCollection, config: LowPrecisionConfig | PerTableConfig, fqn: str
+) -> LowPrecisionEmbeddingBagCollection:
+    if isinstance(config, PerTableConfig):
+        return _from_float(ebc, config.default, _tables_subset(ebc, config.tables))
+    return _from_float(ebc, config)
+
+
+@register_transform(MixedPrecisionConfig, is_target=_is_float_collection, targets=_FLOAT)
+def _to_mixed_precision(
+    ebc: EmbeddingBagCollection, config: MixedPrecisionConfig, fqn: str
+) -> MixedPrecisionEmbeddingBagCollection:
+    names = {t.name for t in ebc.embedding_bag_configs()}
+    plan = PrecisionPlan({n: p for n, p in config.plan.tables.items() if n in names})
+    maps = {n: m for n, m in (config.row_maps or {}).items() if n in names}
+    return _from_float(ebc, config.base, _tables_subset(ebc, config.per_table), plan, maps)
+
+
+@register_transform(MPESearchConfig, is_target=_is_float_collection, targets=_FLOAT)
+def _to_mpe_search(
+    ebc: EmbeddingBagCollection, config: MPESearchConfig, fqn: str
+) -> MPESearchEmbeddingBagCollection:
+    return MPESearchEmbeddingBagCollection.from_float(ebc, config, config.frequencies)
 
 
 def _tables_subset(
-    ebc: EmbeddingBagCollection, per_table: dict[str, LowPrecisionConfig] | None
+    ebc: EmbeddingBagCollection, per_table: Mapping[str, LowPrecisionConfig] | None
 ) -> dict[str, LowPrecisionConfig] | None:
     """The overrides that name tables of ``ebc`` (a model may hold several collections)."""
     if not per_table:

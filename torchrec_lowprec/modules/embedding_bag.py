@@ -24,7 +24,13 @@ from torchrec_lowprec.kernels.lookup import (
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_checkpoint
-from torchrec_lowprec.modules.table_layout import ShardOrigin, plan_layout, validate_table
+from torchrec_lowprec.modules.table_layout import (
+    ShardOrigin,
+    check_collection_args,
+    plan_layout,
+    table_summary,
+    validate_table,
+)
 from torchrec_lowprec.modules.table_state import TableState
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
@@ -57,12 +63,15 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     rounding) and returns no weight gradient, like TorchRec's fused TBE optimizers. Output
     keys, order and shapes match ``torchrec.EmbeddingBagCollection``.
 
+    The positional arguments are ``torchrec.EmbeddingBagCollection``'s (``tables, is_weighted,
+    device``); everything else is keyword-only.
+
     Args:
         tables: the TorchRec table configs (SUM or MEAN pooling, any dims).
-        config: the default :class:`LowPrecisionConfig` of every table.
-        per_table_configs: table name -> config, overriding ``config`` for that table.
         is_weighted: use KJT weights as per-sample weights (as TorchRec's ``is_weighted``).
         device: where the tables live (``meta`` allocates nothing).
+        config: the default :class:`LowPrecisionConfig` of every table.
+        per_table_configs: table name -> config, overriding ``config`` for that table.
         init_weights: fill the tables with TorchRec's default uniform init (quantized).
         shard_origins: for the sharded lookup: table name -> where this local table sits in
             its global table (keys the rounding draws by global table, row and column).
@@ -71,7 +80,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
         tables = [EmbeddingBagConfig(name="t_user", embedding_dim=64, num_embeddings=1000,
                                      feature_names=["user"])]
-        ebc = LowPrecisionEmbeddingBagCollection(tables, LowPrecisionConfig(bits=4))
+        ebc = LowPrecisionEmbeddingBagCollection(tables, config=LowPrecisionConfig(bits=4))
         pooled = ebc(kjt)               # KeyedTensor with key "user", [B, 64]
         pooled.values().sum().backward()  # the int4 table is updated in place
     """
@@ -79,14 +88,16 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def __init__(
         self,
         tables: list[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+        *,
         config: LowPrecisionConfig | None = None,
         per_table_configs: dict[str, LowPrecisionConfig] | None = None,
-        is_weighted: bool = False,
-        device: torch.device | None = None,
         init_weights: bool = True,
         shard_origins: dict[str, ShardOrigin] | None = None,
     ) -> None:
         super().__init__()
+        check_collection_args(type(self).__name__, tables, is_weighted, device, config, per_table_configs)
         config = config or LowPrecisionConfig()
         per_table_configs = dict(per_table_configs or {})
         names = [t.name for t in tables]
@@ -192,6 +203,12 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def table_config(self, name: str) -> LowPrecisionConfig:
         """The :class:`LowPrecisionConfig` of table ``name``."""
         return self._configs[name]
+
+    def extra_repr(self) -> str:
+        return table_summary(
+            (lay.name, lay.rows, lay.dim, lay.bits, self.memory_bytes(per_table=True)[lay.name]["total"])
+            for lay in self._layouts
+        )
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.table_layout import check_collection_args
 from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
 
 #: Physical table ``<table>__g<first group>`` holds a run of groups; its features are
@@ -53,6 +54,9 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     entry says ``remapped``, pass ``row_maps[table]`` (raw id -> rank) and the module keeps it
     (4 bytes per row, counted in :meth:`memory_bytes`).
 
+    Positional arguments as ``torchrec.EmbeddingBagCollection`` (``tables, is_weighted,
+    device``); the rest keyword-only.
+
     Args:
         tables: the TorchRec table configs (SUM or MEAN pooling).
         plan: per-table group bit widths; tables it does not name use ``config.bits``.
@@ -64,22 +68,28 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Example::
 
         plan = PrecisionPlan({"t": TablePrecision(1000, 64, (100, 600, 1000), (8, 4, 0))})
-        ebc = MixedPrecisionEmbeddingBagCollection(tables, plan, LowPrecisionConfig())
+        ebc = MixedPrecisionEmbeddingBagCollection(tables, plan=plan, config=LowPrecisionConfig())
         pooled = ebc(kjt)  # ids 0..99 read int8 rows, 100..599 int4, 600..999 zeros
     """
 
     def __init__(
         self,
         tables: list[EmbeddingBagConfig],
-        plan: PrecisionPlan,
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+        *,
+        plan: PrecisionPlan | None = None,
         config: LowPrecisionConfig | None = None,
         per_table_configs: dict[str, LowPrecisionConfig] | None = None,
-        is_weighted: bool = False,
-        device: torch.device | None = None,
         init_weights: bool = True,
         row_maps: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        check_collection_args(type(self).__name__, tables, is_weighted, device, config, per_table_configs)
+        if not isinstance(plan, PrecisionPlan):
+            raise TypeError(
+                f"{type(self).__name__}: plan= (keyword) must be a PrecisionPlan, got {type(plan).__name__}"
+            )
         config = config or LowPrecisionConfig()
         per_table_configs = dict(per_table_configs or {})
         names = [t.name for t in tables]
@@ -142,7 +152,12 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._feat_base = torch.tensor(feat_base, dtype=torch.int64)
         self._inner_keys = inner_keys
         self.row_groups = LowPrecisionEmbeddingBagCollection(
-            physical, config, phys_configs, is_weighted, device, init_weights
+            physical,
+            config=config,
+            per_table_configs=phys_configs,
+            is_weighted=is_weighted,
+            device=device,
+            init_weights=init_weights,
         )
         dims = {f: t.embedding_dim for t in tables for f in t.feature_names}
         self._dims = [dims[f] for f in self._features]
@@ -306,6 +321,18 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if per_table:
             return report
         return sum(p["total"] for p in report.values())
+
+    def extra_repr(self) -> str:
+        if not isinstance(self.row_groups, LowPrecisionEmbeddingBagCollection):
+            return ""  # sharded: the shards report themselves
+        report = self.row_groups.memory_bytes(per_table=True)
+        lines = []
+        for t in self._tables:
+            tp = self._precisions[t.name]
+            groups = ", ".join(f"rows {a}-{e}: {b} bits" for _, a, e, b in tp.segments())
+            held = sum(p["total"] for n, p in report.items() if self._logical_table.get(n) == t.name)
+            lines.append(f"{t.name}: {tp.rows} x {tp.dim}, {groups}, {held} bytes")
+        return "\n".join(lines)
 
     # ----- checkpoints: the plan travels with the tables -----
     def get_extra_state(self) -> dict[str, Any]:

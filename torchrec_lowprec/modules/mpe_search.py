@@ -11,7 +11,9 @@ table's smallest group), which pushes rarely seen groups to fewer bits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,8 @@ from torchrec_lowprec.quant.fake_quant import (
     lsq_plus_init_step,
 )
 from torchrec_lowprec.quant.groups import frequency_groups, table_counts
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.transform import convert
+from torchrec_lowprec.types import PrecisionPlan, TablePrecision, TransformConfig
 
 #: Search widths the storage cannot hold are stored at the next storable width.
 STORABLE_BITS = (0, 2, 4, 8, 16, 32)
@@ -42,7 +45,7 @@ def storable_bits(bits: int) -> int:
 
 
 @dataclass(frozen=True)
-class MPESearchConfig:
+class MPESearchConfig(TransformConfig):
     """Hyper-parameters of the MPE search.
 
     Args:
@@ -55,6 +58,8 @@ class MPESearchConfig:
         sparse_weights: the tables' gradients are sparse (``torch.optim.SparseAdam`` /
             ``Adagrad`` / ``SGD`` then update only the looked-up rows; a dense optimizer over a
             large table costs a full pass per step).
+        frequencies: feature -> per-id counts, for ``convert(model, MPESearchConfig(...))``
+            (the collection's constructor takes them as an argument instead).
 
     Example::
 
@@ -67,6 +72,7 @@ class MPESearchConfig:
     temperature: float = 1.0
     reg_lambda: float = 1e-4
     sparse_weights: bool = False
+    frequencies: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         bits = tuple(sorted(set(int(b) for b in self.candidate_bits)))
@@ -105,7 +111,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
         search = MPESearchEmbeddingBagCollection(tables, MPESearchConfig(), counts)
         loss = bce(model(batch)) + search.regularization()
-        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan)
+        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan=plan)
     """
 
     def __init__(
@@ -269,8 +275,9 @@ def mpe_search_(
     config: MPESearchConfig | None = None,
     frequencies: dict[str, torch.Tensor] | None = None,
 ) -> list[MPESearchEmbeddingBagCollection]:
-    """Swap every ``torchrec.EmbeddingBagCollection`` in ``model`` (in place) for a search
-    collection starting from its weights; returns the search collections.
+    """``convert(model, MPESearchConfig(..., frequencies=frequencies))``: every
+    ``torchrec.EmbeddingBagCollection`` in ``model`` becomes (in place) a search collection
+    starting from its weights; returns the new search collections.
 
     Example::
 
@@ -278,15 +285,14 @@ def mpe_search_(
         ...  # train with loss + sum(s.regularization() for s in searches)
         plan = merge_plans([s.select() for s in searches])
     """
-    found = []
-    for name, child in list(model.named_children()):
-        if type(child) is EmbeddingBagCollection:
-            new = MPESearchEmbeddingBagCollection.from_float(child, config, frequencies)
-            setattr(model, name, new)
-            found.append(new)
-        else:
-            found.extend(mpe_search_(child, config, frequencies))
-    return found
+    config = config or MPESearchConfig()
+    if frequencies is not None:
+        config = dataclasses.replace(config, frequencies=frequencies)
+    before = {id(m) for m in model.modules()}
+    out = convert(model, config)
+    return [
+        m for m in out.modules() if isinstance(m, MPESearchEmbeddingBagCollection) and id(m) not in before
+    ]
 
 
 def merge_plans(plans: list[PrecisionPlan]) -> PrecisionPlan:

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from torchrec_lowprec.kernels.lookup import TABLE_ALIGNMENT, round_up
-from torchrec_lowprec.optim.fused import state_bytes_per_row
-from torchrec_lowprec.quant.layout import row_bytes
+from torchrec_lowprec.quant.layout import RowFormat
 from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
 
 
@@ -41,8 +39,12 @@ class TableLayout:
     origin: ShardOrigin
 
     @property
+    def format(self) -> RowFormat:
+        return RowFormat(self.bits, self.dim)
+
+    @property
     def row_bytes(self) -> int:
-        return row_bytes(self.bits, self.dim)
+        return self.format.row_bytes
 
     @property
     def nbytes(self) -> int:
@@ -81,12 +83,16 @@ def plan_layout(
     row_alignment: int,
     origins: dict[str, ShardOrigin] | None = None,
 ) -> tuple[list[TableLayout], int]:
-    """Table layouts in order and the flat buffer's total bytes (tables 128-byte aligned)."""
+    """Table layouts in order and the flat buffer's total bytes.
+
+    Tables are packed back to back (each starts at a multiple of ``row_alignment``, since its
+    rows are), so the buffer holds exactly the sum of the tables' ``rows * stride``: the bytes
+    the planner counts per shard."""
     layouts = []
     offset = 0
     for t in tables:
         bits = configs[t.name].bits
-        stride = round_up(row_bytes(bits, t.embedding_dim), row_alignment)
+        stride = RowFormat(bits, t.embedding_dim).stride(row_alignment)
         layouts.append(
             TableLayout(
                 name=t.name,
@@ -100,18 +106,53 @@ def plan_layout(
                 origin=(origins or {}).get(t.name, ShardOrigin(t.name)),
             )
         )
-        offset = round_up(offset + t.num_embeddings * stride, TABLE_ALIGNMENT)
-    return layouts, max(offset, TABLE_ALIGNMENT)
+        offset += t.num_embeddings * stride
+    return layouts, offset
 
 
 def stored_bytes(
     rows: int, dim: int, bits: int, optimizer: OptimizerType, keeps_master_step_size: bool, row_alignment: int
 ) -> int:
     """Bytes a table (or a shard of ``rows`` x ``dim``) holds once allocated: padded rows,
-    fp32 master step sizes (ALPT) and fp32 optimizer state. What :meth:`memory_bytes`
-    reports and what the precision planner's storage estimator counts (one formula)."""
+    fp32 master step sizes (ALPT) and fp32 optimizer state (:meth:`RowFormat.bytes_per_row`).
+    What :meth:`memory_bytes` reports, what TorchRec's planner is told through our sharder and
+    what the precision planner counts. ``bits=0`` (pruned) holds nothing."""
     if bits == 0:
         return 0
-    stride = round_up(row_bytes(bits, dim), row_alignment)
-    master = 4 if keeps_master_step_size and bits <= 8 else 0
-    return rows * (stride + master + state_bytes_per_row(OptimizerType(optimizer), dim))
+    return rows * RowFormat(bits, dim).bytes_per_row(
+        row_alignment, OptimizerType(optimizer), keeps_master_step_size
+    )
+
+
+def check_collection_args(
+    owner: str, tables: object, is_weighted: object, device: object, config: object, per_table: object
+) -> None:
+    """``TypeError`` naming the argument when a collection constructor gets the wrong kind of value
+    (TorchRec's positional order is ``tables, is_weighted, device``; configs are keyword-only)."""
+    if not isinstance(tables, (list, tuple)) or not all(isinstance(t, EmbeddingBagConfig) for t in tables):
+        raise TypeError(f"{owner}: tables must be a list of torchrec.EmbeddingBagConfig, got {tables!r:.200}")
+    if not isinstance(is_weighted, bool):
+        raise TypeError(
+            f"{owner}: is_weighted must be a bool, got {type(is_weighted).__name__}; the positional "
+            "arguments are (tables, is_weighted, device) as in torchrec.EmbeddingBagCollection, pass "
+            "configs by keyword (config=..., per_table_configs=...)"
+        )
+    if device is not None and not isinstance(device, (torch.device, str)):
+        raise TypeError(f"{owner}: device must be a torch.device, a str or None, got {type(device).__name__}")
+    if config is not None and not isinstance(config, LowPrecisionConfig):
+        hint = " (a dict of tables -> configs goes to per_table_configs=)" if isinstance(config, dict) else ""
+        raise TypeError(
+            f"{owner}: config must be a LowPrecisionConfig or None, got {type(config).__name__}{hint}"
+        )
+    if per_table is not None and (
+        not isinstance(per_table, dict)
+        or not all(isinstance(v, LowPrecisionConfig) for v in per_table.values())
+    ):
+        raise TypeError(
+            f"{owner}: per_table_configs must map table name -> LowPrecisionConfig, got {per_table!r:.200}"
+        )
+
+
+def table_summary(rows: object) -> str:
+    """``extra_repr`` lines, one per table: ``name: rows x dim, bits, bytes`` (bytes held)."""
+    return "\n".join(f"{n}: {r} x {d}, {b} bits, {nbytes} bytes" for n, r, d, b, nbytes in rows)

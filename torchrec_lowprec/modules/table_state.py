@@ -39,6 +39,10 @@ class TableState(nn.Module):
         self.optimizer_kind = OptimizerType(config.optimizer)
         self._set_state(*allocate_state(self.optimizer_kind, layout.rows, layout.dim, device))
 
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return f"rows={lay.rows}, dim={lay.dim}, bits={lay.bits}, row_stride={lay.stride}"
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + "handle", None)  # holds nothing; not part of a checkpoint

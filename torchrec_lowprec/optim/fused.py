@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from torchrec_lowprec.quant.layout import optimizer_state_bytes
 from torchrec_lowprec.types import LowPrecisionConfig, OptimizerParams, OptimizerType
 
 #: Names of the state tensors each optimizer keeps, in (state1, state2) order.
@@ -24,13 +25,8 @@ OPTIMIZER_STATE_NAMES = {
 
 
 def state_bytes_per_row(kind: OptimizerType, dim: int) -> int:
-    """Bytes of optimizer state per row."""
-    return {
-        OptimizerType.SGD: 0,
-        OptimizerType.ADAGRAD: 4 * dim,
-        OptimizerType.ROWWISE_ADAGRAD: 4,
-        OptimizerType.ADAM: 8 * dim,
-    }[kind]
+    """Bytes of optimizer state per row (see ``quant.layout.RowFormat``)."""
+    return optimizer_state_bytes(kind, dim)
 
 
 def allocate_state(

@@ -263,7 +263,7 @@ def run_sharding_planner(
         if tp.remapped
     }
     model = MixedPrecisionEmbeddingBagCollection(
-        tables, precision, cfg, device=torch.device("meta"), init_weights=False, row_maps=maps
+        tables, plan=precision, config=cfg, device=torch.device("meta"), init_weights=False, row_maps=maps
     )
     enumerator = EmbeddingEnumerator(
         topology=topology,

@@ -1,16 +1,16 @@
 """A storage estimator for TorchRec's planner that counts the bytes low-precision shards hold.
 
-TorchRec sizes a table from its parameter's dtype and counts int8 / int4 tables as 2 bytes
-per element; its optimizer-state guess assumes state in the parameter's dtype. For our
-tables the estimator replaces that tensor + optimizer part, shard by shard, with
-:func:`~torchrec_lowprec.modules.table_layout.stored_bytes` (padded IntNBit rows, fp32
-master step sizes, fp32 optimizer state): the same formula ``memory_bytes()`` reports for
-the allocated shards. TorchRec's input/output (pipeline) bytes are kept as it computes them.
+TorchRec's default estimator already sizes our tables by their real bytes, through the
+parameters our sharder hands it (:class:`~torchrec_lowprec.distributed.sharder.PlannerParameter`),
+exactly for shards of whole rows. Column shards repeat each row's fixed bytes (fp16
+scale/bias, master step size, row-wise state), which TorchRec's "bytes per element" split
+cannot see; this estimator replaces TorchRec's tensor + optimizer part shard by shard with
+:func:`~torchrec_lowprec.distributed.sharder.table_bytes` of the shard (one byte source:
+``RowFormat``), exact for every sharding type. Input/output (pipeline) bytes are kept.
 """
 
 from __future__ import annotations
 
-import torch
 from torchrec.distributed.planner.shard_estimators import (
     EmbeddingStorageEstimator,
     _calculate_storage_specific_sizes,
@@ -18,10 +18,8 @@ from torchrec.distributed.planner.shard_estimators import (
 from torchrec.distributed.planner.types import ShardingOption
 from torchrec.distributed.types import ShardingType
 
-from torchrec_lowprec.kernels.lookup import row_alignment_for
+from torchrec_lowprec.distributed.sharder import table_bytes
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.modules.table_layout import stored_bytes
-from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
 
 #: Where TorchRec puts the tensor bytes of a non-cached kernel, by compute device.
 _HBM_DEVICES = ("cuda", "mtia")
@@ -35,10 +33,7 @@ def shard_bytes(
     compute_device: str,
 ) -> int:
     """Bytes one shard of ``table`` (``shard_rows`` x ``shard_cols``) holds on ``compute_device``."""
-    cfg = module.table_config(table)
-    kind = optimizer_params_from_in_backward(module.tables[table].handle, cfg).kind
-    align = row_alignment_for(torch.device("cuda" if compute_device in _HBM_DEVICES else "cpu"))
-    return stored_bytes(shard_rows, shard_cols, cfg.bits, kind, cfg.keeps_master_step_size, align)
+    return table_bytes(module, table, compute_device, shard_rows, shard_cols)
 
 
 class LowPrecisionStorageEstimator(EmbeddingStorageEstimator):

@@ -46,18 +46,25 @@ def frequency_groups(
     return ends, tuple((at[i + 1] - at[i]) / total for i in range(g))
 
 
-def table_counts(table, frequencies: dict[str, torch.Tensor]) -> torch.Tensor:
+def table_counts(table, frequencies: dict[str, torch.Tensor], require_all: bool = False) -> torch.Tensor:
     """Lookups per row of ``table`` (an ``EmbeddingBagConfig``-like object with ``name``,
     ``num_embeddings``, ``feature_names``): the sum over the features that read it (they share
-    its id space). Zeros when no feature has counts."""
+    its id space). A feature without counts adds zeros, or raises ``ValueError`` when
+    ``require_all``."""
     counts = torch.zeros(table.num_embeddings, dtype=torch.int64)
     for f in table.feature_names:
-        if f in frequencies:
-            c = frequencies[f]
-            if c.numel() != table.num_embeddings:
+        if f not in frequencies:
+            if require_all:
                 raise ValueError(
-                    f"frequencies[{f!r}] has {c.numel()} counts but table {table.name!r} has "
-                    f"{table.num_embeddings} rows"
+                    f"frequencies has no entry for feature {f!r} of table {table.name!r}; count them with "
+                    "torchrec_lowprec.data.count_frequencies over the training data (or pass frequencies=None)"
                 )
-            counts += c.to(torch.int64).cpu()
+            continue
+        c = frequencies[f]
+        if c.numel() != table.num_embeddings:
+            raise ValueError(
+                f"frequencies[{f!r}] has {c.numel()} counts but table {table.name!r} has "
+                f"{table.num_embeddings} rows"
+            )
+        counts += c.to(torch.int64).cpu()
     return counts

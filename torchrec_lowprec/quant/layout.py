@@ -7,15 +7,105 @@ We keep the grid symmetric and signed, ``q = u - 2**(b-1)`` in ``[-2**(b-1), 2**
 by always writing ``bias = -2**(b-1) * scale``; multiplying an fp16 by a power of two is
 exact, so FBGEMM's ``scale*u + bias`` equals ``scale * q`` exactly in fp32.
 16- and 32-bit rows are plain fp16 / fp32 values with no scale or bias.
+
+:class:`RowFormat` owns every byte count of a row: stored bytes, padded stride, the fp32
+master step size (ALPT), optimizer state, and the largest step size the fp16 bias can hold.
+Modules, the planner, export and ``memory_bytes()`` all ask it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 SCALE_BIAS_BYTES = 4
 INT_BITS = (8, 4, 2)
 FLOAT_BITS = (16, 32)
+#: Largest finite fp16 value.
+FP16_MAX = 65504.0
+#: fp32 values of optimizer state per row, by optimizer (``OptimizerType`` value): a constant
+#: and a per-dimension part. SGD none; RowWiseAdagrad one; Adagrad D; Adam 2*D.
+_STATE_FLOATS = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adagrad": (0, 1), "adam": (0, 2)}
+
+
+def max_step_size(bits: int) -> float:
+    """Largest step size a ``bits``-bit row can store: the row keeps ``bias = -2**(bits-1) *
+    step`` in fp16, so ``step <= 65504 / 2**(bits-1)`` (8 bits: 511.75, 4: 8188, 2: 32752)."""
+    if bits not in INT_BITS:
+        raise ValueError(f"max_step_size: bits={bits} has no step size (integer widths: {list(INT_BITS)})")
+    return FP16_MAX / (1 << (bits - 1))
+
+
+def optimizer_state_bytes(optimizer: str, dim: int) -> int:
+    """Bytes of fp32 optimizer state per row of ``dim`` for ``optimizer`` (an ``OptimizerType``
+    or its value)."""
+    key = getattr(optimizer, "value", optimizer)
+    if key not in _STATE_FLOATS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(_STATE_FLOATS)}")
+    per_row, per_dim = _STATE_FLOATS[key]
+    return 4 * (per_row + per_dim * dim)
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """The bytes of one stored row of ``dim`` values at ``bits`` (8/4/2: IntNBit; 16/32: float).
+
+    Example::
+
+        fmt = RowFormat(bits=4, dim=128)
+        fmt.row_bytes            # 68: 64 B of codes + fp16 scale and bias
+        fmt.stride(16)           # 80: padded to CUDA's 16-byte rows
+        fmt.bytes_per_row(16, "rowwise_adagrad", learn_step_size=True)  # 80 + 4 + 4
+    """
+
+    bits: int
+    dim: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in INT_BITS + FLOAT_BITS:
+            raise ValueError(
+                f"RowFormat: bits={self.bits} is not storable; allowed {list(INT_BITS + FLOAT_BITS)}"
+            )
+        if self.dim <= 0:
+            raise ValueError(f"RowFormat: dim={self.dim} must be > 0")
+
+    @property
+    def is_integer(self) -> bool:
+        return self.bits in INT_BITS
+
+    @property
+    def row_bytes(self) -> int:
+        """Unpadded bytes of the row (FBGEMM's ``unpadded_row_size_in_bytes``): what export serves."""
+        if self.bits == 32:
+            return 4 * self.dim
+        if self.bits == 16:
+            return 2 * self.dim
+        return self.dim * self.bits // 8 + SCALE_BIAS_BYTES
+
+    def stride(self, row_alignment: int) -> int:
+        """Bytes between rows in storage: ``row_bytes`` rounded up to ``row_alignment``."""
+        return -(-self.row_bytes // row_alignment) * row_alignment
+
+    def master_step_bytes(self, learn_step_size: bool) -> int:
+        """The fp32 master step size ALPT keeps per integer row (0 otherwise)."""
+        return 4 if learn_step_size and self.is_integer else 0
+
+    def optimizer_bytes(self, optimizer: str) -> int:
+        return optimizer_state_bytes(optimizer, self.dim)
+
+    def bytes_per_row(self, row_alignment: int, optimizer: str, learn_step_size: bool) -> int:
+        """Everything a trained row holds: padded row, master step size, optimizer state."""
+        return (
+            self.stride(row_alignment)
+            + self.master_step_bytes(learn_step_size)
+            + self.optimizer_bytes(optimizer)
+        )
+
+    @property
+    def max_step_size(self) -> float | None:
+        """:func:`max_step_size` of an integer row; ``None`` for float rows."""
+        return max_step_size(self.bits) if self.is_integer else None
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -25,12 +115,8 @@ def code_range(bits: int) -> tuple[int, int]:
 
 
 def row_bytes(bits: int, dim: int) -> int:
-    """Unpadded bytes of one stored row (FBGEMM's ``unpadded_row_size_in_bytes``)."""
-    if bits == 32:
-        return 4 * dim
-    if bits == 16:
-        return 2 * dim
-    return dim * bits // 8 + SCALE_BIAS_BYTES
+    """Unpadded bytes of one stored row (FBGEMM's ``unpadded_row_size_in_bytes``); see :class:`RowFormat`."""
+    return RowFormat(bits, dim).row_bytes
 
 
 def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""Checking a checkpoint's low-precision tables against a sharded collection, before loading.
+
+Imported by ``distributed/embedding_bag.py`` (the sharded module validates what it loads) and
+re-exported by ``distributed/checkpoint.py``; it imports neither, so the two never import each
+other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchrec_lowprec.distributed.state import TableMeta
+
+
+def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> None:
+    """Raise ``ValueError`` if ``state_dict`` (entries under ``prefix``) does not fit ``metas``."""
+    extra = state_dict.get(prefix + "_extra_state")
+    if isinstance(extra, dict) and "tables" in extra:
+        _compare_tables(extra["tables"], metas)
+    for name, meta in metas.items():
+        for key, shape in meta.global_shapes().items():
+            t = state_dict.get(f"{prefix}tables.{name}.{key}")
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(shape):
+                raise ValueError(
+                    f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {tuple(t.shape)}, "
+                    f"expected {tuple(shape)} (different rows, dim, bit width, optimizer or column split)"
+                )
+
+
+def _compare_tables(theirs: dict, metas: dict[str, TableMeta]) -> None:
+    if set(theirs) != set(metas):
+        raise ValueError(
+            f"checkpoint tables {sorted(theirs)} do not match the model's {sorted(metas)} "
+            f"(missing: {sorted(set(metas) - set(theirs))}, extra: {sorted(set(theirs) - set(metas))})"
+        )
+    for name, m in metas.items():
+        mine = {"rows": m.rows, "dim": m.dim, "bits": m.bits, "learn_step_size": m.learn_step_size}
+        for field, value in mine.items():
+            if theirs[name].get(field) != value:
+                raise ValueError(
+                    f"table {name!r}: checkpoint has {field}={theirs[name].get(field)} but the model has "
+                    f"{field}={value}; rebuild the model with the checkpoint's configuration"
+                )
+        cols = theirs[name].get("column_shards", [0])
+        if list(cols) != list(m.col_starts):
+            raise ValueError(
+                f"table {name!r}: checkpoint was column-sharded at columns {list(cols)} but the model's plan "
+                f"splits it at {list(m.col_starts)}; column shards keep one step size per shard, so load "
+                "it under a plan with the same column split"
+            )

@@ -24,6 +24,7 @@ from torchrec_lowprec.kernels.lookup import (
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_checkpoint
+from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.table_layout import ShardOrigin, plan_layout, validate_table
 from torchrec_lowprec.modules.table_state import TableState
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
@@ -59,8 +60,12 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Args:
         tables: the TorchRec table configs (SUM or MEAN pooling, any dims).
-        config: the default :class:`LowPrecisionConfig` of every table.
-        per_table_configs: table name -> config, overriding ``config`` for that table.
+        config: the default :class:`LowPrecisionConfig` of every table. ``None``: each table's
+            width comes from its ``data_type`` (``DataType.INT8/INT4/INT2/FP16/FP32``, TorchRec's
+            default FP32 included) with the other settings at their defaults.
+        per_table_configs: table name -> config, overriding ``config`` (and ``data_type``) for
+            that table. ``embedding_bag_configs()`` reports each table's real width as its
+            ``data_type``.
         is_weighted: use KJT weights as per-sample weights (as TorchRec's ``is_weighted``).
         device: where the tables live (``meta`` allocates nothing).
         init_weights: fill the tables with TorchRec's default uniform init (quantized).
@@ -87,7 +92,6 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         shard_origins: dict[str, ShardOrigin] | None = None,
     ) -> None:
         super().__init__()
-        config = config or LowPrecisionConfig()
         per_table_configs = dict(per_table_configs or {})
         names = [t.name for t in tables]
         if not tables:
@@ -97,7 +101,10 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         unknown = set(per_table_configs) - set(names)
         if unknown:
             raise ValueError(f"per_table_configs names unknown tables {sorted(unknown)}; tables: {names}")
-        self._configs = {n: per_table_configs.get(n, config) for n in names}
+        self._configs = {
+            t.name: per_table_configs.get(t.name) or config or config_from_data_type(t) for t in tables
+        }
+        tables = [with_data_type(t, self._configs[t.name].bits) for t in tables]
         for t in tables:
             validate_table(t, self._configs[t.name])
         features = [f for t in tables for f in t.feature_names]

@@ -25,9 +25,11 @@ from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_checkpoint
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
+from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.table_layout import ShardOrigin, plan_layout, validate_table
 from torchrec_lowprec.modules.table_state import TableState
-from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
+from torchrec_lowprec.optim.fused import resolve_optimizer
+from torchrec_lowprec.optim.keyed import FusedTableOptimizer
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
 from torchrec_lowprec.types import LowPrecisionConfig
 
@@ -49,7 +51,7 @@ class _FusedLookupFunction(torch.autograd.Function):
         return (None,) * (5 + ctx.num_handles)
 
 
-class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` with tables stored in low precision and trained in place.
 
     Tables use FBGEMM's IntNBit row layout (fp16 step size and bias, then packed codes), so the
@@ -127,6 +129,11 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}
         )
         self._nonfinite_rows = dict.fromkeys(names, 0)
+        # Learning-rate param groups (table -> group dict) of the fused optimizer, once made
+        # (``fused_optimizer``, or the sharded parent's); ``_lr_base``: the lr they started from.
+        self._lr_groups: dict[str, dict[str, Any]] = {}
+        self._lr_base: dict[str, float] = {}
+        self._fused_optim: FusedTableOptimizer | None = None
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
@@ -304,7 +311,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The fused-update arguments of one table (see kernels/spec.py)."""
         state: TableState = self.tables[lay.name]
         cfg = self._configs[lay.name]
-        opt = optimizer_params_from_in_backward(state.handle, cfg)
+        opt = self._table_optimizer(lay.name)
         state.ensure_optimizer(opt.kind, fresh=step == 1)
         spec = UpdateSpec(
             bits=lay.bits, dim=lay.dim, optimizer=opt, step=step, stochastic=cfg.rounding == "stochastic",
@@ -332,9 +339,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         fresh = int(self.step) == 0
         for lay in self._layouts:
             state: TableState = self.tables[lay.name]
-            state.ensure_optimizer(
-                optimizer_params_from_in_backward(state.handle, self._configs[lay.name]).kind, fresh
-            )
+            state.ensure_optimizer(resolve_optimizer(state.handle, self._configs[lay.name]).kind, fresh)
 
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per table, how many row updates were skipped because their gradient was NaN/Inf."""

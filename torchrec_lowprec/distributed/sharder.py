@@ -13,6 +13,7 @@ from torchrec.distributed.types import ModuleSharder, ParameterSharding, Shardin
 
 from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.optim.fused import fused_params_for_optimizer
 
 #: The compute kernel our shards report to TorchRec's planner: a fused-optimizer kernel.
 COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
@@ -26,14 +27,29 @@ class LowPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     """Shards :class:`LowPrecisionEmbeddingBagCollection` TABLE_WISE, ROW_WISE, COLUMN_WISE,
     TABLE_ROW_WISE or TABLE_COLUMN_WISE (DATA_PARALLEL is refused: see docs/sharding.md).
 
-    Takes ``EmbeddingBagCollectionSharder``'s arguments; ``qcomm_codecs_registry`` (quantized
-    all-to-alls) is used as TorchRec uses it. Like TorchRec's sharder, it offers ROW_WISE and
+    Takes ``EmbeddingBagCollectionSharder``'s arguments. ``fused_params`` set the tables' fused
+    optimizer as on TorchRec's float tables (``optimizer`` as an ``EmbOptimType``,
+    ``learning_rate``, ``eps``, ``weight_decay``, ``beta1``, ``beta2``): they override each table's
+    ``LowPrecisionConfig`` and are overridden, key by key, by in-backward optimizer tags. Keys
+    that would change the update's math (``weight_decay_mode``, gradient clipping, ...) raise
+    ``ValueError``; kernel settings that do not apply (caching, ``output_dtype``, ...) warn.
+    ``qcomm_codecs_registry`` (quantized all-to-alls) is used as TorchRec uses it. Like TorchRec's sharder, it offers ROW_WISE and
     TABLE_ROW_WISE to the planner on CUDA only; manual plans may use them on CPU.
 
     Example::
 
         dmp = DistributedModelParallel(model, plan=plan, sharders=lp.sharders(), device=dev)
     """
+
+    def __init__(
+        self,
+        fused_params: dict[str, Any] | None = None,
+        qcomm_codecs_registry: dict | None = None,
+    ) -> None:
+        # Checked once here: keys that would change the update raise, keys that do not apply
+        # to low-precision tables warn (they still reach TorchRec's float tables).
+        fused_params_for_optimizer(fused_params)
+        super().__init__(fused_params, qcomm_codecs_registry)
 
     @property
     def module_type(self) -> type[LowPrecisionEmbeddingBagCollection]:  # type: ignore[override]

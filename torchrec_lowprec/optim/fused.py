@@ -218,7 +218,7 @@ def config_with_fused_params(
         cfg = config_with_fused_params(LowPrecisionConfig(bits=4), {"optimizer": EmbOptimType.EXACT_SGD,
                                                                      "learning_rate": 0.5})
     """
-    applied = fused_params_for_optimizer(fused_params)
+    applied = fused_params_for_optimizer(fused_params, warn=False)  # the sharder warned
     if not applied:
         return cfg
     changes: dict[str, Any] = {}
@@ -238,7 +238,7 @@ def optimizer_params_from_in_backward(param: torch.Tensor, cfg: LowPrecisionConf
     return resolve_optimizer(param, cfg)
 
 
-def fused_params_for_optimizer(fused_params: dict[str, Any] | None) -> dict[str, Any]:
+def fused_params_for_optimizer(fused_params: dict[str, Any] | None, warn: bool = True) -> dict[str, Any]:
     """The entries of a sharder's ``fused_params`` that configure our fused update.
 
     Keys that would change the update's math and that we do not implement raise ``ValueError``;
@@ -257,7 +257,7 @@ def fused_params_for_optimizer(fused_params: dict[str, Any] | None) -> dict[str,
     ignored = sorted(
         k for k in fused_params if k not in _FUSED_PARAMS_HONOURED and k not in _FUSED_PARAMS_REFUSED
     )
-    if ignored:
+    if ignored and warn:
         warnings.warn(
             f"fused_params {ignored} do not apply to low-precision tables (they keep their own storage, "
             "rounding and kernels); they are used by TorchRec's float tables only",

@@ -108,3 +108,27 @@ def test_tag_lr_seeds_the_groups_and_its_optimizer_sets_the_state():
     _step(ebc, tables, 0)
     # Adam's two moments are the state now.
     assert sorted(opt.state_dict()["state"]["tables.t1"]) == ["momentum1", "momentum2"]
+
+
+def test_mixed_precision_collection_exposes_its_row_groups_optimizer():
+    from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+    from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+
+    tables = make_tables()
+    plan = PrecisionPlan(
+        {"t0": TablePrecision(60, 8, (10, 60), (8, 4)), "t1": TablePrecision(40, 16, (8, 40), (2, 8))}
+    )
+    cfg = lp.LowPrecisionConfig(optimizer="sgd", learning_rate=0.5, rounding="nearest", learn_step_size=False)
+    ebc = MixedPrecisionEmbeddingBagCollection(tables, plan, cfg)
+    opt = ebc.fused_optimizer
+    assert len(opt.param_groups) == 4 and opt is ebc.row_groups.fused_optimizer
+    for g in opt.param_groups:
+        g["lr"] = 0.0  # lr 0: the SGD step leaves every row where it is
+    before = {t.name: ebc.dequantized_weight(t.name) for t in tables}
+    _step(ebc, tables, 0)
+    for t in tables:
+        assert torch.equal(ebc.dequantized_weight(t.name), before[t.name])
+    for g in opt.param_groups:
+        g["lr"] = 0.5
+    _step(ebc, tables, 0)
+    assert not torch.equal(ebc.dequantized_weight("t0"), before["t0"])

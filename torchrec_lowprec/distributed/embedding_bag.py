@@ -17,12 +17,14 @@ from torch import nn
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+from torchrec.optim.keyed import CombinedOptimizer
 
 from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup
 from torchrec_lowprec.distributed.state import TableMeta, build_sharded_state, load_into_shards
 from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
+from torchrec_lowprec.optim.fused import OPTIMIZER_STATE_NAMES, config_with_fused_params, resolve_optimizer
+from torchrec_lowprec.optim.keyed import FusedTableOptimizer
 from torchrec_lowprec.transform import copy_in_backward_tags, in_backward_tags
 
 
@@ -84,7 +86,12 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         qcomm_codecs_registry: dict | None = None,
         module_fqn: str | None = None,
     ) -> None:
-        self._lp_configs = {t.name: module.table_config(t.name) for t in module.embedding_bag_configs()}
+        # The sharder's fused_params are the tables' defaults over their LowPrecisionConfig;
+        # in-backward tags still win (TorchRec's merge_fused_params order).
+        self._lp_configs = {
+            t.name: config_with_fused_params(module.table_config(t.name), fused_params)
+            for t in module.embedding_bag_configs()
+        }
         self._lp_tags = {
             t.name: in_backward_tags(module.tables[t.name].handle) for t in module.embedding_bag_configs()
         }
@@ -104,6 +111,29 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             with torch.no_grad():
                 self._copy_from_unsharded(module)
         self._lp_state = build_sharded_state(self._lp_metas, self._lp_lookups(), self._lp_pg, self._lp_device)
+        self._optim = CombinedOptimizer([self._fused_table_optimizer()])
+
+    def _fused_table_optimizer(self) -> FusedTableOptimizer:
+        """One lr group per global table, shared with every local shard's module (so the lr a
+        schedule sets reaches all shards); state = the sharded momentum entries of the state dict."""
+        params = {f"tables.{n}": self._lp_state[f"tables.{n}.qweight"] for n in self._lp_metas}
+        groups = {
+            n: {"params": [params[f"tables.{n}"]], "lr": resolve_optimizer(_tagged(self._lp_tags[n]), cfg).lr}
+            for n, cfg in self._lp_configs.items()
+        }
+        for lookup in self._lp_lookups():
+            if lookup.ebc is not None:
+                lookup.ebc.attach_lr_groups({s.local_name: groups[s.table] for s in lookup.shards})
+
+        def state() -> dict:
+            return {
+                params[f"tables.{n}"]: {
+                    k: self._lp_state[f"tables.{n}.{k}"] for k in OPTIMIZER_STATE_NAMES[m.optimizer]
+                }
+                for n, m in self._lp_metas.items()
+            }
+
+        return FusedTableOptimizer(params, list(groups.values()), state)
 
     # ----- TorchRec hooks -----
     def _create_lookups(self) -> None:
@@ -146,7 +176,7 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             )
             if ps.sharding_type not in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value):
                 cols = [0]
-            kind = optimizer_params_from_in_backward(_tagged(self._lp_tags[t.name]), cfg).kind
+            kind = resolve_optimizer(_tagged(self._lp_tags[t.name]), cfg).kind
             metas[t.name] = TableMeta(
                 t.num_embeddings, t.embedding_dim, cfg.bits, tuple(cols), cfg.keeps_master_step_size, kind
             )

@@ -18,7 +18,11 @@ from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbedd
 from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import stored_bytes
-from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
+from torchrec_lowprec.optim.fused import (
+    config_with_fused_params,
+    fused_params_for_optimizer,
+    resolve_optimizer,
+)
 
 #: The compute kernel our shards report to TorchRec's planner: a fused-optimizer kernel.
 COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
@@ -38,12 +42,14 @@ def table_bytes(
     compute_device: str,
     rows: int | None = None,
     cols: int | None = None,
+    fused_params: dict[str, Any] | None = None,
 ) -> int:
     """Bytes table ``name`` of ``module`` (or a ``rows`` x ``cols`` shard of it) holds on
-    ``compute_device``: padded rows, master step sizes, state of the optimizer it will run."""
-    cfg = module.table_config(name)
+    ``compute_device``: padded rows, master step sizes, state of the optimizer it will run
+    (its in-backward tag, else the sharder's ``fused_params``, else its config)."""
+    cfg = config_with_fused_params(module.table_config(name), fused_params)
     t = next(t for t in module.embedding_bag_configs() if t.name == name)
-    kind = optimizer_params_from_in_backward(module.tables[name].handle, cfg).kind
+    kind = resolve_optimizer(module.tables[name].handle, cfg).kind
     align = row_alignment_for(torch.device("cuda" if compute_device in _PADDED_DEVICES else "cpu"))
     return stored_bytes(
         t.num_embeddings if rows is None else rows, t.embedding_dim if cols is None else cols,
@@ -86,14 +92,29 @@ class LowPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     """Shards :class:`LowPrecisionEmbeddingBagCollection` TABLE_WISE, ROW_WISE, COLUMN_WISE,
     TABLE_ROW_WISE or TABLE_COLUMN_WISE (DATA_PARALLEL is refused: see docs/sharding.md).
 
-    Takes ``EmbeddingBagCollectionSharder``'s arguments; ``qcomm_codecs_registry`` (quantized
-    all-to-alls) is used as TorchRec uses it. Like TorchRec's sharder, it offers ROW_WISE and
+    Takes ``EmbeddingBagCollectionSharder``'s arguments. ``fused_params`` set the tables' fused
+    optimizer as on TorchRec's float tables (``optimizer`` as an ``EmbOptimType``,
+    ``learning_rate``, ``eps``, ``weight_decay``, ``beta1``, ``beta2``): they override each table's
+    ``LowPrecisionConfig`` and are overridden, key by key, by in-backward optimizer tags. Keys
+    that would change the update's math (``weight_decay_mode``, gradient clipping, ...) raise
+    ``ValueError``; kernel settings that do not apply (caching, ``output_dtype``, ...) warn.
+    ``qcomm_codecs_registry`` (quantized all-to-alls) is used as TorchRec uses it. Like TorchRec's sharder, it offers ROW_WISE and
     TABLE_ROW_WISE to the planner on CUDA only; manual plans may use them on CPU.
 
     Example::
 
         dmp = DistributedModelParallel(model, plan=plan, sharders=lp.sharders(), device=dev)
     """
+
+    def __init__(
+        self,
+        fused_params: dict[str, Any] | None = None,
+        qcomm_codecs_registry: dict | None = None,
+    ) -> None:
+        # Checked once here: keys that would change the update raise, keys that do not apply
+        # to low-precision tables warn (they still reach TorchRec's float tables).
+        fused_params_for_optimizer(fused_params)
+        super().__init__(fused_params, qcomm_codecs_registry)
 
     @property
     def module_type(self) -> type[LowPrecisionEmbeddingBagCollection]:  # type: ignore[override]
@@ -137,7 +158,7 @@ class LowPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     def _table_bytes(self, module: LowPrecisionEmbeddingBagCollection, name: str) -> int:
         device = getattr(self, "_planned_device", None) or module.device.type
-        return table_bytes(module, name, device)
+        return table_bytes(module, name, device, fused_params=self.fused_params)
 
     def shard(  # type: ignore[override]
         self,

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
@@ -95,9 +97,8 @@ def to_float(ebc: LowPrecisionEmbeddingBagCollection) -> EmbeddingBagCollection:
 
         float_ebc = to_float(lp_ebc)
     """
-    out = EmbeddingBagCollection(
-        ebc.embedding_bag_configs(), is_weighted=ebc.is_weighted(), device=ebc.device
-    )
+    tables = [dataclasses.replace(t, data_type=DataType.FP32) for t in ebc.embedding_bag_configs()]
+    out = EmbeddingBagCollection(tables, is_weighted=ebc.is_weighted(), device=ebc.device)
     if ebc.device.type != "meta":
         with torch.no_grad():
             for t in ebc.embedding_bag_configs():

@@ -24,6 +24,8 @@ from torchrec_lowprec.kernels.lookup import (
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_checkpoint
+from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
+from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.table_layout import (
     ShardOrigin,
     check_collection_args,
@@ -32,7 +34,8 @@ from torchrec_lowprec.modules.table_layout import (
     validate_table,
 )
 from torchrec_lowprec.modules.table_state import TableState
-from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
+from torchrec_lowprec.optim.fused import resolve_optimizer
+from torchrec_lowprec.optim.keyed import FusedTableOptimizer
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
 from torchrec_lowprec.types import LowPrecisionConfig
 
@@ -54,7 +57,7 @@ class _FusedLookupFunction(torch.autograd.Function):
         return (None,) * (5 + ctx.num_handles)
 
 
-class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` with tables stored in low precision and trained in place.
 
     Tables use FBGEMM's IntNBit row layout (fp16 step size and bias, then packed codes), so the
@@ -68,6 +71,12 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Args:
         tables: the TorchRec table configs (SUM or MEAN pooling, any dims).
+        config: the default :class:`LowPrecisionConfig` of every table. ``None``: each table's
+            width comes from its ``data_type`` (``DataType.INT8/INT4/INT2/FP16/FP32``, TorchRec's
+            default FP32 included) with the other settings at their defaults.
+        per_table_configs: table name -> config, overriding ``config`` (and ``data_type``) for
+            that table. ``embedding_bag_configs()`` reports each table's real width as its
+            ``data_type``.
         is_weighted: use KJT weights as per-sample weights (as TorchRec's ``is_weighted``).
         device: where the tables live (``meta`` allocates nothing).
         config: the default :class:`LowPrecisionConfig` of every table.
@@ -98,7 +107,6 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ) -> None:
         super().__init__()
         check_collection_args(type(self).__name__, tables, is_weighted, device, config, per_table_configs)
-        config = config or LowPrecisionConfig()
         per_table_configs = dict(per_table_configs or {})
         names = [t.name for t in tables]
         if not tables:
@@ -108,7 +116,10 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         unknown = set(per_table_configs) - set(names)
         if unknown:
             raise ValueError(f"per_table_configs names unknown tables {sorted(unknown)}; tables: {names}")
-        self._configs = {n: per_table_configs.get(n, config) for n in names}
+        self._configs = {
+            t.name: per_table_configs.get(t.name) or config or config_from_data_type(t) for t in tables
+        }
+        tables = [with_data_type(t, self._configs[t.name].bits) for t in tables]
         for t in tables:
             validate_table(t, self._configs[t.name])
         features = [f for t in tables for f in t.feature_names]
@@ -131,6 +142,11 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}
         )
         self._nonfinite_rows = dict.fromkeys(names, 0)
+        # Learning-rate param groups (table -> group dict) of the fused optimizer, once made
+        # (``fused_optimizer``, or the sharded parent's); ``_lr_base``: the lr they started from.
+        self._lr_groups: dict[str, dict[str, Any]] = {}
+        self._lr_base: dict[str, float] = {}
+        self._fused_optim: FusedTableOptimizer | None = None
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
@@ -314,7 +330,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The fused-update arguments of one table (see kernels/spec.py)."""
         state: TableState = self.tables[lay.name]
         cfg = self._configs[lay.name]
-        opt = optimizer_params_from_in_backward(state.handle, cfg)
+        opt = self._table_optimizer(lay.name)
         state.ensure_optimizer(opt.kind, fresh=step == 1)
         spec = UpdateSpec(
             bits=lay.bits, dim=lay.dim, optimizer=opt, step=step, stochastic=cfg.rounding == "stochastic",
@@ -342,9 +358,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         fresh = int(self.step) == 0
         for lay in self._layouts:
             state: TableState = self.tables[lay.name]
-            state.ensure_optimizer(
-                optimizer_params_from_in_backward(state.handle, self._configs[lay.name]).kind, fresh
-            )
+            state.ensure_optimizer(resolve_optimizer(state.handle, self._configs[lay.name]).kind, fresh)
 
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per table, how many row updates were skipped because their gradient was NaN/Inf."""

@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import check_collection_args
+from torchrec_lowprec.optim.keyed import FusedTableOptimizer
 from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
 
 #: Physical table ``<table>__g<first group>`` holds a run of groups; its features are
@@ -190,6 +191,13 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 self.register_buffer(f"row_map_{n}", m.to(device=device, dtype=torch.int32))
 
     # ----- interface -----
+    @property
+    def fused_optimizer(self) -> FusedTableOptimizer:
+        """The fused optimizer of the row groups (a TorchRec ``KeyedOptimizer``; one lr group per
+        physical table, keyed ``tables.<physical name>``): see
+        :attr:`LowPrecisionEmbeddingBagCollection.fused_optimizer`."""
+        return self.row_groups.fused_optimizer
+
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._tables
 

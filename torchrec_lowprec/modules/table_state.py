@@ -20,8 +20,8 @@ INIT_CHUNK_ROWS = 1 << 16
 
 class TableState(nn.Module):
     """Buffers of one table: ``step_size`` (fp32 master, ALPT only), ``momentum1``/``momentum2``
-    (optimizer state, fp32), and ``handle``, an empty parameter that carries autograd into the
-    fused backward and the tags of ``_apply_optimizer_in_backward``.
+    (optimizer state, fp32), and ``handle``, an empty ``[0, dim]`` parameter that carries autograd
+    into the fused backward and the tags of ``apply_optimizer_in_backward``.
 
     Example::
 
@@ -33,7 +33,9 @@ class TableState(nn.Module):
         super().__init__()
         self.layout = layout
         self.config = config
-        self.handle = nn.Parameter(torch.empty(0, device=device))
+        # [0, dim]: holds nothing, but is 2-D like an embedding weight, so that optimizers built
+        # on it by ``apply_optimizer_in_backward`` (e.g. RowWiseAdagrad's ``mean(axis=1)``) construct.
+        self.handle = nn.Parameter(torch.empty(0, layout.dim, device=device))
         n = layout.rows if config.keeps_master_step_size else 0
         self.register_buffer("step_size", torch.zeros(n, dtype=torch.float32, device=device))
         self.optimizer_kind = OptimizerType(config.optimizer)

@@ -3,13 +3,19 @@
 from torchrec_lowprec.optim.fused import (
     OPTIMIZER_STATE_NAMES,
     allocate_state,
+    config_with_fused_params,
+    fused_params_for_optimizer,
     optimizer_params_from_in_backward,
+    resolve_optimizer,
     state_bytes_per_row,
 )
 
 __all__ = [
     "OPTIMIZER_STATE_NAMES",
     "allocate_state",
+    "config_with_fused_params",
+    "fused_params_for_optimizer",
     "optimizer_params_from_in_backward",
+    "resolve_optimizer",
     "state_bytes_per_row",
 ]

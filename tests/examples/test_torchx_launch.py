@@ -52,3 +52,36 @@ def test_torchx_local_cwd_trains_on_two_ranks(tmp_path):
     assert abs(s["test"]["auc"] - one["test"]["auc"]) < 2e-3, (s["test"], one["test"])
     assert abs(s["test"]["logloss"] - one["test"]["logloss"]) < 2e-3
     assert s["test"]["auc"] > 0.6
+
+
+def _command(app) -> str:
+    (role,) = app.roles
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    return role.args[1]
+
+
+@pytest.mark.parametrize("face", ["package", "checkout"])
+def test_component_restarts_and_resumes(face):
+    # Not slow: builds the AppDef only (what `torchx run --dryrun` prints).
+    if face == "package":
+        from torchrec_lowprec.components import DLRM_MODULE, dlrm
+
+        target = f"-m {DLRM_MODULE}"
+    else:
+        sys.path.insert(0, os.path.join(ROOT, "launch"))
+        try:
+            import components as launch_components
+        finally:
+            sys.path.remove(os.path.join(ROOT, "launch"))
+        dlrm, target = launch_components.dlrm, launch_components.DLRM_SCRIPT
+    cmd = _command(dlrm("--precision", "int8", "--checkpoint-dir", "ck", j="1x2"))
+    assert cmd.startswith("torchrun --max-restarts 3 "), cmd
+    assert cmd.endswith(f"{target} --precision int8 --checkpoint-dir ck --resume auto"), cmd
+    assert "--nproc_per_node 2" in cmd
+    cmd = _command(dlrm("--checkpoint-dir=ck", max_restarts=0))
+    assert cmd.startswith("torchrun --max-restarts 0 ") and cmd.endswith("--checkpoint-dir=ck --resume auto")
+    # An explicit --resume is left alone; without checkpoints there is nothing to resume from.
+    assert _command(dlrm("--checkpoint-dir", "ck", "--resume")).endswith("--checkpoint-dir ck --resume")
+    assert "--resume" not in _command(dlrm("--precision", "int4"))
+    with pytest.raises(ValueError, match="max_restarts must be >= 0"):
+        dlrm(max_restarts=-1)

@@ -18,6 +18,7 @@ from torchrec_lowprec.compress.codebook_ebc import (
 from torchrec_lowprec.compress.config import MECConfig
 from torchrec_lowprec.compress.pq import learn_pq
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.progress import progress
 
 _IN_BACKWARD_TAGS = ("_optimizer_classes", "_optimizer_kwargs")
 
@@ -112,7 +113,7 @@ def compress_collection(
     counts = {t.name: _table_counts(t, frequencies) for t in large}
     compressed: dict[str, CodebookTable] = {}
     report: dict[str, dict[str, Any]] = {}
-    for t in large:
+    for t in progress(large, "MEC: learning codebooks", unit="table"):
         res = learn_pq(_float_weight(ebc, t.name), counts[t.name], config)
         dev = _float_weight(ebc, t.name).device
         compressed[t.name] = codebook_table(res.codes.to(dev), res.codebooks.to(dev))

@@ -163,8 +163,9 @@ def _run_plan(args: argparse.Namespace) -> int:
 #: The stack a subcommand needs (import names) and how a pip user installs it.
 STACK_MODULES = ("torch", "torchrec", "fbgemm_gpu")
 STACK_INSTALL = (
-    "pip install 'torchrec-lowprec[cuda]' (GPU), or on CPU: pip install 'torchrec-lowprec[cpu]' "
-    "--extra-index-url https://download.pytorch.org/whl/cpu && pip install --no-deps torchrec==1.8.0"
+    "pip install 'torchrec-lowprec[cuda]' (GPU), or on CPU: pip install torch==2.13.* --index-url "
+    "https://download.pytorch.org/whl/cpu && pip install 'torchrec-lowprec[cpu]' && "
+    "pip install --no-deps torchrec==1.8.0"
 )
 KERNELS_INSTALL = "pip install 'torchrec-lowprec[kernels]' (ninja) and a C++ compiler (e.g. apt install g++)"
 
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=(
             "The subcommands need torch, torchrec and fbgemm-gpu (--help does not):\n"
             "  GPU: pip install 'torchrec-lowprec[cuda]'\n"
-            "  CPU: pip install 'torchrec-lowprec[cpu]' --extra-index-url https://download.pytorch.org/whl/cpu\n"
-            "       pip install --no-deps torchrec==1.8.0"
+            "  CPU: pip install torch==2.13.* --index-url https://download.pytorch.org/whl/cpu\n"
+            "       pip install 'torchrec-lowprec[cpu]'\n"
+            "       pip install --no-deps torchrec==1.8.0   (torchrec's own requirement is the CUDA fbgemm-gpu)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -133,4 +133,6 @@ def test_tiny_training_run_from_the_wheel(venv):
     s = json.load(open(summary))
     assert s["train"]["steps"] == 6 and s["world_size"] == 1
     assert s["test"]["rows"] == 500 and 0.0 < s["test"]["logloss"] < 1.0
-    assert s["embedding_bytes"]["ratio"] < 0.6  # int8 rows (+ scale/bias, step, state) vs fp32 + RowWiseAdagrad
+    assert (
+        s["embedding_bytes"]["ratio"] < 0.6
+    )  # int8 rows (+ scale/bias, step, state) vs fp32 + RowWiseAdagrad

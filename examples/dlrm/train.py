@@ -371,11 +371,12 @@ def plot(summary: dict, path: str) -> None:
 
     h = summary["history"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    every = 50
     if h["train"]:
         s, loss = zip(*h["train"])
         ax1.plot(s, loss, marker="o" if len(s) < 60 else None, ms=3)
+        every = s[1] - s[0] if len(s) > 1 else s[0]
     ax1.set_xlabel("step")
-    every = h["train"][1][0] - h["train"][0][0] if len(h["train"]) > 1 else 1
     ax1.set_ylabel(f"train log-loss (mean over {every} step{'s' if every > 1 else ''})")
     evals = h["eval"] + [[summary["train"]["steps"], summary["val"]["auc"], summary["val"]["logloss"]]]
     s, auc, _ = zip(*evals)

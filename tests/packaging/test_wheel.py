@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -36,16 +37,34 @@ def _run(cmd: list[str], cwd: str, env: dict, timeout: int = 300) -> subprocess.
     return p
 
 
-def _stack_folder(dest: str) -> str:
-    """Links to this interpreter's site-packages entries, minus torchrec-lowprec's own."""
+def _stack_folder(dest: str, only: tuple[str, ...] | None = None) -> str:
+    """Links to this interpreter's site-packages entries, minus torchrec-lowprec's own (or only
+    the entries whose lower-cased name starts with one of ``only``)."""
     site = sysconfig.get_paths()["purelib"]
     os.makedirs(dest)
     for name in os.listdir(site):
         low = name.lower()
         if low.startswith(("torchrec_lowprec", "__editable__", "torchrec-lowprec")) or low.endswith(".pth"):
             continue
+        if only is not None and not low.startswith(only):
+            continue
         os.symlink(os.path.join(site, name), os.path.join(dest, name))
     return dest
+
+
+def _make_venv(tmp, wheel: str, env: dict, stack: str) -> str:
+    """A venv of the base interpreter whose only other packages are those linked in ``stack``."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    vdir = tmp / f"venv-{os.path.basename(stack)}"
+    _run([base, "-m", "venv", "--without-pip", str(vdir)], cwd=str(tmp), env=env)
+    py = str(vdir / "bin" / "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, env=env, check=True).stdout.strip()  # fmt: skip
+    with open(os.path.join(purelib, "zz_stack.pth"), "w") as f:
+        f.write(stack + "\n")
+    _run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel],
+         cwd=str(tmp), env=env)  # fmt: skip
+    return str(vdir)
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +82,12 @@ def venv(tmp_path_factory):
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
           str(src)], cwd=str(tmp), env=env)  # fmt: skip
     (wheel,) = [str(tmp / "dist" / f) for f in os.listdir(tmp / "dist") if f.endswith(".whl")]
-    base = getattr(sys, "_base_executable", sys.executable)
-    vdir = tmp / "venv"
-    _run([base, "-m", "venv", "--without-pip", str(vdir)], cwd=str(tmp), env=env)
+    vdir = Path(_make_venv(tmp, wheel, env, _stack_folder(str(tmp / "stack"))))
     py = str(vdir / "bin" / "python")
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, env=env, check=True).stdout.strip()  # fmt: skip
-    with open(os.path.join(purelib, "zz_stack.pth"), "w") as f:
-        f.write(_stack_folder(str(tmp / "stack")) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel],
-         cwd=str(tmp), env=env)  # fmt: skip
+    # Only the package's own dependencies (numpy, pyyaml): no torch at all.
+    bare = _make_venv(
+        tmp, wheel, env, _stack_folder(str(tmp / "bare"), only=("numpy", "yaml", "_yaml", "pyyaml"))
+    )
     # torchx's local scheduler runs `torchrun` from PATH: the one of this environment.
     torchrun = vdir / "bin" / "torchrun"
     torchrun.write_text(f"#!{py}\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n")
@@ -81,7 +96,7 @@ def venv(tmp_path_factory):
     work.mkdir()
     env["PATH"] = str(vdir / "bin") + os.pathsep + env.get("PATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    return {"py": py, "bin": str(vdir / "bin"), "work": str(work), "env": env, "wheel": wheel}
+    return {"py": py, "bin": str(vdir / "bin"), "work": str(work), "env": env, "wheel": wheel, "bare": bare}
 
 
 def test_wheel_contents_and_metadata(venv):
@@ -136,3 +151,18 @@ def test_tiny_training_run_from_the_wheel(venv):
     assert (
         s["embedding_bytes"]["ratio"] < 0.6
     )  # int8 rows (+ scale/bias, step, state) vs fp32 + RowWiseAdagrad
+
+
+def test_cli_help_with_only_the_package(venv):
+    """No torch installed: --help works, a subcommand names what to install (exit 2, one line)."""
+    cli = os.path.join(venv["bare"], "bin", "torchrec-lowprec")
+    probe = subprocess.run([os.path.join(venv["bare"], "bin", "python"), "-c", "import torch"], cwd=venv["work"],
+                           env=venv["env"], capture_output=True, text=True)  # fmt: skip
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+    assert "plan" in _run([cli, "--help"], cwd=venv["work"], env=venv["env"]).stdout
+    assert "--world-size" in _run([cli, "plan", "--help"], cwd=venv["work"], env=venv["env"]).stdout
+    p = subprocess.run(
+        [cli, "build-kernels"], cwd=venv["work"], env=venv["env"], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "pip install 'torchrec-lowprec[cpu]'" in p.stderr

@@ -1,6 +1,7 @@
 # `make setup` installs the stack into .venv (CPU or CUDA, chosen by whether an NVIDIA
 # driver answers), `make test` lints and runs the suite, `make demo` trains small models,
-# `make bench` runs the benchmarks and rewrites docs/benchmarks.md.
+# `make bench` runs the benchmarks and rewrites docs/benchmarks.md, `make wheel` builds
+# dist/torchrec_lowprec-*.whl (pip users: see the README's `pip install` section).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -9,18 +10,18 @@ STAMP := $(VENV)/.setup-$(STACK)
 EXTRA_REQS := $(if $(filter cpu,$(STACK)),-r requirements/triton-cpu.txt,)
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format demo bench gpu-check clean
+.PHONY: setup test lint format demo bench gpu-check wheel clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements/$(STACK).txt requirements/common.txt requirements/triton-cpu.txt pyproject.toml
+$(STAMP): requirements/$(STACK).txt requirements/common.txt requirements/triton-cpu.txt pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements/$(STACK).txt
 	$(PIP) install -q --no-deps torchrec==1.8.0
 	$(PIP) install -q -r requirements/common.txt $(EXTRA_REQS)
 	$(PIP) install -q --no-deps -e .
-	$(PY) -m torchrec_lowprec.kernels.cpu_native --build
+	$(VENV)/bin/torchrec-lowprec build-kernels
 	touch $@
 
 lint: setup
@@ -45,5 +46,8 @@ bench: setup
 gpu-check:
 	bash scripts/gpu_check.sh
 
+wheel: setup
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

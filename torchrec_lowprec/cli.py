@@ -1,6 +1,10 @@
 """``torchrec-lowprec``: command-line entry points.
 
 torchrec-lowprec plan --tables tables.yaml --world-size 8 --hbm-gb 40 --out plan.json
+torchrec-lowprec build-kernels
+
+Importing this module imports neither torch nor torchrec: ``--help`` works with only the
+package installed, and a subcommand that needs the stack says how to install it.
 """
 
 from __future__ import annotations
@@ -156,20 +160,84 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The stack a subcommand needs (import names) and how a pip user installs it.
+STACK_MODULES = ("torch", "torchrec", "fbgemm_gpu")
+STACK_INSTALL = (
+    "pip install 'torchrec-lowprec[cuda]' (GPU), or on CPU: pip install torch==2.13.* --index-url "
+    "https://download.pytorch.org/whl/cpu && pip install 'torchrec-lowprec[cpu]' && "
+    "pip install --no-deps torchrec==1.8.0"
+)
+KERNELS_INSTALL = "pip install 'torchrec-lowprec[kernels]' (ninja) and a C++ compiler (e.g. apt install g++)"
+
+
+def _build_kernels_parser(sub) -> None:
+    sub.add_parser(
+        "build-kernels",
+        help="build the native CPU kernel now (else it is built on first use) and print its path",
+        description=(
+            "Compile the native CPU fused update (kernels/cpu/fused_update.cpp) into the cache "
+            "($TORCHREC_LOWPREC_EXT_DIR, default ~/.cache/torchrec_lowprec) and print the library's "
+            "path. Needs torch, ninja and a C++ compiler. Exit status 0 built (or already there), "
+            "1 the build failed, 2 the stack is missing."
+        ),
+    )
+
+
+def _run_build_kernels(args: argparse.Namespace) -> int:
+    from torchrec_lowprec.kernels import cpu_native
+
+    print(f"building the native CPU kernel in {cpu_native.build_dir()} (a minute or so the first time)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    if not cpu_native.is_available():
+        return _fail(
+            f"building the native CPU kernel failed: {cpu_native.load_error()}; {KERNELS_INSTALL}", 1
+        )
+    print(cpu_native.library_path())
+    return 0
+
+
+def _version_line() -> str:
+    from torchrec_lowprec import __version__
+    from torchrec_lowprec._versions import installed_versions
+
+    stack = ", ".join(f"{k} {v or 'not installed'}" for k, v in installed_versions().items())
+    return f"torchrec-lowprec {__version__} ({stack})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``torchrec-lowprec`` command line; returns the exit status."""
     import logging
 
     # TorchRec's planner logs advisory warnings about directly built topologies and dry runs.
     logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(
-        prog="torchrec-lowprec", description=__doc__.splitlines()[0].strip("`: ")
+        prog="torchrec-lowprec",
+        description="Plan and prepare low-precision TorchRec embedding tables.",
+        epilog=(
+            "The subcommands need torch, torchrec and fbgemm-gpu (--help does not):\n"
+            "  GPU: pip install 'torchrec-lowprec[cuda]'\n"
+            "  CPU: pip install torch==2.13.* --index-url https://download.pytorch.org/whl/cpu\n"
+            "       pip install 'torchrec-lowprec[cpu]'\n"
+            "       pip install --no-deps torchrec==1.8.0   (torchrec's own requirement is the CUDA fbgemm-gpu)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     _plan_parser(sub)
+    _build_kernels_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "plan":
-        return _run_plan(args)
-    return _fail(f"unknown command {args.command}")
+    run = {"plan": _run_plan, "build-kernels": _run_build_kernels}.get(args.command)
+    if run is None:
+        return _fail(f"unknown command {args.command}")
+    try:
+        return run(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in STACK_MODULES:
+            raise
+        return _fail(
+            f"'{args.command}' needs torch, torchrec and fbgemm-gpu ({e}); install them: {STACK_INSTALL}"
+        )
 
 
 if __name__ == "__main__":

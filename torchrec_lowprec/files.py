@@ -7,10 +7,30 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+    """The process umask: from /proc on Linux (thread-safe), else by setting it and putting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
 
-    A reader never sees a half-written file, and a crash leaves the old file in place.
+    A reader never sees a half-written file, and a crash leaves the old file in place. The
+    file gets the mode a plain ``open(path, "w")`` would give (``0o666 & ~umask``: 0644 under
+    umask 022), not ``mkstemp``'s 0600.
+
+    Example::
+
+        atomic_write_bytes("runs/plan.json", b"{}")
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -18,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -8,6 +8,7 @@ stochastic rounding, and the library's default step growth for rows that leave t
 Prints one table.
 
     python examples/dlrm/demo.py [--train-rows 1000000] [--precisions fp32,int8,int4] [-- more train.py flags]
+    python -m torchrec_lowprec_examples.dlrm.demo ...   # the same, from an installed package
 """
 
 from __future__ import annotations

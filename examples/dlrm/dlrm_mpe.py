@@ -17,11 +17,29 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_lowprec.data import remap_by_rank
 from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
+from torchrec_lowprec.progress import progress
 from torchrec_lowprec.types import PrecisionPlan
 
 
+def describe_plan(plan: PrecisionPlan) -> list[str]:
+    """One line per table: rows at each chosen width (0 = pruned) and the mean bits per row."""
+    lines = []
+    for name, tp in sorted(plan.tables.items()):
+        rows: dict[int, int] = {}
+        start = 0
+        for end, bits in zip(tp.group_ends, tp.bits):
+            rows[bits] = rows.get(bits, 0) + end - start
+            start = end
+        parts = ", ".join(
+            f"{b} bit{' (pruned)' if b == 0 else ''}: {n:,} rows" for b, n in sorted(rows.items())
+        )
+        mean = sum(b * n for b, n in rows.items()) / max(tp.rows, 1)
+        lines.append(f"  {name} ({tp.rows:,} rows): {parts}; {mean:.2f} bits/row")
+    return lines
+
+
 def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConfig], data) -> PrecisionPlan:
-    """Search, select, write the plan to ``--mpe-plan-out`` and return it."""
+    """Search, select, write the plan to ``--mpe-plan-out`` and return it (printing where and what)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "--precision mpe searches in one process: run it once without torchrun (it writes "
@@ -53,8 +71,15 @@ def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConf
         torch.optim.Adam([{"params": dense, "lr": args.dense_lr}, {"params": arch, "lr": 0.05}]),
         torch.optim.Adagrad(weights, lr=args.emb_lr),  # row-sparse gradients: touched rows only
     ]
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    per_epoch = data.split_rows("train")
+    steps = -(-per_epoch // args.batch_size) if per_epoch is not None else None
+    say(f"MPE search: one epoch{f' ({steps} steps)' if steps else ''}, candidate bits {cfg.candidate_bits}, "
+        f"{cfg.num_groups} frequency groups per table, lambda {cfg.reg_lambda:g}")  # fmt: skip
     model.train()
-    for lb in data.train_batches(args.batch_size, 0, 1):
+    batches = data.train_batches(args.batch_size, 0, 1)
+    show = not (args.quiet or args.no_progress)
+    for lb in progress(batches, "MPE search", total=steps, unit="step", enabled=show):
         b = lb.batch
         loss, _ = model(Batch(b.dense_features, remap_by_rank(b.sparse_features, feature_ranks), b.labels))
         loss = loss + regularization(searches)
@@ -66,4 +91,7 @@ def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConf
     plan = merge_plans([s.select() for s in searches])
     os.makedirs(os.path.dirname(os.path.abspath(args.mpe_plan_out)), exist_ok=True)
     plan.save(args.mpe_plan_out)
+    say(f"MPE plan written to {args.mpe_plan_out}:")
+    for line in describe_plan(plan):
+        say(line)
     return plan

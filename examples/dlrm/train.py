@@ -49,8 +49,13 @@ from dlrm_model import (  # noqa: E402
 )
 
 from torchrec_lowprec.data import MalformedRowError, atomic_write_bytes, exact_auc, log_loss_terms  # noqa: E402
+from torchrec_lowprec.types import PrecisionPlan  # noqa: E402
 
 SUMMARY_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A ``--precision-plan`` / ``--precision mpe`` that cannot be used: exit 2 with one line."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -140,7 +145,11 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
         raise DataError(f"--batch-size {args.batch_size} is not a multiple of the {env.world} ranks")
     data = data or open_data(args)
     tables = data.embedding_bag_configs(args.embedding_dim)
-    model = build_model(args, tables, data.num_dense_in, data)
+    try:
+        model = build_model(args, tables, data.num_dense_in, data)
+    except (ValueError, OSError) as e:  # the plan / precision arguments, not a bug: one line, exit 2
+        flag = "--precision mpe" if args.precision == "mpe" else "--precision-plan"
+        raise PlanError(str(e) if str(e).startswith("--") else f"{flag}: {e}") from e
     if env.distributed:
         model = shard(model, env)
     else:
@@ -189,6 +198,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
 
     model.train()
     loss_sum, loss_n = 0.0, 0
+    log_every = 1 if total is not None and total < 50 else 50  # short runs: a loss point per step
     stop = bool(args.max_steps) and trainer["step"] >= args.max_steps  # a resumed run may be done
     while trainer["epoch"] < args.epochs and not stop:
         t0 = time.perf_counter()
@@ -206,7 +216,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             if bar is not None:
                 bar.update(1)
             step = trainer["step"]
-            if loss_n and (step % 50 == 0):
+            if loss_n and (step % log_every == 0):
                 trainer["history"]["train"].append([step, loss_sum / loss_n])
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
@@ -259,8 +269,9 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "learn_step_size": args.learn_step_size,
             "grow_step_size": table_config(args).grow_step_size,
             "embedding_dim": args.embedding_dim,
-            "plan": plan_summary(model),
+            "plan": _with_precision(plan_summary(model), _precision_plan_path(args)),
         },
+        "versions": _versions(),
         "train": {
             "steps": trainer["step"],
             "epochs_completed": trainer["epoch"],
@@ -283,6 +294,51 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
         "history": trainer["history"],
     }
     return summary
+
+
+def _precision_plan_path(args: argparse.Namespace) -> str | None:
+    if args.precision == "mpe":
+        return args.mpe_plan_out
+    return getattr(args, "precision_plan", None)
+
+
+def _with_precision(plan: dict, path: str | None) -> dict:
+    """The sharding plan (table -> sharding, ranks) plus each planned table's group ends and bits."""
+    if not path:
+        return plan
+    out = {k: dict(v) for k, v in plan.items()}
+    for name, tp in PrecisionPlan.load(path).tables.items():
+        out.setdefault(name, {}).update(
+            {"precision_plan": path, "group_ends": list(tp.group_ends), "bits": list(tp.bits)}
+        )
+    return out
+
+
+def _git(folder: str, *argv: str) -> str | None:
+    import subprocess
+
+    try:
+        p = subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def _versions() -> dict:
+    """Library / stack versions and the git commit of the library's checkout (None if not one)."""
+    import torchrec_lowprec
+    from torchrec_lowprec._versions import installed_versions
+
+    here = os.path.dirname(os.path.abspath(torchrec_lowprec.__file__))
+    commit = _git(here, "rev-parse", "HEAD") or None
+    status = _git(here, "status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "torchrec_lowprec": torchrec_lowprec.__version__,
+        **installed_versions(),
+        "python": sys.version.split()[0],
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+    }
 
 
 def report(summary: dict) -> str:
@@ -315,11 +371,13 @@ def plot(summary: dict, path: str) -> None:
 
     h = summary["history"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    every = 50
     if h["train"]:
         s, loss = zip(*h["train"])
-        ax1.plot(s, loss)
+        ax1.plot(s, loss, marker="o" if len(s) < 60 else None, ms=3)
+        every = s[1] - s[0] if len(s) > 1 else s[0]
     ax1.set_xlabel("step")
-    ax1.set_ylabel("train log-loss (mean over 50 steps)")
+    ax1.set_ylabel(f"train log-loss (mean over {every} step{'s' if every > 1 else ''})")
     evals = h["eval"] + [[summary["train"]["steps"], summary["val"]["auc"], summary["val"]["logloss"]]]
     s, auc, _ = zip(*evals)
     ax2.plot(s, auc, marker="o", label=summary["model"]["precision"])
@@ -351,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     try:
         summary = train(args, env)
-    except (DataError, MalformedRowError, FileNotFoundError) as e:
+    except (DataError, MalformedRowError, FileNotFoundError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if env.distributed:
             dist.destroy_process_group()

@@ -17,6 +17,7 @@ from torchrec_lowprec.compress.codebook_ebc import (
 from torchrec_lowprec.compress.config import MECConfig
 from torchrec_lowprec.compress.pq import learn_pq
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.progress import progress
 from torchrec_lowprec.quant.groups import table_counts
 from torchrec_lowprec.transform import convert, copy_in_backward_tags, register_transform
 from torchrec_lowprec.types import CodebookConfig
@@ -86,7 +87,7 @@ def compress_collection(
     }
     compressed: dict[str, CodebookTable] = {}
     report: dict[str, dict[str, Any]] = {}
-    for t in large:
+    for t in progress(large, "MEC: learning codebooks", unit="table"):
         res = learn_pq(_float_weight(ebc, t.name), counts[t.name], config)
         dev = _float_weight(ebc, t.name).device
         compressed[t.name] = codebook_table(res.codes.to(dev), res.codebooks.to(dev))

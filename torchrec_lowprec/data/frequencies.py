@@ -10,6 +10,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
+from torchrec_lowprec.progress import progress
 from torchrec_lowprec.quant.groups import frequency_groups, frequency_rank
 
 from .common import atomic_write_bytes
@@ -42,7 +43,7 @@ def count_frequencies(
         save_frequencies(counts, "freq.pt")
     """
     counts = {f: torch.zeros(int(n), dtype=torch.int64) for f, n in num_embeddings.items()}
-    for i, item in enumerate(batches):
+    for i, item in enumerate(progress(batches, "counting id frequencies", unit="batch")):
         kjt = item.sparse_features if isinstance(item, Batch) else item
         keys = list(kjt.keys())
         per_key = dict(zip(keys, kjt.values().split(kjt.length_per_key())))

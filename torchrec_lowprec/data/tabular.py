@@ -26,6 +26,7 @@ import torch
 from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.datasets.utils import Batch
 
+from ..progress import progress
 from .common import SPLITS, RowBlock, embedding_bag_configs, rebatch, split_index
 from .lines import count_lines, open_text, random_split_codes
 from .schema import TabularSchema, log1p_clamped, log_squared_bucket
@@ -325,7 +326,7 @@ class TabularDataset:
         """Count values over the training rows (one pass) and keep those seen ``min_count`` times."""
         counters = {name: Counter() for name in self.feature_names}
         nc = len(self._cat_names)
-        for block in self._blocks(frozenset([0])):
+        for block in progress(self._blocks(frozenset([0])), "vocabulary pass", unit="block"):
             if nc:
                 for name, col in zip(self._cat_names, zip(*(r[2] for r in block))):
                     counters[name].update(col)

@@ -43,7 +43,9 @@ def backend_for(device: torch.device) -> str:
             "cpu",
             "torchrec_lowprec: the native CPU kernel could not be built "
             f"({reason}); using the PyTorch reference update, which is "
-            "several times slower. Install a C++ compiler and ninja (`make setup`) to fix.",
+            "several times slower. To fix: a C++ compiler (e.g. `apt install g++`) and ninja "
+            "(`pip install 'torchrec-lowprec[kernels]'`; in a checkout `make setup`), then "
+            "`torchrec-lowprec build-kernels` builds it ahead of time and shows any error.",
         )
         return "reference"
     if device.type == "cuda":

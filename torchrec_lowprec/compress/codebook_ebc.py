@@ -11,6 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.compress.pq import code_dtype
+from torchrec_lowprec.modules.bounds import in_feature_order
 
 STATE_FORMAT = 1
 
@@ -143,18 +144,10 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        keys = features.keys()
-        missing = [f for f in self._lookup_order if f not in keys]
-        if missing:
-            raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {keys}")
-        kjt = (
-            features
-            if keys == self._lookup_order
-            else features.permute([keys.index(f) for f in self._lookup_order])
-        )
+        kjt = in_feature_order(features, self._lookup_order, self._is_weighted)
         batch = kjt.stride()
         lengths = kjt.lengths()
-        offsets = kjt.offsets()
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)  # checked against values
         values = kjt.values()
         weights = kjt.weights().float() if self._is_weighted else None
         pieces: dict[str, torch.Tensor] = {}

@@ -21,9 +21,9 @@ from torchrec_lowprec.types import PrecisionPlan
 #: aliases for them. Anything else is rejected: an unknown key would be silently ignored.
 TABLE_KEYS = ("name", "rows", "dim", "features", "pooling")
 TORCHREC_ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim", "feature_names": "features"}
-#: Largest ``--world-size`` the planner takes. TorchRec's planner enumerates every rank for
-#: every table and its cost grows with the world size (measured in docs/failure-modes.md:
-#: minutes from a few thousand ranks on); above this it would appear to hang.
+#: Largest ``--world-size`` the CLI takes. TorchRec's planner enumerates every rank for every
+#: table and its cost grows with the world size (docs/precision.md: 145 s at 4096 ranks, over
+#: 10 minutes at 8192); above this the command would appear to hang.
 MAX_WORLD_SIZE = 4096
 
 
@@ -164,7 +164,7 @@ def check_plan_args(
     if not 1 <= world_size <= MAX_WORLD_SIZE:
         raise ValueError(
             f"--world-size must be in [1, {MAX_WORLD_SIZE}], got {world_size} (TorchRec's planner takes "
-            "minutes beyond that; plan one group of hosts and replicate the plan)"
+            "minutes beyond that; call torchrec_lowprec.planner.plan_precision directly to plan a larger job)"
         )
     if hbm_gb is None or not 0 < hbm_gb < math.inf:
         raise ValueError(f"--hbm-gb must be a finite number > 0 (GiB per rank), got {hbm_gb}")

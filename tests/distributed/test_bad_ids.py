@@ -74,6 +74,12 @@ def _raise_body(rank: int, world: int, plan_kind: str) -> None:
         msg = str(e.value)
         assert f"id {bad} of feature 'f0' is out of range for table 't0' with 100 rows" in msg, msg
         assert "9223372036854775807" not in msg and "50 rows" not in msg
+    # An inconsistent KJT is refused before TorchRec's input dist touches it.
+    empty = KeyedJaggedTensor(
+        keys=["f0", "f1"], values=torch.tensor([], dtype=torch.int64), lengths=torch.tensor([3, 3, 0, 0])
+    )
+    with pytest.raises(ValueError, match=r"lengths sum to 6 but values holds 0 ids"):
+        model(empty)
 
 
 def _warn_body(rank: int, world: int, plan_kind: str) -> None:

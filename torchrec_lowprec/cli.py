@@ -10,23 +10,25 @@ package installed, and a subcommand that needs the stack says how to install it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 TABLES_HELP = """\
 file formats:
   --tables (YAML or JSON): a list of tables, or {"tables": [...]}; each table has
-      name: t_user            (required; no '.')
-      rows: 40000000          (required; alias num_embeddings)
-      dim: 128                (required; alias embedding_dim)
-      features: [user_id]     (optional; default [name])
+      name: t_user            (required; a string without '.')
+      rows: 40000000          (required; a whole number; alias num_embeddings)
+      dim: 128                (required; a whole number; alias embedding_dim)
+      features: [user_id]     (optional; a list, even for one feature; default [name];
+                               alias feature_names)
       pooling: sum | mean     (optional; default sum)
+      Other keys are errors (TorchRec's names above are accepted as aliases).
   --frequencies: a file written by torchrec_lowprec.data.save_frequencies (feature -> per-id
-      counts from the training split); tables are then split into --groups frequency groups
+      counts from the training split; every feature must be read by a table, one whole count
+      >= 0 per row); tables are then split into --groups frequency groups
       and rare groups are lowered first. Ids must then be frequency-ranked by the data
       pipeline (torchrec_lowprec.data.remap_by_rank), or pass --remap-in-module.
   --precision-plan: a PrecisionPlan JSON (MPE's selection, or a previous plan.json): the
-      starting precision, only ever lowered.
+      starting precision, only ever lowered; it may name only tables of --tables.
   --out: JSON with "precision" (the PrecisionPlan; pass it to lp.convert(model, cfg,
       precision_plan=...)) and "sharding" (TorchRec's plan for DistributedModelParallel, keyed
       by --module-path + ".row_groups"); load both with torchrec_lowprec.planner.MemoryPlan.load.
@@ -43,46 +45,9 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def read_tables(path: str) -> list:
     """Table configs from a YAML/JSON file (format in ``TABLES_HELP``); ``ValueError`` if malformed."""
-    import yaml
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec_lowprec.planner.tables_file import read_tables as read
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tables file {path} does not exist")
-    with open(path) as f:
-        try:
-            doc = yaml.safe_load(f)  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not YAML/JSON ({str(e).splitlines()[0]})") from None
-    items = doc.get("tables") if isinstance(doc, dict) else doc
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty list of tables (or a 'tables:' key holding one)")
-    out = []
-    for i, t in enumerate(items):
-        if not isinstance(t, dict):
-            raise ValueError(f"{path}: table #{i} is not a mapping")
-        try:
-            name = str(t["name"])
-            rows = int(t.get("rows", t.get("num_embeddings")))
-            dim = int(t.get("dim", t.get("embedding_dim")))
-            pooling = PoolingType[str(t.get("pooling", "sum")).upper()]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"{path}: table #{i} {t!r} needs name, rows, dim (and pooling sum|mean): {e}"
-            ) from None
-        if rows <= 0 or dim <= 0 or "." in name or not name:
-            raise ValueError(
-                f"{path}: table {name!r}: rows and dim must be > 0 and the name non-empty without '.'"
-            )
-        feats = [str(x) for x in t.get("features", [name])]
-        out.append(
-            EmbeddingBagConfig(
-                name=name, num_embeddings=rows, embedding_dim=dim, feature_names=feats, pooling=pooling
-            )
-        )
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate table names")
-    return out
+    return read(path)
 
 
 def _plan_parser(sub) -> None:
@@ -94,7 +59,7 @@ def _plan_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tables", required=True, help="YAML/JSON table list (format below)")
-    p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs; at most 4096)")
     p.add_argument("--hbm-gb", type=float, help="memory per rank in GiB (GPU HBM; for --device cpu: DDR)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="compute device (default cuda)")
     p.add_argument("--frequencies", help="per-id counts (torchrec_lowprec.data.save_frequencies)")
@@ -122,15 +87,20 @@ def _run_plan(args: argparse.Namespace) -> int:
     from torchrec.distributed.planner import Topology
 
     from torchrec_lowprec.data.frequencies import load_frequencies
-    from torchrec_lowprec.planner import GiB, InfeasibleBudgetError, plan_precision
+    from torchrec_lowprec.planner import GiB, InfeasibleBudgetError, plan_precision, tables_file
     from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan
 
-    if args.hbm_gb is None or args.hbm_gb <= 0 or args.world_size < 1:
-        return _fail("--hbm-gb must be > 0 and --world-size >= 1")
     try:
-        tables = read_tables(args.tables)
+        tables_file.check_plan_args(
+            args.world_size, args.hbm_gb, args.batch_size, args.reserved_fraction, args.groups, args.out
+        )
+        tables = tables_file.read_tables(args.tables)
         freqs = load_frequencies(args.frequencies) if args.frequencies else None
+        if freqs is not None:
+            freqs = tables_file.check_frequencies(freqs, tables, args.frequencies)
         start = PrecisionPlan.load(args.precision_plan) if args.precision_plan else None
+        if start is not None:
+            tables_file.check_precision_plan(start, tables, args.precision_plan)
     except (OSError, ValueError) as e:
         return _fail(str(e))
     cap = int(args.hbm_gb * GiB)

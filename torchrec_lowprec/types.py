@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -34,6 +35,10 @@ class OptimizerType(str, Enum):
     ADAGRAD = "adagrad"
     ROWWISE_ADAGRAD = "rowwise_adagrad"
     ADAM = "adam"
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _allowed(field: str, value: object, allowed: tuple) -> None:
@@ -111,14 +116,22 @@ class LowPrecisionConfig(TransformConfig):
             _allowed("optimizer", self.optimizer, tuple(o.value for o in OptimizerType))
         if isinstance(self.step_size_init, str):
             _allowed("step_size_init", self.step_size_init, STEP_SIZE_INITS)
-        elif not self.step_size_init > 0:
+        elif not (_is_number(self.step_size_init) and 0 < self.step_size_init < math.inf):
             raise ValueError(
-                f"LowPrecisionConfig.step_size_init={self.step_size_init!r} must be 'lsq', 'absmax' or a float > 0"
+                f"LowPrecisionConfig.step_size_init={self.step_size_init!r} must be 'lsq', 'absmax' or a "
+                "finite float > 0"
             )
-        for name in ("learning_rate", "step_size_lr", "weight_decay", "eps"):
+        for name in ("learning_rate", "step_size_lr", "weight_decay"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"LowPrecisionConfig.{name}={v!r} must be a number >= 0")
+            if not (_is_number(v) and 0 <= v < math.inf):
+                raise ValueError(f"LowPrecisionConfig.{name}={v!r} must be a finite number >= 0")
+        if not (_is_number(self.eps) and 0 < self.eps < math.inf):
+            # Adagrad / RowWiseAdagrad / Adam divide by sqrt(state) + eps: with eps = 0 a row
+            # whose gradient and state are exactly zero becomes 0/0 = NaN.
+            raise ValueError(
+                f"LowPrecisionConfig.eps={self.eps!r} must be a finite number > 0 (e.g. 1e-8); the "
+                "optimizers divide by sqrt(state) + eps"
+            )
         if not self.growth_threshold >= 1:
             raise ValueError(f"LowPrecisionConfig.growth_threshold={self.growth_threshold!r} must be >= 1")
         for name in ("beta1", "beta2"):

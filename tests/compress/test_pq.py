@@ -96,8 +96,8 @@ def test_helpers():
         ({"codebook_size": 1}, r"codebook_size=1 must be a power of two"),
         ({"codebook_size": 2**17}, r"codebook_size=131072 exceeds 65536"),
         ({"num_subspaces": 0}, r"num_subspaces=0 must be an int >= 1"),
-        ({"lr": 0.0}, r"lr=0.0 must be > 0"),
-        ({"balance_weight": -1.0}, r"balance_weight=-1.0 must be >= 0"),
+        ({"lr": 0.0}, r"lr=0.0 must be finite and > 0"),
+        ({"balance_weight": -1.0}, r"balance_weight=-1.0 must be finite and >= 0"),
         (
             {"popularity": "sqrt"},
             r"popularity='sqrt' is not supported; allowed: \['log', 'count', 'uniform'\]",

@@ -144,10 +144,10 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        kjt = in_feature_order(features, self._lookup_order)
+        kjt = in_feature_order(features, self._lookup_order, self._is_weighted)
         batch = kjt.stride()
         lengths = kjt.lengths()
-        offsets = kjt.offsets()
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)  # checked against values
         values = kjt.values()
         weights = kjt.weights().float() if self._is_weighted else None
         pieces: dict[str, torch.Tensor] = {}

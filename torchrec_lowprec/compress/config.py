@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 POPULARITY_WEIGHTINGS = ("log", "count", "uniform")
@@ -90,14 +91,14 @@ class MECConfig:
         for name in ("batch_size", "num_negatives"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"MECConfig.{name}={getattr(self, name)!r} must be an int >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"MECConfig.lr={self.lr!r} must be > 0")
-        if not self.temperature > 0:
-            raise ValueError(f"MECConfig.temperature={self.temperature!r} must be > 0")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"MECConfig.lr={self.lr!r} must be finite and > 0")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"MECConfig.temperature={self.temperature!r} must be finite and > 0")
         for name in ("commitment_weight", "balance_weight", "contrastive_weight"):
-            if not getattr(self, name) >= 0:
+            if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(
-                    f"MECConfig.{name}={getattr(self, name)!r} must be >= 0 (0 turns the term off)"
+                    f"MECConfig.{name}={getattr(self, name)!r} must be finite and >= 0 (0 turns the term off)"
                 )
         if self.popularity not in POPULARITY_WEIGHTINGS:
             raise ValueError(

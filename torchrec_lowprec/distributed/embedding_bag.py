@@ -18,8 +18,9 @@ from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup
+from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup, check_global_input
 from torchrec_lowprec.distributed.state import TableMeta, build_sharded_state, load_into_shards
 from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
@@ -152,6 +153,14 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     self._lp_tags,
                 )
             )
+
+    def input_dist(self, ctx, features):  # type: ignore[override]
+        # Checked here, on global ids, before TorchRec buckets them into shard-local ids.
+        if isinstance(features, KeyedJaggedTensor):
+            features = check_global_input(
+                features, self._embedding_bag_configs, self._lp_configs, self._is_weighted
+            )
+        return super().input_dist(ctx, features)
 
     def _initialize_torch_state(self, skip_registering: bool = False) -> None:
         # Our state dict is built from the lookups (see __init__ / state_dict), not from

@@ -12,6 +12,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import ShardOrigin
 from torchrec_lowprec.types import LowPrecisionConfig
@@ -32,6 +33,39 @@ class LocalShard:
     rows: int
     cols: int
     col_starts: tuple[int, ...]  # column offsets of all column shards of the table, sorted
+
+
+def check_global_input(
+    features: KeyedJaggedTensor,
+    tables: list[EmbeddingBagConfig],
+    configs: dict[str, LowPrecisionConfig],
+    weighted: bool,
+) -> KeyedJaggedTensor:
+    """The KJT a rank feeds a sharded collection, checked before TorchRec's input dist.
+
+    Consistency (:func:`~torchrec_lowprec.modules.bounds.validate_kjt`) and id bounds are
+    checked here, on *global* ids against each table's full size: after the input dist an id
+    is shard-local (a row-wise shard sees ``id - row_offset``, and FBGEMM's bucketizer turns an
+    id past the table into ``id // world_size``, ``-1`` into ``2**63 - 1``), so an error raised
+    there would name an id the user never fed. Ids a table's ``bounds_check`` drops
+    (``"warn"`` / ``"ignore"``) are dropped here. Returns the KJT in table feature order.
+    """
+    order = [f for t in tables for f in t.feature_names]
+    kjt = in_feature_order(features, order, weighted)
+    table_of = {f: t for t in tables for f in t.feature_names}
+    values, lengths, weights = check_ids(
+        kjt.values(),
+        kjt.lengths(),
+        kjt.weights_or_none(),
+        order,
+        [table_of[f].num_embeddings for f in order],
+        kjt.stride(),
+        [configs[table_of[f].name].bounds_check for f in order],
+        [table_of[f].name for f in order],
+    )
+    if values is kjt.values():
+        return kjt
+    return KeyedJaggedTensor(keys=order, values=values, lengths=lengths, weights=weights, stride=kjt.stride())
 
 
 def _col_starts(t: ShardedEmbeddingTable) -> tuple[int, ...]:

@@ -50,9 +50,80 @@ def check_ids(
     return values[keep], new_lengths, weights[keep] if weights is not None else None
 
 
-def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
-    """``features`` with its keys in ``order`` (extra keys dropped); ``ValueError`` naming any
-    feature of ``order`` the KJT lacks."""
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> None:
+    """Raise ``ValueError`` saying what is inconsistent if ``features``' lengths / offsets /
+    values / weights do not describe one another, before any kernel reads them.
+
+    FBGEMM's kernels trust these sizes (``values=[]`` with ``lengths=[3, 3]`` reads past the
+    end of ``values``), so every collection checks them first. Cost: O(1) size checks and one
+    reduction over the lengths (their min and sum, one host sync), no pass over the values.
+    ``weighted``: the collection reads per-sample weights, so the KJT must carry them.
+    """
+    keys = features.keys()
+    if features.variable_stride_per_key():
+        raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
+    values, weights, offsets = features.values(), features.weights_or_none(), features.offsets_or_none()
+    if values.dim() != 1 or values.dtype not in _INDEX_DTYPES:
+        raise ValueError(
+            f"KJT values must be a 1-D int32/int64 tensor of ids, got {values.dtype} of shape {tuple(values.shape)}"
+        )
+    lengths = features.lengths()  # from the offsets if only those were given
+    if lengths.dim() != 1 or lengths.dtype not in _INDEX_DTYPES:
+        raise ValueError(
+            f"KJT lengths must be a 1-D int32/int64 tensor, got {lengths.dtype} of shape {tuple(lengths.shape)}"
+        )
+    batch = features.stride()
+    if lengths.numel() != len(keys) * batch:
+        raise ValueError(
+            f"KJT has {lengths.numel()} lengths for {len(keys)} keys x batch size {batch}; it needs one "
+            f"length per key and sample ({len(keys) * batch}), key-major"
+        )
+    if weighted and weights is None:
+        raise ValueError("the collection is weighted (is_weighted=True) but the KJT has no weights")
+    if weights is not None and weights.shape != values.shape:
+        raise ValueError(
+            f"KJT has {weights.numel()} weights for {values.numel()} values; per-sample weights need "
+            "one weight per id"
+        )
+    if offsets is not None and offsets.numel() != lengths.numel() + 1:
+        raise ValueError(
+            f"KJT has {offsets.numel()} offsets for {lengths.numel()} lengths; expected one more"
+        )
+    if lengths.numel() == 0:
+        if values.numel():
+            raise ValueError(f"KJT has {values.numel()} values but no bags (empty lengths)")
+        return
+    stats = [lengths.min().to(torch.int64), lengths.sum(dtype=torch.int64)]
+    if offsets is not None:
+        stats += [offsets[0].to(torch.int64), offsets[-1].to(torch.int64)]
+    low, total, *ends = torch.stack(stats).tolist()
+    if low < 0:
+        bag = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(
+            f"KJT lengths has negative entries (first: {int(lengths[bag])} at key "
+            f"{keys[bag // batch]!r}, sample {bag % batch}); lengths count the ids of each bag"
+        )
+    if ends and (ends[0] != 0 or ends[1] != values.numel()):
+        raise ValueError(
+            f"KJT offsets run from {ends[0]} to {ends[1]} but values holds {values.numel()} ids; offsets "
+            "must start at 0 and end at values.numel()"
+        )
+    if total != values.numel():
+        raise ValueError(
+            f"KJT lengths sum to {total} but values holds {values.numel()} ids; sum(lengths) must equal "
+            "values.numel()"
+        )
+
+
+def in_feature_order(
+    features: KeyedJaggedTensor, order: list[str], weighted: bool = False
+) -> KeyedJaggedTensor:
+    """``features``, checked by :func:`validate_kjt`, with its keys in ``order`` (extra keys
+    dropped); ``ValueError`` naming any feature of ``order`` the KJT lacks."""
+    validate_kjt(features, weighted)
     if features.keys() == order:
         return features
     missing = [f for f in order if f not in features.keys()]

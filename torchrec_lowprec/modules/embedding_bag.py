@@ -230,7 +230,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
-        features = in_feature_order(features, self._lookup_order)
+        features = in_feature_order(features, self._lookup_order, self._is_weighted)
         batch = features.stride()
         values = features.values()
         lengths = features.lengths()

@@ -47,6 +47,39 @@ def table_precision(table: EmbeddingBagConfig, plan: PrecisionPlan, default_bits
     return tp
 
 
+def check_row_map(table: str, row_map: torch.Tensor, rows: int) -> torch.Tensor:
+    """``row_map`` if it is a valid raw id -> rank map of ``table`` (``rows`` entries, integer,
+    each rank in ``[0, rows)`` exactly once), else ``ValueError`` naming the table. A map
+    pointing outside the table would read another table's rows (the forward routes ranks by
+    their position in all tables); a rank missing from it would leave a row unreachable."""
+    if not isinstance(row_map, torch.Tensor) or row_map.is_floating_point() or row_map.is_complex():
+        raise ValueError(
+            f"row_maps[{table!r}] must be an integer tensor (raw id -> rank), got {row_map!r:.80}"
+        )
+    if row_map.dtype == torch.bool or tuple(row_map.shape) != (rows,):
+        raise ValueError(
+            f"row_maps[{table!r}] has shape {tuple(row_map.shape)} and dtype {row_map.dtype}, expected "
+            f"({rows},) integers: one rank per raw id of table {table!r}"
+        )
+    if row_map.device.type == "meta" or rows == 0:
+        return row_map
+    low, high = int(row_map.min()), int(row_map.max())
+    if low < 0 or high >= rows:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"row_maps[{table!r}] maps raw id {int(torch.nonzero(row_map == bad)[0])} to rank {bad}, "
+            f"outside [0, {rows}) of table {table!r}"
+        )
+    seen = torch.bincount(row_map.to(torch.int64), minlength=rows)
+    if bool((seen != 1).any()):
+        rank = int(torch.nonzero(seen != 1)[0])
+        raise ValueError(
+            f"row_maps[{table!r}] is not a permutation of [0, {rows}): rank {rank} is given to "
+            f"{int(seen[rank])} raw ids; give each rank to exactly one raw id"
+        )
+    return row_map
+
+
 class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """A drop-in ``EmbeddingBagCollection`` whose tables hold row groups at different bit widths.
 
@@ -177,17 +210,19 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._table_of_feature = [t.name for t in tables for _ in t.feature_names]
         self._remapped = {n for n, tp in self._precisions.items() if tp.remapped}
         row_maps = row_maps or {}
+        stray = sorted(set(row_maps) - self._remapped)
+        if stray:
+            raise ValueError(
+                f"row_maps given for table(s) {stray} that the precision plan does not mark remapped=True "
+                f"(remapped: {sorted(self._remapped)}); a map there would be ignored"
+            )
         for n in names:
             if n in self._remapped:
                 if n not in row_maps:
                     raise ValueError(
                         f"table {n!r} is planned with remapped=True but no row_maps[{n!r}] (raw id -> rank) was given"
                     )
-                m = row_maps[n]
-                if m.shape != (self._precisions[n].rows,):
-                    raise ValueError(
-                        f"row_maps[{n!r}] has shape {tuple(m.shape)}, expected ({self._precisions[n].rows},)"
-                    )
+                m = check_row_map(n, row_maps[n], self._precisions[n].rows)
                 self.register_buffer(f"row_map_{n}", m.to(device=device, dtype=torch.int32))
 
     # ----- interface -----
@@ -222,7 +257,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = in_feature_order(features, self._features)
+        features = in_feature_order(features, self._features, self._is_weighted)
         batch = features.stride()
         values, lengths = features.values(), features.lengths()
         weights = features.weights().float() if self._is_weighted else None
@@ -366,6 +401,9 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             self.set_extra_state(extra)
+        for n in sorted(self._remapped):
+            if prefix + f"row_map_{n}" in state_dict:
+                check_row_map(n, state_dict[prefix + f"row_map_{n}"], self._precisions[n].rows)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -12,6 +12,7 @@ table's smallest group), which pushes rarely seen groups to fewer bits.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -85,8 +86,11 @@ class MPESearchConfig(TransformConfig):
         object.__setattr__(self, "candidate_bits", bits)
         if self.num_groups < 1 or self.min_rows_per_group < 1:
             raise ValueError("MPESearchConfig.num_groups and min_rows_per_group must be >= 1")
-        if not self.temperature > 0 or not self.reg_lambda >= 0:
-            raise ValueError("MPESearchConfig.temperature must be > 0 and reg_lambda >= 0")
+        if not 0 < self.temperature < math.inf or not 0 <= self.reg_lambda < math.inf:
+            raise ValueError(
+                f"MPESearchConfig.temperature={self.temperature!r} must be finite and > 0 and "
+                f"reg_lambda={self.reg_lambda!r} finite and >= 0"
+            )
 
 
 class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -200,7 +204,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return {n: (p @ self._bits).detach() for n, p in self.bit_probabilities().items()}
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = in_feature_order(features, self._features)
+        features = in_feature_order(features, self._features, self._is_weighted)
         batch = features.stride()
         per_key = features.to_dict()
         outs = []

@@ -155,6 +155,26 @@ def _fmt(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _placement_message(
+    error: PlannerError, floor: float, cap: int, reserved_fraction: float, topology: Topology, batch_size: int
+) -> str:
+    """Why TorchRec could not place tables that fit in total: its per-shard I/O buffers."""
+    import re
+
+    hbm = topology.compute_device in ("cuda", "mtia")
+    needs = [
+        int(m[0 if hbm else 1]) for m in re.findall(r"storage_sum=Storage\(hbm=(\d+), ddr=(\d+)", str(error))
+    ]
+    need = f"; its smallest placement of one table needs {_fmt(max(needs))} on one rank" if needs else ""
+    return (
+        f"the tables fit at the floor ({_fmt(floor / topology.world_size)} per rank, {_fmt(floor)} in total) "
+        f"but TorchRec's planner cannot place them in the {_fmt(cap * (1 - reserved_fraction))} per rank left "
+        f"after reserving {100 * reserved_fraction:.0f}%: it adds each shard's input/output buffers (ids and "
+        f"pooled outputs of --batch-size {batch_size} x {topology.world_size} ranks) to the rank holding it"
+        f"{need}. Lower --batch-size or the world size, or add memory per rank"
+    )
+
+
 def initial_precision(
     tables: list[EmbeddingBagConfig],
     precision_plan: PrecisionPlan | None,
@@ -354,6 +374,7 @@ def plan_precision(
     usable = cap * topology.world_size * (1 - reserved)
     lowering = _Lowering(start, cfg, min_bits, align)
     target = usable
+    placement_error: PlannerError | None = None
     while True:
         fits_total = lowering.lower_until(int(target))
         precision = lowering.plan()
@@ -369,8 +390,13 @@ def plan_precision(
                     PlannerErrorType.STRICT_CONSTRAINTS,
                 ):
                     raise
+                placement_error = e
         if not fits_total:
             floor = lowering.total()
+            if placement_error is not None and floor <= usable:
+                raise InfeasibleBudgetError(
+                    _placement_message(placement_error, floor, cap, reserved_fraction, topology, batch_size)
+                )
             raise InfeasibleBudgetError(
                 f"no precision >= {min_bits} bits fits: the tables need at least {_fmt(floor / topology.world_size)} "
                 f"per rank at the floor (total {_fmt(floor)} over {topology.world_size} ranks, I/O not counted), but "

@@ -6,19 +6,98 @@ the model's current plan — another sharding plan, another world size, or one p
 unsharded — after checking that every low-precision table of the checkpoint matches the
 model's (names, rows, dims, bit widths, step-size mode, optimizer state, column split).
 A mismatch raises ``ValueError`` naming the table and the field; nothing is loaded.
+
+Loading never runs code from the checkpoint: DCP's metadata is read with an unpickler that
+admits only DCP's own metadata classes and torch sizes / dtypes, and every pickled non-tensor
+entry (the collections' ``_extra_state``) with ``torch.load(weights_only=True)``. ``save``
+writes a checksum manifest (:mod:`torchrec_lowprec.manifest`) last; ``load`` verifies it first
+and raises :class:`~torchrec_lowprec.manifest.CheckpointCorruptError` on a missing, truncated or
+altered file.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from torchrec_lowprec.distributed.state import TableMeta
+from torchrec_lowprec.manifest import verify_manifest, write_manifest
+
+# What DCP's ``.metadata`` pickle may name besides torch.distributed.checkpoint's own classes.
+_TORCH_NAMES = {"Size", "strided", "sparse_coo", "contiguous_format", "preserve_format", "channels_last"}
+_BUILTINS = {"set", "frozenset", "slice", "tuple", "list", "dict", "int", "float", "bool", "str", "bytes"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # type: ignore[override]
+        ok = (
+            module.startswith("torch.distributed.checkpoint")
+            or (
+                module == "torch"
+                and (name in _TORCH_NAMES or isinstance(getattr(torch, name, None), torch.dtype))
+            )
+            or (module == "builtins" and name in _BUILTINS)
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not ok:
+            raise pickle.UnpicklingError(
+                f"checkpoint metadata names {module}.{name}, which is not DCP metadata; refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose ``.metadata`` unpickling admits DCP metadata classes only.
+
+    Example::
+
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    """
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:  # type: ignore[override]
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} does not hold DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except pickled entries load with ``weights_only=True``.
+
+    Not flattening ShardedTensors: DCP's default drops those a rank holds no shard of, then
+    mistakes the state dict for a pre-2.4 one and fails on ``..._extra_state`` ("Missing key");
+    that is any TABLE_WISE plan where a rank lacks a table. Ours are not nested, which is all
+    flattening is for.
+
+    Example::
+
+        dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
+    """
+
+    def __init__(self) -> None:
+        super().__init__(flatten_sharded_tensors=False)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:  # type: ignore[override]
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> None:
@@ -82,21 +161,37 @@ def _opt(value: str):
     return OptimizerType(value)
 
 
-def save(model: nn.Module, path: str) -> None:
-    """Save ``model.state_dict()`` (sharded or not) to the directory ``path`` with DCP."""
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def save(model: nn.Module, path: str, manifest: bool = True) -> None:
+    """Save ``model.state_dict()`` (sharded or not) to the directory ``path`` with DCP, then
+    (rank 0, once every rank wrote its files) the checksum manifest."""
     dcp.save(model.state_dict(), checkpoint_id=path)
+    if manifest:
+        if _is_distributed():
+            dist.barrier()
+        if not _is_distributed() or dist.get_rank() == 0:
+            write_manifest(path)
+        if _is_distributed():
+            dist.barrier()
 
 
-def load(model: nn.Module, path: str) -> None:
+def load(model: nn.Module, path: str, verify: bool = True) -> None:
     """Load a checkpoint written by :func:`save` into ``model`` under its current plan.
 
-    Every low-precision table is checked against the checkpoint's metadata first; a mismatch
-    raises ``ValueError`` (the same on every rank) and leaves the model untouched.
+    The manifest is verified first (``verify=False`` skips it, for a caller that verified an
+    enclosing manifest). Every low-precision table is checked against the checkpoint's metadata
+    next; a mismatch raises ``ValueError`` (the same on every rank) and leaves the model untouched.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    if verify:
+        verify_manifest(path)
     state = model.state_dict()
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    reader = SafeFileSystemReader(path)
+    meta = reader.read_metadata().state_dict_metadata
     for prefix_mod, module in _low_precision_modules(model).items():
         prefix = _state_prefix(model, prefix_mod)
         shapes = {k: tuple(v.size) for k, v in meta.items() if k.startswith(prefix) and hasattr(v, "size")}
@@ -113,13 +208,12 @@ def load(model: nn.Module, path: str) -> None:
                         f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {got}, the model "
                         f"expects {tuple(want)} (different rows, dim, bit width, optimizer or column split)"
                     )
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    # DCP's default planner drops ShardedTensors a rank holds no shard of, then mistakes the
-    # state dict for a pre-2.4 one and fails on `..._extra_state` ("Missing key"): that is any
-    # TABLE_WISE plan where a rank lacks a table. Our ShardedTensors are not nested, which is
-    # all flattening is for.
-    planner = DefaultLoadPlanner(flatten_sharded_tensors=False)
-    dcp.load(state, checkpoint_id=path, no_dist=no_dist, planner=planner)
+    dcp.load(
+        state,
+        storage_reader=SafeFileSystemReader(path),
+        no_dist=not _is_distributed(),
+        planner=SafeLoadPlanner(),
+    )
     model.load_state_dict(state)
 
 

@@ -189,7 +189,10 @@ def load(path: str, model: nn.Module, dense_opt: torch.optim.Optimizer) -> dict:
     if not isinstance(trainer, dict) or "dense_opt" not in trainer:
         raise CheckpointError(f"{path}/trainer.pt is not a trainer state of this script")
     if os.path.isdir(os.path.join(path, "model")):
-        dcp_checkpoint.load(model, os.path.join(path, "model"), verify=False)
+        try:
+            dcp_checkpoint.load(model, os.path.join(path, "model"), verify=False)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}/model: {str(e).strip().splitlines()[0]}") from None
     else:
         if _distributed():
             raise CheckpointError(

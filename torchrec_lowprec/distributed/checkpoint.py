@@ -25,29 +25,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from torchrec_lowprec.distributed.state import TableMeta
 from torchrec_lowprec.manifest import verify_manifest, write_manifest
 
-# What DCP's ``.metadata`` pickle may name besides torch.distributed.checkpoint's own classes.
-_TORCH_NAMES = {"Size", "strided", "sparse_coo", "contiguous_format", "preserve_format", "channels_last"}
-_BUILTINS = {"set", "frozenset", "slice", "tuple", "list", "dict", "int", "float", "bool", "str", "bytes"}
+# Everything DCP's ``.metadata`` pickle names (torch 2.x), plus torch dtypes; nothing else.
+_META = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    *((_META, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                          "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
+}  # fmt: skip
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # type: ignore[override]
-        ok = (
-            module.startswith("torch.distributed.checkpoint")
-            or (
-                module == "torch"
-                and (name in _TORCH_NAMES or isinstance(getattr(torch, name, None), torch.dtype))
-            )
-            or (module == "builtins" and name in _BUILTINS)
-            or (module == "collections" and name == "OrderedDict")
-        )
-        if not ok:
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _ALLOWED and not dtype:
             raise pickle.UnpicklingError(
                 f"checkpoint metadata names {module}.{name}, which is not DCP metadata; refusing to load it"
             )
@@ -208,12 +207,20 @@ def load(model: nn.Module, path: str, verify: bool = True) -> None:
                         f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {got}, the model "
                         f"expects {tuple(want)} (different rows, dim, bit width, optimizer or column split)"
                     )
-    dcp.load(
-        state,
-        storage_reader=SafeFileSystemReader(path),
-        no_dist=not _is_distributed(),
-        planner=SafeLoadPlanner(),
-    )
+    try:
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(path),
+            no_dist=not _is_distributed(),
+            planner=SafeLoadPlanner(),
+        )
+    except CheckpointException as e:
+        if "Weights only load failed" in str(e):
+            raise pickle.UnpicklingError(
+                f"{path}: a pickled entry holds objects other than tensors and plain types; refusing to "
+                "unpickle it (it may run code)"
+            ) from None
+        raise
     model.load_state_dict(state)
 
 

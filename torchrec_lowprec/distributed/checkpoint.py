@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from torchrec_lowprec.distributed.state import TableMeta
 from torchrec_lowprec.manifest import verify_manifest, write_manifest
+from torchrec_lowprec.modules.checkpoint import partial_message
 
 # Everything DCP's ``.metadata`` pickle names (torch 2.x), plus torch dtypes; nothing else.
 _META = "torch.distributed.checkpoint.metadata"
@@ -99,11 +100,18 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> None:
-    """Raise ``ValueError`` if ``state_dict`` (entries under ``prefix``) does not fit ``metas``."""
+def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> list[str]:
+    """Raise ``ValueError`` if ``state_dict`` (entries under ``prefix``) does not fit ``metas``:
+    a table's metadata or an entry's shape differs, or some entries are there and others are
+    missing (a collection loads all or nothing). Returns the missing keys (all of them, or none)."""
     extra = state_dict.get(prefix + "_extra_state")
     if isinstance(extra, dict) and "tables" in extra:
         _compare_tables(extra["tables"], metas)
+    want = [f"{prefix}tables.{n}.{k}" for n, m in sorted(metas.items()) for k in m.global_shapes()]
+    want.append(prefix + "step")
+    missing = [k for k in want if k not in state_dict]
+    if missing and len(missing) < len(want):
+        raise ValueError(partial_message(missing))
     for name, meta in metas.items():
         for key, shape in meta.global_shapes().items():
             t = state_dict.get(f"{prefix}tables.{name}.{key}")
@@ -112,6 +120,7 @@ def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, p
                     f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {tuple(t.shape)}, "
                     f"expected {tuple(shape)} (different rows, dim, bit width, optimizer or column split)"
                 )
+    return missing
 
 
 def _compare_tables(theirs: dict, metas: dict[str, TableMeta]) -> None:

@@ -207,7 +207,10 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     ):  # type: ignore[override]
         from torchrec_lowprec.distributed.checkpoint import validate_sharded_checkpoint
 
-        validate_sharded_checkpoint(self._lp_metas, state_dict, prefix)
+        missing = validate_sharded_checkpoint(self._lp_metas, state_dict, prefix)
+        if missing:  # none of ours in the checkpoint: load_state_dict(strict=True) reports them
+            missing_keys.extend(missing)
+            return
         load_into_shards(self._lp_metas, self._lp_lookups(), state_dict, prefix)
         step = state_dict.get(prefix + "step")
         if step is not None:

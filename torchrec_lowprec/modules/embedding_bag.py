@@ -23,7 +23,7 @@ from torchrec_lowprec.kernels.lookup import (
 )
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
-from torchrec_lowprec.modules.checkpoint import validate_checkpoint
+from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint
 from torchrec_lowprec.modules.table_layout import ShardOrigin, plan_layout, validate_table
 from torchrec_lowprec.modules.table_state import TableState
 from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
@@ -396,6 +396,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         # checkpoint raises ValueError naming the table and leaves the tables untouched.
         self._resolve_optimizers()
         validate_checkpoint(self, state_dict, prefix)
+        validate_all_entries(self, state_dict, prefix)
         for lay in self._layouts:
             key = f"{prefix}tables.{lay.name}.qweight"
             if key in state_dict:

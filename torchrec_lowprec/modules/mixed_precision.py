@@ -17,6 +17,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
+from torchrec_lowprec.modules.checkpoint import validate_all_entries
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
 
@@ -331,6 +332,8 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             self.set_extra_state(extra)
+        # Every group's entries too: a missing or misshapen one in the last group loads nothing.
+        validate_all_entries(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

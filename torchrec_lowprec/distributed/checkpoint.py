@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from torchrec_lowprec.distributed.state import TableMeta
+from torchrec_lowprec.distributed.state import TableMeta, convert_column_split
 from torchrec_lowprec.manifest import verify_manifest, write_manifest
 from torchrec_lowprec.modules.checkpoint import partial_message
 
@@ -192,20 +193,35 @@ def load(model: nn.Module, path: str, verify: bool = True) -> None:
     The manifest is verified first (``verify=False`` skips it, for a caller that verified an
     enclosing manifest). Every low-precision table is checked against the checkpoint's metadata
     next; a mismatch raises ``ValueError`` (the same on every rank) and leaves the model untouched.
+    A table saved under another column split (column-wise <-> another column split, table/row-wise
+    or unsharded) is read whole and re-quantized per block of the model's split
+    (:func:`~torchrec_lowprec.distributed.state.convert_column_split`).
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path!r}")
     if verify:
         verify_manifest(path)
     state = model.state_dict()
-    reader = SafeFileSystemReader(path)
-    meta = reader.read_metadata().state_dict_metadata
-    for prefix_mod, module in _low_precision_modules(model).items():
-        prefix = _state_prefix(model, prefix_mod)
+    meta = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    modules = {_state_prefix(model, n): m for n, m in _low_precision_modules(model).items()}
+    # The column split each table was saved under (DCP stores `_extra_state` flattened).
+    ask = {
+        p: {
+            n: {"column_shards": []}
+            for n in _metas_of(m)
+            if f"{p}_extra_state.tables.{n}.column_shards" in meta
+        }
+        for p, m in modules.items()
+    }
+    saved = _read(path, {p + "_extra_state": {"tables": t} for p, t in ask.items() if t})
+    conversions = []
+    for prefix, module in modules.items():
         shapes = {k: tuple(v.size) for k, v in meta.items() if k.startswith(prefix) and hasattr(v, "size")}
-        metas = _metas_of(module)
-        for name, m in metas.items():
-            for key, want in m.global_shapes().items():
+        theirs = saved.get(prefix + "_extra_state", {}).get("tables", {})
+        for name, m in _metas_of(module).items():
+            cols = tuple(theirs.get(name, {}).get("column_shards", m.col_starts))
+            src = replace(m, col_starts=cols)
+            for key, want in src.global_shapes().items():
                 got = shapes.get(f"{prefix}tables.{name}.{key}")
                 if got is None:
                     raise ValueError(
@@ -214,8 +230,26 @@ def load(model: nn.Module, path: str, verify: bool = True) -> None:
                 if got != tuple(want):
                     raise ValueError(
                         f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {got}, the model "
-                        f"expects {tuple(want)} (different rows, dim, bit width, optimizer or column split)"
+                        f"expects {tuple(want)} (different rows, dim, bit width or optimizer)"
                     )
+                if cols != tuple(m.col_starts):
+                    full = f"{prefix}tables.{name}.{key}"
+                    state[full] = torch.empty(want, dtype=meta[full].properties.dtype)
+            if cols != tuple(m.col_starts):
+                conversions.append((prefix, name, src, m))
+    _read(path, state)
+    for prefix, name, src, dst in conversions:
+        keys = {k: f"{prefix}tables.{name}.{k}" for k in src.global_shapes()}
+        out = convert_column_split({k: state[full] for k, full in keys.items()}, src, dst)
+        state.update({full: out[k] for k, full in keys.items()})
+        extra = state.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and name in extra.get("tables", {}):
+            extra["tables"][name]["column_shards"] = list(dst.col_starts)
+    model.load_state_dict(state)
+
+
+def _read(path: str, state: dict) -> dict:
+    """``dcp.load`` into ``state`` through the safe reader and planner; returns ``state``."""
     try:
         dcp.load(
             state,
@@ -230,7 +264,7 @@ def load(model: nn.Module, path: str, verify: bool = True) -> None:
                 "unpickle it (it may run code)"
             ) from None
         raise
-    model.load_state_dict(state)
+    return state
 
 
 def _state_prefix(model: nn.Module, module_name: str) -> str:

@@ -142,8 +142,8 @@ def _compare_tables(theirs: dict, metas: dict[str, TableMeta]) -> None:
         if list(cols) != list(m.col_starts):
             raise ValueError(
                 f"table {name!r}: checkpoint was column-sharded at columns {list(cols)} but the model's plan "
-                f"splits it at {list(m.col_starts)}; column shards keep one step size per shard, so load "
-                "it under a plan with the same column split"
+                f"splits it at {list(m.col_starts)}; column shards keep one step size per shard: load it "
+                "with torchrec_lowprec.distributed.checkpoint.load, which re-quantizes per block"
             )
 
 

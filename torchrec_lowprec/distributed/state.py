@@ -5,8 +5,8 @@ Keys and global shapes equal the unsharded module's (``tables.<t>.qweight``,
 ``_extra_state``), so ``torch.distributed.checkpoint`` moves a checkpoint between plans
 (table-wise <-> row-wise) and into an unsharded module. Column-wise shards keep one step size
 per row *per column shard*; their tables are saved as ``[rows, sum of shard row bytes]``
-codes and ``[rows, column shards]`` step sizes, which only a column-wise plan with the same
-column split can load (the loader says so).
+codes and ``[rows, column shards]`` step sizes; :func:`convert_column_split` rewrites them for
+another split (``torchrec_lowprec.distributed.checkpoint.load`` does, re-quantizing per block).
 """
 
 from __future__ import annotations

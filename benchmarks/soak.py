@@ -94,7 +94,8 @@ def soak(args: argparse.Namespace) -> dict:
     ckpt = os.path.join(work, "soak")
     code = os.path.join(work, "code")
     os.makedirs(code)
-    subprocess.run(f"git archive HEAD | tar -x -C {code}", shell=True, cwd=ROOT, check=True)
+    commit = _commit()
+    subprocess.run(f"git archive {commit} | tar -x -C {code}", shell=True, cwd=ROOT, check=True)
     rng = random.Random(args.seed)
     log = open(os.path.join(work, "soak.log"), "w")
     every = ["--checkpoint-every", str(args.checkpoint_every)]
@@ -153,7 +154,7 @@ def soak(args: argparse.Namespace) -> dict:
     marks = sorted(ckpt_seen.values())
     gaps = [y - x for x, y in zip(marks, marks[1:])]
     return {
-        "soak_s": soak_s, "reference_s": ref_s, "kills": kills, "stopped_at": stopped_at,
+        "commit": commit, "cpu": _cpu(), "soak_s": soak_s, "reference_s": ref_s, "kills": kills, "stopped_at": stopped_at,
         "final_steps": final_steps, "lives": lives, "agent": _first_minute_and_end(agent),
         "leftovers": leftovers, "checkpoint_gap_s": sorted(gaps)[len(gaps) // 2] if gaps else None,
         "equal": {k: a[k] == b[k] for k in ("val", "test", "history")},
@@ -177,6 +178,17 @@ def _cpu() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def _check_snapshot(commit: str, code: str) -> None:
+    """Raise unless the files of ``git archive commit`` equal the snapshot folder ``code``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(f"git archive {commit} | tar -x -C {d}", shell=True, cwd=ROOT, check=True)
+        diff = subprocess.run(["diff", "-rq", "-x", "__pycache__", d, code], capture_output=True, text=True)
+        if diff.returncode != 0:
+            raise SystemExit(f"the run's code snapshot {code} is not commit {commit}:\n{diff.stdout[:2000]}")
+
+
 def _commit() -> str:
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
@@ -185,7 +197,7 @@ def _commit() -> str:
 def lines_of(r: dict, args: argparse.Namespace) -> list[str]:
     growth = [end - base for _, _, base, end, _ in r["lives"]]
     out = [
-        f"Commit {_commit()}, CPU: {_cpu()} (shared with other work), 2 ranks x 1 thread, gloo. Model: "
+        f"Commit {r['commit']}, CPU: {r['cpu']} (shared with other work), 2 ranks x 1 thread, gloo. Model: "
         f"`{' '.join(MODEL)}`.",
         "",
         "| figure | value |",
@@ -217,12 +229,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="which rank is killed when")
     ap.add_argument("--workdir", default="runs/soak", help="checkpoints, logs and summaries go here")
     ap.add_argument("--write", help="write the section into this markdown file (docs/benchmarks.md)")
+    ap.add_argument(
+        "--report-only", metavar="COMMIT", nargs="?", const="",
+        help="write the section from --workdir's result.json instead of running; a result without its "
+        "commit needs COMMIT, accepted only if `git archive COMMIT` equals the run's code snapshot",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    if os.path.exists(os.path.join(args.workdir, "soak")):
-        ap.error(f"{args.workdir}/soak exists; remove it or pass another --workdir")
-    r = soak(args)
-    json.dump(r, open(os.path.join(args.workdir, "result.json"), "w"), indent=1)
     argv_list = list(argv if argv is not None else sys.argv[1:])
+    if args.report_only is not None:
+        r = json.load(open(os.path.join(args.workdir, "result.json")))
+        if "commit" not in r:
+            if not args.report_only:
+                ap.error("this result.json does not record its commit; pass --report-only COMMIT")
+            _check_snapshot(args.report_only, os.path.join(args.workdir, "code"))
+            r["commit"], r["cpu"] = args.report_only, _cpu()
+        argv_list = [a for a in argv_list if not a.startswith("--report-only") and a != args.report_only]
+    else:
+        if os.path.exists(os.path.join(args.workdir, "soak")):
+            ap.error(f"{args.workdir}/soak exists; remove it or pass another --workdir")
+        r = soak(args)
+        json.dump(r, open(os.path.join(args.workdir, "result.json"), "w"), indent=1)
     publish(args.write, "soak", "Soak: 2 ranks, killed ranks, restarts", "benchmarks/soak.py", argv_list,
             lines_of(r, args))  # fmt: skip
     if not all(r["equal"].values()) or r["leftovers"]:

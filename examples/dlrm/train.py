@@ -90,8 +90,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("--quiet", action="store_true", help="print only errors")
     args = ap.parse_args(argv)
-    if args.resume and not args.checkpoint_dir:
-        ap.error("--resume needs --checkpoint-dir")
+    if (args.resume or args.overwrite) and not args.checkpoint_dir:
+        ap.error("--resume and --overwrite need --checkpoint-dir")
+    if args.resume and args.overwrite:
+        ap.error("--resume continues from the checkpoints that --overwrite would delete: pass one of them")
     if args.batch_size < 1 or args.epochs < 1:
         ap.error("--batch-size and --epochs must be >= 1")
     return args

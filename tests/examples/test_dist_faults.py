@@ -16,6 +16,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from soak import worker_pids  # noqa: E402  (the soak benchmark finds torchrun's workers the same way)
+
 ARGS = [
     "--vocab-sizes", "2000,300,50,10", "--num-dense", "3", "--embedding-dim", "8", "--dense-arch", "16",
     "--over-arch", "16", "--no-progress", "--quiet", "--train-rows", "20000", "--val-rows", "1000",
@@ -34,26 +37,6 @@ def _torchrun(*extra: str, restarts: int = 0) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-
-
-def worker_pids(parent: int) -> dict[int, int]:
-    """``{rank: pid}`` of the torchrun workers that are children of ``parent`` (read from /proc)."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            with open(f"/proc/{d}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"RANK" in env:
-            out[int(env[b"RANK"])] = int(d)
-    return out
 
 
 def _wait_for(path: str, proc: subprocess.Popen, seconds: float) -> None:

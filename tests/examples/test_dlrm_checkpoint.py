@@ -128,3 +128,20 @@ def test_no_complete_checkpoint_left_is_an_error(tmp_path, capsys):
     os.unlink(ck / "step_000000004" / "MANIFEST.json")
     line = _run_exit([*TINY, "--checkpoint-dir", str(ck), "--resume"], capsys)
     assert "no complete checkpoint in" in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--resume", "auto", "--overwrite", "--checkpoint-dir", "x"],
+            "--resume continues from the checkpoints",
+        ),
+        (["--overwrite"], "--resume and --overwrite need --checkpoint-dir"),
+        (["--resume", "sometimes", "--checkpoint-dir", "x"], "invalid choice: 'sometimes'"),
+    ],
+)
+def test_conflicting_checkpoint_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([*TINY, *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -213,9 +214,10 @@ class Env:
         return self.world > 1
 
 
-def init_env() -> Env:
+def init_env(timeout_s: float | None = None) -> Env:
     """One process, or the process group torchrun / TorchX describe (WORLD_SIZE > 1): gloo on
-    CPU, nccl on CUDA, one GPU per local rank."""
+    CPU, nccl on CUDA, one GPU per local rank. ``timeout_s`` bounds every collective (a hung
+    rank fails the job after it instead of gloo's 30-minute default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -229,7 +231,8 @@ def init_env() -> Env:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend=backend, timeout=timeout)
     return Env(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
 
 

@@ -81,13 +81,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoint-dir", help="save checkpoints here")
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
     g.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
+        "--resume", nargs="?", const="latest", choices=["latest", "auto"],
+        help="continue from the newest complete checkpoint in --checkpoint-dir; `--resume auto`: "
+        "from scratch when there is none (for restarts)",
+    )  # fmt: skip
+    g.add_argument(
+        "--overwrite", action="store_true", help="delete the checkpoints in --checkpoint-dir first"
     )
+    g.add_argument(
+        "--dist-timeout-s", type=float, default=300.0,
+        help="seconds a collective may wait for a hung rank before the job fails (default 300)",
+    )  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("--quiet", action="store_true", help="print only errors")
     args = ap.parse_args(argv)
-    if args.resume and not args.checkpoint_dir:
-        ap.error("--resume needs --checkpoint-dir")
+    if (args.resume or args.overwrite) and not args.checkpoint_dir:
+        ap.error("--resume and --overwrite need --checkpoint-dir")
+    if args.resume and args.overwrite:
+        ap.error("--resume continues from the checkpoints that --overwrite would delete: pass one of them")
     if args.batch_size < 1 or args.epochs < 1:
         ap.error("--batch-size and --epochs must be >= 1")
     return args
@@ -171,11 +182,11 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     trainer = {"step": 0, "epoch": 0, "rows_in_epoch": 0, "rows_trained": 0, "train_seconds": 0.0,
                "history": {"train": [], "eval": []}, "local_steps": 0}  # fmt: skip
     resumed_from = None
-    if args.resume:
-        path = dlrm_checkpoint.latest(args.checkpoint_dir)
-        if path is None:
-            say(f"--resume: no checkpoint in {args.checkpoint_dir}, starting fresh")
-        else:
+    if args.checkpoint_dir:
+        path = dlrm_checkpoint.resume_point(args.checkpoint_dir, args.resume, args.overwrite)
+        if path is None and args.resume:
+            say(f"--resume auto: no checkpoint in {args.checkpoint_dir}, starting fresh")
+        elif path is not None:
             trainer = dlrm_checkpoint.load(path, model, dense_opt)
             resumed_from = trainer["step"]
             say(f"resumed from {path} (step {trainer['step']}, epoch {trainer['epoch']})")
@@ -194,10 +205,11 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
 
     def checkpoint() -> None:
         if args.checkpoint_dir:
+            trainer["loss_acc"] = [loss_sum, loss_n]  # the partial mean of the next history point
             dlrm_checkpoint.save(args.checkpoint_dir, model, dense_opt, trainer)
 
     model.train()
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n = trainer.pop("loss_acc", (0.0, 0))
     log_every = 1 if total is not None and total < 50 else 50  # short runs: a loss point per step
     stop = bool(args.max_steps) and trainer["step"] >= args.max_steps  # a resumed run may be done
     while trainer["epoch"] < args.epochs and not stop:
@@ -239,11 +251,11 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
         if not stop:
             trainer["epoch"] += 1
             trainer["rows_in_epoch"] = 0
+    checkpoint()  # before the last history point, so a resumed run carries the partial mean on
     if loss_n:
         trainer["history"]["train"].append([trainer["step"], loss_sum / loss_n])
     if bar is not None:
         bar.close()
-    checkpoint()
 
     val = evaluate(model, data, "val", args, env)
     test = evaluate(model, data, "test", args, env)
@@ -402,14 +414,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Two ranks on two cores must not each start a thread per core.
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
-    env = init_env()
+    env = init_env(args.dist_timeout_s)
     if env.distributed:
         # The planner warns on every rank that a Topology built by hand may not match the
         # hardware; ours is built from the process group itself.
         logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     try:
         summary = train(args, env)
-    except (DataError, MalformedRowError, FileNotFoundError, PlanError) as e:
+    except (DataError, MalformedRowError, FileNotFoundError, PlanError, dlrm_checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if env.distributed:
             dist.destroy_process_group()

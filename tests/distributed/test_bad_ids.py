@@ -38,7 +38,9 @@ def _model(plan_kind: str, world: int, mode: str) -> DistributedModelParallel:
         torchrec.EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100, feature_names=["f0"]),
         torchrec.EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["f1"]),
     ]
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8, bounds_check=mode))
+    ebc = lp.LowPrecisionEmbeddingBagCollection(
+        tables, config=lp.LowPrecisionConfig(bits=8, bounds_check=mode)
+    )
     specs = {
         "rw": {"t0": row_wise(), "t1": row_wise()},
         "tw": {"t0": table_wise(rank=1), "t1": table_wise(rank=0)},

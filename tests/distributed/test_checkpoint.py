@@ -124,3 +124,41 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
             assert torch.equal(v, before[k])
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         checkpoint.load(Wrap(wrong), str(tmp_path / "nope"))
+
+
+def _partial_body(rank: int, world: int) -> None:
+    src = lp.LowPrecisionEmbeddingBagCollection(tables(), config=ALPT_SR, per_table_configs=PER_TABLE)
+    rw = _dmp(src, {"t0": row_wise(), "t1": row_wise(), "t2": table_wise(rank=1)}, world)
+    sd = rw.state_dict()
+    other = lp.LowPrecisionEmbeddingBagCollection(
+        tables(), config=ALPT_SR.replace(seed=3), per_table_configs=PER_TABLE
+    )
+    dst = _dmp(other, {"t0": row_wise(), "t1": row_wise(), "t2": table_wise(rank=1)}, world)
+
+    def local() -> dict:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        return {
+            (k, i): s.tensor.clone()
+            for k, v in dst.state_dict().items()
+            if isinstance(v, ShardedTensor)
+            for i, s in enumerate(v.local_shards())
+        }
+
+    before = local()
+    partial = {k: v for k, v in sd.items() if k != "ebc.tables.t1.qweight"}
+    with pytest.raises(
+        ValueError, match=r"lacks 1 entries of this collection: (ebc\.)?tables.t1.qweight; nothing"
+    ):
+        dst.load_state_dict(partial)
+    after = local()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    # None of the collection's entries: reported as missing under strict=True (was: never).
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"(ebc\.)?tables.t0.qweight\""):
+        dst.load_state_dict({k: v for k, v in sd.items() if not k.startswith("ebc.")})
+    dst.load_state_dict(sd)  # the whole state dict loads
+    assert any(not torch.equal(v, before[k]) for k, v in local().items())
+
+
+def test_sharded_partial_state_dict_loads_nothing_and_missing_keys_are_reported():
+    run_multiprocess(_partial_body)

@@ -79,3 +79,68 @@ def test_mismatched_dims_and_names():
     other[1].name = "t_other"
     with pytest.raises(ValueError, match=r"missing: \['t_other'\], extra: \['t1'\]"):
         lp.LowPrecisionEmbeddingBagCollection(other).load_state_dict(src.state_dict())
+
+
+def _tensors(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _unchanged(module, before: dict) -> None:
+    after = _tensors(module)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda sd: sd.pop("tables.t1.qweight"),
+            r"checkpoint lacks 1 entries of this collection: tables.t1.qweight;",
+        ),
+        (
+            lambda sd: sd.pop("tables.t1.momentum1"),
+            r"lacks 1 entries .*tables.t1.momentum1; nothing was loaded",
+        ),
+        (
+            lambda sd: sd.__setitem__("tables.t1.step_size", torch.ones(7)),
+            r"tables.t1.step_size has shape \(7,\), expected \(40,\)",
+        ),
+    ],
+)
+def test_partial_checkpoint_loads_nothing(edit, match):
+    tables = make_tables()
+    src = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=4))
+    _train(src, tables, torch.Generator().manual_seed(1), 2)
+    sd = src.state_dict()
+    edit(sd)
+    dst = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=4, seed=9))
+    before = _tensors(dst)
+    with pytest.raises(ValueError, match=match):
+        dst.load_state_dict(sd)
+    _unchanged(dst, before)
+    with pytest.raises(ValueError, match=match):  # also under strict=False: all or nothing
+        dst.load_state_dict(sd, strict=False)
+    _unchanged(dst, before)
+    # Without any of the collection's entries, load_state_dict's own strict handling applies.
+    sd = {k: v for k, v in sd.items() if k == "_extra_state"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        dst.load_state_dict(sd)
+
+
+def test_partial_checkpoint_of_a_mixed_precision_collection_loads_nothing():
+    from tests.modules.test_mixed_precision import _plan
+    from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
+
+    tables = make_tables()
+    src = MixedPrecisionEmbeddingBagCollection(tables, plan=_plan(), config=lp.LowPrecisionConfig())
+    _train(src, tables, torch.Generator().manual_seed(2), 2)
+    sd = src.state_dict()
+    last = sorted(k for k in sd if k.endswith(".qweight"))[-1]  # a group loaded after the others
+    del sd[last]
+    dst = MixedPrecisionEmbeddingBagCollection(tables, plan=_plan(), config=lp.LowPrecisionConfig(seed=4))
+    before = _tensors(dst)
+    with pytest.raises(ValueError, match=rf"lacks 1 entries of this collection: {last}; nothing was loaded"):
+        dst.load_state_dict(sd)
+    _unchanged(dst, before)

@@ -198,16 +198,22 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             for s in lookup.shards:
                 meta = self._lp_metas[s.table]
                 rows = slice(s.row_offset, s.row_offset + s.rows)
-                if meta.column_sharded:
-                    block = module.dequantized_weight(s.table)[rows, s.col_offset : s.col_offset + s.cols]
-                    lookup.ebc.load_float_weight(s.local_name, block)
-                    continue
                 src, dst = module.tables[s.table], lookup.ebc.tables[s.local_name]
+                lookup.ebc.step.copy_(module.step)  # rounding draws and Adam's bias correction go on
+                if meta.column_sharded:
+                    # One step size per row per block (the scale rule): re-quantize the block;
+                    # the optimizer state is per row (RowWiseAdagrad) or per element: copied.
+                    cols = slice(s.col_offset, s.col_offset + s.cols)
+                    lookup.ebc.load_float_weight(s.local_name, module.dequantized_weight(s.table)[rows, cols])
+                    for name in ("momentum1", "momentum2"):
+                        t = getattr(src, name)
+                        if getattr(dst, name).numel():
+                            getattr(dst, name).copy_(t[rows] if t.dim() == 1 else t[rows, cols])
+                    continue
                 lookup.ebc.quantized_weight(s.local_name).copy_(module.quantized_weight(s.table)[rows])
                 for name in ("step_size", "momentum1", "momentum2"):
                     if getattr(dst, name).numel():
                         getattr(dst, name).copy_(getattr(src, name)[rows])
-                lookup.ebc.step.copy_(module.step)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
         for key, value in self._lp_state.items():
@@ -236,7 +242,10 @@ class ShardedLowPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # type: ignore[override]
-        validate_sharded_checkpoint(self._lp_metas, state_dict, prefix)
+        missing = validate_sharded_checkpoint(self._lp_metas, state_dict, prefix)
+        if missing:  # none of ours in the checkpoint: load_state_dict(strict=True) reports them
+            missing_keys.extend(missing)
+            return
         load_into_shards(self._lp_metas, self._lp_lookups(), state_dict, prefix)
         step = state_dict.get(prefix + "step")
         if step is not None:

@@ -5,8 +5,8 @@ Keys and global shapes equal the unsharded module's (``tables.<t>.qweight``,
 ``_extra_state``), so ``torch.distributed.checkpoint`` moves a checkpoint between plans
 (table-wise <-> row-wise) and into an unsharded module. Column-wise shards keep one step size
 per row *per column shard*; their tables are saved as ``[rows, sum of shard row bytes]``
-codes and ``[rows, column shards]`` step sizes, which only a column-wise plan with the same
-column split can load (the loader says so).
+codes and ``[rows, column shards]`` step sizes; :func:`convert_column_split` rewrites them for
+another split (``torchrec_lowprec.distributed.checkpoint.load`` does, re-quantizing per block).
 """
 
 from __future__ import annotations
@@ -137,3 +137,56 @@ def load_into_shards(
                 else:
                     index = tuple(slice(o, o + n) for o, n in zip(off, local.shape))
                     local.copy_(src[index])
+
+
+def convert_column_split(
+    entries: dict[str, torch.Tensor], src: TableMeta, dst: TableMeta
+) -> dict[str, torch.Tensor]:
+    """One table's checkpoint entries saved under ``src.col_starts``, rewritten for
+    ``dst.col_starts`` (another column split, or one block: TABLE/ROW-wise, unsharded).
+
+    The codes are dequantized block by block and re-quantized per destination block with a
+    fresh ``absmax`` step size (``max|x| / Qp`` over the row's block, nearest rounding): no value
+    is clipped and each moves by at most half of its new step (the bound docs/sharding.md states). Element-wise optimizer state
+    (Adam, Adagrad) is copied; RowWiseAdagrad's per-block accumulator becomes, for each
+    destination block, the width-weighted mean of the source blocks it overlaps (exact when a
+    destination block is a union of source blocks, e.g. column-wise -> one block).
+    """
+    from torchrec_lowprec.quant.layout import dequantize_rows, quantize_rows
+    from torchrec_lowprec.quant.lsq import init_step_size
+
+    rows, dim, bits = src.rows, src.dim, src.bits
+    weight = torch.empty(rows, dim, dtype=torch.float32)
+    per_col = torch.empty(rows, dim, dtype=torch.float32)  # RowWiseAdagrad accumulator per column
+    row_wise = src.optimizer == OptimizerType.ROWWISE_ADAGRAD
+    off = 0
+    for k, (c0, w) in enumerate(zip(src.col_starts, src.col_widths)):
+        nb = row_bytes(bits, w)
+        weight[:, c0 : c0 + w] = dequantize_rows(entries["qweight"][:, off : off + nb], bits, w)
+        off += nb
+        if row_wise:
+            m = entries["momentum1"]
+            per_col[:, c0 : c0 + w] = (m[:, k] if src.column_sharded else m).unsqueeze(1)
+    codes, steps, accs = [], [], []
+    for c0, w in zip(dst.col_starts, dst.col_widths):
+        x = weight[:, c0 : c0 + w]
+        s = init_step_size(x, bits, "absmax") if bits <= 8 else None
+        codes.append(quantize_rows(x, s, bits))
+        if s is not None:
+            steps.append(s.to(torch.float16).to(torch.float32))
+        accs.append(per_col[:, c0 : c0 + w].mean(dim=1))
+    out = {k: v for k, v in entries.items() if k not in ("qweight", "step_size")}
+    out["qweight"] = torch.cat(codes, dim=1)
+
+    def per_row(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(parts, dim=1) if dst.column_sharded else parts[0]
+
+    out["step_size"] = per_row(steps) if dst.learn_step_size and steps else torch.empty(0)
+    if row_wise:
+        out["momentum1"] = per_row(accs)
+    for key, shape in dst.global_shapes().items():
+        if tuple(out[key].shape) != tuple(shape):
+            raise ValueError(
+                f"column-split conversion of {key}: got {tuple(out[key].shape)}, expected {shape}"
+            )
+    return out

@@ -10,13 +10,21 @@ from __future__ import annotations
 import torch
 
 from torchrec_lowprec.distributed.state import TableMeta
+from torchrec_lowprec.modules.checkpoint import partial_message
 
 
-def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> None:
-    """Raise ``ValueError`` if ``state_dict`` (entries under ``prefix``) does not fit ``metas``."""
+def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, prefix: str) -> list[str]:
+    """Raise ``ValueError`` if ``state_dict`` (entries under ``prefix``) does not fit ``metas``:
+    a table's metadata or an entry's shape differs, or some entries are there and others are
+    missing (a collection loads all or nothing). Returns the missing keys (all of them, or none)."""
     extra = state_dict.get(prefix + "_extra_state")
     if isinstance(extra, dict) and "tables" in extra:
         _compare_tables(extra["tables"], metas)
+    want = [f"{prefix}tables.{n}.{k}" for n, m in sorted(metas.items()) for k in m.global_shapes()]
+    want.append(prefix + "step")
+    missing = [k for k in want if k not in state_dict]
+    if missing and len(missing) < len(want):
+        raise ValueError(partial_message(missing))
     for name, meta in metas.items():
         for key, shape in meta.global_shapes().items():
             t = state_dict.get(f"{prefix}tables.{name}.{key}")
@@ -25,6 +33,7 @@ def validate_sharded_checkpoint(metas: dict[str, TableMeta], state_dict: dict, p
                     f"table {name!r}: checkpoint entry tables.{name}.{key} has shape {tuple(t.shape)}, "
                     f"expected {tuple(shape)} (different rows, dim, bit width, optimizer or column split)"
                 )
+    return missing
 
 
 def _compare_tables(theirs: dict, metas: dict[str, TableMeta]) -> None:
@@ -45,6 +54,6 @@ def _compare_tables(theirs: dict, metas: dict[str, TableMeta]) -> None:
         if list(cols) != list(m.col_starts):
             raise ValueError(
                 f"table {name!r}: checkpoint was column-sharded at columns {list(cols)} but the model's plan "
-                f"splits it at {list(m.col_starts)}; column shards keep one step size per shard, so load "
-                "it under a plan with the same column split"
+                f"splits it at {list(m.col_starts)}; column shards keep one step size per shard: load it "
+                "with torchrec_lowprec.distributed.checkpoint.load, which re-quantizes per block"
             )

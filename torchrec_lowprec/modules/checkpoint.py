@@ -40,3 +40,41 @@ def validate_checkpoint(module: Any, state_dict: dict[str, Any], prefix: str) ->
                         f"table {name!r}: checkpoint entry {full} has shape {got}, expected {want} "
                         "(different rows, dim, bit width or optimizer)"
                     )
+
+
+def validate_all_entries(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Raise ``ValueError`` before anything is copied if any tensor entry of ``module`` (and its
+    children) has another shape, or if some of its entries are there and others missing.
+
+    A collection loads all of its entries or none: ``nn.Module.load_state_dict`` reports missing
+    keys only after copying everything else (and hands ``_load_from_state_dict`` ``strict=True``
+    whatever the caller asked), so a checkpoint without ``tables.<t>.qweight`` would leave new
+    step sizes on old codes. A checkpoint without any entry of the collection is left to
+    ``load_state_dict``'s own ``strict`` handling.
+    """
+    missing, wrong, present = [], [], 0
+    for key, mine in module.state_dict(prefix=prefix, keep_vars=True).items():
+        if key.endswith("_extra_state"):
+            continue  # metadata, checked by the collection itself
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        present += 1
+        if isinstance(mine, torch.Tensor) and isinstance(state_dict[key], torch.Tensor):
+            if tuple(state_dict[key].shape) != tuple(mine.shape):
+                wrong.append(f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(mine.shape)}")
+    if wrong:
+        raise ValueError(
+            f"checkpoint entries do not fit this collection: {'; '.join(wrong)}; nothing was loaded"
+        )
+    if missing and present:
+        raise ValueError(partial_message(missing))
+
+
+def partial_message(missing: list[str]) -> str:
+    """The error of a checkpoint holding some of a collection's entries but not ``missing``."""
+    return (
+        f"checkpoint lacks {len(missing)} entries of this collection: {', '.join(missing[:8])}"
+        f"{' ...' if len(missing) > 8 else ''}; nothing was loaded (a collection loads all of its "
+        "entries or none: drop all of its entries from the state dict to skip it)"
+    )

@@ -23,7 +23,7 @@ from torchrec_lowprec.kernels.lookup import (
 )
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
-from torchrec_lowprec.modules.checkpoint import validate_checkpoint
+from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.table_layout import (
@@ -427,6 +427,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         # checkpoint raises ValueError naming the table and leaves the tables untouched.
         self._resolve_optimizers()
         validate_checkpoint(self, state_dict, prefix)
+        validate_all_entries(self, state_dict, prefix)
         for lay in self._layouts:
             key = f"{prefix}tables.{lay.name}.qweight"
             if key in state_dict:

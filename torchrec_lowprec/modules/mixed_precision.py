@@ -17,6 +17,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
+from torchrec_lowprec.modules.checkpoint import validate_all_entries
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import check_collection_args
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
@@ -404,6 +405,8 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for n in sorted(self._remapped):
             if prefix + f"row_map_{n}" in state_dict:
                 check_row_map(n, state_dict[prefix + f"row_map_{n}"], self._precisions[n].rows)
+        # Every group's entries too: a missing or misshapen one in the last group loads nothing.
+        validate_all_entries(self, state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

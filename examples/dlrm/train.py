@@ -188,6 +188,9 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             dlrm_checkpoint.save(args.checkpoint_dir, model, dense_opt, trainer)
 
     model.train()
+    from torchrec_lowprec.kernels.cpu_native import ensure_built
+
+    ensure_built(env.device)  # the kernel's first build (once, ~1 min, announced) is not training time
     loss_sum, loss_n = 0.0, 0
     stop = bool(args.max_steps) and trainer["step"] >= args.max_steps  # a resumed run may be done
     while trainer["epoch"] < args.epochs and not stop:

@@ -120,6 +120,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}
         )
         self._nonfinite_rows = dict.fromkeys(names, 0)
+        self._step_bound_rows = dict.fromkeys(names, 0)
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
@@ -288,9 +289,11 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     names.append(lay.name)
                 start = end
         # One call for all tables: one parallel region, rows of all tables in one work queue.
-        for name, skipped in zip(names, fused_update_many(items, grad)):
+        bounded = torch.zeros(len(items), dtype=torch.int64)
+        for name, skipped, hit in zip(names, fused_update_many(items, grad, bounded), bounded.tolist()):
             if skipped:
                 self._report_nonfinite(name, skipped, step)
+            self._step_bound_rows[name] += hit
         self.step.fill_(step)
 
     def _update_item(self, lay, step: int, ids, goff, occ_w) -> tuple:
@@ -332,6 +335,11 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per table, how many row updates were skipped because their gradient was NaN/Inf."""
         return dict(self._nonfinite_rows)
+
+    def step_bound_rows(self) -> dict[str, int]:
+        """Per table, how many row updates clamped the step size at ``max_step_size(bits)`` (the
+        largest step whose fp16 bias stays finite; see ``kernels/spec.py``, step 5c)."""
+        return dict(self._step_bound_rows)
 
     # ----- weights in and out -----
     def dequantized_weight(self, name: str) -> torch.Tensor:

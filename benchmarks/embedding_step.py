@@ -163,7 +163,7 @@ def bench_fbgemm(s: Setup, precision: SparseType, grad: torch.Tensor) -> dict:
     def step(kjt):
         tbe(kjt.values(), kjt.offsets()).backward(grad)
 
-    return {"fwd": fwd, "step": step, "bytes": state}
+    return {"fwd": fwd, "step": step, "bytes": state, "tbe": tbe}
 
 
 def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:

@@ -209,3 +209,28 @@ def test_module_counts_rows_at_the_bound_and_forward_stays_finite(bits):
     out = ebc(kjt).values()
     assert torch.isfinite(out).all()
     assert out.abs().max() > 1e4  # the rows really are that large, not zeroed
+
+
+def test_table_buffer_is_zeroed_writable_and_huge_page_advised():
+    from torchrec_lowprec.kernels.lookup import HUGE_PAGE_BYTES, table_buffer
+
+    small = table_buffer(1000, "cpu")
+    assert small.dtype == torch.uint8 and small.shape == (1000,) and not small.any()
+    big = table_buffer(4 * HUGE_PAGE_BYTES, "cpu")
+    assert big.shape == (4 * HUGE_PAGE_BYTES,) and not big.any()
+    big[123] = 7
+    assert int(big.sum()) == 7
+    # the mapping is advised MADV_HUGEPAGE (VmFlags "hg") where the kernel has the flag
+    addr, advised, cur = big.data_ptr(), None, False
+    try:
+        smaps = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        pytest.skip("no /proc/self/smaps")
+    for line in smaps:
+        head = line.split()
+        if head and "-" in head[0] and len(head) > 4:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            cur = lo <= addr < hi
+        elif cur and head and head[0] == "VmFlags:":
+            advised = "hg" in head[1:]
+    assert advised is True

@@ -20,6 +20,7 @@ from torchrec_lowprec.kernels.lookup import (
     FeatureSlot,
     FusedPooledLookup,
     row_alignment_for,
+    table_buffer,
 )
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
@@ -112,9 +113,7 @@ class LowPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._row_alignment = row_alignment_for(device)
         self._layouts, total_bytes = plan_layout(tables, self._configs, self._row_alignment, shard_origins)
         self._table_index = {lay.name: i for i, lay in enumerate(self._layouts)}
-        self.register_buffer(
-            "_flat", torch.zeros(total_bytes, dtype=torch.uint8, device=device), persistent=False
-        )
+        self.register_buffer("_flat", table_buffer(total_bytes, device), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.tables = nn.ModuleDict(
             {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}

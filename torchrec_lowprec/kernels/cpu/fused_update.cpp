@@ -263,32 +263,81 @@ inline void element_hash(uint32_t rk, const Params& P, uint32_t* h) {
   }
 }
 
-// Write the updated fp32 row x back into its stored form.
 // Spec step 5b: the smallest step that holds the updated row x on the b-bit grid, if it is
 // larger than s (max/min are exact; the two divisions are IEEE, as torch's).
-template <int BITS>
-inline float grown_step(float s, const float* x, int64_t D, float max_s, float thr) {
-  constexpr int half = 1 << (BITS - 1);
-  // Eight independent lanes so the compiler emits vector max/min (exact in any order).
-  constexpr int kLanes = 8;
+//
+// The row's max / min are taken in kLanes independent lanes (lane l sees x[d] for d = l mod
+// kLanes in the full blocks; the tail and the lane merge are sequential), so the compiler
+// emits vector max/min. MinMax accumulates them while the optimizer writes x (one pass over
+// the row, issue 13: "fuse the growth max/min pass into the optimizer pass"); max/min are
+// exact, so the result does not depend on where it is computed.
+constexpr int kLanes = 8;
+
+struct MinMax {
   float hi8[kLanes], lo8[kLanes];
-  for (int l = 0; l < kLanes; ++l) hi8[l] = lo8[l] = x[0];
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
+  float hi, lo;  // the tail (d >= D / kLanes * kLanes)
+  inline void init(float x0) {
+    for (int l = 0; l < kLanes; ++l) hi8[l] = lo8[l] = x0;
+    hi = lo = x0;
+  }
+  inline void block(const float* x) {  // x[0:kLanes], one full block
     for (int l = 0; l < kLanes; ++l) {
-      hi8[l] = x[d + l] > hi8[l] ? x[d + l] : hi8[l];
-      lo8[l] = x[d + l] < lo8[l] ? x[d + l] : lo8[l];
+      hi8[l] = x[l] > hi8[l] ? x[l] : hi8[l];
+      lo8[l] = x[l] < lo8[l] ? x[l] : lo8[l];
     }
   }
-  float hi = x[0], lo = x[0];
-  for (int l = 0; l < kLanes; ++l) {
-    hi = hi8[l] > hi ? hi8[l] : hi;
-    lo = lo8[l] < lo ? lo8[l] : lo;
+  inline void tail(float v) {
+    hi = v > hi ? v : hi;
+    lo = v < lo ? v : lo;
   }
-  for (; d < D; ++d) {
-    hi = x[d] > hi ? x[d] : hi;
-    lo = x[d] < lo ? x[d] : lo;
+  // (max, min) of the row, merged in the order the scan above defines.
+  inline void result(float& rhi, float& rlo, float x0) const {
+    float h = x0, m = x0;
+    for (int l = 0; l < kLanes; ++l) {
+      h = hi8[l] > h ? hi8[l] : h;
+      m = lo8[l] < m ? lo8[l] : m;
+    }
+    // the tail after the lanes, as the sequential scan
+    rhi = hi > h ? hi : h;
+    rlo = lo < m ? lo : m;
   }
+};
+
+inline void row_minmax(const float* x, int64_t D, float& hi, float& lo) {
+  MinMax mm;
+  mm.init(x[0]);
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) mm.block(x + d);
+  for (; d < D; ++d) mm.tail(x[d]);
+  mm.result(hi, lo, x[0]);
+}
+
+// x[d] -= rate * g[d] for one row; with GROW, also the row's (max, min) of the new x, in
+// the same pass (the lane structure of row_minmax, so the same values).
+template <bool GROW>
+inline void axpy_row(float* x, const float* g, float rate, int64_t D, float& hi, float& lo) {
+  if constexpr (!GROW) {
+    for (int64_t d = 0; d < D; ++d) x[d] = x[d] - rate * g[d];
+  } else {
+    const float x0 = x[0] - rate * g[0];
+    MinMax mm;
+    mm.init(x0);
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int l = 0; l < kLanes; ++l) x[d + l] = x[d + l] - rate * g[d + l];
+      mm.block(x + d);
+    }
+    for (; d < D; ++d) {
+      x[d] = x[d] - rate * g[d];
+      mm.tail(x[d]);
+    }
+    mm.result(hi, lo, x0);
+  }
+}
+
+template <int BITS>
+inline float grown_from(float s, float hi, float lo, float max_s, float thr) {
+  constexpr int half = 1 << (BITS - 1);
   const float need_hi = hi / static_cast<float>(half - 1);
   const float need_lo = lo / static_cast<float>(-half);
   const float need = need_hi > need_lo ? need_hi : need_lo;
@@ -296,6 +345,7 @@ inline float grown_step(float s, const float* x, int64_t D, float max_s, float t
   return s;
 }
 
+// Write the updated fp32 row x back into its stored form.
 template <int BITS>
 inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, const Params& P, Scratch& S) {
   const int64_t D = P.dim;
@@ -389,10 +439,19 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
     for (int64_t i = 0; i < nb * D; ++i) GO[i] = G[i] + wd * X[i];
   }
 
-  // Optimizer
+  // Optimizer. With growth (b-bit rows), SGD and row-wise Adagrad also take each updated
+  // row's max / min in the pass that writes it; the others take them right after (in L1).
   const float lr = P.lr, eps = P.eps;
+  const bool grow = BITS <= 8 && P.grow;
+  float rhi[kBlock], rlo[kBlock];
+  bool have_minmax = false;
   if constexpr (OPT == 0) {
-    for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - lr * GO[i];
+    if (grow) {
+      for (int r = 0; r < nb; ++r) axpy_row<true>(X + r * D, GO + r * D, lr, D, rhi[r], rlo[r]);
+      have_minmax = true;
+    } else {
+      for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - lr * GO[i];
+    }
   } else if constexpr (OPT == 1) {
     float* hn = S.p.data();
     float* sq = S.q.data();
@@ -426,10 +485,13 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
     for (int r = 0; r < nb; ++r) {
       const float den = sq[r] + eps;
       const float rate = den == 0.0f ? 0.0f : (1.0f / den) * lr;  // lr / t == reciprocal(t) * lr
-      float* x = X + r * D;
-      const float* g = GO + r * D;
-      for (int64_t d = 0; d < D; ++d) x[d] = x[d] - rate * g[d];
+      if (grow) {
+        axpy_row<true>(X + r * D, GO + r * D, rate, D, rhi[r], rlo[r]);
+      } else {
+        axpy_row<false>(X + r * D, GO + r * D, rate, D, rhi[r], rlo[r]);
+      }
     }
+    have_minmax = grow;
   } else {
     const float b1 = P.b1, omb1 = P.omb1, b2 = P.b2, omb2 = P.omb2, bc1 = P.bc1, bc2 = P.bc2;
     float* vb = S.p.data();
@@ -458,6 +520,10 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
         x[d] = x[d] - (den == 0.0f ? 0.0f : upd);
       }
     }
+  }
+
+  if (grow && !have_minmax) {
+    for (int r = 0; r < nb; ++r) row_minmax(X + r * D, D, rhi[r], rlo[r]);
   }
 
   // ALPT: LSQ step-size update (raw gradient g, updated x, fp32 master step)
@@ -489,7 +555,7 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
         float sn = s[r] - P.step_lr * lsq;
         sn = sn < P.min_s ? P.min_s : sn;  // torch.clamp (NaN stays NaN)
         sn = sn > P.max_s ? P.max_s : sn;
-        if (P.grow) sn = grown_step<BITS>(sn, X + r * D, D, P.max_s, P.grow_thr);
+        if (grow) sn = grown_from<BITS>(sn, rhi[r], rlo[r], P.max_s, P.grow_thr);
         T.step[rid[r] * T.step_stride] = sn;
         bounded += sn >= P.max_s;
         s16[r] = h2f(f2h(sn));
@@ -498,8 +564,8 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
       for (int r = 0; r < nb; ++r) {
         uint16_t sh;
         std::memcpy(&sh, T.rows + rid[r] * T.row_stride, 2);
-        if (P.grow) {
-          const float sn = grown_step<BITS>(h2f(sh), X + r * D, D, P.max_s, P.grow_thr);
+        if (grow) {
+          const float sn = grown_from<BITS>(h2f(sh), rhi[r], rlo[r], P.max_s, P.grow_thr);
           bounded += sn >= P.max_s;
           s16[r] = h2f(f2h(sn));
         } else {

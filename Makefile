@@ -10,7 +10,7 @@ STAMP := $(VENV)/.setup-$(STACK)
 EXTRA_REQS := $(if $(filter cpu,$(STACK)),-r requirements/triton-cpu.txt,)
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format demo bench gpu-check wheel clean
+.PHONY: setup test lint format demo bench bench-quick gpu-check wheel clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,19 @@ test: setup lint
 demo: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) examples/dlrm/demo.py
 
+# The step benchmarks (~20-25 min on 2 quiet cores): each rewrites its generated section of
+# docs/benchmarks.md. `make bench-quick` runs the same scripts on small sizes and writes nothing.
 bench: setup
+	$(PY) -m torchrec_lowprec.kernels.cpu_native --build
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/embedding_step.py --write docs/benchmarks.md
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/profile_step.py --write docs/benchmarks.md
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/sharded_step.py --write docs/benchmarks.md
+
+bench-quick: setup
+	$(PY) -m torchrec_lowprec.kernels.cpu_native --build
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/embedding_step.py --quick
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/profile_step.py --quick
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/sharded_step.py --quick
 
 # The CUDA path on one GPU (setup, kernel tests, DMP + checkpoint, CUDA benchmark) within the
 # device budget; OUT=dir collects logs and summary.md. GPU_CHECK_DRY=1: the CPU dry run.

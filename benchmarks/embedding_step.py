@@ -1,15 +1,21 @@
 """Forward and train-step time and state bytes of low-precision tables vs FBGEMM's fused FP32/FP16.
 
-In one process, on the same Zipf-distributed ids, for each configuration:
+For each configuration and id distribution, in ``--procs`` fresh processes (default 5), each
+building every variant and timing them **interleaved** (``--rounds`` rounds of ``--iters``
+batches per variant), on the same ids:
 - FBGEMM ``SplitTableBatchedEmbeddingBagsCodegen`` with EXACT_ROWWISE_ADAGRAD fused into the
   backward, weights FP32 and FP16 (what a sharded ``torchrec.EmbeddingBagCollection`` runs);
 - ``LowPrecisionEmbeddingBagCollection`` at int8 / int4 / int2 (ALPT: learned step sizes,
   stochastic rounding, RowWiseAdagrad), forward on FBGEMM's IntNBit kernel, update in the
   native kernel.
-Reports milliseconds per batch (median) and state bytes, each also as a ratio to FP32.
+A process reports per variant its median ms; the section reports per variant the median over
+processes of the ratio to FBGEMM FP32 (and FP16) and its min-max, the machine (CPU, vector
+extensions, cores, page setting, versions, commit, load and steal), and verdict lines
+computed from the same run.
 
-    python benchmarks/embedding_step.py                       # both configurations
-    python benchmarks/embedding_step.py --quick               # small sizes, a smoke run
+    python benchmarks/embedding_step.py                       # full run (~15 min on 2 cores)
+    python benchmarks/embedding_step.py --quick               # small sizes, 2 processes (smoke / CI)
+    python benchmarks/embedding_step.py --device cuda         # the same on a GPU
     python benchmarks/embedding_step.py --write docs/benchmarks.md
 """
 
@@ -17,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torchrec
@@ -35,7 +42,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import write_section  # noqa: E402
+from report import contention, cpu_stat, machine_info, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
 from torchrec_lowprec.kernels.dispatch import backend_for  # noqa: E402
@@ -72,11 +79,38 @@ def zipf_ids(rows: int, n: int, alpha: float, gen: torch.Generator) -> torch.Ten
     return perm[k.clamp(0, rows - 1)]
 
 
-def make_batches(s: Setup, n: int, alpha: float, seed: int = 0) -> list[KeyedJaggedTensor]:
+#: Id distributions: name -> description (for the section).
+DISTS = {
+    "uniform": "uniform over the rows",
+    "zipf1.05": "Zipf, alpha 1.05 (hot rows scattered)",
+    "zipf1.2": "Zipf, alpha 1.2",
+    "hot": "few hot rows: 15% of lookups on one row, 15% on 9 more, 70% uniform",
+}
+
+
+def draw_ids(rows: int, n: int, dist: str | float, gen: torch.Generator) -> torch.Tensor:
+    """``n`` ids of one table under distribution ``dist`` (a :data:`DISTS` name or a Zipf alpha)."""
+    if isinstance(dist, float):
+        return zipf_ids(rows, n, dist, gen)
+    if dist == "uniform":
+        return torch.randint(0, rows, (n,), generator=gen)
+    if dist.startswith("zipf"):
+        return zipf_ids(rows, n, float(dist[4:]), gen)
+    if dist == "hot":
+        ids = torch.randint(0, rows, (n,), generator=gen)
+        hot = torch.randperm(rows, generator=gen)[:10]
+        u = torch.rand(n, generator=gen)
+        ids = torch.where(u < 0.15, hot[0], ids)
+        pick = hot[1:][torch.randint(0, 9, (n,), generator=gen)]
+        return torch.where((u >= 0.15) & (u < 0.30), pick, ids)
+    raise ValueError(f"unknown id distribution {dist!r}; one of {sorted(DISTS)} or a Zipf alpha")
+
+
+def make_batches(s: Setup, n: int, dist: str | float, seed: int = 0) -> list[KeyedJaggedTensor]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        values = torch.cat([zipf_ids(s.rows, s.batch * s.ids_per_bag, alpha, gen) for _ in range(s.tables)])
+        values = torch.cat([draw_ids(s.rows, s.batch * s.ids_per_bag, dist, gen) for _ in range(s.tables)])
         lengths = torch.full((s.tables * s.batch,), s.ids_per_bag, dtype=torch.int64)
         out.append(KeyedJaggedTensor.from_lengths_sync([f"f{t}" for t in range(s.tables)], values, lengths))
     return out
@@ -129,7 +163,7 @@ def bench_fbgemm(s: Setup, precision: SparseType, grad: torch.Tensor) -> dict:
     def step(kjt):
         tbe(kjt.values(), kjt.offsets()).backward(grad)
 
-    return {"fwd": fwd, "step": step, "bytes": state}
+    return {"fwd": fwd, "step": step, "bytes": state, "tbe": tbe}
 
 
 def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
@@ -152,108 +186,184 @@ def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
     return {"fwd": fwd, "step": step, "bytes": ebc.memory_bytes()}
 
 
-def run(setups, alpha: float, rounds: int, iters: int, device: torch.device) -> list[tuple[Setup, dict]]:
-    """Build every variant, then time them interleaved: ``rounds`` rounds, each timing every
-    variant for ``iters`` batches; a variant's figure is the median over all its batches. This
-    keeps slow drifts of a shared machine from favouring whichever variant ran first."""
+VARIANTS = ("FBGEMM FP32", "FBGEMM FP16", "lowprec int8 (ALPT)", "lowprec int4 (ALPT)", "lowprec int2 (ALPT)")
+
+
+def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, seed: int) -> dict:
+    """One process's figures: build every variant, then time them interleaved: ``rounds``
+    rounds, each timing every variant for ``iters`` batches; a variant's figure is the median of
+    its round medians. Interleaving keeps slow drifts of a shared machine from favouring
+    whichever variant ran first."""
+    batches = [b.to(device) for b in make_batches(s, 4, dist, seed)]
+    grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(seed + 1)).to(
+        device
+    )
+    builders = {
+        "FBGEMM FP32": lambda: bench_fbgemm(s, SparseType.FP32, grad),
+        "FBGEMM FP16": lambda: bench_fbgemm(s, SparseType.FP16, grad),
+        "lowprec int8 (ALPT)": lambda: bench_lowprec(s, 8, grad),
+        "lowprec int4 (ALPT)": lambda: bench_lowprec(s, 4, grad),
+        "lowprec int2 (ALPT)": lambda: bench_lowprec(s, 2, grad),
+    }
+    variants = {name: builders[name]() for name in VARIANTS}
+    samples = {name: {"fwd": [], "step": []} for name in variants}
+    for _ in range(rounds):
+        for name, v in variants.items():
+            for kind in ("fwd", "step"):
+                samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
+    out = {
+        name: {
+            "fwd": statistics.median(samples[name]["fwd"]),
+            "step": statistics.median(samples[name]["step"]),
+            "bytes": v["bytes"],
+        }
+        for name, v in variants.items()
+    }
+    del variants
+    gc.collect()
+    return out
+
+
+def spawn_runs(s: Setup, dist: str, args, device: str) -> list[dict]:
+    """``args.procs`` fresh processes, one after the other, each running :func:`run_one`."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.huge_pages:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     results = []
-    for s in setups:
-        batches = [b.to(device) for b in make_batches(s, 4, alpha)]
-        grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(1)).to(device)
-        variants = {
-            "FBGEMM FP32": bench_fbgemm(s, SparseType.FP32, grad),
-            "FBGEMM FP16": bench_fbgemm(s, SparseType.FP16, grad),
-            "lowprec int8 (ALPT)": bench_lowprec(s, 8, grad),
-            "lowprec int4 (ALPT)": bench_lowprec(s, 4, grad),
-            "lowprec int2 (ALPT)": bench_lowprec(s, 2, grad),
-        }
-        samples = {name: {"fwd": [], "step": []} for name in variants}
-        for _ in range(rounds):
-            for name, v in variants.items():
-                for kind in ("fwd", "step"):
-                    samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
-        rows = {
-            name: {
-                "fwd": statistics.median(samples[name]["fwd"]),
-                "step": statistics.median(samples[name]["step"]),
-                "bytes": v["bytes"],
-            }
-            for name, v in variants.items()
-        }
-        for name, r in rows.items():
-            print(f"  {s.label()} | {name}: fwd {r['fwd']:.2f} ms, step {r['step']:.2f} ms", flush=True)
-        results.append((s, rows))
-        del variants
-        gc.collect()
+    for p in range(args.procs):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(s)), "--dist", dist,
+               "--rounds", str(args.rounds), "--iters", str(args.iters), "--device", device,
+               "--threads", str(args.threads), "--seed", str(p)]  # fmt: skip
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"benchmark process failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(r)
+        steps = ", ".join(
+            f"{n.split()[-2] if 'lowprec' in n else n.split()[-1]} {v['step']:.1f}" for n, v in r.items()
+        )
+        print(f"  {s.label()} | {dist} | process {p + 1}/{args.procs}: step ms {steps}", flush=True)
     return results
 
 
-def to_markdown(results, command: str, alpha: float, device: torch.device) -> str:
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+def summarize(runs: list[dict]) -> dict:
+    """Per variant: median ms, and per ratio (to FP32 / FP16; fwd speed-up, step throughput)
+    the median over processes and its min and max."""
+    out = {}
+    for name in VARIANTS:
+        row = {"fwd": statistics.median(r[name]["fwd"] for r in runs),
+               "step": statistics.median(r[name]["step"] for r in runs), "bytes": runs[0][name]["bytes"]}  # fmt: skip
+        for base, tag in (("FBGEMM FP32", "32"), ("FBGEMM FP16", "16")):
+            for kind in ("fwd", "step"):
+                ratios = [r[base][kind] / r[name][kind] for r in runs]
+                row[f"{kind}{tag}"] = (statistics.median(ratios), min(ratios), max(ratios))
+        out[name] = row
+    return out
+
+
+def _fmt(t: tuple[float, float, float]) -> str:
+    return f"{t[0]:.2f}x ({t[1]:.2f}-{t[2]:.2f})"
+
+
+def verdicts(results: list[tuple[Setup, str, dict]]) -> list[str]:
+    """The issue's targets, checked against this run's figures."""
+    low = [n for n in VARIANTS if n.startswith("lowprec")]
+    cells = [(s, d, n, r[n]) for s, d, r in results for n in low]
+    worst_step = min(cells, key=lambda c: c[3]["step32"][0])
+    worst_min = min(cells, key=lambda c: c[3]["step32"][1])
+    int8 = [c for c in cells if "int8" in c[2]]
+    worst_fwd = min(int8, key=lambda c: c[3]["fwd32"][0])
+    met = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    where = lambda c: f"{c[2].split()[1]}, {c[0].label()}, {c[1]} ids"  # noqa: E731
+    return [
+        "Verdicts (computed from the figures above):",
+        "",
+        f"- int8/int4/int2 train step >= 1.0x FP32 (median over processes) in every cell: "
+        f"{met(worst_step[3]['step32'][0] >= 1.0)}; lowest median {worst_step[3]['step32'][0]:.2f}x "
+        f"({where(worst_step)}); {sum(c[3]['step32'][0] >= 1.0 for c in cells)} of {len(cells)} cells >= 1.0x.",
+        f"- minimum over processes >= 0.9x in every cell: {met(worst_min[3]['step32'][1] >= 0.9)}; "
+        f"lowest {worst_min[3]['step32'][1]:.2f}x ({where(worst_min)}).",
+        f"- int8 forward >= 1.5x FP32 in every cell: {met(worst_fwd[3]['fwd32'][0] >= 1.5)}; lowest median "
+        f"{worst_fwd[3]['fwd32'][0]:.2f}x ({where(worst_fwd)}); "
+        f"{sum(c[3]['fwd32'][0] >= 1.5 for c in int8)} of {len(int8)} cells >= 1.5x.",
+    ]
+
+
+def to_markdown(results, command: str, args, device: str, stat0, elapsed: float) -> str:
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     lines = [
-        f"Command: `{command}`  ",
-        f"Device: {device.type} ({where}), torch {torch.__version__}; "
-        f"update backend: `{backend_for(device)}`; ids Zipf(alpha={alpha}); optimizer RowWiseAdagrad; "
-        "median ms per batch over interleaved rounds. Ratios are to FBGEMM FP32 in the same run: forward speed-up (FP32 ms / ms), "
-        "train-step throughput (FP32 ms / ms), state bytes (bytes / FP32 bytes; weights + optimizer state "
-        "+ fp32 master step sizes).",
+        f"Command: `{command}` ({elapsed / 60:.1f} min)  ",
+        *machine_info(args.threads),
+        f"Contention: {contention(stat0, cpu_stat())}.  ",
+        f"Device: {device} ({where}); update backend `{backend_for(torch.device(device))}`; optimizer "
+        f"RowWiseAdagrad, lr {LR}. {args.procs} fresh processes per cell, each building every variant and "
+        f"timing them interleaved ({args.rounds} rounds x {args.iters} batches); ms = median over processes "
+        "of each process's median. Ratios are per process, to FBGEMM FP32 (or FP16) in the same process: "
+        "forward speed-up (base ms / ms) and train-step throughput (base ms / ms); shown as the median "
+        "over processes (min-max). State = weights + optimizer state + fp32 master step sizes.",
         "",
     ]
-    for s, rows in results:
+    for s, dist, rows in results:
         base = rows["FBGEMM FP32"]
         lines += [
-            f"**{s.label()}**",
+            f"**{s.label()}; ids: {DISTS[dist]}**",
             "",
-            "| tables | fwd ms | fwd speed-up | train step ms | step throughput | state MB | state ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| tables | fwd ms | fwd vs FP32 | step ms | step vs FP32 | step vs FP16 | state MB | state ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in rows.items():
             lines.append(
-                f"| {name} | {r['fwd']:.2f} | {base['fwd'] / r['fwd']:.2f}x | {r['step']:.2f} | "
-                f"{base['step'] / r['step']:.2f}x | {r['bytes'] / 2**20:.0f} | {r['bytes'] / base['bytes']:.3f} |"
+                f"| {name} | {r['fwd']:.2f} | {_fmt(r['fwd32'])} | {r['step']:.2f} | {_fmt(r['step32'])} | "
+                f"{_fmt(r['step16'])} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / base['bytes']:.3f} |"
             )
         lines.append("")
+    lines += verdicts(results)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    ap.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all variants")
-    ap.add_argument("--iters", type=int, default=5, help="batches timed per variant per round")
-    ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
-    args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    setups = QUICK if args.quick else SETUPS
-    cmd = (
-        "python benchmarks/embedding_step.py"
-        + (" --quick" if args.quick else "")
-        + (f" --alpha {args.alpha}" if args.alpha != 1.05 else "")
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes, 2 processes, uniform+hot ids (smoke run)"
     )
-    cpu = torch.device("cpu")
-    md = to_markdown(run(setups, args.alpha, args.rounds, args.iters, cpu), cmd, args.alpha, cpu)
-    print(md)
-    if args.write:
-        key = "embedding_step" if args.alpha == 1.05 else f"embedding_step_alpha{args.alpha:g}"
-        write_section(args.write, key, f"Embedding train step vs FBGEMM (CPU, Zipf {args.alpha:g})", md)
-    if not torch.cuda.is_available():
-        print("CUDA section skipped: no GPU on this machine (GPU figures need a GPU run).")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated, of {', '.join(DISTS)}")
+    ap.add_argument("--procs", type=int, default=None, help="fresh processes per cell (default 5; quick 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants per process")
+    ap.add_argument("--iters", type=int, default=4, help="batches timed per variant per round")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="threads per process")
+    ap.add_argument("--huge-pages", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every variant")
+    ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dist", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        r = run_one(Setup(**json.loads(args.worker)), args.dist, args.rounds, args.iters,
+                    torch.device(args.device), args.seed)  # fmt: skip
+        print(json.dumps(r))
         return
-    gpu = torch.device("cuda")
-    md = to_markdown(run(setups, args.alpha, args.rounds, args.iters, gpu), cmd, args.alpha, gpu)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible to torch")
+    args.procs = args.procs or (2 if args.quick else 5)
+    setups = QUICK if args.quick else SETUPS
+    dists = (
+        args.dists.split(",") if not (args.quick and args.dists == ",".join(DISTS)) else ["uniform", "hot"]
+    )
+    for d in dists:
+        if d not in DISTS:
+            raise SystemExit(f"error: unknown --dists entry {d!r}; choose from {', '.join(DISTS)}")
+    cmd = "python benchmarks/embedding_step.py " + " ".join(a for a in sys.argv[1:] if not a.endswith(".md"))
+    cmd = cmd.replace(" --write", "").strip()
+    stat0, t0 = cpu_stat(), time.perf_counter()
+    results = [(s, d, summarize(spawn_runs(s, d, args, args.device))) for s in setups for d in dists]
+    md = to_markdown(results, cmd, args, args.device, stat0, time.perf_counter() - t0)
     print(md)
     if args.write:
-        write_section(
-            args.write,
-            f"embedding_step_cuda_alpha{args.alpha:g}",
-            f"Embedding train step vs FBGEMM (CUDA, Zipf {args.alpha:g})",
-            md,
-        )
+        key = "embedding_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
+        title = f"Embedding train step vs FBGEMM ({args.device.upper()}{', quick' if args.quick else ''})"
+        write_section(args.write, key, title, md)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,9 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             dlrm_checkpoint.save(args.checkpoint_dir, model, dense_opt, trainer)
 
     model.train()
+    from torchrec_lowprec.kernels.cpu_native import ensure_built
+
+    ensure_built(env.device)  # the kernel's first build (once, ~1 min, announced) is not training time
     loss_sum, loss_n = trainer.pop("loss_acc", (0.0, 0))
     log_every = 1 if total is not None and total < 50 else 50  # short runs: a loss point per step
     stop = bool(args.max_steps) and trainer["step"] >= args.max_steps  # a resumed run may be done

@@ -319,15 +319,19 @@ def test_matches_cpu_reference_as_is_without_sqrt(bits):
 
 @pytest.mark.parametrize("bits,learn", [(8, True), (4, False), (2, True), (16, False), (32, False)])
 def test_nan_values_from_finite_gradients(bits, learn):
-    # Adagrad with eps=0: a column whose gradient and state are 0 becomes 0/0 = NaN. The
-    # reference writes code 0 (q = 0) for NaN, a NaN step stays NaN, 16/32-bit rows keep NaN.
+    # Adagrad with finite gradients whose square overflows: h = inf and lr * g = +-inf, so the
+    # step is inf / inf = NaN. The reference writes code 0 (q = 0) for NaN, a NaN step stays
+    # NaN, 16/32-bit rows keep NaN. (This test used eps = 0 with a zero gradient, 0 / 0; that
+    # case now takes no step: issue 12 item 11, tests/kernels/test_step_bound.py.)
     dim = 16
     rows, s = _table(bits, dim, seed=41)
     st1, st2 = allocate_state(OptimizerType.ADAGRAD, R, dim, DEV)
     ids, goff, w, grad = _batch(dim, seed=42)
-    grad.view(-1, dim)[:, 3] = 0.0
-    grad.view(-1, dim)[:, 10] = 0.0
-    spec = UpdateSpec(bits, dim, OptimizerParams(OptimizerType.ADAGRAD, 0.1, eps=0.0), 1, True, learn, 0.1, 4)
+    grad.view(-1, dim)[:, 3] = 1e30
+    grad.view(-1, dim)[:, 10] = -1e30
+    spec = UpdateSpec(
+        bits, dim, OptimizerParams(OptimizerType.ADAGRAD, 1e10, eps=1e-8), 1, True, learn, 0.1, 4
+    )
     (na, a), (nb, b) = _run_both((rows, s, st1, st2), ids, goff, w, grad, spec)
     assert na == nb == 0
     # equal up to NaN payloads (which differ between numpy, x86 and CUDA)

@@ -7,7 +7,12 @@ CPU (the build uses ``-march=native``). A file lock serialises concurrent builds
 
 ``is_available()`` tries the build/load once and remembers a failure (no compiler, no
 ninja, ...); ``load_error()`` tells why. ``python -m torchrec_lowprec.kernels.cpu_native
---build`` builds it and prints the path of the library (``make setup`` runs it).
+--build`` (or :func:`build`) builds it ahead of time and prints the path of the library
+(``make setup`` runs it). A process that has to build it, or waits on the file lock while
+another one builds it, says so on stderr (``building the native update kernel, once, about a
+minute``), so the first step of a cold run is not a silent stall; a training script calls
+:func:`ensure_built` before it starts its clock so that the build is not counted as training
+time.
 """
 
 from __future__ import annotations
@@ -73,7 +78,24 @@ def build_dir() -> Path:
     return root / f"ext-{build_hash()}"
 
 
-def _build() -> ModuleType:
+def _say(msg: str) -> None:
+    """One line on stderr, prefixed with the rank when torch.distributed is up (or RANK is set)."""
+    rank = os.environ.get("RANK")
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank = str(dist.get_rank())
+    except Exception:  # noqa: BLE001 - the message must never fail the build
+        pass
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    print(f"{prefix}torchrec_lowprec: {msg}", file=sys.stderr, flush=True)
+
+
+BUILD_MESSAGE = "building the native update kernel, once, about a minute"
+
+
+def _build(verbose: bool = True) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     directory = build_dir()
@@ -86,7 +108,13 @@ def _build() -> ModuleType:
         except ImportError:  # not POSIX: rely on torch's own baton
             fcntl = None
         if fcntl is not None:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # Another process holds the lock: it is building (or loading) the library.
+                if verbose and not (directory / f"{name}.so").exists():
+                    _say(f"{BUILD_MESSAGE}: waiting for another process that is building it ({directory})")
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             # We hold the exclusive lock, so a baton file left there is stale (a build that
             # was killed); torch would wait on it forever.
             stale = directory / "lock"
@@ -99,6 +127,8 @@ def _build() -> ModuleType:
                 # library there is current: import it without asking ninja (a different ninja
                 # on PATH would otherwise trigger a full rebuild).
                 return _import_built(name, built)
+            if verbose:
+                _say(f"{BUILD_MESSAGE} (cached in {directory})")
             # The venv's ninja (requirements) even when the venv is not activated.
             path = os.environ.get("PATH", "")
             os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
@@ -127,7 +157,7 @@ def _import_built(name: str, path: Path) -> ModuleType:
     return module
 
 
-def _load() -> ModuleType:
+def _load(verbose: bool = True) -> ModuleType:
     global _module, _error, _tried
     with _lock:
         if _module is not None:
@@ -136,7 +166,7 @@ def _load() -> ModuleType:
             raise RuntimeError(f"the native CPU kernel is not available: {_error}")
         _tried = True
         try:
-            _module = _build()
+            _module = _build(verbose)
         except Exception as e:  # noqa: BLE001 - any failure means "not available"
             _error = f"{type(e).__name__}: {e}".strip()
             raise RuntimeError(f"the native CPU kernel is not available: {_error}") from e
@@ -162,6 +192,33 @@ def library_path() -> str:
     return str(_load().__file__)
 
 
+def build(verbose: bool = True) -> str:
+    """Build (or find in the cache) and load the native kernel; return the library's path.
+
+    Raises ``RuntimeError`` saying why when it cannot be built (no C++ compiler, no ninja).
+    ``verbose`` prints what it does on stderr (see the module docstring). Example::
+
+        path = build()  # ~1 min the first time on a machine, instant afterwards
+    """
+    return str(_load(verbose).__file__)
+
+
+def ensure_built(device: torch.device | str | None = None) -> bool:
+    """Build the update kernel of ``device`` now (CPU: this native kernel), so that a training
+    loop can start its clock after it; returns whether the fast kernel is available.
+
+    Call it before timing starts (the first step would otherwise include the build). A
+    machine that cannot build it falls back to the reference later, with its own warning.
+    Example::
+
+        ensure_built()  # then: t0 = time.perf_counter(); train ...
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cpu":
+        return True
+    return is_available()
+
+
 def fused_update(
     rows: torch.Tensor,
     step_size: torch.Tensor,
@@ -172,18 +229,25 @@ def fused_update(
     occ_weights: torch.Tensor,
     grad: torch.Tensor,
     spec: UpdateSpec,
+    bounded: torch.Tensor | None = None,
 ) -> int:
     """The fused update of :mod:`torchrec_lowprec.kernels.spec`, in place, on CPU tensors.
 
     Same arguments and result as :func:`torchrec_lowprec.kernels.reference.reference_update`
-    (the number of rows skipped for a non-finite gradient), bit-identical to it.
+    (the number of rows skipped for a non-finite gradient; ``bounded[0]`` counts the rows
+    whose step hit ``max_step_size(bits)``), bit-identical to it.
     """
     ext = _load()
     tensors = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad)
-    return int(ext.fused_update(*tensors, spec.float_args(), spec.int_args()))
+    skipped, n_bounded = ext.fused_update(*tensors, spec.float_args(), spec.int_args())
+    if bounded is not None:
+        bounded[0] += n_bounded
+    return int(skipped)
 
 
-def fused_update_many(items: list[UpdateItem], grad: torch.Tensor) -> list[int]:
+def fused_update_many(
+    items: list[UpdateItem], grad: torch.Tensor, bounded: torch.Tensor | None = None
+) -> list[int]:
     """:func:`fused_update` for many tables in one native call, all reading the same ``grad``.
 
     ``items[i] = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)``.
@@ -192,6 +256,9 @@ def fused_update_many(items: list[UpdateItem], grad: torch.Tensor) -> list[int]:
     step sizes, states, and the returned skipped-row count per table) is bit-identical to
     calling :func:`fused_update` once per item, in order. Tables must not share the memory
     they write (rows, step sizes, optimizer states): the call raises if they overlap.
+
+    ``bounded[i]`` (optional int64 tensor) is increased by table ``i``'s rows whose step hit
+    ``max_step_size(bits)``.
 
     Errors: bad arguments (dtypes, shapes, overlap) raise before anything is written. The
     ids / grad_offsets range check is made table by table, as the loop of single calls
@@ -203,9 +270,11 @@ def fused_update_many(items: list[UpdateItem], grad: torch.Tensor) -> list[int]:
     ext = _load()
     cols = tuple(list(c) for c in zip(*(item[:7] for item in items)))
     specs = [item[7] for item in items]
-    counts = ext.fused_update_many(
+    counts, n_bounded = ext.fused_update_many(
         *cols, grad, [s.float_args() for s in specs], [s.int_args() for s in specs]
     )
+    if bounded is not None:
+        bounded += torch.tensor(n_bounded, dtype=bounded.dtype)
     return [int(k) for k in counts]
 
 
@@ -218,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.build:
         parser.print_help()
         return 0
-    if not is_available():
+    try:
+        path = build(verbose=True)
+    except RuntimeError:
         print(f"building the native CPU kernel failed: {load_error()}", file=sys.stderr)
         return 1
-    print(library_path())
+    print(path)
     return 0
 
 

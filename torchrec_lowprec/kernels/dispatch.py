@@ -71,10 +71,14 @@ def fused_update(
     occ_weights: torch.Tensor,
     grad: torch.Tensor,
     spec: UpdateSpec,
+    bounded: torch.Tensor | None = None,
 ) -> int:
-    """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads."""
+    """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads.
+
+    ``bounded[0]`` (optional int64 tensor) is increased by the rows whose step size hit
+    ``max_step_size(bits)`` (spec step 5c)."""
     update = _backend_function(backend_for(rows.device))
-    return update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec)
+    return update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec, bounded)
 
 
 def _backend_function(backend: str):
@@ -93,6 +97,7 @@ def _backend_function(backend: str):
 def fused_update_many(
     items: list[UpdateItem],
     grad: torch.Tensor,
+    bounded: torch.Tensor | None = None,
 ) -> list[int]:
     """Update many tables in place, all reading ``grad``; the skipped-row count per table.
 
@@ -100,12 +105,16 @@ def fused_update_many(
     arguments of :func:`fused_update` but ``grad``. Same result as calling :func:`fused_update`
     per item in order: on CPU with the native kernel, one batched call (one parallel region
     across all the tables); elsewhere (CUDA, the reference), one call per item. Tables must
-    not share the memory they write.
+    not share the memory they write. ``bounded[i]`` (optional int64 tensor ``[len(items)]``)
+    is increased by table ``i``'s rows whose step hit ``max_step_size(bits)``.
     """
     if not items:
         return []
     if backend_for(grad.device) == "cpu_native" and all(item[0].device.type == "cpu" for item in items):
         from torchrec_lowprec.kernels import cpu_native
 
-        return cpu_native.fused_update_many(items, grad)
-    return [fused_update(*item[:7], grad, item[7]) for item in items]
+        return cpu_native.fused_update_many(items, grad, bounded)
+    return [
+        fused_update(*item[:7], grad, item[7], None if bounded is None else bounded[i : i + 1])
+        for i, item in enumerate(items)
+    ]

@@ -9,6 +9,8 @@ them, with no copy.
 
 from __future__ import annotations
 
+import mmap
+import os
 from dataclasses import dataclass
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
@@ -21,6 +23,38 @@ _PLACEMENT_HOST = 3
 POOLING_SUM = 0
 POOLING_MEAN = 1
 TABLE_ALIGNMENT = 128
+
+
+#: Buffers at least this large get transparent huge pages on CPU (one 2 MiB page).
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def table_buffer(nbytes: int, device: torch.device | str) -> torch.Tensor:
+    """A zeroed flat ``uint8`` buffer of ``nbytes`` for the tables, on ``device``.
+
+    On Linux CPU, a buffer of 2 MiB or more is an anonymous mapping advised
+    ``MADV_HUGEPAGE``: where transparent huge pages are ``madvise``-only (the common default)
+    torch's allocator would give 4 KiB pages, and a random row lookup then pays a page walk
+    per row (``docs/benchmarks.md``, profile section). Set ``TORCHREC_LOWPREC_HUGE_PAGES=0``
+    to use torch's allocator. Elsewhere: ``torch.zeros``. Example::
+
+        flat = table_buffer(1 << 30, "cpu")  # 1 GiB of zeros, huge pages if the kernel allows
+    """
+    device = torch.device(device)
+    if (
+        device.type != "cpu"
+        or nbytes < HUGE_PAGE_BYTES
+        or not hasattr(mmap, "MADV_HUGEPAGE")
+        or os.environ.get("TORCHREC_LOWPREC_HUGE_PAGES", "1") == "0"
+    ):
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP disabled or not supported: plain pages, still a valid buffer
+        pass
+    # The tensor keeps the mapping alive (it holds a reference to ``buf``); pages are zero.
+    return torch.frombuffer(buf, dtype=torch.uint8)
 
 
 def row_alignment_for(device: torch.device) -> int:

@@ -72,16 +72,24 @@ def _apply_optimizer(
     if o.kind == OptimizerType.ADAGRAD:
         h = state1[rows] + g * g
         state1[rows] = h
-        return x - (lr * g) / (_sqrt(h) + eps)
+        den = _sqrt(h) + eps
+        return x - _zero_where(den, (lr * g) / den)
     if o.kind == OptimizerType.ROWWISE_ADAGRAD:
         h = state1[rows] + _row_sum(g * g) / float(spec.dim)
         state1[rows] = h
-        return x - (lr / (_sqrt(h) + eps))[:, None] * g
+        den = _sqrt(h) + eps
+        return x - _zero_where(den, lr / den)[:, None] * g
     m = b1 * state1[rows] + omb1 * g
     v = b2 * state2[rows] + omb2 * (g * g)
     state1[rows] = m
     state2[rows] = v
-    return x - lr * (m / bc1) / (_sqrt(v / bc2) + eps)
+    den = _sqrt(v / bc2) + eps
+    return x - _zero_where(den, lr * (m / bc1) / den)
+
+
+def _zero_where(den: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with 0 where ``den == 0`` (eps = 0 and a zero state: no step instead of NaN/inf)."""
+    return torch.where(den == 0.0, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
 def _fp16_stochastic(x: torch.Tensor, noise_bits: torch.Tensor) -> torch.Tensor:
@@ -103,8 +111,13 @@ def reference_update(
     occ_weights: torch.Tensor,
     grad: torch.Tensor,
     spec: UpdateSpec,
+    bounded: torch.Tensor | None = None,
 ) -> int:
-    """Apply one fused update in place; returns the number of rows skipped (non-finite grad)."""
+    """Apply one fused update in place; returns the number of rows skipped (non-finite grad).
+
+    ``bounded`` (optional, an int64 tensor): ``bounded[0]`` is increased by the number of rows
+    whose step size hit ``max_step_size(bits)`` (spec step 5c).
+    """
     if ids.numel() == 0:
         return 0
     bits, dim = spec.bits, spec.dim
@@ -154,6 +167,8 @@ def reference_update(
         s = torch.where(need > f[13] * s, torch.clamp(need, max=f[12]), s)
     if spec.learn_step_size:
         step_size[uniq] = s
+    if bounded is not None and (spec.learn_step_size or spec.grow_step):
+        bounded[0] += int((s >= f[12]).sum())
     s16 = s.to(torch.float16).to(torch.float32)
     noise = uniform_from_counter(keys, gcols) if need_noise else None
     q = round_to_grid(x * (1.0 / s16)[:, None], qmin, qmax, noise)

@@ -14,14 +14,20 @@ to the gradient of row ``ids[i]``; a row's contributions are summed in occurrenc
    RowWiseAdagrad ``h += (sum_d g_opt_d^2) / D; x -= (lr * (1 / (sqrt(h) + eps))) * g_opt``;
    Adam ``m = b1*m + (1-b1)*g_opt; v = b2*v + (1-b2)*g_opt^2;
    x -= lr * (m / bc1) / (sqrt(v / bc2) + eps)`` with ``bc = 1 - beta^step``.
+   A zero denominator (``sqrt(.) + eps == 0``: only with ``eps = 0`` and a zero state, e.g.
+   an exactly-zero gradient) makes that element's (row's, for RowWiseAdagrad) step 0 instead
+   of ``0/0 = NaN`` or ``inf * 0``; with ``eps > 0`` it never happens and nothing changes.
 5. ALPT (b-bit rows with a learned step): ``s = clamp(s - step_lr * lsq_grad(x, s, g),
-   min_step, max_step)`` with the LSQ gradient of :mod:`torchrec_lowprec.quant.lsq`
+   min_step, max_step)`` with ``max_step = quant.layout.max_step_size(bits)`` (the largest
+   step whose fp16 bias ``-2^(b-1) * s`` is finite) and the LSQ gradient of :mod:`torchrec_lowprec.quant.lsq`
    evaluated at the updated row, the raw loss gradient ``g`` and the fp32 master ``s``.
 5b. Growth (b-bit rows, ``grow_step``): with ``hi = max_d x_d`` and ``lo = min_d x_d``,
    ``need = max(hi / Qp, lo / Qn)``; if ``need > growth_threshold * s`` then
    ``s = min(need, max_step)`` (``s``
    is the fp32 master after 5, or the row's stored fp16 step when the step is not learned;
    the master is updated too).
+5c. Rows whose step after 5/5b equals ``max_step`` are counted ("hit the step bound"; only
+   when 5 or 5b runs) in the optional ``bounded`` counter every backend accepts.
 6. Write back: ``s16 = fp16(s)``; ``q = clamp(floor(x * (1/s16) + u), Qn, Qp)``, ``u`` the
    counter-based draw of (key, global row, global column) for stochastic rounding or 0.5
    for nearest; the row gets ``s16``, ``bias = -2^(b-1) * s16`` and the packed codes.
@@ -74,6 +80,7 @@ class UpdateSpec:
     def float_args(self) -> list[float]:
         """``[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s,
         growth_threshold]``."""
+        from torchrec_lowprec.quant.layout import max_step_size
         from torchrec_lowprec.quant.lsq import MAX_STEP_SIZE, MIN_STEP_SIZE, lsq_grad_scale
 
         o = self.optimizer
@@ -81,7 +88,8 @@ class UpdateSpec:
         lsq = lsq_grad_scale(self.bits, self.dim) if self.bits <= 8 else 0.0
         return [
             o.lr, o.weight_decay, o.eps, o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2,
-            bc1, bc2, self.step_size_lr, lsq, MIN_STEP_SIZE, MAX_STEP_SIZE, self.growth_threshold,
+            bc1, bc2, self.step_size_lr, lsq, MIN_STEP_SIZE, min(MAX_STEP_SIZE, max_step_size(self.bits)),
+            self.growth_threshold,
         ]  # fmt: skip
 
     def int_args(self) -> list[int]:

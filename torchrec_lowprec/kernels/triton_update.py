@@ -254,13 +254,15 @@ def _fused_update_kernel(
         hp = s1_ptr + row * s1_stride + cols
         h = tl.load(hp, mask=cmask, other=0.0) + go * go
         tl.store(hp, h, mask=smask)
-        x = x - tl.div_rn(lr * go, tl.sqrt_rn(h) + eps)
+        den = tl.sqrt_rn(h) + eps
+        x = x - tl.where(den == 0.0, 0.0, tl.div_rn(lr * go, den))  # eps = 0, zero state: no step
     elif OPT == 2:
         hp = s1_ptr + row * s1_stride
         sq = tl.where(cmask, go * go, 0.0)
         h = tl.load(hp) + tl.div_rn(_row_sum(sq, cols, D, EXACT_SUM), dim_f)
         tl.store(hp, h, mask=ok)
-        rate = tl.div_rn(1.0, tl.sqrt_rn(h) + eps) * lr
+        den = tl.sqrt_rn(h) + eps
+        rate = tl.where(den == 0.0, 0.0, tl.div_rn(1.0, den) * lr)
         x = x - rate * go
     else:
         mp = s1_ptr + row * s1_stride + cols
@@ -269,7 +271,8 @@ def _fused_update_kernel(
         v = b2 * tl.load(vp, mask=cmask, other=0.0) + omb2 * (go * go)
         tl.store(mp, m, mask=smask)
         tl.store(vp, v, mask=smask)
-        x = x - tl.div_rn(lr * tl.div_rn(m, bc1), tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+        den = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
+        x = x - tl.where(den == 0.0, 0.0, tl.div_rn(lr * tl.div_rn(m, bc1), den))
 
     # 5. write back
     if BITS == 32:
@@ -312,13 +315,12 @@ def _fused_update_kernel(
             if GROW:
                 sn = _grown_step(sn, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s, grow_thr)
             tl.store(sp, sn, mask=ok)
+            tl.store(flag_ptr + pid, 2, mask=ok & (sn >= max_s))  # hit the step bound (spec 5c)
             s16 = sn.to(tl.float16).to(tl.float32)
         elif GROW:
-            s16 = (
-                _grown_step(s16_old, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s, grow_thr)
-                .to(tl.float16)
-                .to(tl.float32)
-            )
+            sn = _grown_step(s16_old, x, cmask, QMIN * 1.0, QMAX * 1.0, max_s, grow_thr)
+            tl.store(flag_ptr + pid, 2, mask=ok & (sn >= max_s))
+            s16 = sn.to(tl.float16).to(tl.float32)
         else:
             s16 = s16_old
         vq = x * tl.div_rn(1.0, s16)
@@ -437,6 +439,7 @@ def fused_update(
     occ_weights: torch.Tensor,
     grad: torch.Tensor,
     spec: UpdateSpec,
+    bounded: torch.Tensor | None = None,
     *,
     exact_row_sums: bool = True,
 ) -> int:
@@ -446,6 +449,7 @@ def fused_update(
     Same arguments and result as :func:`torchrec_lowprec.kernels.reference.reference_update`;
     all tensors on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``rows`` is a
     2-D uint8 tensor ``[R, >= row_bytes]`` with unit stride along a row (any row stride).
+    ``bounded[0]`` (optional) counts the rows whose step hit ``max_step_size(bits)``.
     ``exact_row_sums=False`` uses a tree reduction for the two sums over ``d`` (faster,
     last-bit differences, see the module docstring).
     """
@@ -549,4 +553,6 @@ def fused_update(
         HAS_WD=f[1] != 0.0, HAS_W=has_w, TYPED=typed, EXACT_SUM=bool(exact_row_sums),
         BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=False,
     )  # fmt: skip
-    return int(flags.sum())
+    if bounded is not None:
+        bounded[0] += (flags == 2).sum().to(bounded.device)
+    return int((flags == 1).sum())

@@ -20,6 +20,7 @@ from torchrec_lowprec.kernels.lookup import (
     FeatureSlot,
     FusedPooledLookup,
     row_alignment_for,
+    table_buffer,
 )
 from torchrec_lowprec.kernels.spec import UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
@@ -134,9 +135,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         self._row_alignment = row_alignment_for(device)
         self._layouts, total_bytes = plan_layout(tables, self._configs, self._row_alignment, shard_origins)
         self._table_index = {lay.name: i for i, lay in enumerate(self._layouts)}
-        self.register_buffer(
-            "_flat", torch.zeros(total_bytes, dtype=torch.uint8, device=device), persistent=False
-        )
+        self.register_buffer("_flat", table_buffer(total_bytes, device), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.tables = nn.ModuleDict(
             {lay.name: TableState(lay, self._configs[lay.name], device) for lay in self._layouts}
@@ -147,6 +146,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         self._lr_groups: dict[str, dict[str, Any]] = {}
         self._lr_base: dict[str, float] = {}
         self._fused_optim: FusedTableOptimizer | None = None
+        self._step_bound_rows = dict.fromkeys(names, 0)
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
@@ -321,9 +321,11 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
                     names.append(lay.name)
                 start = end
         # One call for all tables: one parallel region, rows of all tables in one work queue.
-        for name, skipped in zip(names, fused_update_many(items, grad)):
+        bounded = torch.zeros(len(items), dtype=torch.int64)
+        for name, skipped, hit in zip(names, fused_update_many(items, grad, bounded), bounded.tolist()):
             if skipped:
                 self._report_nonfinite(name, skipped, step)
+            self._step_bound_rows[name] += hit
         self.step.fill_(step)
 
     def _update_item(self, lay, step: int, ids, goff, occ_w) -> tuple:
@@ -363,6 +365,11 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
     def nonfinite_rows_skipped(self) -> dict[str, int]:
         """Per table, how many row updates were skipped because their gradient was NaN/Inf."""
         return dict(self._nonfinite_rows)
+
+    def step_bound_rows(self) -> dict[str, int]:
+        """Per table, how many row updates clamped the step size at ``max_step_size(bits)`` (the
+        largest step whose fp16 bias stays finite; see ``kernels/spec.py``, step 5c)."""
+        return dict(self._step_bound_rows)
 
     # ----- weights in and out -----
     def dequantized_weight(self, name: str) -> torch.Tensor:

@@ -29,14 +29,6 @@ FP16_MAX = 65504.0
 _STATE_FLOATS = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adagrad": (0, 1), "adam": (0, 2)}
 
 
-def max_step_size(bits: int) -> float:
-    """Largest step size a ``bits``-bit row can store: the row keeps ``bias = -2**(bits-1) *
-    step`` in fp16, so ``step <= 65504 / 2**(bits-1)`` (8 bits: 511.75, 4: 8188, 2: 32752)."""
-    if bits not in INT_BITS:
-        raise ValueError(f"max_step_size: bits={bits} has no step size (integer widths: {list(INT_BITS)})")
-    return FP16_MAX / (1 << (bits - 1))
-
-
 def optimizer_state_bytes(optimizer: str, dim: int) -> int:
     """Bytes of fp32 optimizer state per row of ``dim`` for ``optimizer`` (an ``OptimizerType``
     or its value)."""
@@ -112,6 +104,24 @@ def code_range(bits: int) -> tuple[int, int]:
     """``(qmin, qmax)`` of the symmetric signed grid of ``bits`` bits."""
     half = 1 << (bits - 1)
     return -half, half - 1
+
+
+def max_step_size(bits: int) -> float:
+    """The largest step size a ``bits``-bit row can store: ``65504 / 2**(bits-1)``.
+
+    The row stores ``bias = -2**(bits-1) * scale`` in fp16; a larger scale makes the bias
+    ``-inf`` and FBGEMM's forward (``scale * u + bias``) reads ``-inf`` / NaN, while the scale
+    itself is still finite. At the bound the bias is exactly ``-65504`` and every code
+    dequantizes to a finite value (``tests/kernels/test_step_bound.py`` checks this against
+    FBGEMM for each width, and that the next fp16 above the bound breaks FBGEMM's forward).
+    The bound is itself an fp16 value (511.75, 8188, 32752 for 8, 4, 2 bits), so clamping the
+    fp32 step to it and rounding to fp16 keeps it. 16/32-bit rows have no step: fp16's max.
+    """
+    if bits in FLOAT_BITS:
+        return FP16_MAX
+    if bits not in INT_BITS:
+        raise ValueError(f"bits must be one of {INT_BITS + FLOAT_BITS}, got {bits}")
+    return FP16_MAX / float(1 << (bits - 1))
 
 
 def row_bytes(bits: int, dim: int) -> int:

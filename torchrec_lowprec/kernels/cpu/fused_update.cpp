@@ -36,6 +36,7 @@
 #include <memory>
 #include <ostream>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -262,32 +263,103 @@ inline void element_hash(uint32_t rk, const Params& P, uint32_t* h) {
   }
 }
 
-// Write the updated fp32 row x back into its stored form.
 // Spec step 5b: the smallest step that holds the updated row x on the b-bit grid, if it is
 // larger than s (max/min are exact; the two divisions are IEEE, as torch's).
-template <int BITS>
-inline float grown_step(float s, const float* x, int64_t D, float max_s, float thr) {
-  constexpr int half = 1 << (BITS - 1);
-  // Eight independent lanes so the compiler emits vector max/min (exact in any order).
-  constexpr int kLanes = 8;
+//
+// The row's max / min are taken in kLanes independent lanes (lane l sees x[d] for d = l mod
+// kLanes in the full blocks; the tail and the lane merge are sequential), so the compiler
+// emits vector max/min. MinMax accumulates them while the optimizer writes x (one pass over
+// the row, issue 13: "fuse the growth max/min pass into the optimizer pass"); max/min are
+// exact, so the result does not depend on where it is computed.
+constexpr int kLanes = 8;
+
+struct MinMax {
+#if defined(__AVX__)
+  // vmaxps(x, h) is (x > h) ? x : h and vminps(x, m) is (x < m) ? x : m, lane by lane: the
+  // scalar selects below, exactly (NaN x keeps h; equal values keep h). GCC kept the scalar
+  // form as eight vmaxss / vminss per block (seen with objdump), hence the intrinsics.
+  __m256 hv, lv;
+#else
   float hi8[kLanes], lo8[kLanes];
-  for (int l = 0; l < kLanes; ++l) hi8[l] = lo8[l] = x[0];
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
+#endif
+  float hi, lo;  // the tail (d >= D / kLanes * kLanes)
+  inline void init(float x0) {
+#if defined(__AVX__)
+    hv = lv = _mm256_set1_ps(x0);
+#else
+    for (int l = 0; l < kLanes; ++l) hi8[l] = lo8[l] = x0;
+#endif
+    hi = lo = x0;
+  }
+  inline void block(const float* x) {  // x[0:kLanes], one full block
+#if defined(__AVX__)
+    const __m256 xv = _mm256_loadu_ps(x);
+    hv = _mm256_max_ps(xv, hv);
+    lv = _mm256_min_ps(xv, lv);
+#else
     for (int l = 0; l < kLanes; ++l) {
-      hi8[l] = x[d + l] > hi8[l] ? x[d + l] : hi8[l];
-      lo8[l] = x[d + l] < lo8[l] ? x[d + l] : lo8[l];
+      hi8[l] = x[l] > hi8[l] ? x[l] : hi8[l];
+      lo8[l] = x[l] < lo8[l] ? x[l] : lo8[l];
     }
+#endif
   }
-  float hi = x[0], lo = x[0];
-  for (int l = 0; l < kLanes; ++l) {
-    hi = hi8[l] > hi ? hi8[l] : hi;
-    lo = lo8[l] < lo ? lo8[l] : lo;
+  inline void tail(float v) {
+    hi = v > hi ? v : hi;
+    lo = v < lo ? v : lo;
   }
-  for (; d < D; ++d) {
-    hi = x[d] > hi ? x[d] : hi;
-    lo = x[d] < lo ? x[d] : lo;
+  // (max, min) of the row, merged in the order the scan above defines.
+  inline void result(float& rhi, float& rlo, float x0) const {
+#if defined(__AVX__)
+    float hi8[kLanes], lo8[kLanes];
+    _mm256_storeu_ps(hi8, hv);
+    _mm256_storeu_ps(lo8, lv);
+#endif
+    float h = x0, m = x0;
+    for (int l = 0; l < kLanes; ++l) {
+      h = hi8[l] > h ? hi8[l] : h;
+      m = lo8[l] < m ? lo8[l] : m;
+    }
+    // the tail after the lanes, as the sequential scan
+    rhi = hi > h ? hi : h;
+    rlo = lo < m ? lo : m;
   }
+};
+
+inline void row_minmax(const float* x, int64_t D, float& hi, float& lo) {
+  MinMax mm;
+  mm.init(x[0]);
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) mm.block(x + d);
+  for (; d < D; ++d) mm.tail(x[d]);
+  mm.result(hi, lo, x[0]);
+}
+
+// x[d] -= rate * g[d] for one row; with GROW, also the row's (max, min) of the new x, in
+// the same pass (the lane structure of row_minmax, so the same values).
+template <bool GROW>
+inline void axpy_row(float* x, const float* g, float rate, int64_t D, float& hi, float& lo) {
+  if constexpr (!GROW) {
+    for (int64_t d = 0; d < D; ++d) x[d] = x[d] - rate * g[d];
+  } else {
+    const float x0 = x[0] - rate * g[0];
+    MinMax mm;
+    mm.init(x0);
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int l = 0; l < kLanes; ++l) x[d + l] = x[d + l] - rate * g[d + l];
+      mm.block(x + d);
+    }
+    for (; d < D; ++d) {
+      x[d] = x[d] - rate * g[d];
+      mm.tail(x[d]);
+    }
+    mm.result(hi, lo, x0);
+  }
+}
+
+template <int BITS>
+inline float grown_from(float s, float hi, float lo, float max_s, float thr) {
+  constexpr int half = 1 << (BITS - 1);
   const float need_hi = hi / static_cast<float>(half - 1);
   const float need_lo = lo / static_cast<float>(-half);
   const float need = need_hi > need_lo ? need_hi : need_lo;
@@ -295,6 +367,7 @@ inline float grown_step(float s, const float* x, int64_t D, float max_s, float t
   return s;
 }
 
+// Write the updated fp32 row x back into its stored form.
 template <int BITS>
 inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, const Params& P, Scratch& S) {
   const int64_t D = P.dim;
@@ -373,7 +446,8 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
 
 // Update nb (<= kBlock) rows whose summed gradients are in S.g[r*D:(r+1)*D].
 template <int BITS, int OPT>
-void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T, Scratch& S) {
+void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T, Scratch& S,
+                   int64_t& bounded) {
   const int64_t D = P.dim;
   float* G = S.g.data();
   float* X = S.x.data();
@@ -387,10 +461,19 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
     for (int64_t i = 0; i < nb * D; ++i) GO[i] = G[i] + wd * X[i];
   }
 
-  // Optimizer
+  // Optimizer. With growth (b-bit rows), SGD and row-wise Adagrad also take each updated
+  // row's max / min in the pass that writes it; the others take them right after (in L1).
   const float lr = P.lr, eps = P.eps;
+  const bool grow = BITS <= 8 && P.grow;
+  float rhi[kBlock], rlo[kBlock];
+  bool have_minmax = false;
   if constexpr (OPT == 0) {
-    for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - lr * GO[i];
+    if (grow) {
+      for (int r = 0; r < nb; ++r) axpy_row<true>(X + r * D, GO + r * D, lr, D, rhi[r], rlo[r]);
+      have_minmax = true;
+    } else {
+      for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - lr * GO[i];
+    }
   } else if constexpr (OPT == 1) {
     float* hn = S.p.data();
     float* sq = S.q.data();
@@ -404,7 +487,11 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
       }
     }
     sqrt_n(hn, sq, nb * D);
-    for (int64_t i = 0; i < nb * D; ++i) X[i] = X[i] - (lr * GO[i]) / (sq[i] + eps);
+    for (int64_t i = 0; i < nb * D; ++i) {
+      const float den = sq[i] + eps;
+      const float upd = (lr * GO[i]) / den;
+      X[i] = X[i] - (den == 0.0f ? 0.0f : upd);  // eps = 0, zero state: no step (spec 4)
+    }
   } else if constexpr (OPT == 2) {
     float* sqg = S.p.data();
     for (int64_t i = 0; i < nb * D; ++i) sqg[i] = GO[i] * GO[i];
@@ -418,11 +505,15 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
     }
     sqrt_n(hn, sq, nb);
     for (int r = 0; r < nb; ++r) {
-      const float rate = (1.0f / (sq[r] + eps)) * lr;  // lr / t == reciprocal(t) * lr
-      float* x = X + r * D;
-      const float* g = GO + r * D;
-      for (int64_t d = 0; d < D; ++d) x[d] = x[d] - rate * g[d];
+      const float den = sq[r] + eps;
+      const float rate = den == 0.0f ? 0.0f : (1.0f / den) * lr;  // lr / t == reciprocal(t) * lr
+      if (grow) {
+        axpy_row<true>(X + r * D, GO + r * D, rate, D, rhi[r], rlo[r]);
+      } else {
+        axpy_row<false>(X + r * D, GO + r * D, rate, D, rhi[r], rlo[r]);
+      }
     }
+    have_minmax = grow;
   } else {
     const float b1 = P.b1, omb1 = P.omb1, b2 = P.b2, omb2 = P.omb2, bc1 = P.bc1, bc2 = P.bc2;
     float* vb = S.p.data();
@@ -445,8 +536,16 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
       const float* m = T.s1 + rid[r] * T.s1_stride;
       float* x = X + r * D;
       const float* sr = sq + r * D;
-      for (int64_t d = 0; d < D; ++d) x[d] = x[d] - (lr * (m[d] / bc1)) / (sr[d] + eps);
+      for (int64_t d = 0; d < D; ++d) {
+        const float den = sr[d] + eps;
+        const float upd = (lr * (m[d] / bc1)) / den;
+        x[d] = x[d] - (den == 0.0f ? 0.0f : upd);
+      }
     }
+  }
+
+  if (grow && !have_minmax) {
+    for (int r = 0; r < nb; ++r) row_minmax(X + r * D, D, rhi[r], rlo[r]);
   }
 
   // ALPT: LSQ step-size update (raw gradient g, updated x, fp32 master step)
@@ -478,15 +577,22 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
         float sn = s[r] - P.step_lr * lsq;
         sn = sn < P.min_s ? P.min_s : sn;  // torch.clamp (NaN stays NaN)
         sn = sn > P.max_s ? P.max_s : sn;
-        if (P.grow) sn = grown_step<BITS>(sn, X + r * D, D, P.max_s, P.grow_thr);
+        if (grow) sn = grown_from<BITS>(sn, rhi[r], rlo[r], P.max_s, P.grow_thr);
         T.step[rid[r] * T.step_stride] = sn;
+        bounded += sn >= P.max_s;
         s16[r] = h2f(f2h(sn));
       }
     } else {
       for (int r = 0; r < nb; ++r) {
         uint16_t sh;
         std::memcpy(&sh, T.rows + rid[r] * T.row_stride, 2);
-        s16[r] = P.grow ? h2f(f2h(grown_step<BITS>(h2f(sh), X + r * D, D, P.max_s, P.grow_thr))) : h2f(sh);
+        if (grow) {
+          const float sn = grown_from<BITS>(h2f(sh), rhi[r], rlo[r], P.max_s, P.grow_thr);
+          bounded += sn >= P.max_s;
+          s16[r] = h2f(f2h(sn));
+        } else {
+          s16[r] = h2f(sh);
+        }
       }
     }
   }
@@ -496,15 +602,27 @@ void process_block(const int64_t* rid, int nb, const Params& P, const Tensors& T
   }
 }
 
-// Process segments [u0, u1) of the grouped occurrences; returns the number of skipped rows.
+// Rows skipped (non-finite gradient) and rows whose step hit the bound (spec 5c).
+struct Counts {
+  int64_t skipped = 0;
+  int64_t bounded = 0;
+  Counts& operator+=(const Counts& o) {
+    skipped += o.skipped;
+    bounded += o.bounded;
+    return *this;
+  }
+};
+
+// Process segments [u0, u1) of the grouped occurrences.
 template <int BITS, int OPT>
-int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* seg, const Params& P,
+Counts run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* seg, const Params& P,
                      const Tensors& T) {
   const int64_t D = P.dim;
   Scratch& S = thread_scratch(D);
   int64_t rid[kBlock];
   int nb = 0;
   int64_t skipped = 0;
+  int64_t bounded = 0;
   const int64_t gbytes = 4 * D;
   // Prefetch (into L1, read; measured faster than prefetchw here) what updating a row touches:
   // its bytes, its step size, its optimizer state. A lambda forced inline: GCC drops calls to
@@ -556,15 +674,15 @@ int64_t run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t*
     }
     rid[nb++] = uniq[u];
     if (nb == kBlock) {
-      process_block<BITS, OPT>(rid, nb, P, T, S);
+      process_block<BITS, OPT>(rid, nb, P, T, S, bounded);
       nb = 0;
     }
   }
-  if (nb > 0) process_block<BITS, OPT>(rid, nb, P, T, S);
-  return skipped;
+  if (nb > 0) process_block<BITS, OPT>(rid, nb, P, T, S, bounded);
+  return Counts{skipped, bounded};
 }
 
-using RunFn = int64_t (*)(int64_t, int64_t, const int64_t*, const int64_t*, const Params&, const Tensors&);
+using RunFn = Counts (*)(int64_t, int64_t, const int64_t*, const int64_t*, const Params&, const Tensors&);
 
 template <int BITS>
 RunFn pick_opt(int opt) {
@@ -922,7 +1040,7 @@ inline void spin_pause(int64_t& spins) {
   if (++spins % 64 == 0) std::this_thread::yield();  // a descheduled peer gets the core
 }
 
-// Update the touched rows of every job; returns the skipped-row count per job.
+// Update the touched rows of every job; returns the skipped / bounded row counts per job.
 //
 // Work: chunks of kChunkRows touched rows. With `grouped` true (the single-table entry: the
 // jobs are already checked and grouped), the chunks of all jobs are numbered in order and
@@ -936,9 +1054,9 @@ inline void spin_pause(int64_t& spins) {
 // it, jobs 0..k-1 are completed, jobs k.. are left untouched, and the call raises for job k.
 // Rows are independent and a row's math does not depend on the chunking, so the result is
 // the same bits as running the jobs one after the other.
-std::vector<int64_t> run_jobs(std::vector<Job>& jobs, bool grouped, int64_t gnumel) {
+std::vector<Counts> run_jobs(std::vector<Job>& jobs, bool grouped, int64_t gnumel) {
   const int64_t nj = static_cast<int64_t>(jobs.size());
-  std::vector<int64_t> result(nj, 0);
+  std::vector<Counts> result(nj);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const auto nchunks_of = [](const Job& J) { return (J.U + kChunkRows - 1) / kChunkRows; };
   int64_t total_n = 0, max_n = 0;
@@ -963,7 +1081,7 @@ std::vector<int64_t> run_jobs(std::vector<Job>& jobs, bool grouped, int64_t gnum
     return result;
   }
 
-  std::vector<int64_t> skipped(static_cast<size_t>(nthreads) * nj, 0);
+  std::vector<Counts> skipped(static_cast<size_t>(nthreads) * nj);
   if (grouped) {
     int64_t total = 0;
     for (const Job& J : jobs) total += nchunks_of(J);
@@ -976,7 +1094,7 @@ std::vector<int64_t> run_jobs(std::vector<Job>& jobs, bool grouped, int64_t gnum
     }
     std::atomic<int64_t> next_chunk{0};
     at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t) {
-      int64_t* sk = skipped.data() + tb * nj;
+      Counts* sk = skipped.data() + tb * nj;
       int64_t j = 0;
       int64_t first = 0;  // first global chunk of job j
       for (int64_t c = next_chunk.fetch_add(1);; c = next_chunk.fetch_add(1)) {
@@ -1022,7 +1140,7 @@ std::vector<int64_t> run_jobs(std::vector<Job>& jobs, bool grouped, int64_t gnum
     std::exception_ptr error;
     std::atomic<bool> error_set{false};
     at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t) {
-      int64_t* sk = skipped.data() + tb * nj;
+      Counts* sk = skipped.data() + tb * nj;
       int64_t j = 0;
       int64_t spins = 0;
       while (true) {
@@ -1124,24 +1242,27 @@ void check_disjoint(const std::vector<Job>& jobs) {
 
 }  // namespace
 
-int64_t fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor state1, torch::Tensor state2,
+// (rows skipped for a non-finite gradient, rows whose step hit the bound)
+std::tuple<int64_t, int64_t> fused_update(torch::Tensor rows, torch::Tensor step_size, torch::Tensor state1, torch::Tensor state2,
                      torch::Tensor ids, torch::Tensor grad_offsets, torch::Tensor occ_weights,
                      torch::Tensor grad, std::vector<double> float_args, std::vector<int64_t> int_args) {
   const Who who{-1};
   std::vector<Job> jobs(1);
   Job& J = jobs[0];
   prepare_job(J, rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, float_args, int_args, who);
-  if (J.N == 0) return 0;
+  if (J.N == 0) return {0, 0};
   const int64_t gnumel = grad.numel();
   scan_job(J);
   check_job(J, gnumel, who);
   GroupBuffers& buf = group_buffers();
   reserve_group(buf, J.N);
   group_job(J, buf);
-  return run_jobs(jobs, /*grouped=*/true, gnumel)[0];
+  const Counts c = run_jobs(jobs, /*grouped=*/true, gnumel)[0];
+  return {c.skipped, c.bounded};
 }
 
-std::vector<int64_t> fused_update_many(std::vector<torch::Tensor> rows, std::vector<torch::Tensor> step_size,
+// Per table: (rows skipped for a non-finite gradient, rows whose step hit the bound).
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> fused_update_many(std::vector<torch::Tensor> rows, std::vector<torch::Tensor> step_size,
                                        std::vector<torch::Tensor> state1, std::vector<torch::Tensor> state2,
                                        std::vector<torch::Tensor> ids, std::vector<torch::Tensor> grad_offsets,
                                        std::vector<torch::Tensor> occ_weights, torch::Tensor grad,
@@ -1162,23 +1283,29 @@ std::vector<int64_t> fused_update_many(std::vector<torch::Tensor> rows, std::vec
                 grad, float_args[j], int_args[j], Who{static_cast<int64_t>(j)});
     total_n += jobs[j].N;
   }
-  if (total_n == 0) return std::vector<int64_t>(n, 0);
+  std::vector<int64_t> skipped(n, 0), bounded(n, 0);
+  if (total_n == 0) return {skipped, bounded};
   if (n > 1) check_disjoint(jobs);
-  return run_jobs(jobs, /*grouped=*/false, grad.numel());
+  const std::vector<Counts> c = run_jobs(jobs, /*grouped=*/false, grad.numel());
+  for (size_t j = 0; j < n; ++j) {
+    skipped[j] = c[j].skipped;
+    bounded[j] = c[j].bounded;
+  }
+  return {skipped, bounded};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_update", &fused_update,
-        "Fused sparse update of low-precision embedding rows, in place; returns the number of rows "
-        "skipped for a non-finite gradient (see torchrec_lowprec/kernels/spec.py)",
+        "Fused sparse update of low-precision embedding rows, in place; returns (rows skipped for a "
+        "non-finite gradient, rows whose step hit max_step) (see torchrec_lowprec/kernels/spec.py)",
         py::arg("rows"), py::arg("step_size"), py::arg("state1"), py::arg("state2"), py::arg("ids"),
         py::arg("grad_offsets"), py::arg("occ_weights"), py::arg("grad"), py::arg("float_args"),
         py::arg("int_args"));
   m.def("fused_update_many", &fused_update_many,
         "fused_update for many tables in one call (one parallel region, one work queue over all "
         "tables' touched rows), all reading the same grad; the same bits as one fused_update call "
-        "per table in order. Per-table lists of the fused_update arguments; returns the skipped-row "
-        "count per table. Tables must not share the memory they write.",
+        "per table in order. Per-table lists of the fused_update arguments; returns (skipped-row counts, "
+        "step-bound counts), one per table. Tables must not share the memory they write.",
         py::arg("rows"), py::arg("step_size"), py::arg("state1"), py::arg("state2"), py::arg("ids"),
         py::arg("grad_offsets"), py::arg("occ_weights"), py::arg("grad"), py::arg("float_args"),
         py::arg("int_args"));

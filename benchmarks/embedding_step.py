@@ -205,7 +205,17 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
         "lowprec int4 (ALPT)": lambda: bench_lowprec(s, 4, grad),
         "lowprec int2 (ALPT)": lambda: bench_lowprec(s, 2, grad),
     }
-    variants = {name: builders[name]() for name in VARIANTS}
+    variants, peaks = {}, {}
+    for name in VARIANTS:  # on CUDA: each variant's peak memory (its tables, state, one step)
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        variants[name] = builders[name]()
+        if device.type == "cuda":
+            variants[name]["step"](batches[0])
+            _sync(device)
+            peaks[name] = torch.cuda.max_memory_allocated(device) - before
     samples = {name: {"fwd": [], "step": []} for name in variants}
     for _ in range(rounds):
         for name, v in variants.items():
@@ -216,6 +226,7 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
             "fwd": statistics.median(samples[name]["fwd"]),
             "step": statistics.median(samples[name]["step"]),
             "bytes": v["bytes"],
+            "peak": peaks.get(name),
         }
         for name, v in variants.items()
     }
@@ -252,7 +263,8 @@ def summarize(runs: list[dict]) -> dict:
     out = {}
     for name in VARIANTS:
         row = {"fwd": statistics.median(r[name]["fwd"] for r in runs),
-               "step": statistics.median(r[name]["step"] for r in runs), "bytes": runs[0][name]["bytes"]}  # fmt: skip
+               "step": statistics.median(r[name]["step"] for r in runs), "bytes": runs[0][name]["bytes"],
+               "peak": max((r[name].get("peak") or 0 for r in runs), default=0) or None}  # fmt: skip
         for base, tag in (("FBGEMM FP32", "32"), ("FBGEMM FP16", "16")):
             for kind in ("fwd", "step"):
                 ratios = [r[base][kind] / r[name][kind] for r in runs]
@@ -305,16 +317,23 @@ def to_markdown(results, command: str, args, device: str, stat0, elapsed: float)
     ]
     for s, dist, rows in results:
         base = rows["FBGEMM FP32"]
+        gpu = device == "cuda"  # peak GPU memory per variant (max_memory_allocated over a step)
         lines += [
             f"**{s.label()}; ids: {DISTS[dist]}**",
             "",
-            "| tables | fwd ms | fwd vs FP32 | step ms | step vs FP32 | step vs FP16 | state MB | state ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| tables | fwd ms | fwd vs FP32 | step ms | step vs FP32 | step vs FP16 | state MB | state ratio |"
+            + (" peak GPU MB | peak ratio |" if gpu else ""),
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""),
         ]
         for name, r in rows.items():
+            peak = (
+                f" {r['peak'] / 2**20:.0f} | {r['peak'] / base['peak']:.3f} |"
+                if gpu and r.get("peak") and base.get("peak")
+                else ""
+            )
             lines.append(
                 f"| {name} | {r['fwd']:.2f} | {_fmt(r['fwd32'])} | {r['step']:.2f} | {_fmt(r['step32'])} | "
-                f"{_fmt(r['step16'])} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / base['bytes']:.3f} |"
+                f"{_fmt(r['step16'])} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / base['bytes']:.3f} |" + peak
             )
         lines.append("")
     lines += verdicts(results)

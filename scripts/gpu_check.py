@@ -303,8 +303,9 @@ def phase_bench(run: Run, ph: Phase) -> None:
         "--write",
         str(md),
     ]
-    if DRY:
-        cmd.append("--quick")
+    # Both configurations, uniform and Zipf ids, 2 fresh processes per cell (the device budget);
+    # the dry run takes the quick sizes.
+    cmd += ["--quick"] if DRY else ["--procs", "2", "--dists", "uniform,zipf1.05"]
     rc = run.sh(ph, cmd, cap_s=300)
     ph.status = "passed" if rc == 0 and md.exists() else ("timed out" if rc is None else "failed")
 

@@ -200,7 +200,7 @@ def test_module_counts_rows_at_the_bound_and_forward_stays_finite(bits):
         torchrec.EmbeddingBagConfig(name="t0", embedding_dim=DIM, num_embeddings=10, feature_names=["f0"])
     ]
     cfg = lp.LowPrecisionConfig(bits=bits, optimizer="sgd", learning_rate=1e3, step_size_lr=1e3)
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, cfg)
+    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg)
     kjt = torchrec.KeyedJaggedTensor.from_lengths_sync(
         ["f0"], torch.tensor([1, 4, 4, 7]), torch.tensor([1, 2, 1])
     )

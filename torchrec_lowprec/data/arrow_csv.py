@@ -130,7 +130,10 @@ def parse_segment(seg: Segment, num_columns: int, delimiter: str, columns: list[
             delimiter=delimiter, invalid_row_handler=invalid, ignore_empty_lines=False
         ),
         convert_options=pcsv.ConvertOptions(
-            column_types={n: pa.binary() for n in wanted}, include_columns=wanted, strings_can_be_null=True
+            column_types={n: pa.binary() for n in wanted},
+            include_columns=wanted,
+            strings_can_be_null=True,
+            null_values=[""],  # only an empty field; pyarrow's default list also has "nan", "NULL", "NA"
         ),
     )
     bad.sort()

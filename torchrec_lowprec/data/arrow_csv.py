@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-SEGMENT_BYTES = 4 << 20
+SEGMENT_BYTES = 1 << 20
 _INT_RE = r"^[+-]?[0-9]{1,18}$"
 _FLOAT_RE = r"(?i)^[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf|infinity|nan)$"
 

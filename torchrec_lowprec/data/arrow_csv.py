@@ -227,8 +227,8 @@ _FNV_BASIS = np.uint64(0xCBF29CE484222325)
 
 
 def hash_binary(col) -> np.ndarray:
-    """A 64-bit hash (FNV-1a, then splitmix64's mixer) of every value of a binary/string array
-    (nulls hash as the empty value), computed with numpy over the array's buffers."""
+    """A non-zero 64-bit hash (FNV-1a, then splitmix64's mixer) of every value of a binary/string
+    array (nulls hash as the empty value), computed with numpy over the array's buffers."""
     pa, _, pc = require_pyarrow()
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
@@ -251,4 +251,52 @@ def hash_binary(col) -> np.ndarray:
         h ^= h >> np.uint64(27)
         h *= np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(31)
+    h[h == 0] = 1  # 0 marks an empty HashTable slot
     return h
+
+
+class HashTable:
+    """An open-addressing (linear probing) table of distinct non-zero uint64 keys -> int64 values,
+    built and probed with numpy (one random access per key in the common case).
+
+    Example::
+
+        t = HashTable(np.array([5, 9], np.uint64), np.array([1, 2]))
+        t.get(np.array([9, 7], np.uint64), default=0)  # array([2, 0])
+    """
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray) -> None:
+        keys = np.asarray(keys, np.uint64)
+        size = 1 << max(4, int(2 * len(keys)).bit_length())  # load factor <= 1/2
+        self.mask = np.uint64(size - 1)
+        self.keys = np.zeros(size, np.uint64)  # 0 = empty
+        self.values = np.zeros(size, np.int64)
+        pending = np.arange(len(keys))
+        pos = keys & self.mask
+        while len(pending):
+            p = pos[pending]
+            free = self.keys[p] == 0
+            # Among the keys aiming at one free slot, the first takes it; the rest probe on.
+            _, first = np.unique(p[free], return_index=True)
+            placed = pending[free][first]
+            self.keys[pos[placed]] = keys[placed]
+            self.values[pos[placed]] = values[placed]
+            done = np.zeros(len(keys), bool)
+            done[placed] = True
+            pending = pending[~done[pending]]
+            moved = pending[self.keys[pos[pending]] != 0]
+            pos[moved] = (pos[moved] + np.uint64(1)) & self.mask
+
+    def get(self, keys: np.ndarray, default: int) -> np.ndarray:
+        """The value of each key (``default`` for keys not in the table)."""
+        keys = np.asarray(keys, np.uint64)
+        out = np.full(len(keys), default, np.int64)
+        pending = np.arange(len(keys))
+        pos = keys & self.mask
+        while len(pending):
+            slot = self.keys[pos]
+            hit = slot == keys[pending]
+            out[pending[hit]] = self.values[pos[hit]]
+            go_on = ~hit & (slot != 0)
+            pending, pos = pending[go_on], (pos[go_on] + np.uint64(1)) & self.mask
+        return out

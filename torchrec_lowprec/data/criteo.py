@@ -83,6 +83,7 @@ class CriteoDataset(TabularDataset):
         max_warnings: int = 20,
         workers: int | None = None,
         segment_bytes: int = SEGMENT_BYTES,
+        block_rows: int | None = None,
     ) -> None:
         super().__init__(
             paths,
@@ -96,4 +97,5 @@ class CriteoDataset(TabularDataset):
             max_warnings=max_warnings,
             workers=workers,
             segment_bytes=segment_bytes,
+            block_rows=block_rows,
         )

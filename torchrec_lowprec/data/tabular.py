@@ -6,7 +6,10 @@ count the lines, (2) count categorical values over the training rows and build t
 depends only on its data-line number (0-based over all files in order, header lines not
 counted): ``"random"`` hashes ``(seed, line)`` into train/val/test by ``fractions``, so it
 streams; ``"chronological"`` takes the first, next and last ``fractions`` of the lines.
-Malformed rows (wrong column count, a non-numeric number or label) are skipped, counted in
+Files are parsed by pyarrow (:mod:`.arrow_csv`: quoted fields, segments of whole lines on
+``workers`` threads, in order); values are checked, counted and looked up with pyarrow/numpy.
+Malformed rows (wrong column count; a label that is not a number, not finite or outside
+[0, 1]; a dense value that is not a number or not finite) are skipped, counted in
 ``malformed_rows`` and reported as ``MalformedRowWarning`` with ``file:line``; with
 ``strict=True`` the first one raises ``MalformedRowError``.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -83,6 +87,7 @@ class TabularDataset:
         max_warnings: int = 20,
         workers: int | None = None,
         segment_bytes: int = SEGMENT_BYTES,
+        block_rows: int | None = None,
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -104,6 +109,13 @@ class TabularDataset:
         if segment_bytes < 1 or (workers is not None and workers < 1):
             raise ValueError(f"segment_bytes and workers must be >= 1, got {segment_bytes}, {workers}")
         require_pyarrow()  # an ImportError saying how to install it, before any file is read
+        if block_rows is not None:
+            warnings.warn(
+                "TabularDataset(block_rows=...) is no longer used: rows are read in segments of "
+                "segment_bytes bytes",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.max_warnings, self.segment_bytes = max_warnings, segment_bytes
         self.workers = workers or default_workers()
         self.malformed_rows: dict[str, int] = {}
@@ -222,12 +234,18 @@ class TabularDataset:
             raise ValueError(f"{path}: header differs from {self.paths[0]}'s; all files need one schema")
 
     # ---------------------------------------------------------------------------- rows
-    def _parse(self, seg: Segment) -> _Parsed:
+    def _parse(self, seg: Segment, wanted: np.ndarray) -> _Parsed:
         """Parse and check one segment (runs on a parser thread): every line's split, the bad
         lines with their reasons, and the good rows' label, dense numbers and categorical columns."""
         s = self.schema
         p = parse_segment(seg, self._ncols, s.delimiter, self._used)
-        t, n = p.table, p.table.num_rows
+        codes = self._codes(seg.first_data, seg.num_lines)
+        t, offsets = p.table, p.offsets
+        keep = np.isin(codes[offsets], wanted)
+        if not keep.all():  # rows of other splits: not converted, not checked
+            pa, _, _ = require_pyarrow()
+            t, offsets = t.filter(pa.array(keep)), offsets[keep]
+        n = t.num_rows
         reason: dict[int, str] = {}
         col = lambda i: t.column(f"c{i}")  # noqa: E731
         y, ybad, yempty = to_numbers(col(self._label_i), "float")
@@ -251,7 +269,7 @@ class TabularDataset:
         if reason:
             good[list(reason)] = False
         bad_rows = sorted(reason)
-        bad_off = np.concatenate([p.bad_offsets, p.offsets[bad_rows]]).astype(np.int64)
+        bad_off = np.concatenate([p.bad_offsets, offsets[bad_rows]]).astype(np.int64)
         bad_why = p.bad_reasons + [reason[r] for r in bad_rows]
         order = np.argsort(bad_off, kind="stable")
         cats = [_encode(col(i)) for i in self._cat_i]
@@ -266,8 +284,8 @@ class TabularDataset:
         )
         return _Parsed(
             seg,
-            self._codes(seg.first_data, seg.num_lines),
-            p.offsets,
+            codes,
+            offsets,
             good,
             bad_off[order],
             [bad_why[k] for k in order],
@@ -278,16 +296,17 @@ class TabularDataset:
             cat_ids,
         )
 
-    def _segments(self) -> Iterator[_Parsed]:
+    def _segments(self, wanted: np.ndarray) -> Iterator[_Parsed]:
+        self._codes(0, 0)  # the chronological bounds, before parser threads need them
         segs = segments(self.paths, self.schema.header, self.segment_bytes, self._check_header)
-        return ordered_map(self._parse, segs, self.workers)
+        return ordered_map(partial(self._parse, wanted=wanted), segs, self.workers)
 
     def _rows(self, wanted: frozenset[int]) -> Iterator[_Rows]:
         """The valid rows of the wanted splits, a segment at a time; counts and reports the bad ones."""
         bad = np.zeros(3, np.int64)
         seen: dict[str, list[int]] = {}  # path -> [good rows, bad rows before the first good one]
         want = np.array(sorted(wanted), np.uint8)
-        for ps in self._segments():
+        for ps in self._segments(want):
             seg = ps.segment
             bad_codes = ps.codes[ps.bad_offsets]
             in_wanted = np.isin(bad_codes, want)
@@ -310,7 +329,6 @@ class TabularDataset:
                 ok_bad[1] += len(before)
             ok_bad[0] += len(good_off)
             rows = np.flatnonzero(ps.good)
-            rows = rows[np.isin(ps.codes[ps.offsets[rows]], want)]
             if len(rows):
                 yield _Rows(ps, rows)
         for code in wanted:  # only a finished pass knows the count

@@ -12,8 +12,12 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .arrow_csv import HashTable
 
 from .common import atomic_write_bytes
 
@@ -46,7 +50,7 @@ class Vocabulary:
         self.min_count = int(min_count)
         self.meta = dict(meta or {})
         self._maps: dict[str, dict[str, int]] = {}  # built on first lookup()
-        self._hashes: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # for lookup_arrow()
+        self._hashes: dict[str, HashTable | None] = {}  # for dictionary_ids()
 
     @classmethod
     def build(
@@ -133,28 +137,22 @@ class Vocabulary:
         if index is None:  # two tokens share a hash: match them exactly, per value
             raw = dictionary.cast(pa.binary()).to_pylist()
             return self.lookup(feature, (b.decode("utf-8", "replace") if b else "" for b in raw))
-        sorted_h, ids = index
-        if len(sorted_h) == 0:
-            return np.zeros(len(dictionary), np.int64)
-        h = hash_binary(dictionary)
-        pos = np.minimum(np.searchsorted(sorted_h, h), len(sorted_h) - 1)
-        return np.where(sorted_h[pos] == h, ids[pos], OOV_ID)
+        return index.get(hash_binary(dictionary), OOV_ID)
 
     def prepare(self) -> None:
         """Build every feature's hash index now (before threads call :meth:`dictionary_ids`)."""
         for k in self.tokens:
             self._hash_index(k)
 
-    def _hash_index(self, feature: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Sorted token hashes and their ids (``None`` if two tokens' hashes collide); cached."""
+    def _hash_index(self, feature: str) -> HashTable | None:
+        """Token hash -> id (``None`` if two tokens' hashes collide); cached."""
         if feature not in self._hashes:
-            from .arrow_csv import hash_binary, require_pyarrow
+            from .arrow_csv import HashTable, hash_binary, require_pyarrow
 
             pa, _, _ = require_pyarrow()
             h = hash_binary(pa.array(self.tokens[feature], pa.string()))
-            order = np.argsort(h, kind="stable")
-            unique = len(h) == 0 or bool((np.diff(h[order]) != 0).all())
-            self._hashes[feature] = (h[order], order.astype(np.int64) + 1) if unique else None
+            unique = len(np.unique(h)) == len(h)
+            self._hashes[feature] = HashTable(h, np.arange(1, len(h) + 1)) if unique else None
         return self._hashes[feature]
 
     def frequencies(self, feature: str) -> np.ndarray:

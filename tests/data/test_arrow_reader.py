@@ -154,3 +154,13 @@ def test_prefetch_runs_ahead_keeps_order_and_raises_where_the_producer_failed():
     assert next(it) == 0
     it.close()
     assert threading.active_count() <= before
+
+
+def test_without_pyarrow_the_reader_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "x.tsv"
+    path.write_text(_criteo(1, [1]))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        CriteoDataset(path)

@@ -274,7 +274,7 @@ def open_data(args: argparse.Namespace, cache: bool = False) -> DataSource:
             src = TabularDataset(_paths(rest), schema, **common)
         else:
             raise DataError(f"--data {spec!r}: expected synthetic, criteo:PATH or tabular:PATH")
-        _ = src.vocabulary  # a pass over the training rows; schema errors surface here
+        src.vocabulary.prepare()  # a pass over the training rows (schema errors surface here), id lookup tables
     except (FileNotFoundError, ValueError, ImportError) as e:
         if isinstance(e, DataError):
             raise

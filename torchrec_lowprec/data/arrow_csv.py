@@ -222,30 +222,47 @@ def default_workers() -> int:
     return max(1, min(4, n))
 
 
-_FNV_PRIME = np.uint64(0x100000001B3)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _FNV_BASIS = np.uint64(0xCBF29CE484222325)
 
 
 def hash_binary(col) -> np.ndarray:
-    """A non-zero 64-bit hash (FNV-1a, then splitmix64's mixer) of every value of a binary/string
-    array (nulls hash as the empty value), computed with numpy over the array's buffers."""
+    """A non-zero 64-bit hash of every value of a binary/string array (nulls hash as the empty
+    value), with numpy over the array's buffers: 8 bytes at a time (a multiply-xorshift per word,
+    the length mixed in, splitmix64's finalizer)."""
     pa, _, pc = require_pyarrow()
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    col = pc.fill_null(col.cast(pa.binary()), b"")
+    if col.type != pa.binary():
+        col = col.cast(pa.binary())
+    if col.null_count:
+        col = pc.fill_null(col, b"")
     n = len(col)
     if n == 0:
         return np.zeros(0, np.uint64)
     _, obuf, dbuf = col.buffers()
     offsets = np.frombuffer(obuf, np.int32)[col.offset : col.offset + n + 1].astype(np.int64)
     data = np.frombuffer(dbuf, np.uint8) if dbuf is not None else np.zeros(0, np.uint8)
-    lens = np.diff(offsets)
+    data = np.concatenate([data[: offsets[-1]], np.zeros(8, np.uint8)])  # reads past a value stay inside
+    starts, lens = offsets[:-1], np.diff(offsets)
+    lane = np.arange(8)
     with np.errstate(over="ignore"):
-        h = (_FNV_BASIS ^ lens.astype(np.uint64)) * _FNV_PRIME
-        rows = np.arange(n)
-        for j in range(int(lens.max())):
-            rows = rows[lens[rows] > j]
-            h[rows] = (h[rows] ^ data[offsets[rows] + j].astype(np.uint64)) * _FNV_PRIME
+        h = lens.astype(np.uint64) * _GOLDEN + _FNV_BASIS
+        rows = None
+        for k in range(0, int(lens.max()), 8):
+            if k:
+                rows = np.flatnonzero(lens > k) if rows is None else rows[lens[rows] > k]
+            s0, ln = (starts, lens) if rows is None else (starts[rows], lens[rows])
+            b = data[s0[:, None] + (k + lane)]
+            b[(k + lane)[None, :] >= ln[:, None]] = 0
+            w = b.view(np.uint64).ravel()
+            x = (h if rows is None else h[rows]) ^ w
+            x *= _GOLDEN
+            x ^= x >> np.uint64(32)
+            if rows is None:
+                h = x
+            else:
+                h[rows] = x
         h ^= h >> np.uint64(30)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(27)
@@ -271,6 +288,7 @@ class HashTable:
         self.mask = np.uint64(size - 1)
         self.keys = np.zeros(size, np.uint64)  # 0 = empty
         self.values = np.zeros(size, np.int64)
+        self._slots: np.ndarray | None = None
         pending = np.arange(len(keys))
         pos = keys & self.mask
         while len(pending):
@@ -290,13 +308,19 @@ class HashTable:
     def get(self, keys: np.ndarray, default: int) -> np.ndarray:
         """The value of each key (``default`` for keys not in the table)."""
         keys = np.asarray(keys, np.uint64)
-        out = np.full(len(keys), default, np.int64)
-        pending = np.arange(len(keys))
+        if self._slots is None:  # key and value side by side: one gather reads both
+            self._slots = np.stack([self.keys, self.values.view(np.uint64)], axis=1)
         pos = keys & self.mask
+        slot = self._slots[pos]
+        hit = slot[:, 0] == keys
+        out = np.where(hit, slot[:, 1].view(np.int64), default)
+        pending = np.flatnonzero(~hit & (slot[:, 0] != 0))  # probe on: the slot holds another key
+        pos = pos[pending]
         while len(pending):
-            slot = self.keys[pos]
-            hit = slot == keys[pending]
-            out[pending[hit]] = self.values[pos[hit]]
-            go_on = ~hit & (slot != 0)
-            pending, pos = pending[go_on], (pos[go_on] + np.uint64(1)) & self.mask
+            pos = (pos + np.uint64(1)) & self.mask
+            slot = self._slots[pos]
+            hit = slot[:, 0] == keys[pending]
+            out[pending[hit]] = slot[hit, 1].view(np.int64)
+            go_on = ~hit & (slot[:, 0] != 0)
+            pending, pos = pending[go_on], pos[go_on]
         return out

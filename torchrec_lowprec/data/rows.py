@@ -17,8 +17,8 @@ class Parsed:
     the right column count): ``offsets`` (its line in the segment), ``good`` (passed every check),
     ``labels``, ``dense`` (raw numbers, missing filled), ``cats`` (dictionary-encoded: ``(indices,
     dictionary)``, a null entry for an empty field), ``mvs`` (arrow binary columns and separators);
-    ``cat_ids``: per categorical column, the vocabulary id of each dictionary entry (when the
-    vocabulary was known at parse time). ``bad_offsets`` / ``bad_reasons``: the malformed lines."""
+    ``cat_ids``: per categorical column, the vocabulary id of each row (when the vocabulary was
+    known at parse time; ``cats`` is then empty). ``bad_offsets`` / ``bad_reasons``: the malformed lines."""
 
     segment: Segment
     codes: np.ndarray
@@ -68,7 +68,8 @@ class Rows:
         return self.parsed.dense[self.rows]
 
     def cats(self) -> list[tuple[np.ndarray, Any]]:
-        """Single-valued categorical columns as ``(indices into dictionary, dictionary)``."""
+        """Single-valued categorical columns as ``(indices into dictionary, dictionary)`` (the
+        vocabulary pass; empty when the parser looked the ids up)."""
         if self._all:
             return self.parsed.cats
         return [(idx[self.rows], d) for idx, d in self.parsed.cats]
@@ -77,7 +78,7 @@ class Rows:
         """Vocabulary ids of the categorical columns (int64), if the parser looked them up."""
         if self.parsed.cat_ids is None:
             return None
-        return [ids[idx[self.rows]] for ids, (idx, _) in zip(self.parsed.cat_ids, self.parsed.cats)]
+        return self.parsed.cat_ids if self._all else [ids[self.rows] for ids in self.parsed.cat_ids]
 
     def bags(self, j: int) -> tuple[np.ndarray, Any]:
         """Multi-valued column ``j``: per-row lengths (int32) and the values, flat (an empty field

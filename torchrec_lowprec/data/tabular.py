@@ -272,16 +272,20 @@ class TabularDataset:
         bad_off = np.concatenate([p.bad_offsets, offsets[bad_rows]]).astype(np.int64)
         bad_why = p.bad_reasons + [reason[r] for r in bad_rows]
         order = np.argsort(bad_off, kind="stable")
-        cats = [_encode(col(i)) for i in self._cat_i]
-        if self._bucketed:
-            cats = [_bucket_tokens(np.nan_to_num(dense[:, j])) for j in range(dense.shape[1])] + cats
-            dense = dense[:, :0]
-        vocab = self._vocab  # known for the batch passes: look ids up here, on the parser thread
-        cat_ids = (
-            None
-            if vocab is None
-            else [vocab.dictionary_ids(k, d) for k, (_, d) in zip(self._cat_names, cats)]
+        buckets = (
+            [_bucket_tokens(np.nan_to_num(dense[:, j])) for j in range(dense.shape[1])]
+            if self._bucketed
+            else []
         )
+        if self._bucketed:
+            dense = dense[:, :0]
+        vocab, cats, cat_ids = self._vocab, [], None
+        if vocab is None:  # the vocabulary pass counts distinct values
+            cats = buckets + [_encode(col(i)) for i in self._cat_i]
+        else:  # the batch passes look ids up here, on the parser thread, by hashing every value
+            names = iter(self._cat_names)
+            cat_ids = [vocab.dictionary_ids(next(names), d)[idx] for idx, d in buckets]
+            cat_ids += [vocab.dictionary_ids(next(names), col(i)) for i in self._cat_i]
         return _Parsed(
             seg,
             codes,
@@ -401,9 +405,10 @@ class TabularDataset:
         if self._cat_names:
             ones = np.ones(n, np.int32)
             ids = rows.cat_ids()
-            for k, (name, (idx, dictionary)) in enumerate(zip(self._cat_names, rows.cats())):
+            cats = rows.cats() if ids is None else None
+            for k, name in enumerate(self._cat_names):
                 lengths.append(ones)
-                values.append(ids[k] if ids is not None else vocab.dictionary_ids(name, dictionary)[idx])
+                values.append(ids[k] if cats is None else vocab.dictionary_ids(name, cats[k][1])[cats[k][0]])
         for j, name in enumerate(self._mv_names):
             lens, flat = rows.bags(j)
             lengths.append(lens)

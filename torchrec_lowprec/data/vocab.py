@@ -118,13 +118,11 @@ class Vocabulary:
     def lookup_arrow(self, feature: str, values) -> np.ndarray:
         """Ids (int64) of an arrow binary/string array (nulls are the empty value), vectorised
         (see :meth:`dictionary_ids`)."""
-        from .rows import encode
-
-        indices, dictionary = encode(values)
-        return self.dictionary_ids(feature, dictionary)[indices]
+        return self.dictionary_ids(feature, values)
 
     def dictionary_ids(self, feature: str, dictionary) -> np.ndarray:
-        """Ids (int64) of the distinct values ``dictionary`` (arrow binary; null = empty value).
+        """Ids (int64) of the values of ``dictionary`` (an arrow binary array, e.g. a dictionary's
+        distinct values; null = the empty value).
 
         Values are matched to the tokens by a 64-bit hash, with numpy (the tokens' hashes are
         checked to be distinct; an unseen value takes a token's id only if their hashes collide,

@@ -27,6 +27,7 @@ from torchrec_lowprec.data import (
     TabularSchema,
     rebatch,
 )
+from torchrec_lowprec.data.prefetch import prefetch
 from torchrec_lowprec.data.synthetic import CRITEO_LIKE_VOCAB_SIZES
 
 # The default synthetic set: eight fields from 50k ids down to 20, so one epoch of 500k rows
@@ -72,6 +73,18 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--num-dense", type=int, default=4, help="synthetic: dense features")
     g.add_argument("--bag-max", type=int, default=1, help="synthetic: ids per bag are 1..bag-max")
     g.add_argument("--data-seed", type=int, default=0, help="synthetic data / tabular split seed")
+    g.add_argument(
+        "--prefetch",
+        type=int,
+        default=4,
+        help="training batches prepared ahead on a background thread (0: none, read in the training loop)",
+    )
+    g.add_argument(
+        "--parse-threads",
+        type=int,
+        default=0,
+        help="tabular/criteo: CSV parser threads (0: cores, at most 4)",
+    )
 
 
 def _paths(spec: str) -> list[str]:
@@ -121,8 +134,11 @@ class LocalBatch:
 class DataSource:
     """One data set (synthetic or tabular) as per-rank batch streams."""
 
-    def __init__(self, name: str, source: SyntheticCTR | TabularDataset, cache: bool = False) -> None:
+    def __init__(
+        self, name: str, source: SyntheticCTR | TabularDataset, cache: bool = False, prefetch: int = 4
+    ) -> None:
         self.name = name
+        self.prefetch = prefetch  # training batches made ahead on a background thread (0: inline)
         # Synthetic chunks kept after their first generation (about 300 bytes per row with 26
         # one-hot fields), for callers that train many models on one data set.
         self._cache: dict[tuple[str, int], RowBlock] | None = {} if cache else None
@@ -163,8 +179,7 @@ class DataSource:
                 yield block.slice(skip, len(block)) if skip > 0 else block
             return
         skip = start_row
-        for batch in self.source.batches(split, 8192):
-            block = batch_to_block(batch)
+        for block in self.source.blocks(split):
             if skip >= len(block):
                 skip -= len(block)
                 continue
@@ -191,11 +206,16 @@ class DataSource:
         With several ranks a final global batch is cut to a multiple of ``world`` rows (at
         most ``world - 1`` rows unused) so that every rank steps the same number of times.
         """
-        for block in rebatch(self.blocks("train", start_row), batch_size):
-            m = len(block) // world
-            if m == 0:
-                return
-            yield LocalBatch(self._to_batch(block.slice(rank * m, (rank + 1) * m)), m, len(block))
+
+        def local() -> Iterator[LocalBatch]:
+            for block in rebatch(self.blocks("train", start_row), batch_size):
+                m = len(block) // world
+                if m == 0:
+                    return
+                yield LocalBatch(self._to_batch(block.slice(rank * m, (rank + 1) * m)), m, len(block))
+
+        # Reading, parsing and batching run on a background thread, ahead of the training step.
+        return prefetch(local(), self.prefetch) if self.prefetch else local()
 
     def eval_batches(self, split: str, batch_size: int, rank: int, world: int, max_rows: int | None = None):
         """This rank's slices of every global batch of ``split``; ranks' slices are padded to one
@@ -236,8 +256,14 @@ def open_data(args: argparse.Namespace, cache: bool = False) -> DataSource:
             test_rows=args.test_rows,
             seed=args.data_seed,
         )
-        return DataSource("synthetic", SyntheticCTR(cfg), cache=cache)
-    common = dict(min_count=args.min_count, split=args.split, seed=args.data_seed, strict=args.strict)
+        return DataSource("synthetic", SyntheticCTR(cfg), cache=cache, prefetch=_prefetch(args))
+    common = dict(
+        min_count=args.min_count,
+        split=args.split,
+        seed=args.data_seed,
+        strict=args.strict,
+        workers=getattr(args, "parse_threads", 0) or None,
+    )
     try:
         if kind == "criteo":
             src = CriteoDataset(_paths(rest), int_features=args.criteo_int_features, **common)
@@ -248,9 +274,16 @@ def open_data(args: argparse.Namespace, cache: bool = False) -> DataSource:
             src = TabularDataset(_paths(rest), schema, **common)
         else:
             raise DataError(f"--data {spec!r}: expected synthetic, criteo:PATH or tabular:PATH")
-        _ = src.vocabulary  # a pass over the training rows; schema errors surface here
-    except (FileNotFoundError, ValueError) as e:
+        src.vocabulary.prepare()  # a pass over the training rows (schema errors surface here), id lookup tables
+    except (FileNotFoundError, ValueError, ImportError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(str(e)) from None
-    return DataSource(kind, src)
+    return DataSource(kind, src, prefetch=_prefetch(args))
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    depth = getattr(args, "prefetch", 4)
+    if depth < 0:
+        raise DataError(f"--prefetch {depth}: expected 0 (off) or a positive number of batches")
+    return depth

@@ -58,6 +58,29 @@ class PlanError(ValueError):
     """A ``--precision-plan`` / ``--precision mpe`` that cannot be used: exit 2 with one line."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (the script stops: exit 2, one ``error:`` line)."""
+
+
+def check_plan_tables(path: str, tables) -> list[str]:
+    """A ``--precision-plan`` naming tables the model lacks is an error (``DataError`` naming them);
+    returns the model's tables the plan does not name (they take ``--precision``)."""
+    from torchrec_lowprec.types import PrecisionPlan
+
+    try:
+        planned = set(PrecisionPlan.load(path).tables)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--precision-plan {path}: {e}") from None
+    names = [t.name for t in tables]
+    unknown = sorted(planned - set(names))
+    if unknown:
+        raise DataError(
+            f"--precision-plan {path} names tables {unknown} that the model does not have (its tables: "
+            f"{names}): plan for this data set's tables"
+        )
+    return [n for n in names if n not in planned]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(ap)
@@ -72,6 +95,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
     g.add_argument("--eval-rows", type=int, default=0, help="rows of the periodic validations (0: all)")
     g.add_argument("--seed", type=int, default=0, help="model init and rounding draws")
+    g.add_argument(
+        "--skip-nonfinite-loss",
+        action="store_true",
+        help="skip (and count) a batch whose loss is NaN/inf instead of stopping with an error",
+    )
     g.add_argument(
         "--threads", type=int, default=0, help="torch threads per process (0: cores / local ranks)"
     )
@@ -156,6 +184,9 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
         raise DataError(f"--batch-size {args.batch_size} is not a multiple of the {env.world} ranks")
     data = data or open_data(args)
     tables = data.embedding_bag_configs(args.embedding_dim)
+    unplanned = check_plan_tables(args.precision_plan, tables) if args.precision_plan else []
+    if unplanned:
+        say(f"--precision-plan does not name tables {unplanned}: they take --precision {args.precision}")
     try:
         model = build_model(args, tables, data.num_dense_in, data)
     except (ValueError, OSError) as e:  # the plan / precision arguments, not a bug: one line, exit 2
@@ -219,6 +250,16 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
         t0 = time.perf_counter()
         for lb in data.train_batches(args.batch_size, env.rank, env.world, trainer["rows_in_epoch"]):
             loss, _ = model(lb.batch.to(env.device))
+            if _all_sum(float(not torch.isfinite(loss.detach())), env):  # any rank's loss NaN/inf
+                trainer["nonfinite_losses"] = trainer.get("nonfinite_losses", 0) + 1
+                if not args.skip_nonfinite_loss:
+                    raise NonFiniteLossError(
+                        f"training loss is {float(loss.detach())} at step {trainer['step'] + 1} (epoch "
+                        f"{trainer['epoch']}): lower --emb-lr/--dense-lr or check the data; the model is "
+                        "left as after the previous step (--skip-nonfinite-loss skips such batches)"
+                    )
+                trainer["rows_in_epoch"] += lb.global_rows  # the batch is consumed, not trained on
+                continue
             dense_opt.zero_grad()
             loss.backward()  # the tables update here (fused optimizer in backward)
             dense_opt.step()
@@ -257,11 +298,25 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     checkpoint()  # before the last history point, so a resumed run carries the partial mean on
     if loss_n:
         trainer["history"]["train"].append([trainer["step"], loss_sum / loss_n])
+    if trainer["rows_trained"] == 0:
+        bad = {k: n for k, n in data.malformed_rows().items() if n}
+        raise DataError(
+            f"no training rows in the {data.name} data"
+            f"{f' ({bad} malformed rows skipped)' if bad else ''}: the file(s) are empty, or every "
+            "row is malformed, or none falls in the train split (or every batch had a non-finite loss)"
+        )
     if bar is not None:
         bar.close()
 
     val = evaluate(model, data, "val", args, env)
     test = evaluate(model, data, "test", args, env)
+    if trainer.get("nonfinite_losses") and not all(
+        np.isfinite(m["logloss"]) for m in (val, test) if m["rows"]
+    ):
+        raise NonFiniteLossError(
+            f"{trainer['nonfinite_losses']} batches were skipped for a non-finite loss and the trained model's "
+            f"log-loss is still not finite (val {val['logloss']}, test {test['logloss']}): lower --emb-lr/--dense-lr"
+        )
     ranks = _all_gather({"rank": env.rank, "steps": trainer["local_steps"], "bytes": local_bytes}, env)
     seconds = _all_sum(trainer["train_seconds"], env) / env.world
     rows_run = trainer["rows_trained"]
@@ -295,6 +350,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "examples_per_s": rows_run / seconds if seconds > 0 else float("nan"),
             "resumed_from_step": resumed_from,
             "final_loss": trainer["history"]["train"][-1][1] if trainer["history"]["train"] else None,
+            "nonfinite_losses_skipped": trainer.get("nonfinite_losses", 0),
         },
         "ranks": ranks,
         "val": val,
@@ -424,7 +480,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     try:
         summary = train(args, env)
-    except (DataError, MalformedRowError, FileNotFoundError, PlanError, dlrm_checkpoint.CheckpointError) as e:
+    except (
+        DataError,
+        MalformedRowError,
+        FileNotFoundError,
+        PlanError,
+        NonFiniteLossError,
+        dlrm_checkpoint.CheckpointError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if env.distributed:
             dist.destroy_process_group()

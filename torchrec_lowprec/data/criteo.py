@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, DEFAULT_LABEL_NAME
 
+from .arrow_csv import SEGMENT_BYTES
 from .schema import TabularSchema, log1p_clamped, log_squared_bucket
 from .tabular import TabularDataset
 from .vocab import Vocabulary
@@ -80,7 +81,9 @@ class CriteoDataset(TabularDataset):
         strict: bool = False,
         vocabulary: Vocabulary | str | os.PathLike | None = None,
         max_warnings: int = 20,
-        block_rows: int = 8192,
+        workers: int | None = None,
+        segment_bytes: int = SEGMENT_BYTES,
+        block_rows: int | None = None,
     ) -> None:
         super().__init__(
             paths,
@@ -92,5 +95,7 @@ class CriteoDataset(TabularDataset):
             strict=strict,
             vocabulary=vocabulary,
             max_warnings=max_warnings,
+            workers=workers,
+            segment_bytes=segment_bytes,
             block_rows=block_rows,
         )

@@ -1,4 +1,4 @@
-"""Reading text files line by line, counting their lines, and hashing lines into splits."""
+"""Counting the lines of text files and hashing line numbers into splits."""
 
 from __future__ import annotations
 
@@ -26,14 +26,6 @@ def random_split_codes(seed: int, start: int, count: int, fractions: Sequence[fl
     z ^= z >> np.uint64(31)
     u = (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
     return ((u >= fractions[0]).astype(np.uint8) + (u >= fractions[0] + fractions[1])).astype(np.uint8)
-
-
-def open_text(path: str):
-    # newline="\n": a stray "\r" inside a field must not split a line (the line count of the
-    # chronological split counts b"\n" only); errors="replace": one bad byte is not a bad file.
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="\n")
-    return open(path, encoding="utf-8", errors="replace", newline="\n")
 
 
 def count_lines(path: str, header: bool = False) -> int:

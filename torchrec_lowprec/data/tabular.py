@@ -6,20 +6,20 @@ count the lines, (2) count categorical values over the training rows and build t
 depends only on its data-line number (0-based over all files in order, header lines not
 counted): ``"random"`` hashes ``(seed, line)`` into train/val/test by ``fractions``, so it
 streams; ``"chronological"`` takes the first, next and last ``fractions`` of the lines.
-Malformed rows (wrong column count, a non-numeric number or label) are skipped, counted in
+Files are parsed by pyarrow (:mod:`.arrow_csv`: quoted fields, segments of whole lines on
+``workers`` threads, in order); values are checked, counted and looked up with pyarrow/numpy.
+Malformed rows (wrong column count; a label that is not a number, not finite or outside
+[0, 1]; a dense value that is not a number or not finite) are skipped, counted in
 ``malformed_rows`` and reported as ``MalformedRowWarning`` with ``file:line``; with
 ``strict=True`` the first one raises ``MalformedRowError``.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from itertools import chain, islice
-from operator import itemgetter
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,14 +27,31 @@ from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.datasets.utils import Batch
 
 from ..progress import progress
+from .arrow_csv import (
+    SEGMENT_BYTES,
+    Segment,
+    default_workers,
+    open_binary,
+    ordered_map,
+    parse_segment,
+    require_pyarrow,
+    segments,
+    split_fields,
+    text,
+    to_numbers,
+)
 from .common import SPLITS, RowBlock, embedding_bag_configs, rebatch, split_index
-from .lines import count_lines, open_text, random_split_codes
-from .schema import TabularSchema, log1p_clamped, log_squared_bucket
+from .lines import count_lines, random_split_codes
+from .rows import Parsed as _Parsed
+from .rows import Rows as _Rows
+from .rows import ValueCounts as _ValueCounts
+from .rows import bucket_tokens as _bucket_tokens
+from .rows import encode as _encode
+from .schema import TabularSchema, log1p_clamped
 from .vocab import Vocabulary
 
 SPLIT_MODES = ("random", "chronological")
 _SCHEMA_CHECK_LINES = 100  # a file whose first this-many rows all fail is the wrong file/schema
-_HASH_BLOCK = 1 << 16
 
 
 class MalformedRowWarning(UserWarning):
@@ -43,28 +60,6 @@ class MalformedRowWarning(UserWarning):
 
 class MalformedRowError(ValueError):
     """A row does not match the schema and the reader is ``strict``."""
-
-
-class _Bad(Exception):
-    pass
-
-
-def _getter(idx: list[int]):
-    """``parts -> tuple of parts[i] for i in idx`` (itemgetter is C, but returns a scalar for one index)."""
-    if not idx:
-        return lambda parts: ()
-    if len(idx) == 1:
-        i = idx[0]
-        return lambda parts: (parts[i],)
-    return itemgetter(*idx)
-
-
-def _converts(conv, v: str) -> bool:
-    try:
-        conv(v) if v else None
-        return True
-    except ValueError:
-        return False
 
 
 class TabularDataset:
@@ -91,7 +86,9 @@ class TabularDataset:
         strict: bool = False,
         vocabulary: Vocabulary | str | os.PathLike | None = None,
         max_warnings: int = 20,
-        block_rows: int = 8192,
+        workers: int | None = None,
+        segment_bytes: int = SEGMENT_BYTES,
+        block_rows: int | None = None,
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -110,13 +107,23 @@ class TabularDataset:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         self.schema, self.min_count, self.split_mode = schema, min_count, split
         self.fractions, self.seed, self.strict = fractions, seed, strict
-        self.max_warnings, self.block_rows = max_warnings, block_rows
+        if segment_bytes < 1 or (workers is not None and workers < 1):
+            raise ValueError(f"segment_bytes and workers must be >= 1, got {segment_bytes}, {workers}")
+        require_pyarrow()  # an ImportError saying how to install it, before any file is read
+        if block_rows is not None:
+            warnings.warn(
+                "TabularDataset(block_rows=...) is no longer used: rows are read in segments of "
+                "segment_bytes bytes",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self.max_warnings, self.segment_bytes = max_warnings, segment_bytes
+        self.workers = workers or default_workers()
         self.malformed_rows: dict[str, int] = {}
         self._warned: set[tuple[str, int]] = set()
         self._header: list[str] | None = None
         self._line_count: int | None = None
         self._bounds: tuple[int, int] | None = None
-        self._hash_block = (-1, np.zeros(0, np.uint8))
         self._resolve()
         if isinstance(vocabulary, (str, os.PathLike)):
             vocabulary = Vocabulary.load(vocabulary)
@@ -126,11 +133,20 @@ class TabularDataset:
 
     # --------------------------------------------------------------------------- layout
     def _read_header(self, path: str) -> list[str]:
-        with open_text(path) as f:
+        with open_binary(path) as f:
             first = f.readline()
         if not first:
             raise ValueError(f"{path} is empty but the schema says line 1 is a header")
-        return first.rstrip("\r\n").split(self.schema.delimiter)
+        return split_fields(first, self.schema.delimiter)
+
+    def _first_row_columns(self) -> int | None:
+        """Columns of the first non-empty line (a headerless file whose schema names no columns)."""
+        for path in self.paths:
+            with open_binary(path) as f:
+                for line in f:
+                    if line.strip(b"\r\n"):
+                        return len(split_fields(line, self.schema.delimiter))
+        return None
 
     def _resolve(self) -> None:
         s = self.schema
@@ -164,7 +180,9 @@ class TabularDataset:
         self._dense_i = [index(c, "dense") for c in s.dense]
         self._cat_i = [index(c, "categorical") for c in s.categorical]
         self._mv = [(index(c, "multi_valued"), sep) for c, sep in s.multi_valued.items()]
-        self._min_cols = 1 + max([self._label_i, *self._dense_i, *self._cat_i, *(i for i, _ in self._mv)])
+        self._used = [self._label_i, *self._dense_i, *self._cat_i, *(i for i, _ in self._mv)]
+        if self._ncols is None:  # every row must have the first row's column count
+            self._ncols = max(self._first_row_columns() or 0, 1 + max(self._used))
         dense_names = [name(c) for c in s.dense]
         self._bucketed = s.int_features == "categorical"
         self.dense_names = [] if self._bucketed else dense_names
@@ -196,73 +214,130 @@ class TabularDataset:
         return len(self.dense_names)
 
     # ---------------------------------------------------------------------------- lines
-    def _lines(self) -> Iterator[tuple[str, int, int, str]]:
-        """``(path, 1-based file line, 0-based data line over all files, text)``."""
-        g = 0
-        for path in self.paths:
-            with open_text(path) as f:
-                lineno = 0
-                if self.schema.header:
-                    head = f.readline()
-                    lineno = 1
-                    if head.rstrip("\r\n").split(self.schema.delimiter) != self._header:
-                        raise ValueError(
-                            f"{path}: header differs from {self.paths[0]}'s; all files need one schema"
-                        )
-                for text in f:
-                    lineno += 1
-                    yield path, lineno, g, text
-                    g += 1
-
     def line_count(self) -> int:
         """Data lines over all files (a fast binary pass, cached)."""
         if self._line_count is None:
             self._line_count = sum(count_lines(p, self.schema.header) for p in self.paths)
         return self._line_count
 
-    def _split_of(self, g: int) -> int:
+    def _codes(self, first: int, count: int) -> np.ndarray:
+        """Split codes (0 train, 1 val, 2 test) of data lines ``first .. first + count - 1``."""
         if self.split_mode == "chronological":
             if self._bounds is None:
                 n = self.line_count()
                 self._bounds = (int(self.fractions[0] * n), int((self.fractions[0] + self.fractions[1]) * n))
-            return 0 if g < self._bounds[0] else 1 if g < self._bounds[1] else 2
-        blk = g // _HASH_BLOCK
-        if self._hash_block[0] != blk:
-            codes = random_split_codes(self.seed, blk * _HASH_BLOCK, _HASH_BLOCK, self.fractions)
-            self._hash_block = (blk, codes)
-        return int(self._hash_block[1][g - blk * _HASH_BLOCK])
+            g = np.arange(first, first + count, dtype=np.int64)
+            return ((g >= self._bounds[0]).astype(np.uint8) + (g >= self._bounds[1])).astype(np.uint8)
+        return random_split_codes(self.seed, first, count, self.fractions)
+
+    def _check_header(self, path: str, line: bytes) -> None:
+        if split_fields(line, self.schema.delimiter) != self._header:
+            raise ValueError(f"{path}: header differs from {self.paths[0]}'s; all files need one schema")
 
     # ---------------------------------------------------------------------------- rows
-    def _parser(self):
+    def _parse(self, seg: Segment, wanted: np.ndarray) -> _Parsed:
+        """Parse and check one segment (runs on a parser thread): every line's split, the bad
+        lines with their reasons, and the good rows' label, dense numbers and categorical columns."""
         s = self.schema
-        delim, ncols, min_cols = s.delimiter, self._ncols, self._min_cols
-        label_i, dense_i, cat_i, mv = self._label_i, self._dense_i, self._cat_i, self._mv
-        conv, missing, bucketed = (int if s.dense_parse == "int" else float), s.missing_dense, self._bucketed
+        p = parse_segment(seg, self._ncols, s.delimiter, self._used)
+        codes = self._codes(seg.first_data, seg.num_lines)
+        t, offsets = p.table, p.offsets
+        keep = np.isin(codes[offsets], wanted)
+        if not keep.all():  # rows of other splits: not converted, not checked
+            pa, _, _ = require_pyarrow()
+            t, offsets = t.filter(pa.array(keep)), offsets[keep]
+        n = t.num_rows
+        reason: dict[int, str] = {}
+        col = lambda i: t.column(f"c{i}")  # noqa: E731
+        y, ybad, yempty = to_numbers(col(self._label_i), "float")
+        for r in np.flatnonzero(ybad | yempty):
+            reason[r] = f"label {text(col(self._label_i), r)!r} is not a number"
+        with np.errstate(invalid="ignore"):
+            for r in np.flatnonzero(~(ybad | yempty) & ~((y >= 0) & (y <= 1))):
+                what = "not finite" if not np.isfinite(y[r]) else "outside [0, 1]"
+                reason[r] = f"label {text(col(self._label_i), r)!r} is {what}"
         kind = "an integer" if s.dense_parse == "int" else "a number"
-        get_dense, get_cat = _getter(dense_i), _getter(cat_i)
+        dense = np.empty((n, len(self._dense_i)), np.float64)
+        for j, i in enumerate(self._dense_i):
+            v, bad, empty = to_numbers(col(i), s.dense_parse)
+            for r in np.flatnonzero(bad):
+                reason.setdefault(r, f"column {i + 1} value {text(col(i), r)!r} is not {kind}")
+            for r in np.flatnonzero(~np.isfinite(v) & ~bad & ~empty):
+                reason.setdefault(r, f"column {i + 1} value {text(col(i), r)!r} is not finite")
+            v[empty] = s.missing_dense
+            dense[:, j] = v
+        good = np.ones(n, bool)
+        if reason:
+            good[list(reason)] = False
+        bad_rows = sorted(reason)
+        bad_off = np.concatenate([p.bad_offsets, offsets[bad_rows]]).astype(np.int64)
+        bad_why = p.bad_reasons + [reason[r] for r in bad_rows]
+        order = np.argsort(bad_off, kind="stable")
+        buckets = (
+            [_bucket_tokens(np.nan_to_num(dense[:, j])) for j in range(dense.shape[1])]
+            if self._bucketed
+            else []
+        )
+        if self._bucketed:
+            dense = dense[:, :0]
+        vocab, cats, cat_ids = self._vocab, [], None
+        if vocab is None:  # the vocabulary pass counts distinct values
+            cats = buckets + [_encode(col(i)) for i in self._cat_i]
+        else:  # the batch passes look ids up here, on the parser thread, by hashing every value
+            names = iter(self._cat_names)
+            cat_ids = [vocab.dictionary_ids(next(names), d)[idx] for idx, d in buckets]
+            cat_ids += [vocab.dictionary_ids(next(names), col(i)) for i in self._cat_i]
+        return _Parsed(
+            seg,
+            codes,
+            offsets,
+            good,
+            bad_off[order],
+            [bad_why[k] for k in order],
+            y.astype(np.float32),
+            dense,
+            cats,
+            [(col(i), sep) for i, sep in self._mv],
+            cat_ids,
+        )
 
-        def parse(text: str):
-            parts = text.rstrip("\r\n").split(delim)
-            if (ncols is not None and len(parts) != ncols) or len(parts) < min_cols:
-                raise _Bad(
-                    f"{len(parts)} columns, expected {ncols if ncols is not None else f'>= {min_cols}'}"
-                )
-            try:
-                label = float(parts[label_i])
-            except ValueError:
-                raise _Bad(f"label {parts[label_i]!r} is not a number") from None
-            try:
-                dense = [conv(v) if v else missing for v in get_dense(parts)]
-            except ValueError:
-                i = next(i for i in dense_i if not _converts(conv, parts[i]))
-                raise _Bad(f"column {i + 1} value {parts[i]!r} is not {kind}") from None
-            cats = get_cat(parts)
-            if bucketed:
-                cats = (*(str(log_squared_bucket(x)) for x in dense), *cats)
-                dense = []
-            return label, dense, cats, [parts[i].split(sep) if parts[i] else [] for i, sep in mv]
+    def _segments(self, wanted: np.ndarray) -> Iterator[_Parsed]:
+        self._codes(0, 0)  # the chronological bounds, before parser threads need them
+        segs = segments(self.paths, self.schema.header, self.segment_bytes, self._check_header)
+        return ordered_map(partial(self._parse, wanted=wanted), segs, self.workers)
 
-        return parse
+    def _rows(self, wanted: frozenset[int]) -> Iterator[_Rows]:
+        """The valid rows of the wanted splits, a segment at a time; counts and reports the bad ones."""
+        bad = np.zeros(3, np.int64)
+        seen: dict[str, list[int]] = {}  # path -> [good rows, bad rows before the first good one]
+        want = np.array(sorted(wanted), np.uint8)
+        for ps in self._segments(want):
+            seg = ps.segment
+            bad_codes = ps.codes[ps.bad_offsets]
+            in_wanted = np.isin(bad_codes, want)
+            bad += np.bincount(bad_codes[in_wanted], minlength=3)
+            if self.strict or len(self._warned) < self.max_warnings:
+                for off, why in zip(ps.bad_offsets[in_wanted], np.asarray(ps.bad_reasons, object)[in_wanted]):
+                    self._malformed(seg.path, seg.first_line + int(off), why)
+            ok_bad = seen.setdefault(seg.path, [0, 0])
+            good_off = ps.offsets[ps.good]
+            if ok_bad[0] == 0:
+                first_good = good_off[0] if len(good_off) else seg.num_lines
+                before = ps.bad_offsets[ps.bad_offsets < first_good]
+                if ok_bad[1] + len(before) >= _SCHEMA_CHECK_LINES:
+                    k = _SCHEMA_CHECK_LINES - ok_bad[1] - 1
+                    raise ValueError(
+                        f"{seg.path}: the first {_SCHEMA_CHECK_LINES} rows read all fail the schema "
+                        f"{self.schema.name!r} (line {seg.first_line + int(before[k])}: "
+                        f"{ps.bad_reasons[k]}): is this the right file, delimiter and schema?"
+                    )
+                ok_bad[1] += len(before)
+            ok_bad[0] += len(good_off)
+            rows = np.flatnonzero(ps.good)
+            if len(rows):
+                yield _Rows(ps, rows)
+        for code in wanted:  # only a finished pass knows the count
+            self.malformed_rows[SPLITS[code]] = int(bad[code])
 
     def _malformed(self, path: str, lineno: int, reason: str) -> None:
         msg = f"{path}:{lineno}: malformed row ({reason})"
@@ -277,67 +352,22 @@ class TabularDataset:
             msg += f"; further malformed rows are counted in malformed_rows but not reported (max_warnings={self.max_warnings})"
         warnings.warn(msg, MalformedRowWarning, stacklevel=4)
 
-    def _rows(self, wanted: frozenset[int]) -> Iterator[tuple[int, tuple]]:
-        """``(split code, parsed row)`` of the valid rows of the wanted splits; counts the bad ones."""
-        parse = self._parser()
-        bad = [0, 0, 0]
-        seen: dict[str, list[int]] = {}
-        for path, lineno, g, text in self._lines():
-            code = self._split_of(g)
-            if code not in wanted:
-                continue
-            ok_bad = seen.setdefault(path, [0, 0])
-            try:
-                row = parse(text)
-            except _Bad as e:
-                bad[code] += 1
-                ok_bad[1] += 1
-                if ok_bad[0] == 0 and ok_bad[1] >= _SCHEMA_CHECK_LINES:
-                    raise ValueError(
-                        f"{path}: the first {ok_bad[1]} rows read all fail the schema {self.schema.name!r} "
-                        f"(line {lineno}: {e}): is this the right file, delimiter and schema?"
-                    ) from None
-                self._malformed(path, lineno, str(e))
-                continue
-            ok_bad[0] += 1
-            yield code, row
-        for code in wanted:  # only a finished pass knows the count
-            self.malformed_rows[SPLITS[code]] = bad[code]
-
-    def _blocks(self, wanted: frozenset[int]) -> Iterator[list[tuple]]:
-        rows = (row for _, row in self._rows(wanted))
-        while True:
-            # Every parsed row allocates a few tuples/lists, and the collections this triggers
-            # over a growing block cost as much as the parsing (2x slower). Rows hold no
-            # cycles, so pause the collector while filling a block, never across a yield.
-            enabled = gc.isenabled()
-            gc.disable()
-            try:
-                block = list(islice(rows, self.block_rows))
-            finally:
-                if enabled:
-                    gc.enable()
-            if not block:
-                return
-            yield block
-
     # ---------------------------------------------------------------------- vocabulary
     def build_vocabulary(self) -> Vocabulary:
-        """Count values over the training rows (one pass) and keep those seen ``min_count`` times."""
-        counters = {name: Counter() for name in self.feature_names}
-        nc = len(self._cat_names)
-        for block in progress(self._blocks(frozenset([0])), "vocabulary pass", unit="block"):
-            if nc:
-                for name, col in zip(self._cat_names, zip(*(r[2] for r in block))):
-                    counters[name].update(col)
+        """Count values over the training rows (one pass, counted by pyarrow) and keep those seen
+        ``min_count`` times."""
+        counts = {name: _ValueCounts() for name in self.feature_names}
+        for rows in progress(self._rows(frozenset([0])), "vocabulary pass", unit="segment"):
+            for name, (idx, dictionary) in zip(self._cat_names, rows.cats()):
+                counts[name].add_encoded(idx, dictionary)
             for j, name in enumerate(self._mv_names):
-                counters[name].update(chain.from_iterable(r[3][j] for r in block))
+                counts[name].add(rows.bags(j)[1])
         meta = {
             "schema": self.schema.to_dict(),
             "split": self._split_meta(),
             "files": [os.path.basename(p) for p in self.paths],
         }
-        return Vocabulary.build(counters, self.min_count, meta)
+        return Vocabulary.from_value_counts({k: c.result() for k, c in counts.items()}, self.min_count, meta)
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -364,50 +394,55 @@ class TabularDataset:
         return {k: torch.from_numpy(self.vocabulary.frequencies(k)) for k in self.feature_names}
 
     # -------------------------------------------------------------------------- batches
-    def _to_block(self, rows: list[tuple]) -> RowBlock:
-        n, vocab = len(rows), self.vocabulary
-        labels = np.fromiter((r[0] for r in rows), np.float32, n)
-        if self.dense_names:
-            dense = log1p_clamped(np.array([r[1] for r in rows], np.float64)).astype(np.float32)
-        else:
-            dense = np.zeros((n, 0), np.float32)
+    def _to_block(self, rows: _Rows) -> RowBlock:
+        vocab = self.vocabulary
+        n = len(rows)
+        dense = (
+            log1p_clamped(rows.dense()).astype(np.float32)
+            if self.dense_names
+            else np.zeros((n, 0), np.float32)
+        )
         lengths, values = [], []
         if self._cat_names:
             ones = np.ones(n, np.int32)
-            for name, col in zip(self._cat_names, zip(*(r[2] for r in rows))):
+            ids = rows.cat_ids()
+            cats = rows.cats() if ids is None else None
+            for k, name in enumerate(self._cat_names):
                 lengths.append(ones)
-                values.append(vocab.lookup(name, col))
+                values.append(ids[k] if cats is None else vocab.dictionary_ids(name, cats[k][1])[cats[k][0]])
         for j, name in enumerate(self._mv_names):
-            bags = [r[3][j] for r in rows]
-            lengths.append(np.fromiter(map(len, bags), np.int32, n))
-            values.append(vocab.lookup(name, chain.from_iterable(bags)))
-        return RowBlock(dense, lengths, values, labels)
+            lens, flat = rows.bags(j)
+            lengths.append(lens)
+            values.append(vocab.lookup_arrow(name, flat))
+        return RowBlock(dense, lengths, values, rows.labels())
+
+    def blocks(self, split: str, num_rows: int | None = None) -> Iterator[RowBlock]:
+        """Row blocks of ``split`` in file order (of any sizes; the first ``num_rows`` valid rows if given)."""
+        code = split_index(split)
+        self.vocabulary.prepare()  # build it (a pass over train) before streaming this split
+        left = num_rows
+        for rows in self._rows(frozenset([code])):
+            block = self._to_block(rows)
+            if left is not None:
+                if left <= 0:
+                    return
+                block = block.slice(0, min(left, len(block))) if left < len(block) else block
+                left -= len(block)
+            yield block
 
     def batches(
         self, split: str, batch_size: int, num_rows: int | None = None, drop_last: bool = False
     ) -> Iterator[Batch]:
         """Batches of ``split`` in file order (the first ``num_rows`` valid rows if given)."""
-        code = split_index(split)
-        _ = self.vocabulary  # build it (a pass over train) before streaming this split
-
-        def blocks() -> Iterator[RowBlock]:
-            left = num_rows
-            for rows in self._blocks(frozenset([code])):
-                if left is not None:
-                    if left <= 0:
-                        return
-                    rows = rows[:left]
-                    left -= len(rows)
-                yield self._to_block(rows)
-
-        for block in rebatch(blocks(), batch_size, drop_last):
+        for block in rebatch(self.blocks(split, num_rows), batch_size, drop_last):
             yield block.to_batch(self.feature_names)
 
     def scan(self) -> dict[str, dict[str, int]]:
         """One pass over every row: valid and malformed rows per split."""
-        rows = [0, 0, 0]
-        for code, _ in self._rows(frozenset([0, 1, 2])):
-            rows[code] += 1
+        rows = np.zeros(3, np.int64)
+        for r in self._rows(frozenset([0, 1, 2])):
+            rows += np.bincount(r.codes(), minlength=3)
+        rows = rows.tolist()
         return {
             "rows": dict(zip(SPLITS, rows)),
             "malformed": {s: self.malformed_rows.get(s, 0) for s in SPLITS},

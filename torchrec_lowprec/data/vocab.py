@@ -12,8 +12,12 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .arrow_csv import HashTable
 
 from .common import atomic_write_bytes
 
@@ -45,7 +49,8 @@ class Vocabulary:
         self.oov_counts = {k: int(oov_counts.get(k, 0)) for k in self.tokens}
         self.min_count = int(min_count)
         self.meta = dict(meta or {})
-        self._maps = {k: {t: i + 1 for i, t in enumerate(v)} for k, v in self.tokens.items()}
+        self._maps: dict[str, dict[str, int]] = {}  # built on first lookup()
+        self._hashes: dict[str, HashTable | None] = {}  # for dictionary_ids()
 
     @classmethod
     def build(
@@ -64,6 +69,33 @@ class Vocabulary:
             oov[name] = sum(counter.values()) - sum(counts[name])
         return cls(tokens, counts, oov, min_count, meta)
 
+    @classmethod
+    def from_value_counts(
+        cls, value_counts: Mapping[str, tuple], min_count: int = 1, meta: dict | None = None
+    ) -> Vocabulary:
+        """:meth:`build` from ``{feature: (values, counts)}`` arrow/numpy arrays (values distinct,
+        binary or string): the sort and the ``min_count`` cut are vectorised."""
+        from .arrow_csv import require_pyarrow
+
+        pa, _, pc = require_pyarrow()
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        tokens, counts, oov = {}, {}, {}
+        for name, (values, cnt) in value_counts.items():
+            cnt = np.asarray(cnt, np.int64)
+            keep = np.flatnonzero(cnt >= min_count)
+            table = pa.table({"v": pa.array(values).cast(pa.binary()).take(keep), "c": cnt[keep]})
+            # Decreasing count, ties by value: bytewise order of UTF-8 is str order.
+            order = pc.sort_indices(table, sort_keys=[("c", "descending"), ("v", "ascending")])
+            table = table.take(order)
+            try:
+                tokens[name] = table.column("v").cast(pa.string()).to_pylist()
+            except pa.ArrowInvalid:  # not UTF-8: decode as the old reader did
+                tokens[name] = [b.decode("utf-8", "replace") for b in table.column("v").to_pylist()]
+            counts[name] = table.column("c").to_numpy().tolist()
+            oov[name] = int(cnt.sum()) - int(np.sum(counts[name]))
+        return cls(tokens, counts, oov, min_count, meta)
+
     @property
     def feature_names(self) -> list[str]:
         return list(self.tokens)
@@ -78,8 +110,48 @@ class Vocabulary:
 
     def lookup(self, feature: str, values: Iterable[str]) -> np.ndarray:
         """Ids (int64) of ``values``; unknown values get :data:`OOV_ID`."""
+        if feature not in self._maps:
+            self._maps[feature] = {t: i + 1 for i, t in enumerate(self.tokens[feature])}
         m = self._maps[feature]
         return np.fromiter(map(m.get, values, repeat(OOV_ID)), dtype=np.int64)
+
+    def lookup_arrow(self, feature: str, values) -> np.ndarray:
+        """Ids (int64) of an arrow binary/string array (nulls are the empty value), vectorised
+        (see :meth:`dictionary_ids`)."""
+        return self.dictionary_ids(feature, values)
+
+    def dictionary_ids(self, feature: str, dictionary) -> np.ndarray:
+        """Ids (int64) of the values of ``dictionary`` (an arrow binary array, e.g. a dictionary's
+        distinct values; null = the empty value).
+
+        Values are matched to the tokens by a 64-bit hash, with numpy (the tokens' hashes are
+        checked to be distinct; an unseen value takes a token's id only if their hashes collide,
+        odds about ``size / 2**64``).
+        """
+        from .arrow_csv import hash_binary, require_pyarrow
+
+        pa, _, _ = require_pyarrow()
+        index = self._hash_index(feature)
+        if index is None:  # two tokens share a hash: match them exactly, per value
+            raw = dictionary.cast(pa.binary()).to_pylist()
+            return self.lookup(feature, (b.decode("utf-8", "replace") if b else "" for b in raw))
+        return index.get(hash_binary(dictionary), OOV_ID)
+
+    def prepare(self) -> None:
+        """Build every feature's hash index now (before threads call :meth:`dictionary_ids`)."""
+        for k in self.tokens:
+            self._hash_index(k)
+
+    def _hash_index(self, feature: str) -> HashTable | None:
+        """Token hash -> id (``None`` if two tokens' hashes collide); cached."""
+        if feature not in self._hashes:
+            from .arrow_csv import HashTable, hash_binary, require_pyarrow
+
+            pa, _, _ = require_pyarrow()
+            h = hash_binary(pa.array(self.tokens[feature], pa.string()))
+            unique = len(np.unique(h)) == len(h)
+            self._hashes[feature] = HashTable(h, np.arange(1, len(h) + 1)) if unique else None
+        return self._hashes[feature]
 
     def frequencies(self, feature: str) -> np.ndarray:
         """Training count of every id (index 0 = all OOV occurrences), int64 ``[size]``."""

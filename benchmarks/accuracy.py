@@ -94,8 +94,88 @@ def dataset_flags(args: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
-def _key(dataset: str, flags: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps([dataset, list(flags)]).encode()).hexdigest()[:16]
+CODE_PATHS = ("torchrec_lowprec", os.path.join("examples", "dlrm"))
+CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu")
+CODE_EXCLUDE = ("demo.py",)  # prints a table; trains through train.py
+
+
+def code_version() -> dict:
+    """What code a run used: ``hash`` (sha256 of every library and DLRM-example source file,
+    path and content: the cache key), the short ``commit`` and whether those files had
+    uncommitted changes (``dirty``). A run is reused only by code with the same hash."""
+    import subprocess
+
+    h = hashlib.sha256()
+    for top in CODE_PATHS:
+        for d, dirs, files in sorted(os.walk(os.path.join(ROOT, top))):
+            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(CODE_SUFFIXES) and name not in CODE_EXCLUDE:
+                    path = os.path.join(d, name)
+                    h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+                    with open(path, "rb") as f:
+                        h.update(f.read() + b"\0")
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    return {
+        "hash": h.hexdigest()[:16],
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": any(
+            not line.endswith(CODE_EXCLUDE)
+            for line in git("status", "--porcelain", "--", *CODE_PATHS).splitlines()
+        ),
+    }
+
+
+def describe_code(records: Sequence[dict]) -> str:
+    """Which commits (and source hashes) produced ``records`` (each run's ``code``)."""
+    n: dict[str, int] = {}
+    for r in records:
+        c = r.get("code") or {}
+        label = f"{c.get('commit', 'unknown')}{' + uncommitted changes' if c.get('dirty') else ''}"
+        label += f" (source {c.get('hash', '?')})"
+        n[label] = n.get(label, 0) + 1
+    return "; ".join(f"{k}: {v} run(s)" for k, v in n.items())
+
+
+def _key(dataset: str, flags: Sequence[str], code_hash: str) -> str:
+    return hashlib.sha256(json.dumps([dataset, list(flags), code_hash]).encode()).hexdigest()[:16]
+
+
+class RunCache:
+    """Finished runs (JSON lines at ``path``), keyed by data set, flags and source hash, so an
+    interrupted benchmark continues and a rerun on unchanged code trains nothing."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        self.path, self.threads, self.code = path, threads, code_version()
+        self.done: dict[str, dict] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    self.done[rec["key"]] = rec["result"]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def get(self, dataset: str, name: str, seed: int, flags: list[str], data: dlrm_data.DataSource) -> dict:
+        key = _key(dataset, flags, self.code["hash"])
+        if key not in self.done:
+            t0 = time.perf_counter()
+            r = run_one(dataset, flags, data, self.threads)
+            r["seconds"] = time.perf_counter() - t0
+            r["code"] = self.code
+            self.done[key] = r
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "dataset": dataset, "variant": name, "seed": seed,
+                                    "flags": flags, "result": r}) + "\n")  # fmt: skip
+            print(
+                f"{dataset:>14} {name:>12} seed {seed}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f}) "
+                f"log-loss {r['logloss']:.4f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+        return self.done[key]
 
 
 def run_one(dataset: str, flags: list[str], data: dlrm_data.DataSource, threads: int) -> dict:
@@ -104,6 +184,8 @@ def run_one(dataset: str, flags: list[str], data: dlrm_data.DataSource, threads:
     s = dlrm_train.train(args, Env(), data)
     bayes = s["bayes"]["test"] if s["bayes"] else None
     return {
+        "val_auc": s["val"]["auc"],
+        "val_logloss": s["val"]["logloss"],
         "auc": s["test"]["auc"],
         "logloss": s["test"]["logloss"],
         "test_rows": s["test"]["rows"],
@@ -209,23 +291,6 @@ def verdicts(rows: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def _code_version() -> str:
-    """The commit the runs used, and whether the library had uncommitted changes."""
-    import subprocess
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD")
-    if not head:
-        return "an unknown commit"
-    dirty = git("status", "--porcelain", "--", "torchrec_lowprec", "examples/dlrm")
-    return f"commit {head}" + (
-        " with uncommitted changes in torchrec_lowprec/ or examples/dlrm/" if dirty else ""
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-rows", type=int, default=3_000_000)
@@ -259,15 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     wanted = [v for v in VARIANTS if args.variants == "all" or v.name in args.variants.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    done: dict[str, dict] = {}
-    if os.path.exists(args.results):
-        with open(args.results) as f:
-            for line in f:
-                rec = json.loads(line)
-                done[rec["key"]] = rec["result"]
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    cache = RunCache(args.results, args.threads)
     t_start = time.perf_counter()
-    code = _code_version()
     results: dict[str, dict[str, list[dict]]] = {}
     for dataset, dflags in dataset_flags(args).items():
         data = dlrm_data.open_data(dlrm_train.parse_args(dflags), cache=True)
@@ -275,31 +333,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in wanted:
             for seed in seeds:
                 flags = [*dflags, *v.flags, "--seed", str(seed)]
-                key = _key(dataset, flags)
-                if key not in done:
-                    t0 = time.perf_counter()
-                    done[key] = run_one(dataset, flags, data, args.threads)
-                    done[key]["seconds"] = time.perf_counter() - t0
-                    with open(args.results, "a") as f:
-                        f.write(json.dumps({"key": key, "dataset": dataset, "variant": v.name,
-                                            "seed": seed, "flags": flags, "result": done[key]}) + "\n")  # fmt: skip
-                    r = done[key]
-                    print(
-                        f"{dataset:>14} {v.name:>9} seed {seed}: AUC {r['auc']:.4f} log-loss {r['logloss']:.4f} "
-                        f"({time.perf_counter() - t0:.0f} s)",
-                        flush=True,
-                    )
-                results[dataset].setdefault(v.name, []).append(done[key])
+                results[dataset].setdefault(v.name, []).append(cache.get(dataset, v.name, seed, flags, data))
         del data
     wall = time.perf_counter() - t_start
     run_seconds = sum(r.get("seconds", 0.0) for rows in results.values() for rs in rows.values() for r in rs)
 
+    all_runs = [r for rows in results.values() for rs in rows.values() for r in rs]
     parts = [
         f"Command: `{command}` ({len(seeds)} seeds x {len(wanted)} variants per data set; the runs took "
         f"{run_seconds / 60:.1f} min in all, this invocation {wall / 60:.1f} min (runs found in "
         f"`{args.results}` are reused), on {os.cpu_count()} CPU cores shared with other work, "
-        f"{args.threads} torch thread(s); code: {code}). Test AUC and log-loss: mean ± sample standard deviation over "
-        f"seeds {', '.join(map(str, seeds))} (the seed sets the model init and the rounding draws; the "
+        f"{args.threads} torch thread(s)). Code (runs are cached by a hash of the library and example sources, "
+        f"so every row below comes from the code named here): "
+        f"{describe_code(all_runs)}. Test AUC and log-loss: mean ± sample standard deviation over seeds "
+        f"{', '.join(map(str, seeds))} (the seed sets the model init and the rounding draws; the "
         "data are fixed). *vs fp32 (paired)*: the per-seed difference to the fp32 run of the same seed, "
         "mean ± its standard error — runs of one seed start from the same weights, so this is far less "
         "noisy than the spread of either. Embedding bytes: ours (`memory_bytes()`: codes, fp16 "

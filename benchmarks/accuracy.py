@@ -19,8 +19,6 @@ library's default, which grows that row's step size instead.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import statistics
 import sys
@@ -36,7 +34,7 @@ sys.path.insert(0, HERE)
 import dlrm_data  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from dlrm_model import Env  # noqa: E402
-from report import write_section  # noqa: E402
+from report import ResultCache, describe_code, write_section  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -94,88 +92,25 @@ def dataset_flags(args: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
-CODE_PATHS = ("torchrec_lowprec", os.path.join("examples", "dlrm"))
-CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu")
-CODE_EXCLUDE = ("demo.py",)  # prints a table; trains through train.py
-
-
-def code_version() -> dict:
-    """What code a run used: ``hash`` (sha256 of every library and DLRM-example source file,
-    path and content: the cache key), the short ``commit`` and whether those files had
-    uncommitted changes (``dirty``). A run is reused only by code with the same hash."""
-    import subprocess
-
-    h = hashlib.sha256()
-    for top in CODE_PATHS:
-        for d, dirs, files in sorted(os.walk(os.path.join(ROOT, top))):
-            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
-            for name in sorted(files):
-                if name.endswith(CODE_SUFFIXES) and name not in CODE_EXCLUDE:
-                    path = os.path.join(d, name)
-                    h.update(os.path.relpath(path, ROOT).encode() + b"\0")
-                    with open(path, "rb") as f:
-                        h.update(f.read() + b"\0")
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    return {
-        "hash": h.hexdigest()[:16],
-        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
-        "dirty": any(
-            not line.endswith(CODE_EXCLUDE)
-            for line in git("status", "--porcelain", "--", *CODE_PATHS).splitlines()
-        ),
-    }
-
-
-def describe_code(records: Sequence[dict]) -> str:
-    """Which commits (and source hashes) produced ``records`` (each run's ``code``)."""
-    n: dict[str, int] = {}
-    for r in records:
-        c = r.get("code") or {}
-        label = f"{c.get('commit', 'unknown')}{' + uncommitted changes' if c.get('dirty') else ''}"
-        label += f" (source {c.get('hash', '?')})"
-        n[label] = n.get(label, 0) + 1
-    return "; ".join(f"{k}: {v} run(s)" for k, v in n.items())
-
-
-def _key(dataset: str, flags: Sequence[str], code_hash: str) -> str:
-    return hashlib.sha256(json.dumps([dataset, list(flags), code_hash]).encode()).hexdigest()[:16]
-
-
-class RunCache:
-    """Finished runs (JSON lines at ``path``), keyed by data set, flags and source hash, so an
-    interrupted benchmark continues and a rerun on unchanged code trains nothing."""
+class RunCache(ResultCache):
+    """:class:`report.ResultCache` of DLRM runs (``run_one``) keyed by data set and flags."""
 
     def __init__(self, path: str, threads: int) -> None:
-        self.path, self.threads, self.code = path, threads, code_version()
-        self.done: dict[str, dict] = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    rec = json.loads(line)
-                    self.done[rec["key"]] = rec["result"]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        super().__init__(path)
+        self.threads = threads
 
     def get(self, dataset: str, name: str, seed: int, flags: list[str], data: dlrm_data.DataSource) -> dict:
-        key = _key(dataset, flags, self.code["hash"])
-        if key not in self.done:
-            t0 = time.perf_counter()
-            r = run_one(dataset, flags, data, self.threads)
-            r["seconds"] = time.perf_counter() - t0
-            r["code"] = self.code
-            self.done[key] = r
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"key": key, "dataset": dataset, "variant": name, "seed": seed,
-                                    "flags": flags, "result": r}) + "\n")  # fmt: skip
+        key = self.key([dataset, list(flags)])
+        fresh = key not in self.done
+        r = super().get([dataset, list(flags)], lambda: run_one(dataset, flags, data, self.threads),
+                        dataset=dataset, variant=name, seed=seed)  # fmt: skip
+        if fresh:
             print(
                 f"{dataset:>14} {name:>12} seed {seed}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f}) "
                 f"log-loss {r['logloss']:.4f} ({r['seconds']:.0f} s)",
                 flush=True,
             )
-        return self.done[key]
+        return r
 
 
 def run_one(dataset: str, flags: list[str], data: dlrm_data.DataSource, threads: int) -> dict:

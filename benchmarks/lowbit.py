@@ -277,11 +277,13 @@ def selection(rows: dict[str, list[dict]], names, bits_list) -> list[str]:
     share chosen on validation; test AUC of the chosen ones against the targets."""
     targets = {4: 0.004, 2: 0.015, 8: 0.001}
     out = []
+    if "fp32" not in rows:
+        return out
     for bits in bits_list:
         same = [n for n, b, f in names if b == bits and "hot" not in n and n in rows]
         hot = [n for n, b, f in names if b == bits and "hot" in n and n in rows]
         for label, group in (("same bytes as today", same), ("hottest rows at 8 bits", hot)):
-            if not group:
+            if not group or f"int{bits} default" not in rows:
                 continue
             best = max(group, key=lambda n: accuracy.paired(rows, n, "fp32", "val_auc")[0])
             dt = accuracy.paired(rows, best, "fp32")

@@ -101,6 +101,8 @@ class RunCache(ResultCache):
 
     def get(self, dataset: str, name: str, seed: int, flags: list[str], data: dlrm_data.DataSource) -> dict:
         key = self.key([dataset, list(flags)])
+        if key not in self.done:
+            self._load()
         fresh = key not in self.done
         r = super().get([dataset, list(flags)], lambda: run_one(dataset, flags, data, self.threads),
                         dataset=dataset, variant=name, seed=seed)  # fmt: skip

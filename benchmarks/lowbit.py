@@ -305,7 +305,8 @@ def selection(rows: dict[str, list[dict]], names, bits_list) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``main_args([])``: the defaults, e.g. for frontier.py)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-rows", type=int, default=1_000_000)
     ap.add_argument("--val-rows", type=int, default=200_000)
@@ -321,15 +322,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default="runs/accuracy.jsonl", help="run cache, shared with accuracy.py")
     ap.add_argument("--write", help="write the 'lowbit' section of this markdown file")
-    args = ap.parse_args(argv)
-    command = "python benchmarks/lowbit.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    dflags = [
+    return ap.parse_args(argv)
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """train.py flags of the data set and training settings."""
+    return [
         "--data", "synthetic", "--vocab-sizes", args.vocab_sizes, "--zipf", "1.1", "--num-dense", "4",
         "--train-rows", str(args.train_rows), "--val-rows", str(args.val_rows), "--test-rows", str(args.test_rows),
         "--batch-size", str(args.batch_size), "--epochs", "1", "--embedding-dim", str(args.dim),
     ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = main_args(argv)
+    command = "python benchmarks/lowbit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    dflags = data_flags(args)
     data = dlrm_data.open_data(dlrm_train.parse_args(dflags), cache=True)
     tables = data.embedding_bag_configs(args.dim)
     bits_list = [int(b) for b in args.bits.split(",")]

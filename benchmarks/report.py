@@ -97,12 +97,15 @@ class ResultCache:
     def __init__(self, path: str) -> None:
         self.path, self.code = path, code_version()
         self.done: dict[str, dict] = {}
-        if os.path.exists(path):
-            with open(path) as f:
+        self._load()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def _load(self) -> None:
+        if os.path.exists(self.path):
+            with open(self.path) as f:
                 for line in f:
                     rec = json.loads(line)
                     self.done[rec["key"]] = rec["result"]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def key(self, key_parts: list) -> str:
         return hashlib.sha256(json.dumps([*key_parts, self.code["hash"]]).encode()).hexdigest()[:16]
@@ -110,6 +113,8 @@ class ResultCache:
     def get(self, key_parts: list, compute: Callable[[], dict], **meta: object) -> dict:
         """The cached result of ``key_parts`` on this code, or ``compute()`` (then stored)."""
         key = self.key(key_parts)
+        if key not in self.done:
+            self._load()  # another process sharing the file may have finished it
         if key not in self.done:
             t0 = time.perf_counter()
             r = compute()

@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         panels["Criteo sample (8k train rows; noise ~0.01)"] = train_py_points(
             acc, "criteo-frontier", crit_tables
         )
+    panels = {k: v for k, v in panels.items() if len(v) > 1}  # fp32 alone says nothing
     os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     plot(panels, args.png)
     lines = [

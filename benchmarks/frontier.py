@@ -86,7 +86,7 @@ def train_py_points(recs: list[dict], dataset: str, tables: dict[str, tuple[int,
     for r in recs:
         if r["dataset"] == dataset:
             by_seed.setdefault(r["variant"], {})[r["seed"]] = r["result"]["auc"]
-            flags_of[r["variant"]] = r["flags"]
+            flags_of[r["variant"]] = r["flags"] if "flags" in r else r["parts"][1]
             runs.setdefault(r["variant"], []).append(r["result"])
     out = []
     for name in by_seed:
@@ -100,6 +100,10 @@ def mpe_points(recs: list[dict], dim: int = 32) -> list[Point]:
     import mpe  # noqa: PLC0415
 
     fp32 = sum(v * dim * 4 for v in mpe.VOCABS)
+    setups = [json.dumps(r["parts"][0]) for r in recs]
+    if setups:  # one benchmark setting (rows, dims, ...): the one with the most runs
+        common = max(set(setups), key=setups.count)
+        recs = [r for r, s in zip(recs, setups) if s == common]
     by_seed: dict[str, dict[int, float]] = {}
     serve: dict[str, list[float]] = {}
     runs: dict[str, list[dict]] = {}
@@ -221,7 +225,13 @@ def main(argv: list[str] | None = None) -> None:
         panels["Criteo sample (8k train rows; noise ~0.01)"] = train_py_points(
             acc, "criteo-frontier", crit_tables
         )
-    panels = {k: v for k, v in panels.items() if len(v) > 1}  # fp32 alone says nothing
+    # a panel needs its method's points (fp32 and the uniform baselines alone say nothing new)
+    need = {"MPE benchmark": "MPE", "compression benchmark": "MEC"}
+    panels = {
+        k: v
+        for k, v in panels.items()
+        if len(v) > 1 and all(m in {p[0].split()[0] for p in v} for key, m in need.items() if key in k)
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     plot(panels, args.png)
     lines = [

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
     acc = _records(args.results, code["hash"])
     panels = {
-        "synthetic (low-bit benchmark): ALPT, fp16, hot rows at 8 bits": train_py_points(
+        "synthetic (low-bit benchmark): ALPT, hot rows at 8 bits, fp16 if run": train_py_points(
             acc, "synthetic-val", lb_tables
         ),
         "synthetic (MPE benchmark): MPE at several lambda": mpe_points(

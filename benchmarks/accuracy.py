@@ -19,8 +19,6 @@ library's default, which grows that row's step size instead.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import statistics
 import sys
@@ -36,7 +34,7 @@ sys.path.insert(0, HERE)
 import dlrm_data  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from dlrm_model import Env  # noqa: E402
-from report import write_section  # noqa: E402
+from report import ResultCache, describe_code, write_section  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -94,8 +92,27 @@ def dataset_flags(args: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
-def _key(dataset: str, flags: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps([dataset, list(flags)]).encode()).hexdigest()[:16]
+class RunCache(ResultCache):
+    """:class:`report.ResultCache` of DLRM runs (``run_one``) keyed by data set and flags."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        super().__init__(path)
+        self.threads = threads
+
+    def get(self, dataset: str, name: str, seed: int, flags: list[str], data: dlrm_data.DataSource) -> dict:
+        key = self.key([dataset, list(flags)])
+        if key not in self.done:
+            self._load()
+        fresh = key not in self.done
+        r = super().get([dataset, list(flags)], lambda: run_one(dataset, flags, data, self.threads),
+                        dataset=dataset, variant=name, seed=seed)  # fmt: skip
+        if fresh:
+            print(
+                f"{dataset:>14} {name:>12} seed {seed}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f}) "
+                f"log-loss {r['logloss']:.4f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+        return r
 
 
 def run_one(dataset: str, flags: list[str], data: dlrm_data.DataSource, threads: int) -> dict:
@@ -104,6 +121,8 @@ def run_one(dataset: str, flags: list[str], data: dlrm_data.DataSource, threads:
     s = dlrm_train.train(args, Env(), data)
     bayes = s["bayes"]["test"] if s["bayes"] else None
     return {
+        "val_auc": s["val"]["auc"],
+        "val_logloss": s["val"]["logloss"],
         "auc": s["test"]["auc"],
         "logloss": s["test"]["logloss"],
         "test_rows": s["test"]["rows"],
@@ -209,23 +228,6 @@ def verdicts(rows: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def _code_version() -> str:
-    """The commit the runs used, and whether the library had uncommitted changes."""
-    import subprocess
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD")
-    if not head:
-        return "an unknown commit"
-    dirty = git("status", "--porcelain", "--", "torchrec_lowprec", "examples/dlrm")
-    return f"commit {head}" + (
-        " with uncommitted changes in torchrec_lowprec/ or examples/dlrm/" if dirty else ""
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-rows", type=int, default=3_000_000)
@@ -259,15 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     wanted = [v for v in VARIANTS if args.variants == "all" or v.name in args.variants.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    done: dict[str, dict] = {}
-    if os.path.exists(args.results):
-        with open(args.results) as f:
-            for line in f:
-                rec = json.loads(line)
-                done[rec["key"]] = rec["result"]
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    cache = RunCache(args.results, args.threads)
     t_start = time.perf_counter()
-    code = _code_version()
     results: dict[str, dict[str, list[dict]]] = {}
     for dataset, dflags in dataset_flags(args).items():
         data = dlrm_data.open_data(dlrm_train.parse_args(dflags), cache=True)
@@ -275,31 +270,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in wanted:
             for seed in seeds:
                 flags = [*dflags, *v.flags, "--seed", str(seed)]
-                key = _key(dataset, flags)
-                if key not in done:
-                    t0 = time.perf_counter()
-                    done[key] = run_one(dataset, flags, data, args.threads)
-                    done[key]["seconds"] = time.perf_counter() - t0
-                    with open(args.results, "a") as f:
-                        f.write(json.dumps({"key": key, "dataset": dataset, "variant": v.name,
-                                            "seed": seed, "flags": flags, "result": done[key]}) + "\n")  # fmt: skip
-                    r = done[key]
-                    print(
-                        f"{dataset:>14} {v.name:>9} seed {seed}: AUC {r['auc']:.4f} log-loss {r['logloss']:.4f} "
-                        f"({time.perf_counter() - t0:.0f} s)",
-                        flush=True,
-                    )
-                results[dataset].setdefault(v.name, []).append(done[key])
+                results[dataset].setdefault(v.name, []).append(cache.get(dataset, v.name, seed, flags, data))
         del data
     wall = time.perf_counter() - t_start
     run_seconds = sum(r.get("seconds", 0.0) for rows in results.values() for rs in rows.values() for r in rs)
 
+    all_runs = [r for rows in results.values() for rs in rows.values() for r in rs]
     parts = [
         f"Command: `{command}` ({len(seeds)} seeds x {len(wanted)} variants per data set; the runs took "
         f"{run_seconds / 60:.1f} min in all, this invocation {wall / 60:.1f} min (runs found in "
         f"`{args.results}` are reused), on {os.cpu_count()} CPU cores shared with other work, "
-        f"{args.threads} torch thread(s); code: {code}). Test AUC and log-loss: mean ± sample standard deviation over "
-        f"seeds {', '.join(map(str, seeds))} (the seed sets the model init and the rounding draws; the "
+        f"{args.threads} torch thread(s)). Code (runs are cached by a hash of the library and example sources, "
+        f"so every row below comes from the code named here): "
+        f"{describe_code(all_runs)}. Test AUC and log-loss: mean ± sample standard deviation over seeds "
+        f"{', '.join(map(str, seeds))} (the seed sets the model init and the rounding draws; the "
         "data are fixed). *vs fp32 (paired)*: the per-seed difference to the fp32 run of the same seed, "
         "mean ± its standard error — runs of one seed start from the same weights, so this is far less "
         "noisy than the spread of either. Embedding bytes: ours (`memory_bytes()`: codes, fp16 "

@@ -13,6 +13,10 @@ EmbeddingBagCollection (predictions before/after, forward time).
     python benchmarks/compression.py                         # the full run (~10-15 min, 2 cores)
     python benchmarks/compression.py --quick                 # small sizes, a smoke run
     python benchmarks/compression.py --write docs/benchmarks.md
+
+Over ``--seeds`` (default 3), paired with the fp32 model of the same seed; the MEC setting is
+chosen on a validation split and test AUC is reported for it and the baselines only. Finished
+seeds are cached in ``--results``, keyed by the settings and a hash of the library sources.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import write_section  # noqa: E402
+from report import ResultCache, describe_code, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
 from torchrec_lowprec.compress import MECConfig, compress_, finetune_codebooks  # noqa: E402
@@ -73,18 +77,23 @@ def train(data: SyntheticCTR, bits: int, args) -> tuple[DLRMTrain, float]:
     return model, time.perf_counter() - t0
 
 
-def predict(dlrm: torch.nn.Module, data: SyntheticCTR) -> tuple[np.ndarray, np.ndarray]:
+def predict(dlrm: torch.nn.Module, data: SyntheticCTR, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     dlrm.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for b in data.batches("test", 8192):
+        for b in data.batches(split, 8192):
             logits.append(dlrm(b.dense_features, b.sparse_features).reshape(-1).double().numpy())
             labels.append(b.labels.numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def auc(dlrm: torch.nn.Module, data: SyntheticCTR) -> float:
-    return exact_auc(*predict(dlrm, data))
+def auc(dlrm: torch.nn.Module, data: SyntheticCTR, split: str = "test") -> float:
+    return exact_auc(*predict(dlrm, data, split))
+
+
+def aucs(dlrm: torch.nn.Module, data: SyntheticCTR) -> tuple[float, float]:
+    """(validation AUC, test AUC)."""
+    return auc(dlrm, data, "val"), auc(dlrm, data, "test")
 
 
 def fp32_table_bytes(tables) -> int:
@@ -151,10 +160,168 @@ def access_entropy(cebc, counts: dict) -> float:
     return statistics.mean(out)
 
 
+def one_seed(args, vocabs, seed: int) -> dict:
+    """Train fp32 / int8 / int4, compress the fp32 model with every MEC setting; rows of
+    (method, setting, val AUC, test AUC, bytes, note), and the export check (seed 0 only)."""
+    args.seed = seed
+    cfg = SyntheticCTRConfig(
+        vocab_sizes=vocabs, num_dense=4, train_rows=args.train_rows, val_rows=args.val_rows,
+        test_rows=args.test_rows, seed=seed,
+    )  # fmt: skip
+    data = SyntheticCTR(cfg)
+    rows = []
+    trained = {}
+    for name, bits in (("fp32", 32), ("int8 ALPT", 8), ("int4 ALPT", 4)):
+        model, secs = train(data, bits, args)
+        ebc = model.model.sparse_arch.embedding_bag_collection
+        rows.append((name, "-", *aucs(model.model, data), lp_serving_bytes(ebc), f"trained in {secs:.0f} s"))
+        trained[bits] = model
+        print(f"seed {seed} {name}: val/test AUC {rows[-1][2]:.4f} / {rows[-1][3]:.4f}", flush=True)
+    counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
+    settings = [tuple(int(v) for v in s.split("x")) for s in args.mec.split(",")]
+    runs = [(L, K, args.popularity, args.mec_steps) for L, K in settings]
+    L0, K0 = settings[0]
+    for p in args.ablate.split(","):
+        if p == "kmeans":
+            runs.append((L0, K0, args.popularity, 0))
+        elif p and p != args.popularity:
+            runs.append((L0, K0, p, args.mec_steps))
+    for L, K, pop, steps in runs:
+        model = copy.deepcopy(trained[32])
+        mec = MECConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=steps,
+                        popularity=pop, seed=seed)  # fmt: skip
+        t0 = time.perf_counter()
+        compress_(model, counts, mec)
+        secs = time.perf_counter() - t0
+        cebc = model.model.sparse_arch.embedding_bag_collection
+        nbytes = mec_serving_bytes(cebc)
+        ent = statistics.mean(e for r in cebc.fit_report.values() for e in r["entropy_bits"])
+        note = (
+            f"code entropy {ent:.2f} (per row) / {access_entropy(cebc, counts):.2f} (per access) of "
+            f"{np.log2(K):.0f} bits, seed 0"
+        )
+        label = f"MEC ({pop})" if steps else f"MEC ({pop}, k-means only)"
+        rows.append((label, f"L={L}, K={K}", *aucs(model.model, data), nbytes, note))
+        print(
+            f"seed {seed} MEC L={L} K={K} {pop}: val/test {rows[-1][2]:.4f} / {rows[-1][3]:.4f}", flush=True
+        )
+        if steps and args.finetune_steps:
+            t0 = time.perf_counter()
+            n = finetune_codebooks(
+                model, data.batches("train", 2048), lambda b, m=model: m(b)[0], lr=args.finetune_lr,
+                max_steps=args.finetune_steps,
+            )  # fmt: skip
+            rows.append((f"MEC ({pop}) + fine-tune", f"L={L}, K={K}", *aucs(model.model, data), nbytes,
+                         f"{n} steps x 2048 rows"))  # fmt: skip
+    exports = {str(bits): export_check(trained[bits], data) for bits in (8, 4)} if seed == 0 else {}
+    return {"rows": rows, "exports": exports, "bayes": data.bayes_metrics("test")["auc"],
+            "fp32_bytes": fp32_table_bytes(data.embedding_bag_configs(args.dim)),
+            "compressed_rows": sum(t.num_embeddings for t in data.embedding_bag_configs(args.dim)
+                                   if t.num_embeddings >= args.min_rows),
+            "rows_total": sum(t.num_embeddings for t in data.embedding_bag_configs(args.dim))}  # fmt: skip
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
+
+
+def report(per_seed: list[dict], seeds: list[int], args, vocabs, command: str, code: str) -> list[str]:
+    """Validation table of every setting; the MEC setting chosen on validation; test AUC of the
+    baselines and the chosen setting only; the export check."""
+    s0 = per_seed[0]
+    fp32_bytes = s0["fp32_bytes"]
+    keys = [(r[0], r[1]) for r in s0["rows"]]
+    by = {k: [next(r for r in s["rows"] if (r[0], r[1]) == k) for s in per_seed] for k in keys}
+    base = by[("fp32", "-")]
+
+    def diff(k, i):  # i = 2: validation, 3: test
+        return _mean_se([r[i] - b[i] for r, b in zip(by[k], base)])
+
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Synthetic CTR (`SyntheticCTR`, seeds {', '.join(map(str, seeds))}: the seed draws the data, the init "
+        f"and the rounding): {len(vocabs)} fields with vocabularies {', '.join(f'{v:,}' for v in vocabs)} "
+        f"(Zipf 1.1), dim {args.dim}, {args.train_rows:,} train rows (one epoch, batch {args.batch_size}), "
+        f"{args.val_rows:,} validation rows (the MEC setting is chosen on them), {args.test_rows:,} test rows; "
+        f"Bayes AUC {statistics.fmean(s['bayes'] for s in per_seed):.4f}. MEC compresses tables of >= "
+        f"{args.min_rows:,} rows ({s0['compressed_rows']:,} of {s0['rows_total']:,} rows); {args.mec_steps} "
+        f"learner steps per table; fine-tuning: {args.finetune_steps} Adam steps (lr {args.finetune_lr:g}) on the "
+        "codebooks only. Bytes are what serving holds: codes + codebooks + uncompressed tables (MEC), stored rows "
+        f"with fp16 scale/bias (ALPT), vs fp32 tables ({fp32_bytes / 2**20:.1f} MiB). Differences are per seed to "
+        f"the fp32 model of the same seed (paired), mean ± standard error. {args.threads} thread(s). Code: {code}.",
+        "",
+        "**Validation** (every setting):",
+        "",
+        "| method | setting | val AUC vs fp32 (paired) | table bytes | compression | notes |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for k in keys[1:]:
+        d, r0 = diff(k, 2), by[k][0]
+        lines.append(
+            f"| {k[0]} | {k[1]} | {d[0]:+.4f} ± {d[1]:.4f} | {r0[4] / 2**20:.2f} MiB | {fp32_bytes / r0[4]:.1f}x | "
+            f"{r0[5]} |"
+        )
+    mec = [k for k in keys if k[0].startswith("MEC")]
+    ok = [k for k in mec if diff(k, 2)[0] >= -0.002]
+    if ok:
+        chosen = min(ok, key=lambda k: (by[k][0][4], -diff(k, 2)[0]))
+        rule = "the smallest bytes with validation AUC >= fp32 - 0.002"
+    else:
+        chosen = max(mec, key=lambda k: diff(k, 2)[0])
+        rule = "no setting reached validation AUC >= fp32 - 0.002: the best validation AUC"
+    lines += [
+        "",
+        f"Chosen on validation ({rule}): **{chosen[0]} {chosen[1]}**.",
+        "",
+        "**Test** (the baselines and the chosen setting only):",
+        "",
+        "| method | setting | test AUC | vs fp32 (paired) | table bytes | compression |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for k in [keys[0], keys[1], keys[2], chosen]:
+        d = diff(k, 3)
+        vs = "" if k == keys[0] else f"{d[0]:+.4f} ± {d[1]:.4f}"
+        lines.append(
+            f"| {k[0]} | {k[1]} | {statistics.fmean(r[3] for r in by[k]):.4f} | {vs} | {by[k][0][4] / 2**20:.2f} MiB | "
+            f"{fp32_bytes / by[k][0][4]:.1f}x |"
+        )
+    d, comp = diff(chosen, 3), fp32_bytes / by[chosen][0][4]
+    met = comp >= 16 and d[0] >= -0.002
+    lines += [
+        "",
+        f"**Target (>= 16x at test AUC >= fp32 - 0.002, mean paired): {'met' if met else 'not met'}** by the "
+        f"setting chosen on validation ({chosen[0]} {chosen[1]}: {comp:.1f}x, {d[0]:+.4f} ± {d[1]:.4f}).",
+        "What this shows and its caveats: [compression.md](compression.md#results-and-when-to-prefer-mec).",
+    ]
+    ex = s0["exports"]
+    if ex:
+        lines += [
+            "",
+            f"Export to TorchRec's quantized `EmbeddingBagCollection` (`to_inference`), seed {seeds[0]}:",
+            "",
+            "| model | predictions after == before | max abs logit diff | AUC after | "
+            "embedding forward, trained module | served module |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for bits, e in ex.items():
+            lines.append(
+                f"| int{bits} ALPT | {'bit-identical' if e['equal'] else 'differ'} | {e['max_abs_diff']:.1e} | "
+                f"{e['auc']:.4f} | {e['trained_ms']:.2f} ms | {e['served_ms']:.2f} ms |"
+            )
+        lines += [
+            "",
+            "Forward time: median ms per batch of 4096 over 8 test batches, embedding collection only.",
+        ]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--train-rows", type=int, default=2_000_000)
+    ap.add_argument("--val-rows", type=int, default=100_000)
     ap.add_argument("--test-rows", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -176,136 +343,30 @@ def main() -> None:
     # One intra-op thread: on the shared 2-core machine, 2 threads made these small ops up to 60x
     # slower (OpenMP barrier waits while other jobs hold the cores).
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument(
+        "--results", default="runs/compression.jsonl", help="finished seeds (reused on the same code)"
+    )
     ap.add_argument("--write", default=None, help="write the section into this markdown file")
     args = ap.parse_args()
+    command = "python benchmarks/compression.py " + " ".join(sys.argv[1:])
     torch.set_num_threads(args.threads)
     vocabs = QUICK_VOCABS if args.quick else VOCABS
     if args.quick:
-        args.train_rows, args.test_rows, args.min_rows = 60_000, 20_000, 10_000
+        args.train_rows, args.val_rows, args.test_rows, args.min_rows = 60_000, 20_000, 20_000, 10_000
         args.mec, args.mec_steps, args.finetune_steps = "4x256", 30, 30
-    cfg = SyntheticCTRConfig(
-        vocab_sizes=vocabs, num_dense=4, train_rows=args.train_rows, val_rows=0, test_rows=args.test_rows,
-        seed=args.seed,
-    )  # fmt: skip
-    data = SyntheticCTR(cfg)
-    bayes = data.bayes_metrics("test")["auc"]
-    tables = data.embedding_bag_configs(args.dim)
-    fp32_bytes = fp32_table_bytes(tables)
-    t_start = time.perf_counter()
-    rows = []  # (method, setting, auc, bytes, note)
-    trained = {}
-    for name, bits in (("fp32", 32), ("int8 ALPT", 8), ("int4 ALPT", 4)):
-        model, secs = train(data, bits, args)
-        a = auc(model.model, data)
-        ebc = model.model.sparse_arch.embedding_bag_collection
-        rows.append((name, "-", a, lp_serving_bytes(ebc), f"trained in {secs:.0f} s"))
-        trained[bits] = model
-        print(f"{name}: AUC {a:.4f}, {secs:.0f} s", flush=True)
-    float_auc = rows[0][2]
-
-    counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
-    finetune_batches = max(1, args.finetune_steps)
-    settings = [tuple(int(v) for v in s.split("x")) for s in args.mec.split(",")]
-    runs = [(L, K, args.popularity, args.mec_steps) for L, K in settings]
-    L0, K0 = settings[0]
-    for p in args.ablate.split(","):
-        if p == "kmeans":
-            runs.append((L0, K0, args.popularity, 0))
-        elif p and p != args.popularity:
-            runs.append((L0, K0, p, args.mec_steps))
-    for L, K, pop, steps in runs:
-        model = copy.deepcopy(trained[32])
-        mec = MECConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=steps,
-                        popularity=pop, seed=args.seed)  # fmt: skip
-        t0 = time.perf_counter()
-        compress_(model, counts, mec)
-        secs = time.perf_counter() - t0
-        cebc = model.model.sparse_arch.embedding_bag_collection
-        nbytes = mec_serving_bytes(cebc)
-        a = auc(model.model, data)
-        ent = statistics.mean(e for r in cebc.fit_report.values() for e in r["entropy_bits"])
-        note = (
-            f"learned in {secs:.0f} s; code entropy {ent:.2f} (per row) / {access_entropy(cebc, counts):.2f} "
-            f"(per access) of {np.log2(K):.0f} bits"
-        )
-        label = f"MEC ({pop})" if steps else f"MEC ({pop}, k-means only)"
-        rows.append((label, f"L={L}, K={K}", a, nbytes, note))
-        print(f"MEC L={L} K={K} {pop}: AUC {a:.4f}, {fp32_bytes / nbytes:.1f}x, {secs:.0f} s", flush=True)
-        if steps:  # every learned setting, also the lossy ablations and the floor
-            t0 = time.perf_counter()
-            n = finetune_codebooks(
-                model, data.batches("train", 2048), lambda b, m=model: m(b)[0], lr=args.finetune_lr,
-                max_steps=finetune_batches,
-            )  # fmt: skip
-            a = auc(model.model, data)
-            rows.append((f"MEC ({pop}) + fine-tune", f"L={L}, K={K}", a, nbytes,
-                         f"{n} steps x 2048 rows in {time.perf_counter() - t0:.0f} s"))  # fmt: skip
-            print(f"  + fine-tune: AUC {a:.4f}", flush=True)
-
-    exports = {bits: export_check(trained[bits], data) for bits in (8, 4)}
-    total = time.perf_counter() - t_start
-
-    lines = [
-        f"Synthetic CTR (`SyntheticCTR`, seed {args.seed}): {len(vocabs)} fields with vocabularies "
-        f"{', '.join(f'{v:,}' for v in vocabs)} (Zipf 1.1), dim {args.dim}, {args.train_rows:,} train rows "
-        f"(one epoch, batch {args.batch_size}), {args.test_rows:,} test rows; Bayes AUC {bayes:.4f}. "
-        f"MEC compresses tables of >= {args.min_rows:,} rows "
-        f"({sum(t.num_embeddings for t in tables if t.num_embeddings >= args.min_rows):,} of "
-        f"{sum(t.num_embeddings for t in tables):,} rows); {args.mec_steps} learner steps per table; "
-        f"fine-tuning: {args.finetune_steps} Adam steps (lr {args.finetune_lr:g}) on the codebooks only. "
-        f"Bytes are what serving holds: codes + codebooks + uncompressed tables (MEC), stored rows "
-        f"with fp16 scale/bias (ALPT), vs fp32 tables ({fp32_bytes / 2**20:.1f} MiB). "
-        f"{args.threads} threads; whole run {total / 60:.1f} min.",
-        "",
-        "| method | setting | test AUC | vs fp32 AUC | table bytes | compression | notes |",
-        "|---|---|---:|---:|---:|---:|---|",
+    cache = ResultCache(args.results)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("write", "results", "threads", "seeds", "seed")
+    }
+    per_seed = [
+        cache.get([settings, seed], lambda seed=seed: one_seed(args, vocabs, seed), seed=seed)
+        for seed in seeds
     ]
-    for name, setting, a, nbytes, note in rows:
-        lines.append(
-            f"| {name} | {setting} | {a:.4f} | {a - float_auc:+.4f} | {nbytes / 2**20:.2f} MiB | "
-            f"{fp32_bytes / nbytes:.1f}x | {note} |"
-        )
-    best = [r for r in rows if r[0].startswith("MEC") and fp32_bytes / r[3] >= 16]
-    met = [r for r in best if r[2] >= float_auc - 0.002]
-    verdict = (
-        f"**Target (>= 16x at AUC >= fp32 - 0.002): met** by {', '.join(f'{r[0]} {r[1]}' for r in met)}."
-        if met
-        else "**Target (>= 16x at AUC >= fp32 - 0.002): not met** in this run"
-        + (
-            f"; best >= 16x: {max(best, key=lambda r: r[2])[0]} {max(best, key=lambda r: r[2])[1]} "
-            f"at {max(r[2] for r in best) - float_auc:+.4f} AUC."
-            if best
-            else "."
-        )  # fmt: skip
-    )
-    lines += [
-        "",
-        verdict,
-        "What this shows and its caveats (one seed; the fp32 model learns mostly the head ids): "
-        "[compression.md](compression.md#results-and-when-to-prefer-mec).",
-        "",
-        "Export to TorchRec's quantized `EmbeddingBagCollection` (`to_inference`):",
-        "",
-    ]
-    lines += [
-        "| model | predictions after == before | max abs logit diff | AUC after | "
-        "embedding forward, trained module | served module |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for bits, e in exports.items():
-        lines.append(
-            f"| int{bits} ALPT | {'bit-identical' if e['equal'] else 'differ'} | {e['max_abs_diff']:.1e} | "
-            f"{e['auc']:.4f} | {e['trained_ms']:.2f} ms | {e['served_ms']:.2f} ms |"
-        )
-    lines += [
-        "",
-        "Forward time: median ms per batch of 4096 over 8 test batches, embedding collection only.",
-        "",
-        "```",
-        "python benchmarks/compression.py --write docs/benchmarks.md" + (" --quick" if args.quick else ""),
-        "```",
-    ]
+    for s in per_seed:
+        s["rows"] = [tuple(r) for r in s["rows"]]
+    lines = report(per_seed, seeds, args, vocabs, command, describe_code(per_seed))
     md = "\n".join(lines)
     print(md)
     if args.write:

@@ -8,6 +8,10 @@ fresh DLRM whose tables are ``MixedPrecisionEmbeddingBagCollection`` (ALPT, stoc
 rounding) from scratch and evaluate on the test split.
 
     python benchmarks/mpe.py [--train-rows 500000] [--variants 0-2-4-8:1e-5,0-8:1e-5] [--write docs/benchmarks.md]
+
+Every choice (candidate widths, lambda) is made on a validation split; test AUC is reported for
+the uniform baselines and the chosen setting only. Finished runs are cached in ``--results``,
+keyed by the settings, the seed and a hash of the library sources.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torchrec_lowprec.data import (
 from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import publish  # noqa: E402
+from report import ResultCache, describe_code, publish  # noqa: E402
 
 VOCABS = (200_000, 100_000, 50_000, 20_000, 5_000, 1_000, 200, 20)
 
@@ -79,11 +83,11 @@ def train_epoch(model, rd: RankedData, opt, extra_loss=None) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def evaluate(model, rd: RankedData) -> dict:
+def evaluate(model, rd: RankedData, split: str = "test") -> dict:
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for batch in rd.batches("test", 8192):
+        for batch in rd.batches(split, 8192):
             _, (_, lg, lb) = model(batch)
             logits.append(lg.double().numpy())
             labels.append(lb.numpy())
@@ -106,9 +110,12 @@ def low_precision_run(name: str, rd: RankedData, args, cfg, plan=None) -> dict:
     ebc = sparse_of(model)
     dense = [p for p in model.parameters() if not hasattr(p, "_optimizer_classes")]
     ex_s = train_epoch(model, rd, torch.optim.Adam(dense, lr=args.dense_lr))
+    val = evaluate(model, rd, "val")
     return {
         "name": name,
         **evaluate(model, rd),
+        "val_auc": val["auc"],
+        "val_logloss": val["logloss"],
         "serve": serving_bytes(ebc),
         "train": ebc.memory_bytes(),
         "ex_s": ex_s,
@@ -151,7 +158,8 @@ def mpe_run(candidates: tuple[int, ...], lam: float, rd: RankedData, args) -> tu
     name = f"MPE {{{', '.join(map(str, candidates))}}} λ={lam:g}"
     run = low_precision_run(name, rd, args, lp.LowPrecisionConfig(), plan)
     run["search_s"] = search_s
-    return run, plan.to_dict()
+    run["plan"] = plan.to_dict()
+    return run, run["plan"]
 
 
 def bits_mix(plan: dict) -> str:
@@ -173,51 +181,106 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
     return m, (var / len(xs)) ** 0.5
 
 
-def table_lines(
-    per_seed: list[list[dict]], plans: dict, fp32_serve: int, bayes_aucs: list[float], args
-) -> list[str]:
-    """Mean over seeds; "vs fp32" is the per-seed (paired) difference, mean ± standard error."""
-    n = len(per_seed)
+def _diff(runs: list[dict], base: list[dict], metric: str) -> tuple[float, float]:
+    """Paired (per seed) difference to ``base``: mean ± standard error."""
+    return _mean_se([r[metric] - b[metric] for r, b in zip(runs, base)])
+
+
+def _fmt(d: tuple[float, float]) -> str:
+    return f"{d[0]:+.4f} ± {d[1]:.4f}" if d[1] == d[1] else f"{d[0]:+.4f}"
+
+
+def choose(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve: int) -> tuple[str, str]:
+    """The validation rule: the MPE setting with the highest mean compression whose mean paired
+    validation AUC is >= fp32 - 0.001; if none is, the one with the best validation AUC."""
+    base = by_name["fp32"]
+    ok = [n for n in mpe_names if _diff(by_name[n], base, "val_auc")[0] >= -0.001]
+    if ok:
+        best = max(ok, key=lambda n: sum(fp32_serve / r["serve"] for r in by_name[n]))
+        return best, "the highest mean compression with validation AUC >= fp32 - 0.001"
+    best = max(mpe_names, key=lambda n: _diff(by_name[n], base, "val_auc")[0])
+    return best, "no setting reached validation AUC >= fp32 - 0.001: the best validation AUC"
+
+
+def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve: int, bayes: list[float], args) -> list[str]:  # fmt: skip
+    """Validation table of every setting, the choice, and test AUC of the chosen setting only."""
+    seeds = args.seeds.split(",")
+    n = len(seeds)
+    base = by_name["fp32"]
+
+    def comps(name: str) -> list[float]:
+        return [fp32_serve / r["serve"] for r in by_name[name]]
+
+    def comp_text(name: str) -> str:
+        c = comps(name)
+        return " / ".join(f"{x:.1f}x" for x in c) + (f" ({min(c):.1f}-{max(c):.1f}x)" if n > 1 else "")
+
     lines = [
         f"Synthetic CTR: {len(VOCABS)} fields (vocabularies {', '.join(f'{v:,}' for v in VOCABS)}; Zipf 1.1), "
         f"dim {args.dim}, {args.train_rows:,} training rows (one epoch, batch {args.batch_size}), "
-        f"{args.test_rows:,} test rows, Bayes AUC {sum(bayes_aucs) / n:.4f}; {n} seed(s) ({args.seeds}: the seed "
-        f"draws the data, the init and the rounding). TorchRec DLRM; tables trained by the fused RowWiseAdagrad "
-        f"(lr {args.emb_lr}), ALPT with the library defaults. MPE: the candidate widths and lambda in each row's "
-        f"name, {args.groups} frequency groups per table (counted on train), one search epoch, selection rule "
-        "1/(2m), retrain from scratch (ALPT). Bits and compression: the seed-0 selection.",
+        f"{args.val_rows:,} validation rows (every choice is made on them), {args.test_rows:,} test rows, Bayes "
+        f"AUC {sum(bayes) / n:.4f}; {n} seed(s) ({args.seeds}: the seed draws the data, the init and the "
+        f"rounding). TorchRec DLRM; tables trained by the fused RowWiseAdagrad (lr {args.emb_lr}), ALPT with the "
+        f"library defaults. MPE: the candidate widths and lambda in each setting's name, {args.groups} frequency "
+        "groups per table (counted on train), one search epoch, selection rule 1/(2m), retrain from scratch "
+        "(ALPT). Code: " + describe_code([r for rs in by_name.values() for r in rs]) + ".",
         "",
         "Compression = fp32 table bytes / serving bytes (codes + fp16 scale/bias per stored row + id maps; "
-        "pruned rows cost nothing). Training bytes add the fp32 master step sizes and RowWiseAdagrad state.",
+        "pruned rows cost nothing), per seed (each seed's search selects its own widths). Differences are per "
+        "seed to the fp32 run of the same seed (paired), mean ± standard error.",
         "",
-        "| model | test AUC | vs fp32 (paired) | log-loss | bits (share of rows) | serving bytes | compression | "
-        "training bytes | examples/s (indicative: shared machine) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "**Validation** (all settings):",
+        "",
+        "| model | val AUC vs fp32 (paired) | bits, seed 0 (share of rows) | compression per seed |",
+        "|---|---:|---|---:|",
     ]
-    met = []
-    for i, r0 in enumerate(per_seed[0]):
-        rs = [runs[i] for runs in per_seed]
-        auc, _ = _mean_se([r["auc"] for r in rs])
-        d, se = _mean_se([r["auc"] - runs[0]["auc"] for r, runs in zip(rs, per_seed)])
-        ll, _ = _mean_se([r["logloss"] for r in rs])
-        mix = bits_mix(plans[r0["name"]]) if r0["name"] in plans else r0["name"].split()[0]
-        comp = fp32_serve / r0["serve"]
-        diff = "" if i == 0 else f"{d:+.4f} ± {se:.4f}" if n > 1 else f"{d:+.4f}"
+    for name in ["int8 ALPT", "int4 ALPT", *mpe_names]:
+        mix = bits_mix(by_name[name][0]["plan"]) if "plan" in by_name[name][0] else name.split()[0]
         lines.append(
-            f"| {r0['name']} | {auc:.4f} | {diff} | {ll:.4f} | {mix} | {r0['serve'] / 2**20:.2f} MiB | {comp:.1f}x | "
-            f"{r0['train'] / 2**20:.2f} MiB | {sum(r['ex_s'] for r in rs) / n:,.0f} |"
+            f"| {name} | {_fmt(_diff(by_name[name], base, 'val_auc'))} | {mix} | {comp_text(name)} |"
         )
-        if i >= 3 and comp >= 10 and d >= -0.001:
-            met.append(f"{r0['name']} ({comp:.1f}x, {d:+.4f} ± {se:.4f})")
-    verdict = "Target (>= 10x at AUC >= fp32 - 0.001, on the mean paired difference): " + (
-        "met by " + "; ".join(met) if met else "NOT met"
+    chosen, rule = choose(by_name, mpe_names, fp32_serve)
+    lines += [
+        "",
+        f"Chosen on validation ({rule}): **{chosen}**.",
+        "",
+        "**Test** (the uniform baselines and the chosen setting only):",
+        "",
+        "| model | test AUC | vs fp32 (paired) | log-loss | serving bytes, seed 0 | compression per seed | "
+        "training bytes, seed 0 | examples/s (indicative: shared machine) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ["fp32", "int8 ALPT", "int4 ALPT", chosen]:
+        rs = by_name[name]
+        diff = "" if name == "fp32" else _fmt(_diff(rs, base, "auc"))
+        lines.append(
+            f"| {name} | {_mean_se([r['auc'] for r in rs])[0]:.4f} | {diff} | "
+            f"{_mean_se([r['logloss'] for r in rs])[0]:.4f} | {rs[0]['serve'] / 2**20:.2f} MiB | {comp_text(name)} | "
+            f"{rs[0]['train'] / 2**20:.2f} MiB | {sum(r['ex_s'] for r in rs) / n:,.0f} |"
+        )
+    d = _diff(by_name[chosen], base, "auc")
+    c = comps(chosen)
+    per_seed = ", ".join(
+        f"seed {s}: {x:.1f}x at {r['auc'] - b['auc']:+.4f}"
+        for s, x, r, b in zip(seeds, c, by_name[chosen], base)
     )
-    return lines + ["", verdict]
+    mean_c = sum(c) / n
+    met = mean_c >= 25 and min(c) >= 15 and d[0] >= -0.001
+    lines += [
+        "",
+        f"Chosen setting per seed (compression, test AUC vs fp32): {per_seed}; mean {mean_c:.1f}x "
+        f"(range {min(c):.1f}-{max(c):.1f}x) at {_fmt(d)} AUC.",
+        "",
+        f"Target (>= 25x compression, every seed >= 15x, at mean paired test AUC >= fp32 - 0.001): "
+        f"**{'met' if met else 'not met'}** ({mean_c:.1f}x, seeds {min(c):.1f}-{max(c):.1f}x, {_fmt(d)}).",
+    ]
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-rows", type=int, default=500_000)
+    ap.add_argument("--val-rows", type=int, default=100_000)
     ap.add_argument("--test-rows", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -227,43 +290,63 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=32)
     ap.add_argument(
         "--variants",
-        default="0-8:1e-5,0-4-8:1e-5,0-2-4-8:1e-3",
-        help="MPE runs: candidate widths joined by '-', ':' lambda; comma-separated",
+        default="0-8:1e-5,0-8:1e-4,0-4-8:1e-5,0-2-4-8:1e-4,0-2-4-8:1e-3",
+        help="MPE settings to choose from: candidate widths joined by '-', ':' lambda; comma-separated",
     )
-    ap.add_argument("--seeds", default="0", help="comma-separated; each seed draws data, init and rounding")
+    ap.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated; each seed draws data, init and rounding"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument(
+        "--results", default="runs/mpe.jsonl", help="finished runs (reused by a rerun on the same code)"
+    )
     ap.add_argument("--write", help="write the results section into this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fp32_serve = sum(v * args.dim * 4 for v in VOCABS)
-    per_seed: list[list[dict]] = []
-    plans: dict[str, dict] = {}
-    bayes_aucs = []
+    cache = ResultCache(args.results)
+    setup = [args.train_rows, args.val_rows, args.test_rows, args.dim, args.batch_size, args.emb_lr,
+             args.dense_lr, args.arch_lr, args.groups]  # fmt: skip
+    by_name: dict[str, list[dict]] = {}
+    mpe_names: list[str] = []
+    bayes = []
     for seed in (int(x) for x in args.seeds.split(",")):
         args.seed = seed
         cfg = SyntheticCTRConfig(
-            vocab_sizes=VOCABS, num_dense=4, train_rows=args.train_rows, val_rows=0, test_rows=args.test_rows,
-            seed=seed,
+            vocab_sizes=VOCABS, num_dense=4, train_rows=args.train_rows, val_rows=args.val_rows,
+            test_rows=args.test_rows, seed=seed,
         )  # fmt: skip
         data = SyntheticCTR(cfg)
         rd = RankedData(data, args.batch_size)
-        bayes_aucs.append(data.bayes_metrics("test")["auc"])
-        runs = []
+        bayes.append(data.bayes_metrics("test")["auc"])
         for name, c in (("fp32", lp.LowPrecisionConfig(bits=32)), ("int8 ALPT", lp.LowPrecisionConfig(bits=8)),
                         ("int4 ALPT", lp.LowPrecisionConfig(bits=4))):  # fmt: skip
-            runs.append(low_precision_run(name, rd, args, c))
-            print(f"seed {seed} {name}: AUC {runs[-1]['auc']:.4f}", flush=True)
+            r = cache.get(
+                [setup, name, seed],
+                lambda name=name, rd=rd, c=c: low_precision_run(name, rd, args, c),
+                name=name,
+                seed=seed,
+            )
+            by_name.setdefault(name, []).append(r)
+            print(f"seed {seed} {name}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f})", flush=True)
         for v in args.variants.split(","):
             cands, lam = v.split(":")
-            r, plan = mpe_run(tuple(int(b) for b in cands.split("-")), float(lam), rd, args)
-            runs.append(r)
-            plans.setdefault(r["name"], plan)  # the seed-0 selection is the one shown
+            cand = tuple(int(b) for b in cands.split("-"))
+            r = cache.get(
+                [setup, v, seed],
+                lambda cand=cand, lam=lam, rd=rd: mpe_run(cand, float(lam), rd, args)[0],
+                name=v,
+                seed=seed,
+            )
+            by_name.setdefault(r["name"], []).append(r)
+            if r["name"] not in mpe_names:
+                mpe_names.append(r["name"])
             print(
-                f"seed {seed} {r['name']}: AUC {r['auc']:.4f} {bits_mix(plan)} {fp32_serve / r['serve']:.1f}x",
+                f"seed {seed} {r['name']}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f}) {bits_mix(r['plan'])} "
+                f"{fp32_serve / r['serve']:.1f}x",
                 flush=True,
             )
-        per_seed.append(runs)
-    lines = table_lines(per_seed, plans, fp32_serve, bayes_aucs, args)
+    lines = table_lines(by_name, mpe_names, fp32_serve, bayes, args)
     publish(
         args.write, "mpe", "MPE: mixed precision by frequency group", "benchmarks/mpe.py", sys.argv[1:], lines
     )

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
 
 from torchrec_lowprec.files import atomic_write_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_section(path: str, key: str, title: str, body: str) -> None:
@@ -108,3 +115,86 @@ def machine_info(threads: int | None = None) -> list[str]:
         f"transparent huge pages `{thp}`, torch allocator THP_MEM_ALLOC_ENABLE={alloc}.  ",
         f"Software: {', '.join(versions)}, Python {platform.python_version()}; commit {commit}.  ",
     ]
+
+
+CODE_PATHS = ("torchrec_lowprec", os.path.join("examples", "dlrm"))
+CODE_SUFFIXES = (".py", ".cpp", ".h", ".cu")
+CODE_EXCLUDE = ("demo.py",)  # prints a table; trains through train.py
+
+
+def code_version() -> dict:
+    """What code a run used: ``hash`` (sha256 of every library and DLRM-example source file,
+    path and content: the cache key), the short ``commit`` and whether those files had
+    uncommitted changes (``dirty``). A run is reused only by code with the same hash."""
+    h = hashlib.sha256()
+    for top in CODE_PATHS:
+        for d, dirs, files in sorted(os.walk(os.path.join(ROOT, top))):
+            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(CODE_SUFFIXES) and name not in CODE_EXCLUDE:
+                    path = os.path.join(d, name)
+                    h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+                    with open(path, "rb") as f:
+                        h.update(f.read() + b"\0")
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    return {
+        "hash": h.hexdigest()[:16],
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": any(
+            not line.endswith(CODE_EXCLUDE)
+            for line in git("status", "--porcelain", "--", *CODE_PATHS).splitlines()
+        ),
+    }
+
+
+def describe_code(records: Sequence[dict]) -> str:
+    """Which commits (and source hashes) produced ``records`` (each run's ``code``)."""
+    n: dict[str, int] = {}
+    for r in records:
+        c = r.get("code") or {}
+        label = f"{c.get('commit', 'unknown')}{' + uncommitted changes' if c.get('dirty') else ''}"
+        label += f" (source {c.get('hash', '?')})"
+        n[label] = n.get(label, 0) + 1
+    return "; ".join(f"{k}: {v} run(s)" for k, v in n.items())
+
+
+class ResultCache:
+    """Finished runs as JSON lines at ``path``, keyed by what defines a run (``key_parts``: data,
+    flags, seed, ...) *and* the source hash of :func:`code_version`, so an interrupted benchmark
+    continues, a rerun on unchanged code recomputes nothing, and changed code reruns everything.
+    Each result carries its ``code`` (commit, dirty flag, hash) for :func:`describe_code`."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.code = path, code_version()
+        self.done: dict[str, dict] = {}
+        self._load()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def _load(self) -> None:
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    self.done[rec["key"]] = rec["result"]
+
+    def key(self, key_parts: list) -> str:
+        return hashlib.sha256(json.dumps([*key_parts, self.code["hash"]]).encode()).hexdigest()[:16]
+
+    def get(self, key_parts: list, compute: Callable[[], dict], **meta: object) -> dict:
+        """The cached result of ``key_parts`` on this code, or ``compute()`` (then stored)."""
+        key = self.key(key_parts)
+        if key not in self.done:
+            self._load()  # another process sharing the file may have finished it
+        if key not in self.done:
+            t0 = time.perf_counter()
+            r = compute()
+            r["seconds"] = time.perf_counter() - t0
+            r["code"] = self.code
+            self.done[key] = r
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, **meta, "parts": key_parts, "result": r}) + "\n")
+        return self.done[key]

@@ -5,9 +5,11 @@ The data come from a planted model, so the best achievable (Bayes) AUC is known.
 a fused RowWiseAdagrad on the tables, and the tables stored as fp32 (``bits=32``: the same
 fused update, no quantization) or int8 / int4 with ALPT (learned per-row step sizes,
 stochastic rounding, and the library's default step growth for rows that leave their grid).
-Prints one table.
+Prints one table; ``--write README.md`` also puts it between that file's
+``<!-- demo:start -->`` / ``<!-- demo:end -->`` markers, with the command and the commit.
 
     python examples/dlrm/demo.py [--train-rows 1000000] [--precisions fp32,int8,int4] [-- more train.py flags]
+    python examples/dlrm/demo.py --write README.md
     python -m torchrec_lowprec_examples.dlrm.demo ...   # the same, from an installed package
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -24,6 +28,34 @@ import torch  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from dlrm_data import open_data  # noqa: E402
 from dlrm_model import Env  # noqa: E402
+
+from torchrec_lowprec.files import atomic_write_bytes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def code_label() -> str:
+    """The commit of this tree, and whether the library or the example had uncommitted changes."""
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "an unknown commit"
+    dirty = [x for x in git("status", "--porcelain", "--", "torchrec_lowprec", "examples/dlrm").splitlines()
+             if not x.endswith("demo.py")]  # fmt: skip
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def write_table(path: str, command: str, lines: list[str]) -> None:
+    """Replace what lies between ``<!-- demo:start -->`` and ``<!-- demo:end -->`` in ``path``."""
+    start, end = "<!-- demo:start -->", "<!-- demo:end -->"
+    text = open(path).read()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {start} ... {end} markers; add them where the table should go")
+    body = "\n".join([start, f"Written by `{command}` at {code_label()}, one seed:", "", *lines, end])
+    atomic_write_bytes(path, pattern.sub(lambda _: body, text).encode())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -37,8 +69,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=1,
         help="torch threads (1: on a busy 2-core machine OpenMP spin-waits make 2 threads far slower)",
     )
+    ap.add_argument("--write", help="also write the table between the demo markers of this file (README.md)")
     ap.add_argument("extra", nargs="*", help="more train.py flags (after --)")
     args = ap.parse_args(argv)
+    if args.write and not os.path.exists(args.write):
+        raise SystemExit(f"--write {args.write}: no such file")
     torch.set_num_threads(args.threads)
     common = [
         "--train-rows", str(args.train_rows), "--val-rows", "0", "--test-rows", str(args.test_rows),
@@ -65,17 +100,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             flush=True,
         )
     print(f"  ({time.perf_counter() - t_all:.0f} s in all)\n")
-    print(
-        "| precision | test AUC | Bayes AUC | gap | log-loss | Bayes log-loss | embedding bytes | vs fp32 | examples/s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        "| precision | test AUC | Bayes AUC | gap | log-loss | Bayes log-loss | embedding bytes | vs fp32 | examples/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for s in results:
         t, b, by = s["test"], s["bayes"]["test"], s["embedding_bytes"]
         name = s["model"]["precision"] + (" ALPT" if s["model"]["precision"].startswith("int") else "")
-        print(
+        lines.append(
             f"| {name} | {t['auc']:.4f} | {b['auc']:.4f} | {b['auc'] - t['auc']:.4f} | {t['logloss']:.4f} | "
             f"{b['logloss']:.4f} | {by['ours'] / 2**20:.1f} MiB | {by['ratio']:.3f}x | "
             f"{s['train']['examples_per_s']:,.0f} |"
+        )
+    print("\n".join(lines))
+    if args.write:
+        write_table(
+            args.write,
+            "python examples/dlrm/demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            lines,
         )
     return results
 

@@ -55,6 +55,17 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--step-size-lr", type=float, default=1e-4, help="ALPT step-size learning rate")
     g.add_argument(
+        "--step-size-init",
+        default="lsq",
+        help="each row's initial step: lsq (2 mean|w| / sqrt(Qp)), absmax (max|w| / Qp) or a float",
+    )
+    g.add_argument(
+        "--growth-threshold",
+        type=float,
+        default=None,
+        help="grow a row's step when it needs a grid this x wider",
+    )
+    g.add_argument(
         "--grow-step-size",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -96,8 +107,22 @@ def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
         learn_step_size=args.learn_step_size,
         step_size_lr=args.step_size_lr,
         seed=args.seed,
+        step_size_init=_step_size_init(getattr(args, "step_size_init", "lsq")),
         **({} if args.grow_step_size is None else {"grow_step_size": args.grow_step_size}),
+        **(
+            {}
+            if getattr(args, "growth_threshold", None) is None
+            else {"growth_threshold": args.growth_threshold}
+        ),
     )
+
+
+def _step_size_init(v: str) -> str | float:
+    """``--step-size-init``: a method name, or a number (one step for every row)."""
+    try:
+        return float(v)
+    except ValueError:
+        return v
 
 
 def build_embedding_collection(

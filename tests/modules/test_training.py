@@ -98,7 +98,12 @@ def test_int8_reaches_float_auc_and_int2_trains():
         lp.convert(model, lp.LowPrecisionConfig(bits=bits, learning_rate=0.05, optimizer="adagrad"))
         aucs[bits] = _fit(model)
     assert float_auc > 0.75, float_auc
-    assert aucs[8] > float_auc - 0.01, (aucs, float_auc)
+    # What this task resolves (20k test rows, same init and batches for both models): int8 -
+    # float measured -0.0007 here (-0.0001 to -0.0007 over init seeds 0-3), while int4 gives
+    # -0.011 and int2 -0.033. 0.002 is ~3x the worst int8 gap seen and fails a model that loses
+    # a quarter of int4's gap. The accuracy claim itself is the benchmark's (3 seeds, paired):
+    # docs/benchmarks.md, "accuracy" section.
+    assert aucs[8] > float_auc - 0.002, (aucs, float_auc)
     assert aucs[2] > 0.7, aucs  # 2-bit tables still learn the planted effects
 
 

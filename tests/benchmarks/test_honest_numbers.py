@@ -1,0 +1,90 @@
+"""The benchmarks' run cache is keyed by the code that produced a run, and their choices are
+made on validation, never on test."""
+
+import json
+
+import compression
+import mpe
+import report
+
+
+def _tree(tmp_path, text: str):
+    (tmp_path / "torchrec_lowprec").mkdir(exist_ok=True)
+    (tmp_path / "examples" / "dlrm").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "torchrec_lowprec" / "kernel.py").write_text(text)
+    (tmp_path / "examples" / "dlrm" / "demo.py").write_text("print('table')\n")
+
+
+def test_source_hash_follows_library_sources_not_the_demo_printer(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "ROOT", str(tmp_path))
+    _tree(tmp_path, "x = 1\n")
+    h1 = report.code_version()["hash"]
+    (tmp_path / "examples" / "dlrm" / "demo.py").write_text("print('another table')\n")
+    assert report.code_version()["hash"] == h1
+    _tree(tmp_path, "x = 2\n")
+    assert report.code_version()["hash"] != h1
+    assert report.code_version()["commit"] == "unknown"  # not a git checkout
+
+
+def test_result_cache_reuses_runs_of_the_same_code_only(tmp_path, monkeypatch):
+    calls = []
+    versions = iter([{"hash": "aaaa", "commit": "c1", "dirty": False}, {"hash": "aaaa", "commit": "c1", "dirty": False},
+                     {"hash": "bbbb", "commit": "c2", "dirty": True}])  # fmt: skip
+    monkeypatch.setattr(report, "code_version", lambda: next(versions))
+    path = str(tmp_path / "runs.jsonl")
+
+    def compute():
+        calls.append(1)
+        return {"auc": 0.7}
+
+    first = report.ResultCache(path).get(["data", ["--x"], 0], compute, seed=0)
+    again = report.ResultCache(path).get(["data", ["--x"], 0], compute, seed=0)  # same code: reused
+    changed = report.ResultCache(path).get(["data", ["--x"], 0], compute, seed=0)  # new code: rerun
+    assert len(calls) == 2 and first == again and first["code"]["commit"] == "c1"
+    assert changed["code"] == {"hash": "bbbb", "commit": "c2", "dirty": True}
+    assert len(open(path).read().splitlines()) == 2
+    assert json.loads(open(path).read().splitlines()[1])["result"]["code"]["hash"] == "bbbb"
+    assert report.describe_code([first, again, changed]) == (
+        "c1 (source aaaa): 2 run(s); c2 + uncommitted changes (source bbbb): 1 run(s)"
+    )
+
+
+def _run(val: float, test: float, serve: int) -> dict:
+    return {"val_auc": val, "auc": test, "serve": serve}
+
+
+def test_mpe_chooses_on_validation_not_on_test():
+    fp32 = [_run(0.70, 0.70, 1000)] * 2
+    # "a" compresses more and is within 0.001 on validation, but worse on test; "b" is the
+    # reverse. Validation must pick "a"; picking by test AUC would pick "b".
+    by_name = {"fp32": fp32, "a": [_run(0.6995, 0.690, 10)] * 2, "b": [_run(0.695, 0.70, 20)] * 2}
+    assert mpe.choose(by_name, ["a", "b"], 1000)[0] == "a"
+    by_name["a"] = [_run(0.690, 0.70, 10)] * 2  # nothing within 0.001: the best validation AUC
+    name, rule = mpe.choose(by_name, ["a", "b"], 1000)
+    assert name == "b" and "best validation AUC" in rule
+
+
+def test_compression_reports_test_auc_only_for_the_setting_chosen_on_validation():
+    def seed(mec_small_val, mec_small_test):
+        return {
+            "rows": [("fp32", "-", 0.70, 0.70, 1000, ""), ("int8 ALPT", "-", 0.70, 0.70, 280, ""),
+                     ("int4 ALPT", "-", 0.69, 0.69, 160, ""),
+                     ("MEC (count)", "L=1, K=2", mec_small_val, mec_small_test, 10, ""),
+                     ("MEC (count)", "L=4, K=256", 0.6995, 0.6901, 40, "")],
+            "exports": {}, "bayes": 0.75, "fp32_bytes": 1000, "compressed_rows": 1, "rows_total": 2,
+        }  # fmt: skip
+
+    class Args:
+        dim, train_rows, val_rows, test_rows, batch_size, min_rows = 32, 10, 10, 10, 1, 1
+        mec_steps, finetune_steps, finetune_lr, threads = 1, 1, 1e-5, 1
+
+    # The smallest setting loses on validation (0.69) but would win on test (0.70): not chosen.
+    lines = compression.report([seed(0.69, 0.70), seed(0.69, 0.70)], [0, 1], Args, (10, 10), "cmd", "code")
+    text = "\n".join(lines)
+    assert (
+        "Chosen on validation (the smallest bytes with validation AUC >= fp32 - 0.002): **MEC (count) L=4, K=256**"
+        in text
+    )
+    test_rows = text.split("**Test**")[1].split("**Target")[0]
+    assert "L=4, K=256 | 0.6901" in test_rows and "L=1, K=2" not in test_rows
+    assert "not met" in text  # -0.0099 on test

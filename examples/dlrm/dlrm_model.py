@@ -257,8 +257,33 @@ def init_env(timeout_s: float | None = None) -> Env:
         device = torch.device("cpu")
         backend = "gloo"
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend=backend, timeout=timeout)
+    dist.init_process_group(backend=backend, timeout=timeout, **_attempt_store(world, timeout))
     return Env(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta | None) -> dict:
+    """The store of this restart attempt, when torchrun shares its agent's store with workers.
+
+    torchrun (c10d rendezvous) keeps one store for the whole job and its workers write their
+    gloo addresses into it under fixed keys. After a restart, a worker can read the address a
+    worker of the previous attempt left there before its peer overwrites it, and the full-mesh
+    connect then fails ("Connection refused"; seen in most restarts on 2 CPU ranks). Keys under
+    a per-attempt prefix are always this attempt's. Other launchers: ``env://`` as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=30),
+    )
+    return {
+        "store": dist.PrefixStore(f"/torchrec_lowprec/attempt_{attempt}", store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": world,
+    }
 
 
 def shard(model: nn.Module, env: Env) -> nn.Module:

@@ -61,7 +61,7 @@ def test_precision_plan_errors_exit_2_with_one_line(tmp_path, what):
     )
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --precision-plan: "), p.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: --precision-plan"), p.stderr[-2000:]
     assert "Traceback" not in p.stderr
 
 

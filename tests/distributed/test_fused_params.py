@@ -16,6 +16,7 @@ from tests.distributed.multiprocess import run_multiprocess
 from tests.distributed.test_sharding import (
     Wrap,
     _check_state_equal,
+    check_and_backward,
     global_batch,
     loss_weights,
     rank_slice,
@@ -23,7 +24,6 @@ from tests.distributed.test_sharding import (
 )
 
 pytestmark = pytest.mark.slow
-B = 4
 BASE = lp.LowPrecisionConfig(bits=8, rounding="stochastic", step_size_lr=1e-3)  # RowWiseAdagrad lr 0.01
 FUSED = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.5, "eps": 1e-5}
 # What the fused_params (+ t2's in-backward Adam tag, which wins key by key) mean as configs.
@@ -81,11 +81,7 @@ def _body(rank: int, world: int) -> None:
             ref = _reference(tbls, lrs, ref.state_dict())
         gkjt = global_batch(tbls, step, world)
         out = model(rank_slice(gkjt, rank))
-        ref_out = Wrap(ref)(gkjt)
-        for k in out:
-            torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
-        (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
-        sum((out[k] * W[k]).sum() for k in out).backward()
+        check_and_backward(out, Wrap(ref)(gkjt), W, rank, world)
         opt.step()
         sched.step()
         if step == 1:  # fused_params run == unsharded run with that config

@@ -17,9 +17,9 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 import torchrec_lowprec as lp
 from tests.distributed.multiprocess import run_multiprocess
 from tests.distributed.test_sharding import (
-    B,
     Wrap,
     _check_state_equal,
+    check_and_backward,
     global_batch,
     loss_weights,
     rank_slice,
@@ -74,11 +74,7 @@ def _equal_body(rank: int, world: int, kind: str) -> None:
     for step in range(STEPS):
         gkjt = global_batch(tbls, step, world)
         out = model(rank_slice(gkjt, rank))
-        ref_out = Wrap(ref)(gkjt)
-        for k in out:
-            torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
-        (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
-        sum((out[k] * W[k]).sum() for k in out).backward()
+        check_and_backward(out, Wrap(ref)(gkjt), W, rank, world)
     checked = _check_state_equal(model.state_dict(), ref.row_groups.state_dict(), "ebc.row_groups.")
     assert checked >= 5
 

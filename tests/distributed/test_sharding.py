@@ -91,6 +91,16 @@ def loss_weights(tbls):
     return {f: torch.randn(t.embedding_dim, generator=g) for t in tbls for f in t.feature_names}
 
 
+def check_and_backward(out, ref_out, W, rank: int, world: int) -> None:
+    """This rank's sharded outputs equal its slice of the unsharded reference's; then both
+    backward: the reference on the global loss / world size (TorchRec divides sharded
+    embedding gradients by the world size, as DDP averages)."""
+    for k in out:
+        torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
+    (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
+    sum((out[k] * W[k]).sum() for k in out).backward()
+
+
 def _check_state_equal(sharded_sd: dict, ref_sd: dict, prefix: str, float_rtol: float = 0.0) -> int:
     """Every local shard equals the same region of the unsharded state: codes bit for bit, fp32
     state (step sizes, optimizer) bit for bit or within ``float_rtol``."""
@@ -158,14 +168,10 @@ def _body(
     for step in range(STEPS):
         gkjt = global_batch(tbls, step, world, weighted)
         out = model(rank_slice(gkjt, rank))
-        loss = sum((out[k] * W[k]).sum() for k in out)
         if ref is not None:
-            ref_out = Wrap(ref)(gkjt)
-            for k in out:
-                torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
-            # TorchRec divides sharded embedding gradients by the world size (DDP averaging).
-            (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
-        loss.backward()
+            check_and_backward(out, Wrap(ref)(gkjt), W, rank, world)
+        else:
+            sum((out[k] * W[k]).sum() for k in out).backward()
     sd = model.state_dict()
     if ref is not None:
         checked = _check_state_equal(sd, ref.state_dict(), "ebc.", float_rtol)
@@ -218,10 +224,7 @@ def _column_wise_against_blocks(rank, world, model, unsharded, cfg, tbls) -> Non
         ref_kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=p.values(), lengths=p.lengths())
         r = Wrap(ref)(ref_kjt)
         ref_out = {f: torch.cat([r[k] for k in keys if k.split("@")[0] == f], dim=1) for f in base_keys}
-        for k in out:
-            torch.testing.assert_close(out[k], ref_out[k][rank * B : (rank + 1) * B], rtol=0, atol=1e-6)
-        (sum((ref_out[k] * W[k]).sum() for k in ref_out) / world).backward()
-        sum((out[k] * W[k]).sum() for k in out).backward()
+        check_and_backward(out, ref_out, W, rank, world)
     # The reference in the sharded checkpoint layout: blocks side by side.
     rsd = ref.state_dict()
     merged = {}

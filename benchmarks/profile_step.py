@@ -7,7 +7,7 @@ it runs (thin wrappers installed by this script only):
 
 - KJT handling: ``modules.bounds.in_feature_order`` (reorder / regroup the KJT);
 - bounds check: ``modules.bounds.check_ids``;
-- FBGEMM lookup: the IntNBit forward kernel (``kernels.lookup.FusedPooledLookup.__call__``);
+- lookup: the pooled forward kernel (native on CPU, FBGEMM IntNBit elsewhere; (``kernels.lookup.FusedPooledLookup.__call__``);
 - gradient gathering: the backward's Python before the kernel (occurrence -> gradient offsets,
   per-table slices, update specs);
 - update kernel: ``kernels.dispatch.fused_update_many`` (grouping + the fused row update);
@@ -44,7 +44,7 @@ from torchrec_lowprec.kernels import lookup as lookup_mod  # noqa: E402
 PHASES = (
     "KJT handling",
     "bounds check",
-    "FBGEMM lookup",
+    "lookup",
     "gradient gathering",
     "update kernel",
     "Python/autograd",
@@ -68,7 +68,7 @@ def _wrap(owner, name: str, phase: str) -> None:
 def install() -> None:
     _wrap(eb_mod, "in_feature_order", "KJT handling")
     _wrap(eb_mod, "check_ids", "bounds check")
-    _wrap(lookup_mod.FusedPooledLookup, "__call__", "FBGEMM lookup")
+    _wrap(lookup_mod.FusedPooledLookup, "__call__", "lookup")
     _wrap(eb_mod, "fused_update_many", "update kernel")
     _wrap(eb_mod.LowPrecisionEmbeddingBagCollection, "_fused_backward", "backward total")
 

@@ -30,6 +30,8 @@ import torch
 from torchrec_lowprec.kernels.spec import UpdateItem, UpdateSpec
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
+#: Every C++ source of the extension (``SOURCE`` holds the Python bindings).
+SOURCES = (SOURCE, SOURCE.parent / "pooled_lookup.cpp")
 #: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's
 #: (``-fno-trapping-math`` changes no value; it lets GCC vectorise the clamp/select loops).
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-march=native", "-fopenmp")
@@ -59,7 +61,8 @@ def _cpu_id() -> str:
 def build_hash() -> str:
     """Short hash of everything the built library depends on."""
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        h.update(source.read_bytes())
     for part in (
         " ".join(CFLAGS),
         " ".join(LDFLAGS),
@@ -135,7 +138,7 @@ def _build(verbose: bool = True) -> ModuleType:
             try:
                 return load(
                     name=name,
-                    sources=[str(SOURCE)],
+                    sources=[str(s) for s in SOURCES],
                     extra_cflags=list(CFLAGS),
                     extra_ldflags=list(LDFLAGS),
                     build_directory=str(directory),
@@ -276,6 +279,35 @@ def fused_update_many(
     if bounded is not None:
         bounded += torch.tensor(n_bounded, dtype=bounded.dtype)
     return [int(k) for k in counts]
+
+
+def pooled_lookup(
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    table_offsets: list[int],
+    bits: list[int],
+    dims: list[int],
+    rows: list[int],
+    row_alignment: int,
+    mean: bool,
+    per_sample_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[B, sum(dims)]`` fp32 pooled embeddings, bit-identical to FBGEMM's CPU IntNBit lookup
+    on the same buffer, but parallel over bags (FBGEMM 1.8 runs its tables on one thread).
+
+    Feature ``t`` reads ``rows[t]`` rows of ``bits[t]`` (2/4/8/16/32) x ``dims[t]`` at byte
+    ``table_offsets[t]`` of ``weights``; ``offsets`` has ``T * B + 1`` entries, key-major. An
+    id outside its table raises ``IndexError`` (callers check ids first).
+    """
+    return _load().pooled_lookup(
+        weights, indices, offsets, table_offsets, bits, dims, rows, row_alignment, mean, per_sample_weights
+    )
+
+
+def count_out_of_range(values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int) -> int:
+    """How many of ``values`` lie outside ``[0, rows[t])`` of their feature ``t`` (one pass)."""
+    return int(_load().count_out_of_range(values, lengths, rows, batch))
 
 
 def main(argv: list[str] | None = None) -> int:

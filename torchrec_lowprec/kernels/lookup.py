@@ -1,10 +1,15 @@
-"""Pooled lookup on FBGEMM's IntNBit inference kernel, over storage we own.
+"""Pooled lookup over FBGEMM's IntNBit row layout, over storage we own.
 
 FBGEMM's ``int_nbit_split_embedding_codegen_lookup_function`` reads any mix of INT8/INT4/
 INT2/FP16/FP32 tables from one flat uint8 buffer and pools them in one fused pass (CPU and
 CUDA). We call it directly rather than through ``IntNBitTableBatchedEmbeddingBagsCodegen`` so
 that the buffer is ours: the fused update writes rows in place and the next forward sees
 them, with no copy.
+
+On CPU the lookup runs the native kernel (``kernels/cpu/pooled_lookup.cpp``) when it is
+built: the same bits as FBGEMM's op, but parallel over bags, where FBGEMM 1.8's CPU IntNBit
+forward runs on one thread. ``TORCHREC_LOWPREC_LOOKUP=fbgemm`` forces FBGEMM's op (CUDA
+always uses it).
 """
 
 from __future__ import annotations
@@ -73,6 +78,19 @@ class FeatureSlot:
     table_offset: int
     bits: int
     dim: int
+    #: rows of the table (``-1``: unknown; the lookup then uses FBGEMM's op, which needs none)
+    rows: int = -1
+
+
+def lookup_backend(device: torch.device, slots: list[FeatureSlot]) -> str:
+    """``"cpu_native"`` or ``"fbgemm"``: which kernel pools ``slots`` on ``device``."""
+    if device.type != "cpu" or os.environ.get("TORCHREC_LOWPREC_LOOKUP", "") == "fbgemm":
+        return "fbgemm"
+    if any(s.rows < 0 for s in slots):
+        return "fbgemm"
+    from torchrec_lowprec.kernels.dispatch import backend_for
+
+    return "cpu_native" if backend_for(device) == "cpu_native" else "fbgemm"
 
 
 class FusedPooledLookup:
@@ -80,7 +98,7 @@ class FusedPooledLookup:
 
     Example::
 
-        lookup = FusedPooledLookup([FeatureSlot(0, 8, 64)], POOLING_SUM, row_alignment=1, device=dev)
+        lookup = FusedPooledLookup([FeatureSlot(0, 8, 64, rows=1000)], POOLING_SUM, row_alignment=1, device=dev)
         pooled = lookup(flat_weights, indices, offsets, per_sample_weights=None)  # [B, 64]
     """
 
@@ -99,6 +117,13 @@ class FusedPooledLookup:
         for d in dims:
             d_offsets.append(d_offsets[-1] + d)
         self._D_offsets = torch.tensor(d_offsets, dtype=torch.int32)
+        self._native_args = (
+            [s.table_offset for s in slots],
+            [s.bits for s in slots],
+            dims,
+            [s.rows for s in slots],
+        )
+        self._slots = list(slots)
         self._to(device)
 
     def _to(self, device: torch.device) -> None:
@@ -112,6 +137,7 @@ class FusedPooledLookup:
         self.empty_u8 = torch.empty(0, dtype=torch.uint8, device=device)
         self.empty_cache = torch.empty(0, 0, dtype=torch.uint8, device=device)
         self.empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
+        self.backend: str | None = None  # chosen on the first call (may build the native kernel)
 
     def __call__(
         self,
@@ -122,6 +148,22 @@ class FusedPooledLookup:
     ) -> torch.Tensor:
         if weights.device != self._device:
             self._to(weights.device)
+        if self.backend is None:
+            self.backend = lookup_backend(self._device, self._slots)
+        if self.backend == "cpu_native":
+            from torchrec_lowprec.kernels import cpu_native
+
+            if offsets.dtype != indices.dtype:
+                offsets = offsets.to(indices.dtype)
+            return cpu_native.pooled_lookup(
+                weights,
+                indices,
+                offsets,
+                *self._native_args,
+                self.row_alignment,
+                self.pooling_mode == POOLING_MEAN,
+                per_sample_weights,
+            )
         return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
             dev_weights=weights,
             uvm_weights=self.empty_u8,

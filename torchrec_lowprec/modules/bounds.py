@@ -7,6 +7,8 @@ import warnings
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_lowprec.kernels.dispatch import backend_for
+
 
 def check_ids(
     values: torch.Tensor,
@@ -25,6 +27,12 @@ def check_ids(
     """
     if values.numel() == 0:
         return values, lengths, weights
+    if values.device.type == "cpu" and backend_for(values.device) == "cpu_native":
+        from torchrec_lowprec.kernels import cpu_native
+
+        # One native pass; the tensor version below only runs to report or drop bad ids.
+        if cpu_native.count_out_of_range(values, lengths, rows, batch) == 0:
+            return values, lengths, weights
     per_feature = lengths.view(len(features), batch).sum(dim=1)
     limit = torch.repeat_interleave(
         torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()

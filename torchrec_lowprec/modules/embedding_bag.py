@@ -174,7 +174,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         self._groups = []
         order: list[str] = []
         for mode, lays in groups.items():
-            slots = [FeatureSlot(lay.offset, lay.bits, lay.dim) for lay in lays for _ in lay.feature_names]
+            slots = [FeatureSlot(lay.offset, lay.bits, lay.dim, lay.rows) for lay in lays for _ in lay.feature_names]
             self._groups.append(
                 (mode, lays, FusedPooledLookup(slots, mode, self._row_alignment, self._flat.device))
             )

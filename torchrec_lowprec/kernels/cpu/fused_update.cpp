@@ -1294,7 +1294,23 @@ std::tuple<std::vector<int64_t>, std::vector<int64_t>> fused_update_many(std::ve
   return {skipped, bounded};
 }
 
+// pooled_lookup.cpp
+torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch::Tensor offsets,
+                            std::vector<int64_t> table_offsets, std::vector<int64_t> bits,
+                            std::vector<int64_t> dims, std::vector<int64_t> rows, int64_t row_alignment,
+                            bool mean, c10::optional<torch::Tensor> per_sample_weights);
+int64_t count_out_of_range(torch::Tensor values, torch::Tensor lengths, std::vector<int64_t> rows, int64_t batch);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pooled_lookup", &pooled_lookup,
+        "Pooled lookup over FBGEMM IntNBit rows, parallel over bags; bit-identical to FBGEMM's "
+        "int_nbit_split_embedding_codegen_lookup_function (see kernels/cpu/pooled_lookup.cpp)",
+        py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("table_offsets"), py::arg("bits"),
+        py::arg("dims"), py::arg("rows"), py::arg("row_alignment"), py::arg("mean"),
+        py::arg("per_sample_weights"));
+  m.def("count_out_of_range", &count_out_of_range,
+        "How many ids fall outside [0, rows[t]) of their feature t (key-major lengths, one pass)",
+        py::arg("values"), py::arg("lengths"), py::arg("rows"), py::arg("batch"));
   m.def("fused_update", &fused_update,
         "Fused sparse update of low-precision embedding rows, in place; returns (rows skipped for a "
         "non-finite gradient, rows whose step hit max_step) (see torchrec_lowprec/kernels/spec.py)",

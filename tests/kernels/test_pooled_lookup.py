@@ -1,0 +1,123 @@
+"""The native CPU pooled lookup against FBGEMM's IntNBit op on the same buffer: bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchrec_lowprec.kernels import cpu_native
+from torchrec_lowprec.kernels.lookup import POOLING_MEAN, POOLING_SUM, FeatureSlot, FusedPooledLookup
+from torchrec_lowprec.quant.layout import encode_float_rows, encode_rows
+
+pytestmark = pytest.mark.skipif(not cpu_native.is_available(), reason="native CPU kernel not built")
+
+
+def _table(bits: int, rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    """``rows`` random rows of ``bits`` x ``dim`` in FBGEMM's IntNBit layout (uint8 [rows, bytes])."""
+    if bits in (16, 32):
+        return encode_float_rows(torch.randn(rows, dim, generator=gen), bits)
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (rows, dim), generator=gen)
+    scale16 = (torch.rand(rows, generator=gen) * 0.1 + 1e-3).to(torch.float16)
+    out = encode_rows(q, scale16, bits)
+    # Any fp16 bias, not only ours (-2^(b-1) * scale): the kernel must match FBGEMM on any row.
+    out[:, 2:4] = torch.randn(rows, 1, generator=gen).to(torch.float16).view(torch.uint8)
+    return out
+
+
+def _buffer(specs, gen):
+    """Flat buffer holding one table per (bits, rows, dim), 128-byte aligned; the slots."""
+    parts, slots, off = [], [], 0
+    for bits, rows, dim in specs:
+        t = _table(bits, rows, dim, gen).reshape(-1)
+        pad = (-off) % 128
+        parts += [torch.zeros(pad, dtype=torch.uint8), t]
+        off += pad
+        slots.append(FeatureSlot(off, bits, dim, rows))
+        off += t.numel()
+    return torch.cat(parts), slots
+
+
+def _ids(slots, batch, max_len, gen, hot: bool):
+    lengths = torch.randint(0, max_len + 1, (len(slots) * batch,), generator=gen)
+    values = []
+    for t, s in enumerate(slots):
+        n = int(lengths[t * batch : (t + 1) * batch].sum())
+        v = torch.randint(0, s.rows, (n,), generator=gen)
+        if hot and n:
+            v[torch.rand(n, generator=gen) < 0.5] = 3 % s.rows  # many repeats of one row
+        values.append(v)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return torch.cat(values), offsets
+
+
+@pytest.mark.parametrize("mode", [POOLING_SUM, POOLING_MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [(8, 1000, 64)],
+        [(4, 500, 32), (2, 300, 16)],
+        [(8, 700, 128), (4, 40, 8), (2, 90, 64), (16, 50, 24), (32, 60, 12), (8, 1, 4)],
+    ],
+    ids=["int8", "int4+int2", "mixed"],
+)
+def test_native_lookup_equals_fbgemm(specs, mode, weighted, index_dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(len(specs) * 10 + mode + 2 * weighted)
+    flat, slots = _buffer(specs, gen)
+    values, offsets = _ids(slots, batch=37, max_len=9, gen=gen, hot=weighted)
+    values, offsets = values.to(index_dtype), offsets.to(index_dtype)
+    psw = torch.rand(values.numel(), generator=gen) * 2 - 0.5 if weighted else None
+
+    native = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
+    monkeypatch.setenv("TORCHREC_LOWPREC_LOOKUP", "fbgemm")
+    fbgemm = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
+    out_f = fbgemm(flat, values, offsets, psw)
+    monkeypatch.delenv("TORCHREC_LOWPREC_LOOKUP")
+    out_n = native(flat, values, offsets, psw)
+    assert (native.backend, fbgemm.backend) == ("cpu_native", "fbgemm")
+    assert out_n.shape == out_f.shape == (37, sum(s.dim for s in slots))
+    assert torch.equal(out_n, out_f), (out_n - out_f).abs().max()
+
+
+def test_native_lookup_threads_give_the_same_bits():
+    gen = torch.Generator().manual_seed(7)
+    flat, slots = _buffer([(8, 5000, 64), (4, 3000, 32)], gen)
+    values, offsets = _ids(slots, batch=512, max_len=12, gen=gen, hot=True)
+    lookup = FusedPooledLookup(slots, POOLING_SUM, 1, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lookup(flat, values, offsets, None)
+        torch.set_num_threads(max(2, threads))
+        many = lookup(flat, values, offsets, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_native_lookup_refuses_an_id_out_of_range():
+    gen = torch.Generator().manual_seed(3)
+    flat, slots = _buffer([(8, 10, 16)], gen)
+    lookup = FusedPooledLookup(slots, POOLING_SUM, 1, torch.device("cpu"))
+    with pytest.raises(IndexError, match="out of range"):
+        lookup(flat, torch.tensor([1, 10]), torch.tensor([0, 1, 2]), None)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        FusedPooledLookup([FeatureSlot(0, 8, 16, 11)], POOLING_SUM, 1, torch.device("cpu"))(
+            flat, torch.tensor([1]), torch.tensor([0, 1]), None
+        )
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_count_out_of_range(index_dtype):
+    rows = [10, 1, 1000]
+    lengths = torch.tensor([2, 0, 1, 3, 0, 2], dtype=index_dtype)  # 3 features x batch 2
+    values = torch.tensor([0, 9, 10, 0, 1, -1, 999, 1000], dtype=index_dtype)
+    #                      f0 ok ok  f1: 10 bad | f1: 0 ok, 1 bad, -1 bad | f2: ok, bad
+    assert cpu_native.count_out_of_range(values, lengths, rows, 2) == 4
+    assert cpu_native.count_out_of_range(values.clamp(0, 0), lengths, rows, 2) == 0
+    big = torch.randint(0, 50, (300_000,), dtype=index_dtype)
+    big[123_457] = 50
+    assert cpu_native.count_out_of_range(big, torch.tensor([300_000]), [50], 1) == 1

@@ -7,7 +7,8 @@ each trains the example's DLRM (``--precision``, default int8) twice, in alterna
 * ``memory``: the synthetic rows, generated before the clock starts and kept in memory
   (``--train-rows`` = the file's training split, same 26 vocabularies, 13 dense inputs);
 * ``file``: ``--data criteo:FILE`` (vocabulary pass before the clock starts; parsing, id
-  lookup and batching during training, on the prefetch and parser threads).
+  lookup and batching during training, in the data-loader process that ``--prefetch-mode auto``
+  forks for files, or on a thread with ``--prefetch-mode thread``).
 
 It reports examples/s of the training loop (``train.examples_per_s`` of the summary) per
 variant and the ratio file / memory per process (median, min-max), with the CPU, the load
@@ -108,7 +109,8 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     common = ["--precision", args.precision, "--batch-size", str(args.batch_size), "--embedding-dim", "16",
               "--no-progress", "--quiet", "--threads", str(args.threads), "--parse-threads", str(args.parse_threads),
-              "--prefetch", str(args.prefetch)]  # fmt: skip
+              "--prefetch", str(args.prefetch),
+              "--prefetch-mode", args.prefetch_mode]  # fmt: skip
     # The native update kernel is built (or loaded) here, outside both measurements.
     warm = dlrm_train.parse_args(
         [*common, "--vocab-sizes", "100,10", "--train-rows", "4096", "--max-steps", "3"]
@@ -149,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (as benchmarks/accuracy.py)")
     ap.add_argument("--parse-threads", type=int, default=0, help="CSV parser threads (0: cores, at most 4)")
     ap.add_argument("--prefetch", type=int, default=4)
+    ap.add_argument("--prefetch-mode", default="auto", choices=["auto", "process", "thread"])
     ap.add_argument("--write", help="write the 'file_loading' section of this markdown file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--order", default="memory,file", help=argparse.SUPPRESS)
@@ -174,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--file", path, "--order", order,
                    "--train-rows", str(train_rows), "--precision", args.precision, "--batch-size",
                    str(args.batch_size), "--threads", str(args.threads), "--parse-threads",
-                   str(args.parse_threads), "--prefetch", str(args.prefetch)]  # fmt: skip
+                   str(args.parse_threads), "--prefetch", str(args.prefetch),
+                   "--prefetch-mode", args.prefetch_mode]  # fmt: skip
             env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0:
@@ -248,10 +252,12 @@ def report(
         f"| file / memory (per process) | {_spread(ratio, '.2f')} |",
         "",
         f"The input pipeline alone (batches of the training split, no model; file: read, parse, look "
-        f"up ids, batch on its threads): memory {_spread([r['memory']['alone'] for r in runs], ',.0f')}, "
-        f"file {_spread([r['file']['alone'] for r in runs], ',.0f')} rows/s. The file pipeline runs beside "
-        "the training step on other threads: it keeps up where a core is free for it; on a machine whose "
-        "cores are all busy its work is added to the step's.",
+        f"up ids, batch, hand the batch over): memory {_spread([r['memory']['alone'] for r in runs], ',.0f')}, "
+        f"file {_spread([r['file']['alone'] for r in runs], ',.0f')} rows/s. Prefetch mode "
+        f"`{args.prefetch_mode}` (auto: a forked data-loader process for files, so parsing neither shares "
+        "the GIL with the training loop nor waits for it; a thread for the synthetic data), "
+        f"{args.prefetch} batches ahead. The file pipeline keeps up where a core is free for it; on a "
+        "machine whose cores are all busy its work is added to the step's.",
         "",
         f"Target file >= 0.90x of memory: {verdict} (median {statistics.median(ratio):.2f}x, "
         f"min {min(ratio):.2f}x).",

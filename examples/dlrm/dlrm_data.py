@@ -27,7 +27,7 @@ from torchrec_lowprec.data import (
     TabularSchema,
     rebatch,
 )
-from torchrec_lowprec.data.prefetch import prefetch
+from torchrec_lowprec.data.prefetch import can_fork, prefetch, prefetch_process
 from torchrec_lowprec.data.synthetic import CRITEO_LIKE_VOCAB_SIZES
 
 # The default synthetic set: eight fields from 50k ids down to 20, so one epoch of 500k rows
@@ -77,7 +77,15 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
         "--prefetch",
         type=int,
         default=4,
-        help="training batches prepared ahead on a background thread (0: none, read in the training loop)",
+        help="training batches prepared ahead of the training loop (0: none, read in the loop)",
+    )
+    g.add_argument(
+        "--prefetch-mode",
+        choices=["auto", "process", "thread"],
+        default="auto",
+        help="where --prefetch prepares batches: a forked process (files: parsing then does not share "
+        "the GIL with the training loop), a thread, or auto (process for files where fork exists, "
+        "thread for synthetic data)",
     )
     g.add_argument(
         "--parse-threads",
@@ -135,10 +143,20 @@ class DataSource:
     """One data set (synthetic or tabular) as per-rank batch streams."""
 
     def __init__(
-        self, name: str, source: SyntheticCTR | TabularDataset, cache: bool = False, prefetch: int = 4
+        self,
+        name: str,
+        source: SyntheticCTR | TabularDataset,
+        cache: bool = False,
+        prefetch: int = 4,
+        prefetch_mode: str = "auto",
     ) -> None:
         self.name = name
-        self.prefetch = prefetch  # training batches made ahead on a background thread (0: inline)
+        self.prefetch = prefetch  # training batches made ahead of the loop (0: inline)
+        if prefetch_mode == "auto":
+            prefetch_mode = "process" if not isinstance(source, SyntheticCTR) and can_fork() else "thread"
+        if prefetch_mode == "process" and not can_fork():
+            raise DataError("--prefetch-mode process needs fork (Linux/macOS); use --prefetch-mode thread")
+        self.prefetch_mode = prefetch_mode
         # Synthetic chunks kept after their first generation (about 300 bytes per row with 26
         # one-hot fields), for callers that train many models on one data set.
         self._cache: dict[tuple[str, int], RowBlock] | None = {} if cache else None
@@ -207,15 +225,27 @@ class DataSource:
         most ``world - 1`` rows unused) so that every rank steps the same number of times.
         """
 
-        def local() -> Iterator[LocalBatch]:
+        def blocks() -> Iterator[tuple[RowBlock, int, int]]:
             for block in rebatch(self.blocks("train", start_row), batch_size):
                 m = len(block) // world
                 if m == 0:
                     return
-                yield LocalBatch(self._to_batch(block.slice(rank * m, (rank + 1) * m)), m, len(block))
+                yield block.slice(rank * m, (rank + 1) * m), m, len(block)
 
-        # Reading, parsing and batching run on a background thread, ahead of the training step.
-        return prefetch(local(), self.prefetch) if self.prefetch else local()
+        def local(items: Iterator[tuple[RowBlock, int, int]]) -> Iterator[LocalBatch]:
+            for block, m, n in items:
+                yield LocalBatch(self._to_batch(block), m, n)
+
+        if not self.prefetch:
+            return local(blocks())
+        if self.prefetch_mode == "process":
+            # Reading, parsing and batching run in a forked process; its pass's malformed-row
+            # counts come back at the end. The KJT is built here (tensors stay in this process).
+            src = self.source
+            state = (src.pass_state, src.merge_pass_state) if not self.is_synthetic else (None, None)
+            return local(prefetch_process(blocks, self.prefetch, *state))
+        # ... or on a background thread, ahead of the training step.
+        return prefetch(local(blocks()), self.prefetch)
 
     def eval_batches(self, split: str, batch_size: int, rank: int, world: int, max_rows: int | None = None):
         """This rank's slices of every global batch of ``split``; ranks' slices are padded to one
@@ -256,7 +286,9 @@ def open_data(args: argparse.Namespace, cache: bool = False) -> DataSource:
             test_rows=args.test_rows,
             seed=args.data_seed,
         )
-        return DataSource("synthetic", SyntheticCTR(cfg), cache=cache, prefetch=_prefetch(args))
+        return DataSource(
+            "synthetic", SyntheticCTR(cfg), cache=cache, prefetch=_prefetch(args), prefetch_mode=_mode(args)
+        )
     common = dict(
         min_count=args.min_count,
         split=args.split,
@@ -279,7 +311,11 @@ def open_data(args: argparse.Namespace, cache: bool = False) -> DataSource:
         if isinstance(e, DataError):
             raise
         raise DataError(str(e)) from None
-    return DataSource(kind, src, prefetch=_prefetch(args))
+    return DataSource(kind, src, prefetch=_prefetch(args), prefetch_mode=_mode(args))
+
+
+def _mode(args: argparse.Namespace) -> str:
+    return getattr(args, "prefetch_mode", "auto")
 
 
 def _prefetch(args: argparse.Namespace) -> int:

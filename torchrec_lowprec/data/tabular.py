@@ -339,6 +339,16 @@ class TabularDataset:
         for code in wanted:  # only a finished pass knows the count
             self.malformed_rows[SPLITS[code]] = int(bad[code])
 
+    def pass_state(self) -> dict:
+        """What a pass over the rows records (malformed-row counts, the lines already reported),
+        for :meth:`merge_pass_state` in another process (a forked data loader)."""
+        return {"malformed_rows": dict(self.malformed_rows), "warned": set(self._warned)}
+
+    def merge_pass_state(self, state: dict) -> None:
+        """Take the counts and reported lines of a pass made in another process."""
+        self.malformed_rows.update(state["malformed_rows"])
+        self._warned |= state["warned"]
+
     def _malformed(self, path: str, lineno: int, reason: str) -> None:
         msg = f"{path}:{lineno}: malformed row ({reason})"
         if self.strict:

@@ -62,7 +62,8 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
     """An ``EmbeddingBagCollection`` with tables stored in low precision and trained in place.
 
     Tables use FBGEMM's IntNBit row layout (fp16 step size and bias, then packed codes), so the
-    forward pass is FBGEMM's fused quantized kernel. The backward pass runs the fused optimizer
+    forward pass is FBGEMM's fused quantized kernel (on CPU: our native lookup, which gives the
+    same bits on all threads; see ``kernels/lookup.py``). The backward pass runs the fused optimizer
     on the touched rows (dequantize, fp32 step, ALPT step-size update, stochastic or nearest
     rounding) and returns no weight gradient, like TorchRec's fused TBE optimizers. Output
     keys, order and shapes match ``torchrec.EmbeddingBagCollection``.
@@ -174,7 +175,11 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         self._groups = []
         order: list[str] = []
         for mode, lays in groups.items():
-            slots = [FeatureSlot(lay.offset, lay.bits, lay.dim, lay.rows) for lay in lays for _ in lay.feature_names]
+            slots = [
+                FeatureSlot(lay.offset, lay.bits, lay.dim, lay.rows)
+                for lay in lays
+                for _ in lay.feature_names
+            ]
             self._groups.append(
                 (mode, lays, FusedPooledLookup(slots, mode, self._row_alignment, self._flat.device))
             )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples", "dlrm"))
 sys.path.insert(0, HERE)
 
-from report import publish  # noqa: E402
+from report import machine_info, publish  # noqa: E402
 
 # Criteo Kaggle-like cardinalities, capped so a 1M-row file's tables fit a laptop.
 VOCABS = (200_000, 50_000, 20_000, 10_000, 5_000, 2_000, 1_000, 500) * 3 + (100, 10)
@@ -79,17 +78,6 @@ def _write_options():
     import pyarrow.csv as pcsv
 
     return pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load() -> str:
@@ -222,7 +210,6 @@ def report(
     args: argparse.Namespace, runs: list[dict], loads: list[str], train_rows: int, commit: str
 ) -> list[str]:
     import pyarrow
-    import torch
 
     mem = [r["memory"]["examples_per_s"] for r in runs]
     fil = [r["file"]["examples_per_s"] for r in runs]
@@ -236,9 +223,10 @@ def report(
         else "misses"
     )
     return [
-        f"Commit {commit}; {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"pyarrow {pyarrow.__version__}. Load average (1/5/15 min) before and after each process: "
-        f"{' -> '.join(loads)} (the machine is shared with other work).",
+        *machine_info(args.threads),
+        f"Code: commit {commit}; pyarrow {pyarrow.__version__}. Load average (1/5/15 min) before and "
+        f"after each process (each keeps about 1.5 cores busy: the training step and its loader): "
+        f"{' -> '.join(loads)}.",
         "",
         f"{args.precision} DLRM (dim 16, batch {args.batch_size}, {args.threads} torch thread(s)), one epoch of the "
         f"{train_rows:,}-row training split of {source} vs the same number of in-memory synthetic rows "

@@ -103,7 +103,8 @@ def test_wheel_contents_and_metadata(venv):
     import zipfile
 
     names = zipfile.ZipFile(venv["wheel"]).namelist()
-    assert "torchrec_lowprec/kernels/cpu/fused_update.cpp" in names
+    for src in ("fused_update.cpp", "pooled_lookup.cpp", "half.h"):  # cpu_native.SOURCES / HEADERS
+        assert f"torchrec_lowprec/kernels/cpu/{src}" in names
     assert "torchrec_lowprec/components.py" in names and "torchrec_lowprec_examples/dlrm/train.py" in names
     meta = zipfile.ZipFile(venv["wheel"]).read("torchrec_lowprec-0.1.0.dist-info/METADATA").decode()
     assert "License-Expression: BSD-3-Clause" in meta

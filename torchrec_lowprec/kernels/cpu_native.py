@@ -32,6 +32,8 @@ from torchrec_lowprec.kernels.spec import UpdateItem, UpdateSpec
 SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
 #: Every C++ source of the extension (``SOURCE`` holds the Python bindings).
 SOURCES = (SOURCE, SOURCE.parent / "pooled_lookup.cpp")
+#: Headers they include (part of the build hash; not compiled on their own).
+HEADERS = (SOURCE.parent / "half.h",)
 #: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's
 #: (``-fno-trapping-math`` changes no value; it lets GCC vectorise the clamp/select loops).
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-march=native", "-fopenmp")
@@ -61,7 +63,7 @@ def _cpu_id() -> str:
 def build_hash() -> str:
     """Short hash of everything the built library depends on."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         h.update(source.read_bytes())
     for part in (
         " ".join(CFLAGS),

@@ -26,6 +26,8 @@
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
+#include "half.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -55,23 +57,10 @@ constexpr uint32_t kM2 = 0x846CA68Bu;
 constexpr uint32_t kGolden = 0x9E3779B9u;
 
 // ---------------------------------------------------------------------------------------
-// fp16 <-> fp32 (IEEE, round to nearest even; what PyTorch's CPU conversion does)
+// fp16 <-> fp32 (half.h)
 
-inline float h2f(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-#endif
-}
-
-inline uint16_t f2h(float f) {
-#if defined(__F16C__)
-  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
-#else
-  return c10::Half(f).x;
-#endif
-}
+using torchrec_lowprec::f2h;
+using torchrec_lowprec::h2f;
 
 inline void h2f_n(const uint8_t* src, float* dst, int64_t n) {
   int64_t i = 0;

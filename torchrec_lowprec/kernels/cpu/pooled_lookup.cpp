@@ -21,6 +21,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "half.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -36,13 +38,7 @@ namespace {
 
 constexpr int64_t kPrefetchAhead = 16;
 
-inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-#endif
-}
+using torchrec_lowprec::h2f;
 
 inline void prefetch_row(const uint8_t* p, int64_t bytes) {
 #if defined(__GNUC__)
@@ -118,12 +114,12 @@ inline void accumulate_row(const uint8_t* row, int64_t D, float w, float* __rest
     for (int64_t j = 0; j < D; ++j) out[j] = __builtin_fmaf(w, x[j], out[j]);
   } else if constexpr (BITS == 16) {
     const uint16_t* x = reinterpret_cast<const uint16_t*>(row);
-    for (int64_t j = 0; j < D; ++j) out[j] = __builtin_fmaf(w, half_to_float(x[j]), out[j]);
+    for (int64_t j = 0; j < D; ++j) out[j] = __builtin_fmaf(w, h2f(x[j]), out[j]);
   } else {
     uint16_t sb[2];
     std::memcpy(sb, row, 4);
-    const float scale = w * half_to_float(sb[0]);
-    const float bias = w * half_to_float(sb[1]);
+    const float scale = w * h2f(sb[0]);
+    const float bias = w * h2f(sb[1]);
     const uint8_t* c = row + 4;
     if constexpr (BITS == 8) {
       accumulate_codes(c, D, scale, bias, out);

@@ -42,8 +42,10 @@ using torchrec_lowprec::h2f;
 
 inline void prefetch_row(const uint8_t* p, int64_t bytes) {
 #if defined(__GNUC__)
+  // First and last byte: a row of any size may straddle two cache lines (a 36-byte int4 row
+  // does half the time); rows are at most a few lines, the hardware prefetcher does the middle.
   __builtin_prefetch(p, 0, 0);
-  if (bytes > 64) __builtin_prefetch(p + bytes - 1, 0, 0);
+  __builtin_prefetch(p + bytes - 1, 0, 0);
 #endif
 }
 
@@ -106,6 +108,49 @@ inline void accumulate_codes(const uint8_t* __restrict q, int64_t n, float scale
   for (int64_t j = 0; j < n; ++j) out[j] = __builtin_fmaf(scale, static_cast<float>(q[j]), out[j] + bias);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// 16 codes (one per byte of `codes`) into out[0:16): the same fma and add as accumulate_codes,
+// so the same bits.
+inline void fma16(__m128i codes, __m256 scale, __m256 bias, float* out) {
+  const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+  const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(scale, q0, _mm256_add_ps(_mm256_loadu_ps(out), bias)));
+  _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(scale, q1, _mm256_add_ps(_mm256_loadu_ps(out + 8), bias)));
+}
+
+// Int4 / int2 codes straight from the shuffled registers (no round trip through a byte buffer),
+// 16 packed bytes at a time; returns how many codes it did (the caller does the rest).
+template <int BITS>
+inline int64_t accumulate_packed_avx2(const uint8_t* c, int64_t D, float scale, float bias, float* out) {
+  constexpr int kPerByte = 8 / BITS;
+  const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+  const __m128i mask = _mm_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  int64_t k = 0;
+  for (; (k + 16) * kPerByte <= D; k += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
+    float* o = out + k * kPerByte;
+    if constexpr (BITS == 4) {
+      const __m128i lo = _mm_and_si128(v, mask);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+      fma16(_mm_unpacklo_epi8(lo, hi), vs, vb, o);
+      fma16(_mm_unpackhi_epi8(lo, hi), vs, vb, o + 16);
+    } else {
+      const __m128i a0 = _mm_and_si128(v, mask);
+      const __m128i a1 = _mm_and_si128(_mm_srli_epi16(v, 2), mask);
+      const __m128i a2 = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+      const __m128i a3 = _mm_and_si128(_mm_srli_epi16(v, 6), mask);
+      const __m128i p01lo = _mm_unpacklo_epi8(a0, a1), p01hi = _mm_unpackhi_epi8(a0, a1);
+      const __m128i p23lo = _mm_unpacklo_epi8(a2, a3), p23hi = _mm_unpackhi_epi8(a2, a3);
+      fma16(_mm_unpacklo_epi16(p01lo, p23lo), vs, vb, o);
+      fma16(_mm_unpackhi_epi16(p01lo, p23lo), vs, vb, o + 16);
+      fma16(_mm_unpacklo_epi16(p01hi, p23hi), vs, vb, o + 32);
+      fma16(_mm_unpackhi_epi16(p01hi, p23hi), vs, vb, o + 48);
+    }
+  }
+  return k * kPerByte;
+}
+#endif
+
 // One row into the bag's accumulator `out[0:D)`, weighted by `w`.
 template <int BITS>
 inline void accumulate_row(const uint8_t* row, int64_t D, float w, float* __restrict out) {
@@ -124,12 +169,16 @@ inline void accumulate_row(const uint8_t* row, int64_t D, float w, float* __rest
     if constexpr (BITS == 8) {
       accumulate_codes(c, D, scale, bias, out);
     } else {
-      // Packed codes -> one byte per code (low bits first, FBGEMM's order), then the int8 loop.
       constexpr int kPerByte = 8 / BITS;
+      int64_t start = 0;  // codes done by the AVX2 loop
+#if defined(__AVX2__) && defined(__FMA__)
+      start = accumulate_packed_avx2<BITS>(c, D, scale, bias, out);
+#endif
+      // Packed codes -> one byte per code (low bits first, FBGEMM's order), then the int8 loop.
       uint8_t q[kUnpackChunk];
-      for (int64_t j0 = 0; j0 < D; j0 += kUnpackChunk) {
+      for (int64_t j0 = start; j0 < D; j0 += kUnpackChunk) {
         const int64_t n = std::min<int64_t>(kUnpackChunk, D - j0);
-        const uint8_t* cc = c + j0 / kPerByte;
+        const uint8_t* cc = c + j0 / kPerByte;  // start and kUnpackChunk are whole bytes of codes
         unpack_codes<BITS>(cc, (n + kPerByte - 1) / kPerByte, q);
         accumulate_codes(q, n, scale, bias, out + j0);
       }

@@ -65,6 +65,33 @@ int64_t row_bytes_of(int64_t bits, int64_t dim, int64_t alignment) {
 
 constexpr int64_t kUnpackChunk = 256;  // a multiple of 4: chunks start on a byte
 
+#if defined(__SSE2__)
+// 16 packed bytes -> 8 / BITS vectors of 16 codes, one byte each, low bits first (FBGEMM's
+// order): out[i] holds the codes of bytes [16 i / (8 / BITS), 16 (i + 1) / (8 / BITS)).
+template <int BITS>
+inline void split_codes(__m128i v, __m128i* out) {
+  const __m128i mask = _mm_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  if constexpr (BITS == 4) {
+    const __m128i lo = _mm_and_si128(v, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    out[0] = _mm_unpacklo_epi8(lo, hi);
+    out[1] = _mm_unpackhi_epi8(lo, hi);
+  } else {
+    static_assert(BITS == 2, "bits");
+    const __m128i a0 = _mm_and_si128(v, mask);
+    const __m128i a1 = _mm_and_si128(_mm_srli_epi16(v, 2), mask);
+    const __m128i a2 = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    const __m128i a3 = _mm_and_si128(_mm_srli_epi16(v, 6), mask);
+    const __m128i p01lo = _mm_unpacklo_epi8(a0, a1), p01hi = _mm_unpackhi_epi8(a0, a1);
+    const __m128i p23lo = _mm_unpacklo_epi8(a2, a3), p23hi = _mm_unpackhi_epi8(a2, a3);
+    out[0] = _mm_unpacklo_epi16(p01lo, p23lo);
+    out[1] = _mm_unpackhi_epi16(p01lo, p23lo);
+    out[2] = _mm_unpacklo_epi16(p01hi, p23hi);
+    out[3] = _mm_unpackhi_epi16(p01hi, p23hi);
+  }
+}
+#endif
+
 // `nbytes` packed bytes -> one code per byte in `q` (low bits first, FBGEMM's order). GCC does
 // not vectorise the scalar loop well (a strided store per code), so x86 uses SSE2 shuffles.
 template <int BITS>
@@ -73,27 +100,11 @@ inline void unpack_codes(const uint8_t* c, int64_t nbytes, uint8_t* q) {
   constexpr uint8_t kMask = (1 << BITS) - 1;
   int64_t k = 0;
 #if defined(__SSE2__)
-  const __m128i mask = _mm_set1_epi8(static_cast<char>(kMask));
   for (; k + 16 <= nbytes; k += 16) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
-    __m128i* dst = reinterpret_cast<__m128i*>(q + k * kPerByte);
-    if constexpr (BITS == 4) {
-      const __m128i lo = _mm_and_si128(v, mask);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-      _mm_storeu_si128(dst, _mm_unpacklo_epi8(lo, hi));
-      _mm_storeu_si128(dst + 1, _mm_unpackhi_epi8(lo, hi));
-    } else {
-      const __m128i a0 = _mm_and_si128(v, mask);
-      const __m128i a1 = _mm_and_si128(_mm_srli_epi16(v, 2), mask);
-      const __m128i a2 = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-      const __m128i a3 = _mm_and_si128(_mm_srli_epi16(v, 6), mask);
-      const __m128i p01lo = _mm_unpacklo_epi8(a0, a1), p01hi = _mm_unpackhi_epi8(a0, a1);
-      const __m128i p23lo = _mm_unpacklo_epi8(a2, a3), p23hi = _mm_unpackhi_epi8(a2, a3);
-      _mm_storeu_si128(dst, _mm_unpacklo_epi16(p01lo, p23lo));
-      _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(p01lo, p23lo));
-      _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(p01hi, p23hi));
-      _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(p01hi, p23hi));
-    }
+    __m128i codes[kPerByte];
+    split_codes<BITS>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)), codes);
+    for (int i = 0; i < kPerByte; ++i)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k * kPerByte + 16 * i), codes[i]);
   }
 #endif
   for (; k < nbytes; ++k) {
@@ -124,28 +135,11 @@ template <int BITS>
 inline int64_t accumulate_packed_avx2(const uint8_t* c, int64_t D, float scale, float bias, float* out) {
   constexpr int kPerByte = 8 / BITS;
   const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
-  const __m128i mask = _mm_set1_epi8(static_cast<char>((1 << BITS) - 1));
   int64_t k = 0;
   for (; (k + 16) * kPerByte <= D; k += 16) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
-    float* o = out + k * kPerByte;
-    if constexpr (BITS == 4) {
-      const __m128i lo = _mm_and_si128(v, mask);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-      fma16(_mm_unpacklo_epi8(lo, hi), vs, vb, o);
-      fma16(_mm_unpackhi_epi8(lo, hi), vs, vb, o + 16);
-    } else {
-      const __m128i a0 = _mm_and_si128(v, mask);
-      const __m128i a1 = _mm_and_si128(_mm_srli_epi16(v, 2), mask);
-      const __m128i a2 = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-      const __m128i a3 = _mm_and_si128(_mm_srli_epi16(v, 6), mask);
-      const __m128i p01lo = _mm_unpacklo_epi8(a0, a1), p01hi = _mm_unpackhi_epi8(a0, a1);
-      const __m128i p23lo = _mm_unpacklo_epi8(a2, a3), p23hi = _mm_unpackhi_epi8(a2, a3);
-      fma16(_mm_unpacklo_epi16(p01lo, p23lo), vs, vb, o);
-      fma16(_mm_unpackhi_epi16(p01lo, p23lo), vs, vb, o + 16);
-      fma16(_mm_unpacklo_epi16(p01hi, p23hi), vs, vb, o + 32);
-      fma16(_mm_unpackhi_epi16(p01hi, p23hi), vs, vb, o + 48);
-    }
+    __m128i codes[kPerByte];
+    split_codes<BITS>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)), codes);
+    for (int i = 0; i < kPerByte; ++i) fma16(codes[i], vs, vb, out + k * kPerByte + 16 * i);
   }
   return k * kPerByte;
 }

@@ -68,7 +68,9 @@ class LowPrecisionConfig(TransformConfig):
             unbiased) or ``"nearest"`` (LPT-DR). For 16 bits, stochastic rounding to fp16.
         learn_step_size: ALPT: learn each row's step size with the LSQ gradient (an fp32
             master step of 4 bytes per row is then kept). ``False`` is LPT (fixed step).
-        step_size_lr: learning rate of the step size (plain SGD on the LSQ gradient).
+        step_size_lr: learning rate of the step size (plain SGD on the LSQ gradient). The
+            default 1e-2 was chosen on validation by ``benchmarks/lowbit.py`` among 1e-4, 1e-2
+            and 1e-1 (the LSQ gradient is small: at 1e-4 a step barely moves).
         step_size_init: ``"lsq"`` (``2*mean|w|/sqrt(Qp)``), ``"absmax"`` (``max|w|/Qp``) or
             a positive float used for every row.
         grow_step_size: when an updated row needs a grid more than ``growth_threshold`` times
@@ -93,7 +95,7 @@ class LowPrecisionConfig(TransformConfig):
     bits: int = 8
     rounding: str = "stochastic"
     learn_step_size: bool = True
-    step_size_lr: float = 1e-4
+    step_size_lr: float = 1e-2
     step_size_init: str | float = "lsq"
     grow_step_size: bool = True
     growth_threshold: float = 2.0

@@ -53,7 +53,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         default=True,
         help="ALPT: learn each row's step size (int8/4/2 only)",
     )
-    g.add_argument("--step-size-lr", type=float, default=1e-4, help="ALPT step-size learning rate")
+    g.add_argument("--step-size-lr", type=float, default=1e-2, help="ALPT step-size learning rate")
     g.add_argument(
         "--step-size-init",
         default="lsq",

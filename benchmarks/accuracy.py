@@ -80,7 +80,7 @@ def dataset_flags(args: argparse.Namespace) -> dict[str, list[str]]:
             "--data", "synthetic", "--vocab-sizes", args.vocab_sizes, "--zipf", str(args.zipf),
             "--num-dense", str(args.num_dense), "--train-rows", str(args.train_rows), "--val-rows", "0",
             "--test-rows", str(args.test_rows), "--batch-size", str(args.batch_size),
-            "--epochs", str(args.epochs), "--embedding-dim", str(args.dim),
+            "--epochs", str(args.epochs), "--embedding-dim", str(args.dim), "--emb-lr", f"{args.emb_lr:g}",
         ]
     }  # fmt: skip
     if args.criteo:
@@ -239,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--num-dense", type=int, default=4)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument(
+        "--emb-lr", type=float, default=0.4, help="RowWiseAdagrad lr of the synthetic set's tables"
+    )
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument(
@@ -296,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"**Synthetic** (planted model, known Bayes AUC): {len(args.vocab_sizes.split(','))} fields "
                 f"with Zipf({args.zipf}) ids over vocabularies {args.vocab_sizes}, {args.num_dense} dense, "
                 f"{args.train_rows:,} training rows x {args.epochs} epoch(s), {args.test_rows:,} test rows; "
-                f"DLRM dim {args.dim}, batch {args.batch_size}, RowWiseAdagrad lr 0.05 on the tables, Adam 2e-3 dense."
+                f"DLRM dim {args.dim}, batch {args.batch_size}, RowWiseAdagrad lr {args.emb_lr:g} on the tables, Adam 2e-3 dense."
             )
         else:
             r0 = next(iter(rows.values()))[0]

@@ -151,9 +151,13 @@ def plot(panels: dict[str, list[Point]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = {k: v for k, v in panels.items() if v}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     colors = {"fp": "k", "int": "C0", "hot": "C2", "MPE": "C1", "MEC": "C3", "ALPT": "C0"}
-    for ax, (title, pts) in zip(axes[0], panels.items()):
+    for ax, (title, pts) in zip(axes.flat, panels.items()):
         for name, x, y, se, _n, _r in sorted(pts, key=lambda p: p[1]):
             c = next((v for k, v in colors.items() if k in name), "C4")
             if "hot" in name:
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
     acc = _records(args.results, code["hash"])
     panels = {
-        "synthetic (low-bit benchmark): ALPT, hot rows at 8 bits, fp16 if run": train_py_points(
+        "synthetic (low-bit benchmark): fp16, ALPT, hot rows at 8 bits": train_py_points(
             acc, "synthetic-val", lb_tables
         ),
         "synthetic (MPE benchmark): MPE at several lambda": mpe_points(

@@ -88,3 +88,39 @@ def test_compression_reports_test_auc_only_for_the_setting_chosen_on_validation(
     test_rows = text.split("**Test**")[1].split("**Target")[0]
     assert "L=4, K=256 | 0.6901" in test_rows and "L=1, K=2" not in test_rows
     assert "not met" in text  # -0.0099 on test
+
+
+def test_lowbit_hot_share_is_the_fewest_bytes_meeting_the_target_on_validation():
+    import lowbit
+
+    def runs(val, test, nbytes):
+        return [
+            {"val_auc": val + d, "auc": test + d, "bytes": nbytes, "fp32_bytes": 1000} for d in (0.0, 0.01)
+        ]
+
+    names = [
+        ("fp32", 32, ()),
+        ("int4 default", 4, ()),
+        ("int4 hot 5% at 8b", 4, ()),
+        ("int4 hot 25% at 8b", 4, ()),
+    ]
+    rows = {
+        "fp32": runs(0.700, 0.700, 1000),
+        "int4 default": runs(0.690, 0.690, 300),
+        # 5% meets the 0.004 target on validation but not on test; 25% is better on both: the
+        # rule takes the fewer bytes that validation accepts, whatever test says
+        "int4 hot 5% at 8b": runs(0.697, 0.694, 320),
+        "int4 hot 25% at 8b": runs(0.699, 0.699, 380),
+    }
+    text = "\n".join(lowbit.selection(rows, names, [4], 0.4))
+    assert "chosen on validation **int4 hot 5% at 8b**; test -0.0060" in text and "**not met**" in text
+    assert "40% of int4 default's gap" in text and "+6.7% bytes over int4 default" in text
+    rows["int4 hot 5% at 8b"] = runs(0.690, 0.699, 320)  # neither meets it: the best validation AUC
+    rows["int4 hot 25% at 8b"] = runs(0.695, 0.690, 380)
+    text = "\n".join(lowbit.selection(rows, names, [4], 0.4))
+    assert "chosen on validation **int4 hot 25% at 8b**" in text
+    # a better fp32 learning rate on validation becomes the second reference of every line
+    names.append(("fp32 emb lr x2", 32, ()))
+    rows["fp32 emb lr x2"] = runs(0.702, 0.703, 1000)
+    text = "\n".join(lowbit.selection(rows, names, [4], 0.4))
+    assert "the better fp32 is **fp32 emb lr x2**" in text and "vs fp32 emb lr x2 -0.0130" in text

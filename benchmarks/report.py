@@ -162,6 +162,20 @@ def describe_code(records: Sequence[dict]) -> str:
     return "; ".join(f"{k}: {v} run(s)" for k, v in n.items())
 
 
+def _plans_by_content(parts: object) -> object:
+    """``parts`` with every ``--precision-plan PATH`` flag keyed by the plan file's content: a run
+    is defined by the plan it trained with, not by where that plan was written (a plan rewritten
+    with other rows must not reuse the old runs; the same plan elsewhere may)."""
+    if not isinstance(parts, list):
+        return parts
+    out = [_plans_by_content(p) for p in parts]
+    for i in range(len(out) - 1):
+        if out[i] == "--precision-plan" and isinstance(out[i + 1], str) and os.path.exists(out[i + 1]):
+            with open(out[i + 1], "rb") as f:
+                out[i + 1] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 class ResultCache:
     """Finished runs as JSON lines at ``path``, keyed by what defines a run (``key_parts``: data,
     flags, seed, ...) *and* the source hash of :func:`code_version`, so an interrupted benchmark
@@ -182,7 +196,8 @@ class ResultCache:
                     self.done[rec["key"]] = rec["result"]
 
     def key(self, key_parts: list) -> str:
-        return hashlib.sha256(json.dumps([*key_parts, self.code["hash"]]).encode()).hexdigest()[:16]
+        parts = [*_plans_by_content(key_parts), self.code["hash"]]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def get(self, key_parts: list, compute: Callable[[], dict], **meta: object) -> dict:
         """The cached result of ``key_parts`` on this code, or ``compute()`` (then stored)."""

@@ -124,3 +124,19 @@ def test_lowbit_hot_share_is_the_fewest_bytes_meeting_the_target_on_validation()
     rows["fp32 emb lr x2"] = runs(0.702, 0.703, 1000)
     text = "\n".join(lowbit.selection(rows, names, [4], 0.4))
     assert "the better fp32 is **fp32 emb lr x2**" in text and "vs fp32 emb lr x2 -0.0130" in text
+
+
+def test_result_cache_keys_a_precision_plan_by_its_content(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "code_version", lambda: {"hash": "h", "commit": "c", "dirty": False})
+    cache = report.ResultCache(str(tmp_path / "runs.jsonl"))
+    a, b = tmp_path / "a" / "plan.json", tmp_path / "b" / "plan.json"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text('{"t": 1}')
+
+    def key(path):
+        return cache.key(["synthetic", ["--precision", "int4", "--precision-plan", str(path), "--seed", "0"]])
+
+    assert key(a) == key(b)  # the same plan written elsewhere
+    b.write_text('{"t": 2}')
+    assert key(a) != key(b)  # other rows at the same path: not the same run

@@ -53,7 +53,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         default=True,
         help="ALPT: learn each row's step size (int8/4/2 only)",
     )
-    g.add_argument("--step-size-lr", type=float, default=1e-2, help="ALPT step-size learning rate")
+    g.add_argument(
+        "--step-size-lr",
+        type=float,
+        default=None,
+        help="ALPT step-size learning rate (default: the library's)",
+    )
     g.add_argument(
         "--step-size-init",
         default="lsq",
@@ -105,16 +110,20 @@ def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
         bits=PRECISION_BITS.get(args.precision, 8),  # mpe: tables its plan does not split
         rounding=args.rounding,
         learn_step_size=args.learn_step_size,
-        step_size_lr=args.step_size_lr,
         seed=args.seed,
         step_size_init=_step_size_init(getattr(args, "step_size_init", "lsq")),
-        **({} if args.grow_step_size is None else {"grow_step_size": args.grow_step_size}),
-        **(
-            {}
-            if getattr(args, "growth_threshold", None) is None
-            else {"growth_threshold": args.growth_threshold}
+        # flags left unset take the library's defaults (one place that says what they are)
+        **_given(
+            step_size_lr=getattr(args, "step_size_lr", None),
+            grow_step_size=args.grow_step_size,
+            growth_threshold=getattr(args, "growth_threshold", None),
         ),
     )
+
+
+def _given(**kwargs: object) -> dict:
+    """``kwargs`` without the ones that are ``None`` (flags the user did not set)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _step_size_init(v: str) -> str | float:

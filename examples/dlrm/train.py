@@ -320,6 +320,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     ranks = _all_gather({"rank": env.rank, "steps": trainer["local_steps"], "bytes": local_bytes}, env)
     seconds = _all_sum(trainer["train_seconds"], env) / env.world
     rows_run = trainer["rows_trained"]
+    cfg = table_config(args)  # the flags with the library's defaults filled in
     summary = {
         "version": SUMMARY_VERSION,
         "command": list(sys.argv),
@@ -337,7 +338,8 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "precision": args.precision,
             "rounding": args.rounding,
             "learn_step_size": args.learn_step_size,
-            "grow_step_size": table_config(args).grow_step_size,
+            "grow_step_size": cfg.grow_step_size,
+            "step_size_lr": cfg.step_size_lr,
             "embedding_dim": args.embedding_dim,
             "plan": _with_precision(plan_summary(model), _precision_plan_path(args)),
         },

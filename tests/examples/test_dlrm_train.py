@@ -168,3 +168,20 @@ def test_dcn_with_fp16_tables():
     # fp16 rows at dim 8 (16 bytes) + RowWiseAdagrad (4) against fp32 rows (32) + 4.
     assert s["embedding_bytes"]["ratio"] == pytest.approx(20 / 36)
     assert s["test"]["auc"] > 0.6, s["test"]
+
+
+def test_unset_alpt_flags_take_the_library_defaults():
+    import dlrm_model
+
+    import torchrec_lowprec as lp
+
+    lib = lp.LowPrecisionConfig()
+    cfg = dlrm_model.table_config(train.parse_args([]))
+    assert (cfg.step_size_lr, cfg.grow_step_size, cfg.growth_threshold) == (
+        lib.step_size_lr,
+        lib.grow_step_size,
+        lib.growth_threshold,
+    )
+    given = ["--step-size-lr", "1e-4", "--growth-threshold", "1.5", "--no-grow-step-size"]
+    cfg = dlrm_model.table_config(train.parse_args(given))
+    assert (cfg.step_size_lr, cfg.grow_step_size, cfg.growth_threshold) == (1e-4, False, 1.5)

@@ -43,8 +43,8 @@ import train as dlrm_train  # noqa: E402
 from report import write_section  # noqa: E402
 
 from torchrec_lowprec.quant.groups import table_counts  # noqa: E402
-from torchrec_lowprec.quant.layout import code_range, split_row  # noqa: E402
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision  # noqa: E402
+from torchrec_lowprec.quant.layout import code_range, dequantize_rows, split_row  # noqa: E402
+from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision  # noqa: E402
 
 # name -> train.py flags added to the ALPT defaults (stochastic rounding, learned step, growth 2)
 OPTIONS: dict[str, tuple[str, ...]] = {
@@ -54,7 +54,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "step lr 1e-1": ("--step-size-lr", "1e-1"),
     "growth 1.25": ("--growth-threshold", "1.25"),
 }
-EXAMPLE_EMB_LR = 0.05  # examples/dlrm/train.py's default --emb-lr
+EXAMPLE_EMB_LR = dlrm_train.parse_args([]).emb_lr  # the DLRM example's default table lr
+DEFAULT_STEP_LR = LowPrecisionConfig().step_size_lr
 LR_FACTORS = (0.5, 2.0)  # the tables' learning rate relative to the recipe's (--emb-lr)
 LARGE_BATCH = 8192  # the rounding-noise check: a row seen k times per step moves less per example
 HOT_SHARES = (0.01, 0.05, 0.1, 0.25)  # share of each table's rows (most frequent first) stored at 8 bits
@@ -182,18 +183,20 @@ def diagnose(dflags: list[str], data, tables, threads: int, hot_share: float) ->
                     traj.append(
                         [calls[0] - 1, float(scale[hot_big].median()), float(scale[rare_big].median())]
                     )
-                    # the rows this batch touches, dequantized before the step's update ...
+                    # the rows this batch touches, as stored before the step's update ...
                     ids = torch.unique(inputs[0][big.feature_names[0]].values())
-                    last["ids"], last["w"] = ids, module.dequantized_weight(big.name)[ids]
-                    last["s"] = split_row(module.quantized_weight(big.name)[ids], bits, big.embedding_dim)[0]
+                    last["ids"], last["rows"] = ids, module.quantized_weight(big.name)[ids]
                 elif calls[0] % 50 == 2 and "ids" in last:
                     # ... and after it: with stochastic rounding an element moves a whole step with
                     # probability |update| / step, so the mean of |change| / step over rows is the mean
                     # update in steps (rows whose step changed by > 10%, i.e. grew, are left out)
-                    ids = last.pop("ids")
-                    scale, _ = split_row(module.quantized_weight(big.name)[ids], bits, big.embedding_dim)
-                    u = (module.dequantized_weight(big.name)[ids] - last.pop("w")).abs().mean(1) / scale
-                    same = (scale / last.pop("s") - 1).abs() < 0.1
+                    ids, before = last.pop("ids"), last.pop("rows")
+                    after = module.quantized_weight(big.name)[ids]
+                    scale, d = split_row(after, bits, big.embedding_dim)[0], big.embedding_dim
+                    u = (dequantize_rows(after, bits, d) - dequantize_rows(before, bits, d)).abs().mean(
+                        1
+                    ) / scale
+                    same = (scale / split_row(before, bits, d)[0] - 1).abs() < 0.1
                     hot, rare = hot_big[ids] & same, ~hot_big[ids] & same
                     moves.append([calls[0] - 2, float(u[hot].mean()) if hot.any() else None,
                                   float(u[rare].mean()) if rare.any() else None])  # fmt: skip
@@ -430,8 +433,13 @@ def selection(rows: dict[str, list[dict]], names, bits_list, emb_lr: float) -> l
     return out
 
 
+def _short(v: float) -> str:
+    """1e-2 rather than 0.01 or 1e-02 (how the options name step-size learning rates)."""
+    return f"{v:.0e}".replace("e-0", "e-").replace("e+00", "")
+
+
 def step_lr_lines(rows: dict[str, list[dict]], emb_lr: float) -> list[str]:
-    """The library's step-size learning rate default (1e-2) against the previous one (1e-4), paired."""
+    """The library's step-size learning rate default against the previous one (1e-4), paired."""
     pairs = [(f"int{b} default", f"int{b} step lr 1e-4", f"int{b}, table lr {emb_lr:g}") for b in (8, 4, 2)]
     pairs += [(f"int{b} emb lr {EXAMPLE_EMB_LR:g}", f"int{b} emb lr {EXAMPLE_EMB_LR:g} step lr 1e-4",
                f"int{b}, table lr {EXAMPLE_EMB_LR:g}") for b in (8, 4)]  # fmt: skip
@@ -443,7 +451,7 @@ def step_lr_lines(rows: dict[str, list[dict]], emb_lr: float) -> list[str]:
     if not parts:
         return []
     return [
-        "- Step-size learning rate, the default 1e-2 minus 1e-4 (paired; the table lr "
+        f"- Step-size learning rate, the default {_short(DEFAULT_STEP_LR)} minus 1e-4 (paired; the table lr "
         f"{EXAMPLE_EMB_LR:g} is the DLRM example's default): " + "; ".join(parts) + "."
     ]
 

@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 import dlrm_data  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from dlrm_model import Env  # noqa: E402
-from report import ResultCache, describe_code, write_section  # noqa: E402
+from report import ResultCache, describe_code, machine_info, write_section  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -294,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "noisy than the spread of either. Embedding bytes: ours (`memory_bytes()`: codes, fp16 "
         "scales, fp32 master step sizes, RowWiseAdagrad state) against FP32 rows + RowWiseAdagrad. "
         "Examples/s: training only, one process; indicative only (the machine was shared).",
+        "",
+        machine_info(args.threads)[0],
     ]
     for dataset, rows in results.items():
         if dataset == "synthetic":

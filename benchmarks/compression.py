@@ -35,7 +35,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import ResultCache, describe_code, write_section  # noqa: E402
+from report import ResultCache, describe_code, machine_info, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
 from torchrec_lowprec.compress import MECConfig, compress_, finetune_codebooks  # noqa: E402
@@ -240,6 +240,8 @@ def report(per_seed: list[dict], seeds: list[int], args, vocabs, command: str, c
 
     lines = [
         f"Command: `{command}`",
+        "",
+        machine_info(args.threads)[0],
         "",
         f"Synthetic CTR (`SyntheticCTR`, seeds {', '.join(map(str, seeds))}: the seed draws the data, the init "
         f"and the rounding): {len(vocabs)} fields with vocabularies {', '.join(f'{v:,}' for v in vocabs)} "

@@ -40,7 +40,7 @@ import dlrm_data  # noqa: E402
 import dlrm_model  # noqa: E402
 import torch  # noqa: E402
 import train as dlrm_train  # noqa: E402
-from report import write_section  # noqa: E402
+from report import machine_info, write_section  # noqa: E402
 
 from torchrec_lowprec.quant.groups import table_counts  # noqa: E402
 from torchrec_lowprec.quant.layout import code_range, dequantize_rows, split_row  # noqa: E402
@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command}` (seeds {args.seeds}; the seeds column says how many each variant has; this invocation {wall / 60:.1f} min, the runs "
         f"{sum(r.get('seconds', 0) for r in runs) / 60:.1f} min in all, 1 torch thread, 2 shared CPU cores). "
         f"Code: {accuracy.describe_code(runs)}.",
+        "",
+        machine_info(args.threads)[0],
         "",
         f"Scale: the accuracy benchmark's synthetic data set and DLRM (vocabularies {args.vocab_sizes}, Zipf 1.1, "
         f"dim {args.dim}, batch {args.batch_size}, RowWiseAdagrad lr {args.emb_lr:g}) with **{args.train_rows:,} training rows** "

@@ -41,7 +41,7 @@ from torchrec_lowprec.data import (
 from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import ResultCache, describe_code, publish  # noqa: E402
+from report import ResultCache, describe_code, machine_info, publish  # noqa: E402
 
 VOCABS = (200_000, 100_000, 50_000, 20_000, 5_000, 1_000, 200, 20)
 
@@ -369,7 +369,7 @@ def main() -> None:
                 f"{fp32_serve / r['serve']:.1f}x",
                 flush=True,
             )
-    lines = table_lines(by_name, mpe_names, fp32_serve, bayes, args)
+    lines = [machine_info(args.threads)[0], "", *table_lines(by_name, mpe_names, fp32_serve, bayes, args)]
     publish(
         args.write, "mpe", "MPE: mixed precision by frequency group", "benchmarks/mpe.py", sys.argv[1:], lines
     )

@@ -77,16 +77,8 @@ def machine_info(threads: int | None = None) -> list[str]:
 
     import torch
 
-    info = _read("/proc/cpuinfo")
-    model, flags = platform.processor() or platform.machine(), set()
-    for line in info.splitlines():
-        if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    ext = [n for n, f in (("AVX2", "avx2"), ("AVX-512F", "avx512f"), ("AVX-512-BF16", "avx512_bf16"),
-                          ("AVX-512-FP16", "avx512_fp16"), ("AMX", "amx_tile"), ("F16C", "f16c")) if f in flags]  # fmt: skip
+    from torchrec_lowprec.kernels.cpu_native import cpu_description
+
     thp = _read("/sys/kernel/mm/transparent_hugepage/enabled").strip() or "n/a"
     alloc = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     versions = [f"torch {torch.__version__}"]
@@ -107,11 +99,8 @@ def machine_info(threads: int | None = None) -> list[str]:
         commit = (commit + ("+uncommitted" if dirty else "")) or "n/a"
     except (OSError, subprocess.SubprocessError):
         commit = "n/a"
-    cores = os.cpu_count() or 0
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return [
-        f"Machine: {model}; vector extensions: {', '.join(ext) or 'none of AVX2/AVX-512/AMX'}; "
-        f"{cores} logical cores ({avail} usable){f', {threads} threads per process' if threads else ''}; "
+        f"Machine: {cpu_description()}{f', {threads} threads per process' if threads else ''}; "
         f"transparent huge pages `{thp}`, torch allocator THP_MEM_ALLOC_ENABLE={alloc}.  ",
         f"Software: {', '.join(versions)}, Python {platform.python_version()}; commit {commit}.  ",
     ]

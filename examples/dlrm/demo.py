@@ -6,7 +6,7 @@ a fused RowWiseAdagrad on the tables, and the tables stored as fp32 (``bits=32``
 fused update, no quantization) or int8 / int4 with ALPT (learned per-row step sizes,
 stochastic rounding, and the library's default step growth for rows that leave their grid).
 Prints one table; ``--write README.md`` also puts it between that file's
-``<!-- demo:start -->`` / ``<!-- demo:end -->`` markers, with the command and the commit.
+``<!-- demo:start -->`` / ``<!-- demo:end -->`` markers, with the command, the commit and the machine.
 
     python examples/dlrm/demo.py [--train-rows 1000000] [--precisions fp32,int8,int4] [-- more train.py flags]
     python examples/dlrm/demo.py --write README.md
@@ -54,7 +54,17 @@ def write_table(path: str, command: str, lines: list[str]) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         raise ValueError(f"{path} has no {start} ... {end} markers; add them where the table should go")
-    body = "\n".join([start, f"Written by `{command}` at {code_label()}, one seed:", "", *lines, end])
+    from torchrec_lowprec.kernels.cpu_native import cpu_description
+
+    body = "\n".join(
+        [
+            start,
+            f"Written by `{command}` at {code_label()} on {cpu_description()}, one seed:",
+            "",
+            *lines,
+            end,
+        ]
+    )
     atomic_write_bytes(path, pattern.sub(lambda _: body, text).encode())
 
 

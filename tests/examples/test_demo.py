@@ -16,6 +16,7 @@ def test_demo_prints_one_table_and_writes_it_between_the_markers(capsys, tmp_pat
     assert "| old | table |" not in text and text.startswith("# x\n") and text.endswith("\nafter\n")
     assert "\n".join(table) in text  # the printed table, verbatim
     assert f"Written by `python examples/dlrm/demo.py {' '.join(argv)}` at commit " in text
+    assert "logical cores" in text.split("Written by", 1)[1].split("\n", 1)[0]  # the machine, on that line
     rows = [line for line in table if line.startswith("| ")]
     assert rows[0].startswith("| precision | test AUC | Bayes AUC")
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| fp32", "| int8 ALPT", "| int4 ALPT"]

@@ -517,3 +517,16 @@ def test_step_grows_instead_of_clipping(bits, learn):
                 assert torch.all(step[ids].to(torch.float16).float() == s16)
         elif not learn:  # (ALPT's own LSQ step here may already widen the grid in one step)
             assert saturated > 0.3
+
+
+def test_cpu_description_names_the_cpu_its_extensions_and_cores():
+    import os
+
+    model, extensions, cores = cpu_native.cpu_description().split("; ")
+    assert model and cores.startswith(f"{os.cpu_count()} logical cores")
+    flag_lines = [
+        line for line in cpu_native._cpuinfo().splitlines() if line.startswith(("flags", "Features"))
+    ]
+    flags = set(flag_lines[0].split(":", 1)[1].split()) if flag_lines else set()
+    expected = [name for name, flag in cpu_native.VECTOR_EXTENSIONS if flag in flags]
+    assert extensions == "vector extensions: " + (", ".join(expected) or "none of AVX2/AVX-512/AMX")

@@ -45,19 +45,47 @@ _error: str | None = None
 _tried = False
 
 
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: the machine and its CPU feature flags."""
-    flags = ""
+def _cpuinfo() -> str:
+    """The first CPU's ``model name`` and feature-flag lines of /proc/cpuinfo ("" elsewhere)."""
+    lines = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(("flags", "Features", "model name")):
-                    flags += line
+                    lines += line
                     if line.startswith(("flags", "Features")):
                         break
     except OSError:
         pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
+    return lines
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU feature flags."""
+    return f"{platform.machine()}|{platform.processor()}|{_cpuinfo()}"
+
+
+#: (name, /proc/cpuinfo flag) of the vector extensions a figure's machine is described by.
+VECTOR_EXTENSIONS = (("AVX2", "avx2"), ("AVX-512F", "avx512f"), ("AVX-512-BF16", "avx512_bf16"),
+                     ("AVX-512-FP16", "avx512_fp16"), ("AMX", "amx_tile"), ("F16C", "f16c"))  # fmt: skip
+
+
+def cpu_description() -> str:
+    """The machine a measurement came from, e.g. ``Intel(R) Xeon(R) Processor; vector
+    extensions: AVX2, F16C; 2 logical cores (2 usable)`` (benchmark sections, the demo table)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+    ext = [name for name, flag in VECTOR_EXTENSIONS if flag in flags]
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return (
+        f"{model}; vector extensions: {', '.join(ext) or 'none of AVX2/AVX-512/AMX'}; "
+        f"{cores} logical cores ({usable} usable)"
+    )
 
 
 def build_hash() -> str:

@@ -22,10 +22,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from embedding_step import SETUPS, draw_ids  # noqa: E402
 
-from torchrec_lowprec.kernels.spec import UpdateSpec  # noqa: E402
+from torchrec_lowprec.kernels.spec import (
+    OptimizerParams,
+    UpdateSpec,  # noqa: E402
+)
 from torchrec_lowprec.quant.layout import quantize_rows  # noqa: E402
 from torchrec_lowprec.quant.lsq import init_step_size  # noqa: E402
-from torchrec_lowprec.types import OptimizerParams, OptimizerType  # noqa: E402
+from torchrec_lowprec.types import OptimizerType
 
 
 def _load(path: str):

@@ -35,3 +35,20 @@ def random_kjt(tables, batch=6, max_len=4, weighted=False, gen=None, empty_prob=
     values = torch.cat(values)
     weights = torch.rand(values.numel(), generator=gen) + 0.5 if weighted else None
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+def call_update(fn, rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec, *rest, **kw):
+    """``fn(TableUpdate(...), grad, *rest, **kw)`` for a backend's ``fused_update``, from the
+    kernel contract's tensors in their order (keeps the kernel tests short)."""
+    from torchrec_lowprec.kernels.spec import TableUpdate
+
+    update = TableUpdate(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)
+    return fn(update, grad, *rest, **kw)
+
+
+def as_updates(items):
+    """``TableUpdate``s from ``(rows, step_size, state1, state2, ids, grad_offsets,
+    occ_weights, spec)`` tuples (the dataclass's field order)."""
+    from torchrec_lowprec.kernels.spec import TableUpdate
+
+    return [TableUpdate(*item) for item in items]

@@ -29,13 +29,16 @@ if not (HAS_CUDA or DRY):
     pytest.skip("needs a CUDA device (or GPU_CHECK_DRY=1 for the CPU dry run)", allow_module_level=True)
 pytest.importorskip("triton")
 
+import torchrec_lowprec as lp  # noqa: E402
+from tests.helpers import call_update  # noqa: E402
+from torchrec_lowprec.configs import InferenceConfig  # noqa: E402
 from torchrec_lowprec.kernels import triton_update  # noqa: E402
 from torchrec_lowprec.kernels.reference import reference_update  # noqa: E402
-from torchrec_lowprec.kernels.spec import UpdateSpec  # noqa: E402
+from torchrec_lowprec.kernels.spec import OptimizerParams, UpdateSpec  # noqa: E402
 from torchrec_lowprec.optim.fused import allocate_state  # noqa: E402
 from torchrec_lowprec.quant.layout import quantize_rows  # noqa: E402
 from torchrec_lowprec.quant.lsq import init_step_size  # noqa: E402
-from torchrec_lowprec.types import OptimizerParams, OptimizerType  # noqa: E402
+from torchrec_lowprec.types import OptimizerType  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 ROWS = 64
@@ -99,13 +102,18 @@ def test_update_device_equals_cpu_reference_and_native(bits, kind, stochastic, l
     for step in (1, 2):
         spec = UpdateSpec(bits, dim, opt, step, stochastic, learn, 0.05, key=977 * i + step, grow_step=grow)
         skipped = {
-            "reference (cpu)": reference_update(*results["reference (cpu)"], *batch, spec),
-            f"triton ({DEV.type})": triton_update.fused_update(
-                *results[f"triton ({DEV.type})"], *(t.to(DEV) for t in batch), spec
+            "reference (cpu)": call_update(reference_update, *results["reference (cpu)"], *batch, spec),
+            f"triton ({DEV.type})": call_update(
+                triton_update.fused_update,
+                *results[f"triton ({DEV.type})"],
+                *(t.to(DEV) for t in batch),
+                spec,
             ),
         }
         if native is not None:
-            skipped["native C++ (cpu)"] = native.fused_update(*results["native C++ (cpu)"], *batch, spec)
+            skipped["native C++ (cpu)"] = call_update(
+                native.fused_update, *results["native C++ (cpu)"], *batch, spec
+            )
         assert len(set(skipped.values())) == 1, skipped
     ref = results.pop("reference (cpu)")
     for name, got in results.items():
@@ -147,10 +155,9 @@ def test_forward_on_device_equals_float_reference(bits, weighted):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_export_on_device_is_bit_identical(bits):
     _, _, _, ebc, kjt = _collection(bits, weighted=False)
-    from torchrec_lowprec.export import to_inference
 
     with torch.no_grad():
         want = ebc(kjt).values()
-        served = to_inference(ebc)
+        served = lp.convert(ebc, InferenceConfig())
         got = served(kjt).values()
     assert torch.equal(got.float(), want.float())

@@ -11,12 +11,13 @@ import itertools
 import pytest
 import torch
 
+from tests.helpers import as_updates, call_update
 from torchrec_lowprec.kernels import cpu_native
 from torchrec_lowprec.kernels.reference import reference_update
-from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.kernels.spec import OptimizerParams, UpdateSpec
 from torchrec_lowprec.quant.layout import code_range, quantize_rows, row_bytes, unpack_codes
 from torchrec_lowprec.quant.lsq import init_step_size
-from torchrec_lowprec.types import OptimizerParams, OptimizerType
+from torchrec_lowprec.types import OptimizerType
 
 if not cpu_native.is_available():
     pytest.skip(f"native CPU kernel not available: {cpu_native.load_error()}", allow_module_level=True)
@@ -93,8 +94,8 @@ def run_both(table, batch, spec, rows_view=None):
     nat = [t.clone() for t in table]
     if rows_view is not None:
         nat[0] = rows_view(nat[0])
-    k_ref = reference_update(*ref, *batch, spec)
-    k_nat = cpu_native.fused_update(*nat, *batch, spec)
+    k_ref = call_update(reference_update, *ref, *batch, spec)
+    k_nat = call_update(cpu_native.fused_update, *nat, *batch, spec)
     return (k_ref, ref), (k_nat, nat)
 
 
@@ -125,8 +126,8 @@ def test_matches_reference(bits, opt, stochastic, learn):
                 bits, dim, opt, stochastic, learn, step=step, lr=0.2, key=seed * 7 + step, ro=11, co=5,
                 grow=i != 1,
             )  # fmt: skip
-            k_ref = reference_update(*ref, *batch, spec)
-            k_nat = cpu_native.fused_update(*nat, *batch, spec)
+            k_ref = call_update(reference_update, *ref, *batch, spec)
+            k_nat = call_update(cpu_native.fused_update, *nat, *batch, spec)
             assert_same((k_ref, ref), (k_nat, nat))
         assert any(not torch.equal(a, b) for a, b in zip(nat, table))  # something was updated
 
@@ -176,7 +177,9 @@ def test_empty_ids():
         nat = [t.clone() for t in table]
         ids = torch.empty(0, dtype=torch.int64)
         spec = make_spec(bits, 8, OptimizerType.ADAM, True, True)
-        assert cpu_native.fused_update(*nat, ids, ids.clone(), EMPTY, torch.randn(4, 8), spec) == 0
+        assert (
+            call_update(cpu_native.fused_update, *nat, ids, ids.clone(), EMPTY, torch.randn(4, 8), spec) == 0
+        )
         for a, b in zip(table, nat):
             assert torch.equal(a, b)
 
@@ -190,7 +193,10 @@ def test_shard_without_rows():
             table = (rows, torch.empty(0), s1, torch.empty(0, 8))
             ids = torch.empty(0, dtype=torch.int64)
             spec = make_spec(bits, 8, opt, True, True)
-            assert cpu_native.fused_update(*table, ids, ids.clone(), EMPTY, torch.randn(4, 8), spec) == 0
+            assert (
+                call_update(cpu_native.fused_update, *table, ids, ids.clone(), EMPTY, torch.randn(4, 8), spec)
+                == 0
+            )
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -291,7 +297,7 @@ def test_many_rows_parallel_and_threads():
         for t in sorted({1, 2, threads}):
             torch.set_num_threads(t)
             nat = [x.clone() for x in table]
-            k = cpu_native.fused_update(*nat, *batch, spec)
+            k = call_update(cpu_native.fused_update, *nat, *batch, spec)
             assert_same(a, (k, nat))
     finally:
         torch.set_num_threads(threads)
@@ -303,7 +309,9 @@ def test_int32_indices():
     spec = make_spec(4, 16, OptimizerType.ADAM, True, True)
     a, _ = run_both(table, (ids, offsets, w, grad), spec)
     nat = [t.clone() for t in table]
-    k = cpu_native.fused_update(*nat, ids.to(torch.int32), offsets.to(torch.int32), w, grad, spec)
+    k = call_update(
+        cpu_native.fused_update, *nat, ids.to(torch.int32), offsets.to(torch.int32), w, grad, spec
+    )
     assert_same(a, (k, nat))
 
 
@@ -313,19 +321,19 @@ def test_rejects_bad_inputs():
     ids, offsets, w, grad = make_batch(20, dim, seed=17, n_random=5)
     spec = make_spec(8, dim, OptimizerType.ROWWISE_ADAGRAD, True, True)
     with pytest.raises(RuntimeError, match="rows must be uint8"):
-        cpu_native.fused_update(rows.float(), step, s1, s2, ids, offsets, w, grad, spec)
+        call_update(cpu_native.fused_update, rows.float(), step, s1, s2, ids, offsets, w, grad, spec)
     with pytest.raises(RuntimeError, match="ids must be in"):
-        cpu_native.fused_update(rows, step, s1, s2, ids + 20, offsets, w, grad, spec)
+        call_update(cpu_native.fused_update, rows, step, s1, s2, ids + 20, offsets, w, grad, spec)
     with pytest.raises(RuntimeError, match="grad_offsets must be in"):
-        cpu_native.fused_update(rows, step, s1, s2, ids, offsets + grad.numel(), w, grad, spec)
+        call_update(cpu_native.fused_update, rows, step, s1, s2, ids, offsets + grad.numel(), w, grad, spec)
     with pytest.raises(RuntimeError, match="state1 must have shape"):
-        cpu_native.fused_update(rows, step, s1[:5], s2, ids, offsets, w, grad, spec)
+        call_update(cpu_native.fused_update, rows, step, s1[:5], s2, ids, offsets, w, grad, spec)
     with pytest.raises(RuntimeError, match="step_size"):
-        cpu_native.fused_update(rows, EMPTY, s1, s2, ids, offsets, w, grad, spec)
+        call_update(cpu_native.fused_update, rows, EMPTY, s1, s2, ids, offsets, w, grad, spec)
     with pytest.raises(RuntimeError, match="ids must be a 1-D int64"):
-        cpu_native.fused_update(rows, step, s1, s2, ids.float(), offsets, w, grad, spec)
+        call_update(cpu_native.fused_update, rows, step, s1, s2, ids.float(), offsets, w, grad, spec)
     with pytest.raises(RuntimeError, match="occ_weights"):
-        cpu_native.fused_update(rows, step, s1, s2, ids, offsets, w[:3], grad, spec)
+        call_update(cpu_native.fused_update, rows, step, s1, s2, ids, offsets, w[:3], grad, spec)
 
 
 # ----- fused_update_many: many tables in one call -----
@@ -401,10 +409,12 @@ def test_many_matches_single_and_reference(threads):
         for step in (1, 2, 3):
             batch_items, grad = make_many(seed=21 + step, step=step)
             batches = [(b, spec) for _, b, spec in batch_items]
-            k_ref = [reference_update(*t, *b, grad, spec) for t, (b, spec) in zip(ref, batches)]
-            k_one = [cpu_native.fused_update(*t, *b, grad, spec) for t, (b, spec) in zip(one, batches)]
+            k_ref = [call_update(reference_update, *t, *b, grad, spec) for t, (b, spec) in zip(ref, batches)]
+            k_one = [
+                call_update(cpu_native.fused_update, *t, *b, grad, spec) for t, (b, spec) in zip(one, batches)
+            ]
             k_many = cpu_native.fused_update_many(
-                [(*t, *b, spec) for t, (b, spec) in zip(many, batches)], grad
+                as_updates([(*t, *b, spec) for t, (b, spec) in zip(many, batches)]), grad
             )
             assert k_many == k_one == k_ref
             assert k_many[6] == 1 and k_many[5] == 0  # the NaN row, the empty table
@@ -425,7 +435,9 @@ def test_many_dispatch_and_fallback(monkeypatch):
     for backend in ("cpu_native", "reference"):
         monkeypatch.setattr(dispatch, "backend_for", lambda device, b=backend: b)
         tables = [_clone(t) for t, _, _ in batch_items]
-        k = dispatch.fused_update_many([(*t, *b, spec) for t, (_, b, spec) in zip(tables, batch_items)], grad)
+        k = dispatch.fused_update_many(
+            as_updates([(*t, *b, spec) for t, (_, b, spec) in zip(tables, batch_items)]), grad
+        )
         outs.append((k, tables))
     (k_nat, nat), (k_ref, ref) = outs
     for i in range(len(nat)):
@@ -440,7 +452,7 @@ def test_many_errors_like_a_loop_of_single_calls(threads):
     items = [(*t, *b, spec) for t, b, spec in batch_items]
     expect = [_clone(t) for t, _, _ in batch_items]
     for t, (_, b, spec) in zip(expect[:4], batch_items[:4]):
-        cpu_native.fused_update(*t, *b, grad, spec)
+        call_update(cpu_native.fused_update, *t, *b, grad, spec)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -452,7 +464,7 @@ def test_many_errors_like_a_loop_of_single_calls(threads):
             bad[arg] = bad[arg] + shift
             run[4] = tuple(bad)
             with pytest.raises(RuntimeError, match=f"fused_update_many: table 4: {msg} must be in"):
-                cpu_native.fused_update_many(run, grad)
+                cpu_native.fused_update_many(as_updates(run), grad)
             for i, (t, e, (t0, _, _)) in enumerate(zip(tables, expect, batch_items)):
                 for a, b in zip(t, e if i < 4 else t0):
                     assert torch.equal(a, b), i
@@ -468,14 +480,14 @@ def test_many_rejects_bad_arguments():
     bad = list(items[-1])
     bad[0] = bad[0].float()
     with pytest.raises(RuntimeError, match="fused_update_many: table 8: rows must be uint8"):
-        cpu_native.fused_update_many(items[:-1] + [tuple(bad)], grad)
+        cpu_native.fused_update_many(as_updates(items[:-1] + [tuple(bad)]), grad)
     for t0, item in zip(before, items):
         for a, b in zip(t0, item[:4]):
             assert torch.equal(a, b)
     # Tables that write the same memory are rejected: the same table twice, or two views
     # of one table's storage whose row ranges overlap.
     with pytest.raises(RuntimeError, match="must not share storage"):
-        cpu_native.fused_update_many([items[0], items[1], items[0]], grad)
+        cpu_native.fused_update_many(as_updates([items[0], items[1], items[0]]), grad)
     rows, step, s1, s2, ids, offsets, w, spec = items[0]
 
     def part(lo, hi):
@@ -483,9 +495,9 @@ def test_many_rejects_bad_arguments():
         return (rows[lo:hi], step[lo:hi], s1[lo:hi], s2, ids[keep], offsets[keep], w[keep], spec)
 
     with pytest.raises(RuntimeError, match="table 1 writes memory"):
-        cpu_native.fused_update_many([part(0, 40), part(30, 70)], grad)
+        cpu_native.fused_update_many(as_updates([part(0, 40), part(30, 70)]), grad)
     # Adjacent, disjoint views of one storage are fine.
-    assert len(cpu_native.fused_update_many([part(0, 40), part(40, 80)], grad)) == 2
+    assert len(cpu_native.fused_update_many(as_updates([part(0, 40), part(40, 80)]), grad)) == 2
     with pytest.raises(RuntimeError, match="fused_update_many: every per-table list"):
         cpu_native._load().fused_update_many([items[0][0]], [], [], [], [], [], [], grad, [], [])
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
 from torchrec_lowprec.kernels import cpu_native
-from torchrec_lowprec.kernels.lookup import POOLING_MEAN, POOLING_SUM, FeatureSlot, FusedPooledLookup
+from torchrec_lowprec.kernels.lookup import FeatureSlot, FusedPooledLookup
 from torchrec_lowprec.quant.layout import encode_float_rows, encode_rows
 
 pytestmark = pytest.mark.skipif(not cpu_native.is_available(), reason="native CPU kernel not built")
@@ -52,7 +53,7 @@ def _ids(slots, batch, max_len, gen, hot: bool):
     return torch.cat(values), offsets
 
 
-@pytest.mark.parametrize("mode", [POOLING_SUM, POOLING_MEAN])
+@pytest.mark.parametrize("mode", [PoolingMode.SUM, PoolingMode.MEAN])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_native_lookup_threads_give_the_same_bits():
     gen = torch.Generator().manual_seed(7)
     flat, slots = _buffer([(8, 5000, 64), (4, 3000, 32)], gen)
     values, offsets = _ids(slots, batch=512, max_len=12, gen=gen, hot=True)
-    lookup = FusedPooledLookup(slots, POOLING_SUM, 1, torch.device("cpu"))
+    lookup = FusedPooledLookup(slots, PoolingMode.SUM, 1, torch.device("cpu"))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -101,11 +102,11 @@ def test_native_lookup_threads_give_the_same_bits():
 def test_native_lookup_refuses_an_id_out_of_range():
     gen = torch.Generator().manual_seed(3)
     flat, slots = _buffer([(8, 10, 16)], gen)
-    lookup = FusedPooledLookup(slots, POOLING_SUM, 1, torch.device("cpu"))
+    lookup = FusedPooledLookup(slots, PoolingMode.SUM, 1, torch.device("cpu"))
     with pytest.raises(IndexError, match="out of range"):
         lookup(flat, torch.tensor([1, 10]), torch.tensor([0, 1, 2]), None)
     with pytest.raises(RuntimeError, match="does not fit"):
-        FusedPooledLookup([FeatureSlot(0, 8, 16, 11)], POOLING_SUM, 1, torch.device("cpu"))(
+        FusedPooledLookup([FeatureSlot(0, 8, 16, 11)], PoolingMode.SUM, 1, torch.device("cpu"))(
             flat, torch.tensor([1]), torch.tensor([0, 1]), None
         )
 

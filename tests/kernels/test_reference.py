@@ -4,12 +4,13 @@ followed by rounding (exactly for nearest rounding), and stochastic write-back i
 import pytest
 import torch
 
+from tests.helpers import call_update
 from torchrec_lowprec.kernels.reference import reference_update
-from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.kernels.spec import OptimizerParams, UpdateSpec
 from torchrec_lowprec.optim.fused import allocate_state
 from torchrec_lowprec.quant.layout import code_range, dequantize_rows, quantize_rows, row_bytes
 from torchrec_lowprec.quant.lsq import MIN_STEP_SIZE, init_step_size, lsq_step_size_grad
-from torchrec_lowprec.types import OptimizerParams, OptimizerType
+from torchrec_lowprec.types import OptimizerType
 
 R, D = 40, 16
 
@@ -44,7 +45,9 @@ def test_one_step_equals_fp32_step_then_nearest_rounding(bits, kind):
     opt = OptimizerParams(kind, lr=0.05, eps=1e-8)
     st1, st2 = allocate_state(kind, R, D, torch.device("cpu"))
     spec = UpdateSpec(bits, D, opt, step=1, stochastic=False, learn_step_size=False, step_size_lr=0.0, key=1)
-    assert reference_update(rows, s.clone(), st1, st2, ids, goff, torch.empty(0), grad, spec) == 0
+    assert (
+        call_update(reference_update, rows, s.clone(), st1, st2, ids, goff, torch.empty(0), grad, spec) == 0
+    )
 
     # Independent fp32 math, in float64 to be sure of the expectation, then nearest rounding.
     g = _row_grads(ids, grad).double()
@@ -81,8 +84,17 @@ def test_sgd_exact_on_dyadic_values():
     ids = torch.tensor([3, 5, 3])
     grad = torch.randint(-4, 5, (3 * D,)).float()
     spec = UpdateSpec(bits, D, OptimizerParams(OptimizerType.SGD, lr=0.5), 1, False, False, 0.0, 9)
-    reference_update(
-        rows, s.clone(), torch.empty(0), torch.empty(0), ids, torch.arange(3) * D, torch.empty(0), grad, spec
+    call_update(
+        reference_update,
+        rows,
+        s.clone(),
+        torch.empty(0),
+        torch.empty(0),
+        ids,
+        torch.arange(3) * D,
+        torch.empty(0),
+        grad,
+        spec,
     )
     want = q0.float() * 0.5
     g = _row_grads(ids, grad)
@@ -98,7 +110,9 @@ def test_alpt_order_update_row_then_step_then_round(bits):
     ids, goff, grad = _batch(seed=4)
     opt = OptimizerParams(OptimizerType.SGD, lr=0.01)
     spec = UpdateSpec(bits, D, opt, 1, stochastic=False, learn_step_size=True, step_size_lr=0.1, key=2)
-    reference_update(rows, master, torch.empty(0), torch.empty(0), ids, goff, torch.empty(0), grad, spec)
+    call_update(
+        reference_update, rows, master, torch.empty(0), torch.empty(0), ids, goff, torch.empty(0), grad, spec
+    )
     touched = torch.unique(ids)
     g = _row_grads(ids, grad)[touched]
     x1 = x0[touched] - 0.01 * g
@@ -124,8 +138,17 @@ def test_stochastic_write_back_is_unbiased(bits):
     for step in range(1, n + 1):
         rows = rows0.clone()
         spec = UpdateSpec(bits, D, opt, step, True, False, 0.0, key=step * 7919)
-        reference_update(
-            rows, s.clone(), torch.empty(0), torch.empty(0), ids, ids * D, torch.empty(0), grad, spec
+        call_update(
+            reference_update,
+            rows,
+            s.clone(),
+            torch.empty(0),
+            torch.empty(0),
+            ids,
+            ids * D,
+            torch.empty(0),
+            grad,
+            spec,
         )
         acc += dequantize_rows(rows[:8], bits, D).double()
     x1 = dequantize_rows(rows0[:8], bits, D).double() - 0.01 * grad.view(8, D).double()
@@ -145,7 +168,12 @@ def test_nonfinite_gradient_rows_are_skipped():
     st1, st2 = allocate_state(OptimizerType.ROWWISE_ADAGRAD, R, D, torch.device("cpu"))
     spec = UpdateSpec(8, D, OptimizerParams(OptimizerType.ROWWISE_ADAGRAD, 0.1), 1, True, True, 1e-3, 3)
     master = s.clone()
-    assert reference_update(rows, master, st1, st2, ids, torch.arange(3) * D, torch.empty(0), grad, spec) == 1
+    assert (
+        call_update(
+            reference_update, rows, master, st1, st2, ids, torch.arange(3) * D, torch.empty(0), grad, spec
+        )
+        == 1
+    )
     assert torch.equal(rows[2], before[2]) and st1[2] == 0 and master[2] == s[2]
     assert not torch.equal(rows[1], before[1]) and st1[1] > 0
 
@@ -156,5 +184,7 @@ def test_row_bytes_only_are_written():
     wide[:, : row_bytes(4, D)] = rows
     ids, goff, grad = _batch()
     spec = UpdateSpec(4, D, OptimizerParams(OptimizerType.SGD, 0.1), 1, True, False, 0.0, 4)
-    reference_update(wide, s, torch.empty(0), torch.empty(0), ids, goff, torch.empty(0), grad, spec)
+    call_update(
+        reference_update, wide, s, torch.empty(0), torch.empty(0), ids, goff, torch.empty(0), grad, spec
+    )
     assert bool((wide[:, row_bytes(4, D) :] == 0xAB).all())

@@ -20,11 +20,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode  # noqa: E402
 
+from tests.helpers import call_update  # noqa: E402
 from torchrec_lowprec.kernels import cpu_native  # noqa: E402
-from torchrec_lowprec.kernels.lookup import POOLING_SUM, FeatureSlot, FusedPooledLookup  # noqa: E402
+from torchrec_lowprec.kernels.lookup import FeatureSlot, FusedPooledLookup  # noqa: E402
 from torchrec_lowprec.kernels.reference import reference_update  # noqa: E402
-from torchrec_lowprec.kernels.spec import UpdateSpec  # noqa: E402
+from torchrec_lowprec.kernels.spec import OptimizerParams, UpdateSpec  # noqa: E402
 from torchrec_lowprec.quant.layout import (  # noqa: E402
     code_range,
     dequantize_rows,
@@ -33,7 +35,7 @@ from torchrec_lowprec.quant.layout import (  # noqa: E402
     quantize_rows,
 )
 from torchrec_lowprec.quant.lsq import init_step_size  # noqa: E402
-from torchrec_lowprec.types import OptimizerParams, OptimizerType  # noqa: E402
+from torchrec_lowprec.types import OptimizerType
 
 INT_BITS = (8, 4, 2)
 DIM = 16
@@ -59,7 +61,7 @@ BACKENDS = _backends()
 def fbgemm_rows_forward(rows: torch.Tensor, bits: int) -> torch.Tensor:
     """FBGEMM's IntNBit forward of each stored row alone (one id per bag): ``[N, DIM]``."""
     n = rows.shape[0]
-    lookup = FusedPooledLookup([FeatureSlot(0, bits, DIM)], POOLING_SUM, 1, torch.device("cpu"))
+    lookup = FusedPooledLookup([FeatureSlot(0, bits, DIM)], PoolingMode.SUM, 1, torch.device("cpu"))
     ids = torch.arange(n, dtype=torch.int32)
     offsets = torch.arange(n + 1, dtype=torch.int32)
     return lookup(rows.contiguous().reshape(-1), ids, offsets, None)
@@ -111,7 +113,7 @@ def _run_all(table, ids, goff, grad, spec):
     for name, fn in BACKENDS:
         t = [x.clone() for x in table]
         bounded = torch.zeros(1, dtype=torch.int64)
-        skipped = fn(*t, ids, goff, torch.empty(0), grad, spec, bounded)
+        skipped = call_update(fn, *t, ids, goff, torch.empty(0), grad, spec, bounded)
         results.append((name, skipped, int(bounded[0]), t))
     _, k0, b0, t0 = results[0]
     for name, k, b, t in results[1:]:

@@ -24,9 +24,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from tests.helpers import call_update  # noqa: E402
 from torchrec_lowprec.kernels import triton_update  # noqa: E402
 from torchrec_lowprec.kernels.reference import reference_update  # noqa: E402
-from torchrec_lowprec.kernels.spec import UpdateSpec  # noqa: E402
+from torchrec_lowprec.kernels.spec import OptimizerParams, UpdateSpec  # noqa: E402
 from torchrec_lowprec.optim.fused import allocate_state  # noqa: E402
 from torchrec_lowprec.quant.layout import (  # noqa: E402
     code_range,
@@ -37,7 +38,7 @@ from torchrec_lowprec.quant.layout import (  # noqa: E402
 )
 from torchrec_lowprec.quant.lsq import init_step_size, lsq_grad_scale  # noqa: E402
 from torchrec_lowprec.quant.rounding import MASK32, mix32, row_keys, uniform_from_counter  # noqa: E402
-from torchrec_lowprec.types import OptimizerParams, OptimizerType  # noqa: E402
+from torchrec_lowprec.types import OptimizerType
 
 # numpy's warnings from the interpreter evaluating masked-off lanes / skipped rows (inf - inf,
 # float -> int casts of inf), which the GPU computes silently too
@@ -86,8 +87,8 @@ def _run_both(tensors, ids, goff, w, grad, spec, **kw):
     """Run reference and kernel on clones of ``tensors`` = (rows, step, st1, st2)."""
     a = [t.clone() for t in tensors]
     b = [t.clone() for t in tensors]
-    na = _reference(*a, ids, goff, w, grad, spec)
-    nb = triton_update.fused_update(*b, ids, goff, w, grad, spec, **kw)
+    na = call_update(_reference, *a, ids, goff, w, grad, spec)
+    nb = call_update(triton_update.fused_update, *b, ids, goff, w, grad, spec, **kw)
     return (na, a), (nb, b)
 
 
@@ -112,8 +113,17 @@ def test_empty_ids():
     spec = UpdateSpec(8, 16, OptimizerParams(OptimizerType.ADAM, 0.1), 1, True, True, 0.1, 7)
     e = torch.empty(0, dtype=torch.int64, device=DEV)
     assert (
-        triton_update.fused_update(
-            rows, s, st1, st2, e, e, torch.empty(0, device=DEV), torch.empty(0, device=DEV), spec
+        call_update(
+            triton_update.fused_update,
+            rows,
+            s,
+            st1,
+            st2,
+            e,
+            e,
+            torch.empty(0, device=DEV),
+            torch.empty(0, device=DEV),
+            spec,
         )
         == 0
     )
@@ -127,7 +137,8 @@ def test_rejects_int32_ids():
     spec = UpdateSpec(8, 8, OptimizerParams(OptimizerType.SGD, 0.1), 1, True, False, 0.0, 7)
     ids = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="int64"):
-        triton_update.fused_update(
+        call_update(
+            triton_update.fused_update,
             rows,
             s,
             torch.empty(0),
@@ -258,7 +269,7 @@ def test_strided_rows_view_and_offsets(bits, pad):
         b = buf.clone()
         v = b[1:, c0 : c0 + nb]
         t = [s.clone(), st1.clone(), st2.clone()]
-        n = fn(v, t[0], t[1], t[2], ids, goff, w, grad, spec)
+        n = call_update(fn, v, t[0], t[1], t[2], ids, goff, w, grad, spec)
         bufs.append((n, b, t))
     (na, ba, ta), (nb_, bb, tb) = bufs
     assert na == nb_ == 0
@@ -312,8 +323,8 @@ def test_matches_cpu_reference_as_is_without_sqrt(bits):
     a = [rows.clone(), s.clone(), e, e]
     b = [rows.clone(), s.clone(), e, e]
     _assert_same(
-        (reference_update(*a, ids, goff, w, grad, spec), a),
-        (triton_update.fused_update(*b, ids, goff, w, grad, spec), b),
+        (call_update(reference_update, *a, ids, goff, w, grad, spec), a),
+        (call_update(triton_update.fused_update, *b, ids, goff, w, grad, spec), b),
     )
 
 
@@ -418,6 +429,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from torchrec_lowprec.kernels import triton_update as tu
+from tests.helpers import call_update
 
 kern = tu._build()["update"]
 ptr = {"rows_ptr": "*u8", "flag_ptr": "*i32"}

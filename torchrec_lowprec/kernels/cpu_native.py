@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from torchrec_lowprec.kernels.spec import UpdateItem, UpdateSpec
+from torchrec_lowprec.kernels.spec import TableUpdate
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
 #: Every C++ source of the extension (``SOURCE`` holds the Python bindings).
@@ -252,18 +252,7 @@ def ensure_built(device: torch.device | str | None = None) -> bool:
     return is_available()
 
 
-def fused_update(
-    rows: torch.Tensor,
-    step_size: torch.Tensor,
-    state1: torch.Tensor,
-    state2: torch.Tensor,
-    ids: torch.Tensor,
-    grad_offsets: torch.Tensor,
-    occ_weights: torch.Tensor,
-    grad: torch.Tensor,
-    spec: UpdateSpec,
-    bounded: torch.Tensor | None = None,
-) -> int:
+def fused_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None) -> int:
     """The fused update of :mod:`torchrec_lowprec.kernels.spec`, in place, on CPU tensors.
 
     Same arguments and result as :func:`torchrec_lowprec.kernels.reference.reference_update`
@@ -271,19 +260,18 @@ def fused_update(
     whose step hit ``max_step_size(bits)``), bit-identical to it.
     """
     ext = _load()
-    tensors = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad)
-    skipped, n_bounded = ext.fused_update(*tensors, spec.float_args(), spec.int_args())
+    spec = update.spec
+    skipped, n_bounded = ext.fused_update(*update.tensors(grad), spec.float_args(), spec.int_args())
     if bounded is not None:
         bounded[0] += n_bounded
     return int(skipped)
 
 
 def fused_update_many(
-    items: list[UpdateItem], grad: torch.Tensor, bounded: torch.Tensor | None = None
+    updates: list[TableUpdate], grad: torch.Tensor, bounded: torch.Tensor | None = None
 ) -> list[int]:
     """:func:`fused_update` for many tables in one native call, all reading the same ``grad``.
 
-    ``items[i] = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)``.
     One parallel region groups the tables' occurrences (in parallel across tables), then
     updates the touched rows of all the tables from one shared work queue. The result (rows,
     step sizes, states, and the returned skipped-row count per table) is bit-identical to
@@ -298,11 +286,11 @@ def fused_update_many(
     would: if table ``k`` fails it, tables ``0..k-1`` are updated, ``k`` and later are not,
     and the call raises for table ``k``.
     """
-    if not items:
+    if not updates:
         return []
     ext = _load()
-    cols = tuple(list(c) for c in zip(*(item[:7] for item in items)))
-    specs = [item[7] for item in items]
+    cols = tuple(list(c) for c in zip(*(u.tensors(grad)[:7] for u in updates)))
+    specs = [u.spec for u in updates]
     counts, n_bounded = ext.fused_update_many(
         *cols, grad, [s.float_args() for s in specs], [s.int_args() for s in specs]
     )

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from torchrec_lowprec.kernels.reference import reference_update
-from torchrec_lowprec.kernels.spec import UpdateItem, UpdateSpec
+from torchrec_lowprec.kernels.spec import TableUpdate
 
 _warned: set[str] = set()
 #: Set ``TORCHREC_LOWPREC_BACKEND=reference`` to force the PyTorch reference (debugging).
@@ -61,24 +61,12 @@ def backend_for(device: torch.device) -> str:
     return "reference"
 
 
-def fused_update(
-    rows: torch.Tensor,
-    step_size: torch.Tensor,
-    state1: torch.Tensor,
-    state2: torch.Tensor,
-    ids: torch.Tensor,
-    grad_offsets: torch.Tensor,
-    occ_weights: torch.Tensor,
-    grad: torch.Tensor,
-    spec: UpdateSpec,
-    bounded: torch.Tensor | None = None,
-) -> int:
+def fused_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None) -> int:
     """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads.
 
     ``bounded[0]`` (optional int64 tensor) is increased by the rows whose step size hit
     ``max_step_size(bits)`` (spec step 5c)."""
-    update = _backend_function(backend_for(rows.device))
-    return update(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec, bounded)
+    return _backend_function(backend_for(update.rows.device))(update, grad, bounded)
 
 
 def _backend_function(backend: str):
@@ -95,26 +83,24 @@ def _backend_function(backend: str):
 
 
 def fused_update_many(
-    items: list[UpdateItem],
+    updates: list[TableUpdate],
     grad: torch.Tensor,
     bounded: torch.Tensor | None = None,
 ) -> list[int]:
     """Update many tables in place, all reading ``grad``; the skipped-row count per table.
 
-    ``items[i] = (rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)``, the
-    arguments of :func:`fused_update` but ``grad``. Same result as calling :func:`fused_update`
-    per item in order: on CPU with the native kernel, one batched call (one parallel region
-    across all the tables); elsewhere (CUDA, the reference), one call per item. Tables must
-    not share the memory they write. ``bounded[i]`` (optional int64 tensor ``[len(items)]``)
-    is increased by table ``i``'s rows whose step hit ``max_step_size(bits)``.
+    Same result as calling :func:`fused_update` per update in order: on CPU with the native
+    kernel, one batched call (one parallel region across all the tables); elsewhere (CUDA,
+    the reference), one call per update. Tables must not share the memory they write.
+    ``bounded[i]`` (optional int64 tensor ``[len(updates)]``) is increased by table ``i``'s
+    rows whose step hit ``max_step_size(bits)``.
     """
-    if not items:
+    if not updates:
         return []
-    if backend_for(grad.device) == "cpu_native" and all(item[0].device.type == "cpu" for item in items):
+    if backend_for(grad.device) == "cpu_native" and all(u.rows.device.type == "cpu" for u in updates):
         from torchrec_lowprec.kernels import cpu_native
 
-        return cpu_native.fused_update_many(items, grad, bounded)
+        return cpu_native.fused_update_many(updates, grad, bounded)
     return [
-        fused_update(*item[:7], grad, item[7], None if bounded is None else bounded[i : i + 1])
-        for i, item in enumerate(items)
+        fused_update(u, grad, None if bounded is None else bounded[i : i + 1]) for i, u in enumerate(updates)
     ]

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 
-# fbgemm_gpu.split_embedding_configs.SparseType values, and EmbeddingLocation.HOST/DEVICE.
-SPARSE_TYPE_OF_BITS = {32: 0, 16: 1, 8: 2, 4: 3, 2: 4}
-_PLACEMENT_DEVICE = 0
-_PLACEMENT_HOST = 3
-POOLING_SUM = 0
-POOLING_MEAN = 1
+from torchrec_lowprec.types import FORMATS
+from torchrec_lowprec.types import row_alignment as _row_alignment
+
+#: FBGEMM's ``SparseType`` code of each stored width (``types.FORMATS``), as its ops take it.
+SPARSE_TYPE_OF_BITS = {b: SparseType[f.sparse_type].as_int() for b, f in FORMATS.items() if f.sparse_type}
 TABLE_ALIGNMENT = 128
 
 
@@ -62,13 +63,9 @@ def table_buffer(nbytes: int, device: torch.device | str) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def row_alignment_for(device: torch.device) -> int:
-    """FBGEMM's row alignment: 1 byte on CPU, 16 on CUDA (vectorised loads)."""
-    return 16 if device.type == "cuda" else 1
-
-
-def round_up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
+def row_alignment_for(device: torch.device | str) -> int:
+    """FBGEMM's row alignment on ``device`` (``types.ROW_ALIGNMENT``: 16 bytes on CUDA, 1 on CPU)."""
+    return _row_alignment(torch.device(device).type)
 
 
 @dataclass(frozen=True)
@@ -98,18 +95,18 @@ class FusedPooledLookup:
 
     Example::
 
-        lookup = FusedPooledLookup([FeatureSlot(0, 8, 64, rows=1000)], POOLING_SUM, row_alignment=1, device=dev)
+        lookup = FusedPooledLookup([FeatureSlot(0, 8, 64, rows=1000)], PoolingMode.SUM, row_alignment=1, device=dev)
         pooled = lookup(flat_weights, indices, offsets, per_sample_weights=None)  # [B, 64]
     """
 
     def __init__(
-        self, slots: list[FeatureSlot], pooling_mode: int, row_alignment: int, device: torch.device
+        self, slots: list[FeatureSlot], pooling_mode: PoolingMode, row_alignment: int, device: torch.device
     ) -> None:
-        self.pooling_mode = pooling_mode
+        self.pooling_mode = PoolingMode(pooling_mode)
         self.row_alignment = row_alignment
         dims = [s.dim for s in slots]
         self.total_D = sum(dims)
-        self.max_D = {b: max([s.dim for s in slots if s.bits == b], default=0) for b in (2, 4, 8, 16, 32)}
+        self.max_D = {b: max([s.dim for s in slots if s.bits == b], default=0) for b in SPARSE_TYPE_OF_BITS}
         self._device = device
         self._weights_offsets = torch.tensor([s.table_offset for s in slots], dtype=torch.int64)
         self._weights_tys = torch.tensor([SPARSE_TYPE_OF_BITS[s.bits] for s in slots], dtype=torch.uint8)
@@ -128,7 +125,7 @@ class FusedPooledLookup:
 
     def _to(self, device: torch.device) -> None:
         self._device = device
-        place = _PLACEMENT_DEVICE if device.type == "cuda" else _PLACEMENT_HOST
+        place = (EmbeddingLocation.DEVICE if device.type == "cuda" else EmbeddingLocation.HOST).value
         n = self._weights_offsets.numel()
         self.weights_offsets = self._weights_offsets.to(device)
         self.weights_tys = self._weights_tys.to(device)
@@ -161,7 +158,7 @@ class FusedPooledLookup:
                 offsets,
                 *self._native_args,
                 self.row_alignment,
-                self.pooling_mode == POOLING_MEAN,
+                self.pooling_mode == PoolingMode.MEAN,
                 per_sample_weights,
             )
         return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
@@ -179,9 +176,9 @@ class FusedPooledLookup:
             max_float32_D=self.max_D[32],
             indices=indices,
             offsets=offsets,
-            pooling_mode=self.pooling_mode,
+            pooling_mode=self.pooling_mode.value,
             indice_weights=per_sample_weights,
-            output_dtype=SPARSE_TYPE_OF_BITS[32],
+            output_dtype=SparseType.FP32.as_int(),
             lxu_cache_weights=self.empty_cache,
             lxu_cache_locations=self.empty_i32,
             row_alignment=self.row_alignment,

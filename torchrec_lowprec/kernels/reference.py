@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.kernels.spec import TableUpdate, UpdateSpec
 from torchrec_lowprec.quant.layout import code_range, dequantize_rows, encode_rows, row_bytes
 from torchrec_lowprec.quant.lsq import lsq_step_size_grad
 from torchrec_lowprec.quant.rounding import MASK32, round_to_grid, row_keys, uniform_from_counter
@@ -101,23 +101,14 @@ def _fp16_stochastic(x: torch.Tensor, noise_bits: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, trunc, x).to(torch.float16)
 
 
-def reference_update(
-    rows: torch.Tensor,
-    step_size: torch.Tensor,
-    state1: torch.Tensor,
-    state2: torch.Tensor,
-    ids: torch.Tensor,
-    grad_offsets: torch.Tensor,
-    occ_weights: torch.Tensor,
-    grad: torch.Tensor,
-    spec: UpdateSpec,
-    bounded: torch.Tensor | None = None,
-) -> int:
+def reference_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None) -> int:
     """Apply one fused update in place; returns the number of rows skipped (non-finite grad).
 
     ``bounded`` (optional, an int64 tensor): ``bounded[0]`` is increased by the number of rows
     whose step size hit ``max_step_size(bits)`` (spec step 5c).
     """
+    rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad = update.tensors(grad)
+    spec = update.spec
     if ids.numel() == 0:
         return 0
     bits, dim = spec.bits, spec.dim

@@ -45,14 +45,23 @@ from dataclasses import dataclass
 
 import torch
 
-from torchrec_lowprec.types import OptimizerParams, OptimizerType
+from torchrec_lowprec.types import INT_BITS, OPTIMIZERS, OptimizerType
 
-OPTIMIZER_CODES = {
-    OptimizerType.SGD: 0,
-    OptimizerType.ADAGRAD: 1,
-    OptimizerType.ROWWISE_ADAGRAD: 2,
-    OptimizerType.ADAM: 3,
-}
+#: The integer each backend switches on, per optimizer (read from ``types.OPTIMIZERS``).
+OPTIMIZER_CODES = {kind: entry.code for kind, entry in OPTIMIZERS.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerParams:
+    """The numbers a fused update needs, resolved from a config or an in-backward optimizer
+    (``optim.fused.resolve_optimizer``)."""
+
+    kind: OptimizerType
+    lr: float
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class UpdateSpec:
 
         o = self.optimizer
         bc1, bc2 = self.bias_corrections
-        lsq = lsq_grad_scale(self.bits, self.dim) if self.bits <= 8 else 0.0
+        lsq = lsq_grad_scale(self.bits, self.dim) if self.bits in INT_BITS else 0.0
         return [
             o.lr, o.weight_decay, o.eps, o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2,
             bc1, bc2, self.step_size_lr, lsq, MIN_STEP_SIZE, min(MAX_STEP_SIZE, max_step_size(self.bits)),
@@ -97,20 +106,42 @@ class UpdateSpec:
         grow_step]``."""
         return [
             self.bits, self.dim, OPTIMIZER_CODES[self.optimizer.kind], int(self.stochastic),
-            int(self.learn_step_size and self.bits <= 8), self.key, self.row_offset, self.col_offset,
-            int(self.grow_step and self.bits <= 8),
+            int(self.learn_step_size and self.bits in INT_BITS), self.key, self.row_offset, self.col_offset,
+            int(self.grow_step and self.bits in INT_BITS),
         ]  # fmt: skip
 
 
-#: One table of a batched update: ``(rows, step_size, state1, state2, ids, grad_offsets,
-#: occ_weights, spec)``, the arguments of a backend's ``fused_update`` but the shared ``grad``.
-UpdateItem = tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    UpdateSpec,
-]
+@dataclass(frozen=True)
+class TableUpdate:
+    """One table (or shard) of a fused update: its storage, the occurrences of its rows in the
+    batch, and the scalars. Every backend's ``fused_update(update, grad, bounded=None)`` and
+    ``fused_update_many(updates, grad, bounded=None)`` take these; ``grad`` (the pooled output
+    gradient, ``[*, D]`` fp32, read at ``grad_offsets``) is shared by the tables of one batch.
+
+    Fields: ``rows`` (uint8 ``[R, >= row_bytes]``, written in place), ``step_size`` (fp32
+    master steps ``[R]``, or empty), ``state1`` / ``state2`` (the optimizer's fp32 state,
+    ``types.OPTIMIZERS[kind].state`` order, or empty), ``ids`` (row of each occurrence),
+    ``grad_offsets`` (element offset of each occurrence's gradient in ``grad``),
+    ``occ_weights`` (per-occurrence weight, or empty for 1), ``spec``.
+
+    Example::
+
+        update = TableUpdate(rows, steps, m1, empty, ids, offsets, empty, spec)
+        skipped = fused_update(update, grad)
+    """
+
+    rows: torch.Tensor
+    step_size: torch.Tensor
+    state1: torch.Tensor
+    state2: torch.Tensor
+    ids: torch.Tensor
+    grad_offsets: torch.Tensor
+    occ_weights: torch.Tensor
+    spec: UpdateSpec
+
+    def tensors(self, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The eight tensors in the native kernels' argument order."""
+        return (
+            self.rows, self.step_size, self.state1, self.state2, self.ids, self.grad_offsets,
+            self.occ_weights, grad,
+        )  # fmt: skip

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torchrec_lowprec.types import PLAN_BITS, SUPPORTED_BITS, OptimizerType
+
 TABLES_HELP = """\
 file formats:
   --tables (YAML or JSON): a list of tables, or {"tables": [...]}; each table has
@@ -65,12 +67,10 @@ def _plan_parser(sub) -> None:
     p.add_argument("--frequencies", help="per-id counts (torchrec_lowprec.data.save_frequencies)")
     p.add_argument("--precision-plan", help="starting PrecisionPlan JSON (e.g. MPE's selection)")
     p.add_argument("--groups", type=int, default=16, help="frequency groups per table with --frequencies")
+    p.add_argument("--min-bits", type=int, default=2, choices=PLAN_BITS, help="floor (0 allows pruning)")
+    p.add_argument("--max-bits", type=int, default=32, choices=SUPPORTED_BITS, help="ceiling")
     p.add_argument(
-        "--min-bits", type=int, default=2, choices=(0, 2, 4, 8, 16, 32), help="floor (0 allows pruning)"
-    )
-    p.add_argument("--max-bits", type=int, default=32, choices=(2, 4, 8, 16, 32), help="ceiling")
-    p.add_argument(
-        "--optimizer", default="rowwise_adagrad", choices=("sgd", "adagrad", "rowwise_adagrad", "adam")
+        "--optimizer", default=OptimizerType.ROWWISE_ADAGRAD.value, choices=[o.value for o in OptimizerType]
     )
     p.add_argument("--no-learn-step-size", action="store_true", help="LPT (no fp32 master step per row)")
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size (I/O estimate)")
@@ -86,9 +86,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     import torch
     from torchrec.distributed.planner import Topology
 
+    from torchrec_lowprec.configs import LowPrecisionConfig
     from torchrec_lowprec.data.frequencies import load_frequencies
     from torchrec_lowprec.planner import GiB, InfeasibleBudgetError, plan_precision, tables_file
-    from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan
+    from torchrec_lowprec.planner.schema import PrecisionPlan
 
     try:
         tables_file.check_plan_args(

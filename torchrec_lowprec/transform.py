@@ -3,17 +3,19 @@
 Shaped like torchao's ``quantize_``: the *type* of ``config`` picks a handler from a registry,
 one walker finds the target collections, ``filter_fn(module, fqn)`` narrows them, and each
 target is swapped in place for what its handler returns. Adding a transform is one config
-class (in :mod:`torchrec_lowprec.types`) and one ``@register_transform(ConfigType, ...)``
-handler; the verb does not change.
+class (in :mod:`torchrec_lowprec.configs`) and one ``@register_transform(ConfigType, ...)``
+handler; the verb does not change. Tensors a transform needs (row maps, frequency counts) are
+keyword inputs of the verb, declared by the handler (``inputs=``), never config fields.
 
 =========================  ==========================================  =======================
 config                     targets                                     becomes
 =========================  ==========================================  =======================
 ``LowPrecisionConfig``,    ``torchrec.EmbeddingBagCollection`` (and    ``LowPrecisionEmbedding
 ``PerTableConfig``         subclasses)                                 BagCollection``
-``MixedPrecisionConfig``   same                                        ``MixedPrecision...``
-``MPESearchConfig``        same                                        ``MPESearch...``
+``MixedPrecisionConfig``   same (input ``row_maps``)                   ``MixedPrecision...``
+``MPESearchConfig``        same (input ``frequencies``)                ``MPESearch...``
 ``CodebookConfig``         float and low-precision collections         ``CodebookEmbedding...``
+                           (input ``frequencies``)
 ``InferenceConfig``        low-precision collections                   ``torchrec.quant`` EBC
 =========================  ==========================================  =======================
 
@@ -30,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from torchrec_lowprec._deprecation import warn_deprecated
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -43,7 +47,7 @@ _HANDLER_MODULES = (
     "torchrec_lowprec.export.inference",
 )
 
-Handler = Callable[[Any, Any, str], Any]
+Handler = Callable[..., Any]
 FilterFn = Callable[[Any, str], bool]
 
 
@@ -55,6 +59,7 @@ class _Transform:
     if_none: str
     precheck: Callable[[list, Any], None] | None
     finish: Callable[[Any, Any], None] | None
+    inputs: tuple[str, ...]
 
 
 _REGISTRY: dict[type, _Transform] = {}
@@ -68,13 +73,15 @@ def register_transform(
     if_none: str = "warn",
     precheck: Callable[[list, Any], None] | None = None,
     finish: Callable[[Any, Any], None] | None = None,
+    inputs: tuple[str, ...] = (),
 ) -> Callable[[Handler], Handler]:
-    """Register ``handler(module, config, fqn) -> module`` for configs of ``config_type``.
+    """Register ``handler(module, config, fqn, **inputs) -> module`` for configs of ``config_type``.
 
     ``is_target(module)`` says which modules the handler replaces (``targets`` names them in
     messages); ``if_none`` is what a walk that finds none does (``"warn"`` or ``"raise"``);
     ``precheck(targets, config)`` runs on every ``(fqn, module)`` before anything is swapped;
-    ``finish(model, config)`` after.
+    ``finish(model, config)`` after. ``inputs`` names the keyword inputs (tensors) the handler
+    takes from :func:`convert`; each is passed (``None`` when not given), any other is refused.
 
     Example::
 
@@ -87,7 +94,9 @@ def register_transform(
         raise ValueError(f"register_transform: if_none={if_none!r} must be 'warn' or 'raise'")
 
     def wrap(handler: Handler) -> Handler:
-        _REGISTRY[config_type] = _Transform(handler, is_target, targets, if_none, precheck, finish)
+        _REGISTRY[config_type] = _Transform(
+            handler, is_target, targets, if_none, precheck, finish, tuple(inputs)
+        )
         return handler
 
     return wrap
@@ -102,7 +111,7 @@ def _entry(config: object) -> _Transform:
     known = sorted(c.__name__ for c in _REGISTRY)
     raise TypeError(
         f"convert: no transform for a config of type {type(config).__name__}; pass one of {known} "
-        "(from torchrec_lowprec.types)"
+        "(from torchrec_lowprec.configs)"
     )
 
 
@@ -113,16 +122,22 @@ def convert(
     *,
     per_table_configs: dict | None = None,
     precision_plan: object = None,
-    row_maps: dict | None = None,
+    **inputs: Any,
 ) -> nn.Module:
     """Transform, in place, every collection of ``model`` that ``config``'s handler targets
     (and ``filter_fn(module, fqn)`` accepts); returns ``model``, or the new module when
     ``model`` itself is a target.
 
-    ``config=None`` converts to low precision with each table's width taken from its
-    ``EmbeddingBagConfig.data_type``. ``per_table_configs``, ``precision_plan`` and
-    ``row_maps`` are the pre-registry spelling of :class:`~torchrec_lowprec.types.PerTableConfig`
-    and :class:`~torchrec_lowprec.types.MixedPrecisionConfig` (``config`` is then their base).
+    ``config=None`` is ``PerTableConfig()``: low precision with each table's width taken from
+    its ``EmbeddingBagConfig.data_type`` (TorchRec's way of naming a table's precision).
+    ``inputs`` are the tensors a transform needs: ``row_maps`` (table -> raw id -> frequency
+    rank) for :class:`~torchrec_lowprec.configs.MixedPrecisionConfig`, ``frequencies``
+    (feature -> per-id counts) for ``MPESearchConfig`` and ``CodebookConfig``; an input the
+    transform does not take is a ``TypeError``.
+
+    ``per_table_configs`` and ``precision_plan`` are the pre-registry spelling of
+    ``PerTableConfig`` / ``MixedPrecisionConfig`` (``config`` is then their base): deprecated,
+    they warn and will be removed in 0.2.
 
     A walk that finds nothing to convert warns (low-precision, mixed-precision, MPE search:
     the model may be converted already) or raises ``ValueError`` (codebooks, inference: their
@@ -132,14 +147,19 @@ def convert(
 
         model = convert(model, LowPrecisionConfig(bits=4))
         model = convert(model, MixedPrecisionConfig(plan), filter_fn=lambda m, fqn: "sparse" in fqn)
+        model = convert(model, CodebookConfig(num_subspaces=4), frequencies=counts)
         served = convert(model, InferenceConfig())
     """
-    from torchrec_lowprec.types import MixedPrecisionConfig, PerTableConfig
+    from torchrec_lowprec.configs import MixedPrecisionConfig, PerTableConfig
 
+    if precision_plan is not None or per_table_configs is not None:
+        old = "precision_plan" if precision_plan is not None else "per_table_configs"
+        warn_deprecated(
+            f"convert(..., {old}=...)",
+            "MixedPrecisionConfig(plan, base, per_table) or PerTableConfig(tables, default) as the config",
+        )
     if precision_plan is not None:
-        config = MixedPrecisionConfig(precision_plan, row_maps, config, per_table_configs)
-    elif row_maps:
-        raise ValueError("convert: row_maps is only used with precision_plan (a MixedPrecisionConfig)")
+        config = MixedPrecisionConfig(precision_plan, config, per_table_configs)
     elif per_table_configs is not None or config is None:
         config = PerTableConfig(per_table_configs or {}, config)
     if isinstance(config, dict):
@@ -148,11 +168,16 @@ def convert(
             "PerTableConfig({table: LowPrecisionConfig(...)}) for per-table settings)"
         )
     entry = _entry(config)
+    unknown = sorted(set(inputs) - set(entry.inputs))
+    if unknown:
+        takes = f"it takes {list(entry.inputs)}" if entry.inputs else "it takes none"
+        raise TypeError(f"convert({type(config).__name__}): unexpected input(s) {unknown}; {takes}")
+    given = {name: inputs.get(name) for name in entry.inputs}
     accept = filter_fn or (lambda module, fqn: True)
     if entry.is_target(model) and accept(model, ""):
         if entry.precheck is not None:
             entry.precheck([("", model)], config)
-        out = entry.handler(model, config, "")
+        out = entry.handler(model, config, "", **given)
         if entry.finish is not None:
             entry.finish(out, config)
         return out
@@ -167,7 +192,7 @@ def convert(
     for parent, attr, fqn, module in targets:
         new = done.get(id(module))
         if new is None:
-            new = done[id(module)] = entry.handler(module, config, fqn)
+            new = done[id(module)] = entry.handler(module, config, fqn, **given)
         setattr(parent, attr, new)
     if entry.finish is not None:
         entry.finish(model, config)

@@ -1,31 +1,99 @@
-"""The vocabulary shared by every layer (no torch or torchrec import): the configs that
-:func:`torchrec_lowprec.convert` takes, the training config of a table, and precision plans.
+"""The two tables every layer reads (no torch or torchrec import): storage formats and
+optimizer kinds.
 
-Configs of the one transform verb (see :mod:`torchrec_lowprec.transform`):
+A storage width or a fused optimizer is *one entry here* (plus its kernels): the modules,
+the planner, export, the CLI and the kernels derive everything else from these tables, and
+``tests/test_catalog.py`` checks that each of them agrees with every entry. TorchRec's and
+FBGEMM's own enums are named by member (``DataType.INT4``, ``SparseType.INT4``,
+``EmbOptimType.EXACT_ROWWISE_ADAGRAD``) and resolved where torch is loaded
+(``modules/data_type.py``, ``kernels/lookup.py``), so this module stays importable by the CLI.
 
-* :class:`LowPrecisionConfig` / :class:`PerTableConfig`: float collections -> low precision;
-* :class:`MixedPrecisionConfig`: -> mixed precision from a :class:`PrecisionPlan`;
-* ``MPESearchConfig`` (defined in ``modules/mpe_search.py``, re-exported here): -> MPE search;
-* :class:`CodebookConfig`: -> MEC codebooks (wraps ``compress.MECConfig``);
-* :class:`InferenceConfig`: low precision -> TorchRec's quantized inference modules.
+Example::
+
+    from torchrec_lowprec.types import FORMATS, OPTIMIZERS, OptimizerType
+    FORMATS[4].data_type                              # "INT4"
+    OPTIMIZERS[OptimizerType.ADAM].state_names        # ("momentum1", "momentum2")
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from torchrec_lowprec.files import read_json, write_json
+from torchrec_lowprec._deprecation import warn_deprecated
 
-SUPPORTED_BITS = (32, 16, 8, 4, 2)
-ROUNDING_MODES = ("stochastic", "nearest")
-STEP_SIZE_INITS = ("lsq", "absmax")
-BOUNDS_CHECK_MODES = ("raise", "warn", "ignore")
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How rows of one width are stored.
+
+    Args:
+        bits: the width (0: pruned, rows read as zeros and store nothing).
+        data_type: TorchRec ``DataType`` member name (``None``: no TorchRec type).
+        sparse_type: FBGEMM ``SparseType`` member name (``None``: no FBGEMM type).
+        integer: codes times a per-row fp16 scale with an fp16 bias (FBGEMM's IntNBit row);
+            otherwise plain floats.
+        trainable: a :class:`~torchrec_lowprec.configs.LowPrecisionConfig` width (a whole
+            table trains at it).
+        plannable: a width a precision plan may give a row group.
+    """
+
+    bits: int
+    data_type: str | None
+    sparse_type: str | None
+    integer: bool
+    trainable: bool
+    plannable: bool
+
+
+#: Every width, widest first. Adding one (e.g. fp8 rows) is an entry here plus its kernels.
+FORMATS: dict[int, StorageFormat] = {
+    32: StorageFormat(32, "FP32", "FP32", integer=False, trainable=True, plannable=True),
+    16: StorageFormat(16, "FP16", "FP16", integer=False, trainable=True, plannable=True),
+    8: StorageFormat(8, "INT8", "INT8", integer=True, trainable=True, plannable=True),
+    4: StorageFormat(4, "INT4", "INT4", integer=True, trainable=True, plannable=True),
+    2: StorageFormat(2, "INT2", "INT2", integer=True, trainable=True, plannable=True),
+    0: StorageFormat(0, None, None, integer=False, trainable=False, plannable=True),
+}
+
+#: Widths a table can be stored and trained at.
+SUPPORTED_BITS = tuple(b for b, f in FORMATS.items() if f.trainable)
+#: Widths a precision plan may give a row group (0 = pruned).
+PLAN_BITS = tuple(sorted(b for b, f in FORMATS.items() if f.plannable))
+#: Integer (IntNBit) widths and float widths among the stored ones.
+INT_BITS = tuple(b for b, f in FORMATS.items() if f.integer)
+FLOAT_BITS = tuple(b for b, f in FORMATS.items() if f.trainable and not f.integer)
+
+
+#: Widths the MPE search can fake-quantize; those the storage lacks (1, 3, 5, 6, 7) are stored
+#: at the next wider plannable width (:func:`storable_bits`).
+SEARCH_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+def storable_bits(bits: int) -> int:
+    """The narrowest plannable width holding ``bits`` (a searched width -> its stored width)."""
+    return min(b for b in PLAN_BITS if b >= bits)
+
+
+def storage_format(bits: object, what: str = "bits") -> StorageFormat:
+    """The entry of ``bits``; ``ValueError`` naming ``what`` and the allowed widths otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in FORMATS:
+        raise ValueError(f"{what}={bits!r} is not a storage width; allowed: {sorted(FORMATS, reverse=True)}")
+    return FORMATS[bits]
+
+
+#: Row padding in bytes, by compute device type: FBGEMM pads rows to 16 bytes on CUDA (and
+#: TorchRec's other HBM devices) for vector loads, not on CPU. Devices absent here pad to 1.
+ROW_ALIGNMENT: dict[str, int] = {"cuda": 16, "mtia": 16, "cpu": 1}
+#: Compute devices whose tables TorchRec places in HBM (others: DDR).
+HBM_DEVICES = ("cuda", "mtia")
+
+
+def row_alignment(device_type: str) -> int:
+    """Bytes each stored row is padded to on ``device_type`` (``"cuda"``, ``"cpu"``, ...)."""
+    return ROW_ALIGNMENT.get(device_type, 1)
 
 
 class OptimizerType(str, Enum):
@@ -37,404 +105,87 @@ class OptimizerType(str, Enum):
     ADAM = "adam"
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _allowed(field: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"LowPrecisionConfig.{field}={value!r} is not supported; allowed: {list(allowed)}")
-
-
-class TransformConfig:
-    """Base of every config :func:`torchrec_lowprec.convert` dispatches on (torchao's
-    ``AOBaseConfig``). A subclass plus a handler registered with
-    :func:`torchrec_lowprec.transform.register_transform` is a new transform.
-
-    Example::
-
-        isinstance(LowPrecisionConfig(bits=4), TransformConfig)  # True
-    """
-
-
 @dataclass(frozen=True)
-class LowPrecisionConfig(TransformConfig):
-    """How a table is stored and trained.
+class OptimizerKind:
+    """One fused optimizer: how the kernels, the state and TorchRec's spellings name it.
 
     Args:
-        bits: storage precision: 8, 4 or 2 (integer codes times a per-row step size, in
-            FBGEMM's IntNBit row layout) or 16 / 32 (plain fp16 / fp32 rows).
-        rounding: how updated rows are written back: ``"stochastic"`` (LPT-SR / ALPT;
-            unbiased) or ``"nearest"`` (LPT-DR). For 16 bits, stochastic rounding to fp16.
-        learn_step_size: ALPT: learn each row's step size with the LSQ gradient (an fp32
-            master step of 4 bytes per row is then kept). ``False`` is LPT (fixed step).
-        step_size_lr: learning rate of the step size (plain SGD on the LSQ gradient). The
-            default 1e-2 was chosen on validation by ``benchmarks/lowbit.py`` among 1e-4, 1e-2
-            and 1e-1 (the LSQ gradient is small: at 1e-4 a step barely moves).
-        step_size_init: ``"lsq"`` (``2*mean|w|/sqrt(Qp)``), ``"absmax"`` (``max|w|/Qp``) or
-            a positive float used for every row.
-        grow_step_size: when an updated row needs a grid more than ``growth_threshold`` times
-            wider than its step gives, grow the row's step just enough to hold it. ``False``
-            always clips, as the papers do. TorchRec's default init (``|w| <= 1/sqrt(rows)``)
-            gives a large table an initial grid far narrower than its trained rows; growth
-            fixes that at once, while rows that overshoot by less are clipped as ALPT intends.
-        growth_threshold: the factor above (>= 1; 1 = never clip).
-        optimizer: the fused optimizer of the table (``OptimizerType`` or its value).
-        learning_rate, weight_decay, eps, beta1, beta2: its hyper-parameters (weight decay
-            is L2 added to the gradient; betas are Adam's).
-        seed: seed of the counter-based rounding draws.
-        bounds_check: what an id outside ``[0, num_embeddings)`` does: ``"raise"``
-            (default), ``"warn"`` (drop it from its bag, count it, warn) or ``"ignore"``
-            (drop it and count it silently).
-
-    Example::
-
-        cfg = LowPrecisionConfig(bits=4, rounding="stochastic", learning_rate=0.05)
+        kind: the :class:`OptimizerType`.
+        code: the integer the kernels switch on (C++, Triton and the reference agree).
+        state: ``(name, per-row floats, per-dimension floats)`` of each fp32 state tensor, in
+            the kernels' ``(state1, state2)`` order: RowWiseAdagrad ``momentum1`` is 1 float a
+            row, Adam's two moments D each.
+        uses: the hyper-parameters its update reads (FBGEMM's names).
+        class_names: lower-cased in-backward optimizer class names (torch.optim, torchrec.optim).
+        emb_opt_types: FBGEMM ``EmbOptimType`` values (as TorchRec writes them in ``fused_params``).
     """
-
-    bits: int = 8
-    rounding: str = "stochastic"
-    learn_step_size: bool = True
-    step_size_lr: float = 1e-2
-    step_size_init: str | float = "lsq"
-    grow_step_size: bool = True
-    growth_threshold: float = 2.0
-    optimizer: OptimizerType | str = OptimizerType.ROWWISE_ADAGRAD
-    learning_rate: float = 0.01
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    beta1: float = 0.9
-    beta2: float = 0.999
-    seed: int = 0
-    bounds_check: str = "raise"
-
-    def __post_init__(self) -> None:
-        _allowed("bits", self.bits, SUPPORTED_BITS)
-        _allowed("rounding", self.rounding, ROUNDING_MODES)
-        _allowed("bounds_check", self.bounds_check, BOUNDS_CHECK_MODES)
-        try:
-            object.__setattr__(self, "optimizer", OptimizerType(self.optimizer))
-        except ValueError:
-            _allowed("optimizer", self.optimizer, tuple(o.value for o in OptimizerType))
-        if isinstance(self.step_size_init, str):
-            _allowed("step_size_init", self.step_size_init, STEP_SIZE_INITS)
-        elif not (_is_number(self.step_size_init) and 0 < self.step_size_init < math.inf):
-            raise ValueError(
-                f"LowPrecisionConfig.step_size_init={self.step_size_init!r} must be 'lsq', 'absmax' or a "
-                "finite float > 0"
-            )
-        for name in ("learning_rate", "step_size_lr", "weight_decay"):
-            v = getattr(self, name)
-            if not (_is_number(v) and 0 <= v < math.inf):
-                raise ValueError(f"LowPrecisionConfig.{name}={v!r} must be a finite number >= 0")
-        if not (_is_number(self.eps) and 0 < self.eps < math.inf):
-            # Adagrad / RowWiseAdagrad / Adam divide by sqrt(state) + eps: with eps = 0 a row
-            # whose gradient and state are exactly zero becomes 0/0 = NaN.
-            raise ValueError(
-                f"LowPrecisionConfig.eps={self.eps!r} must be a finite number > 0 (e.g. 1e-8); the "
-                "optimizers divide by sqrt(state) + eps"
-            )
-        if not self.growth_threshold >= 1:
-            raise ValueError(f"LowPrecisionConfig.growth_threshold={self.growth_threshold!r} must be >= 1")
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise ValueError(f"LowPrecisionConfig.{name}={v!r} must be in [0, 1)")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"LowPrecisionConfig.seed={self.seed!r} must be an int >= 0")
-
-    @property
-    def is_integer(self) -> bool:
-        """True for 8/4/2-bit tables (codes + step sizes), False for fp16/fp32."""
-        return self.bits <= 8
-
-    @property
-    def keeps_master_step_size(self) -> bool:
-        """Whether an fp32 master step size per row is stored (ALPT on an integer table)."""
-        return self.is_integer and self.learn_step_size
-
-    def replace(self, **changes: object) -> LowPrecisionConfig:
-        """A copy with ``changes`` applied (validated like the constructor)."""
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"LowPrecisionConfig has no field(s) {sorted(unknown)}; fields: {sorted(known)}")
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return LowPrecisionConfig(**values)
-
-
-@dataclass(frozen=True)
-class OptimizerParams:
-    """The numbers a fused update needs, resolved from a config or an in-backward optimizer."""
 
     kind: OptimizerType
-    lr: float
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    beta1: float = 0.9
-    beta2: float = 0.999
-
-    @staticmethod
-    def from_config(cfg: LowPrecisionConfig) -> OptimizerParams:
-        return OptimizerParams(
-            OptimizerType(cfg.optimizer), cfg.learning_rate, cfg.weight_decay, cfg.eps, cfg.beta1, cfg.beta2
-        )
-
-
-#: Bit widths a precision plan may give a row group (0 = pruned: the rows read as zeros).
-PLAN_BITS = (0, 2, 4, 8, 16, 32)
-PLAN_FORMAT = "torchrec_lowprec.precision_plan"
-PLAN_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TablePrecision:
-    """Bit widths of one table's row groups.
-
-    Groups are contiguous ranges of *frequency-ranked* ids (id 0 = most frequent): group ``g``
-    holds rows ``[group_ends[g-1], group_ends[g])``. ``bits[g]`` is 0 (pruned), 2, 4, 8, 16 or
-    32. ``group_mass`` (optional) is each group's share of the table's lookups, the importance
-    the precision planner lowers by. ``remapped`` means the raw ids are *not* frequency-ranked
-    by the data pipeline, so the module keeps an explicit raw id -> rank map (4 B/row, counted).
-
-    Example::
-
-        TablePrecision(rows=1000, dim=64, group_ends=(100, 1000), bits=(8, 2))
-    """
-
-    rows: int
-    dim: int
-    group_ends: tuple[int, ...]
-    bits: tuple[int, ...]
-    group_mass: tuple[float, ...] | None = None
-    remapped: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "group_ends", tuple(int(e) for e in self.group_ends))
-        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
-        if self.group_mass is not None:
-            object.__setattr__(self, "group_mass", tuple(float(m) for m in self.group_mass))
-        if self.rows <= 0 or self.dim <= 0:
-            raise ValueError(f"TablePrecision: rows={self.rows} and dim={self.dim} must be > 0")
-        ends = self.group_ends
-        if not ends or len(ends) != len(self.bits):
-            raise ValueError(
-                f"TablePrecision: {len(ends)} group ends but {len(self.bits)} bit widths; give one per group"
-            )
-        if any(b <= a for a, b in zip((0,) + ends, ends)) or ends[-1] != self.rows:
-            raise ValueError(
-                f"TablePrecision: group_ends {list(ends)} must increase strictly and end at rows={self.rows}"
-            )
-        bad = sorted({b for b in self.bits if b not in PLAN_BITS})
-        if bad:
-            raise ValueError(f"TablePrecision: bit widths {bad} are not storable; allowed: {list(PLAN_BITS)}")
-        if any(0 < b <= 8 for b in self.bits) and self.dim % 4:
-            raise ValueError(
-                f"TablePrecision: dim={self.dim} cannot be stored at 8/4/2 bits (FBGEMM needs a multiple of 4)"
-            )
-        if self.group_mass is not None and len(self.group_mass) != len(ends):
-            raise ValueError(
-                f"TablePrecision: group_mass has {len(self.group_mass)} entries for {len(ends)} groups"
-            )
+    code: int
+    state: tuple[tuple[str, int, int], ...]
+    uses: frozenset[str]
+    class_names: tuple[str, ...]
+    emb_opt_types: tuple[str, ...]
 
     @property
-    def num_groups(self) -> int:
-        return len(self.group_ends)
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.state)
 
-    def group_starts(self) -> tuple[int, ...]:
-        return (0,) + self.group_ends[:-1]
+    def state_floats(self, dim: int) -> int:
+        """fp32 values of state per row of ``dim``."""
+        return sum(per_row + per_dim * dim for _, per_row, per_dim in self.state)
 
-    def segments(self) -> list[tuple[int, int, int, int]]:
-        """Runs of consecutive groups with equal bits: ``(first_group, start_row, end_row, bits)``."""
-        out: list[tuple[int, int, int, int]] = []
-        for g, (a, e, b) in enumerate(zip(self.group_starts(), self.group_ends, self.bits)):
-            if out and out[-1][3] == b:
-                out[-1] = (out[-1][0], out[-1][1], e, b)
-            else:
-                out.append((g, a, e, b))
-        return out
 
-    def serving_bytes(self) -> int:
-        """Bytes of the stored rows (codes + fp16 scale/bias, unpadded; pruned rows 0), plus the
-        raw id -> rank map when ``remapped``: what an exported table holds."""
-        from torchrec_lowprec.quant.layout import RowFormat  # imports torch: not at module level
+_LR_WD = frozenset({"learning_rate", "weight_decay"})
 
-        rows = sum(
-            (e - a) * RowFormat(b, self.dim).row_bytes
-            for a, e, b in zip(self.group_starts(), self.group_ends, self.bits)
-            if b
+#: Every fused optimizer. Adding one is an entry here plus its kernel branch (kernels/spec.py).
+OPTIMIZERS: dict[OptimizerType, OptimizerKind] = {
+    OptimizerType.SGD: OptimizerKind(
+        OptimizerType.SGD, 0, (), _LR_WD, ("sgd",), ("sgd", "exact_sgd")
+    ),
+    OptimizerType.ADAGRAD: OptimizerKind(
+        OptimizerType.ADAGRAD, 1, (("momentum1", 0, 1),), _LR_WD | {"eps"}, ("adagrad",), ("exact_adagrad",)
+    ),
+    OptimizerType.ROWWISE_ADAGRAD: OptimizerKind(
+        OptimizerType.ROWWISE_ADAGRAD, 2, (("momentum1", 1, 0),), _LR_WD | {"eps"},
+        ("rowwiseadagrad",), ("exact_row_wise_adagrad", "row_wise_adagrad"),
+    ),
+    OptimizerType.ADAM: OptimizerKind(
+        OptimizerType.ADAM, 3, (("momentum1", 0, 1), ("momentum2", 0, 1)),
+        _LR_WD | {"eps", "beta1", "beta2"}, ("adam",), ("adam",),
+    ),
+}  # fmt: skip
+
+
+def optimizer_kind(optimizer: object) -> OptimizerKind:
+    """The entry of ``optimizer`` (an :class:`OptimizerType` or its value)."""
+    try:
+        return OPTIMIZERS[OptimizerType(getattr(optimizer, "value", optimizer))]
+    except ValueError:
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; known: {[o.value for o in OptimizerType]}"
+        ) from None
+
+
+#: Names that lived here before the configs moved to ``torchrec_lowprec.configs`` and the plan
+#: schema to ``torchrec_lowprec.planner.schema``: still importable for one release, with a
+#: DeprecationWarning.
+_MOVED = {
+    **{
+        n: "torchrec_lowprec.configs"
+        for n in (
+            "TransformConfig", "LowPrecisionConfig", "PerTableConfig", "MixedPrecisionConfig",
+            "CodebookConfig", "InferenceConfig", "MPESearchConfig", "MECConfig",
+            "ROUNDING_MODES", "STEP_SIZE_INITS", "BOUNDS_CHECK_MODES",
         )
-        return rows + (4 * self.rows if self.remapped else 0)
-
-    def with_bits(self, bits: tuple[int, ...]) -> TablePrecision:
-        return TablePrecision(self.rows, self.dim, self.group_ends, bits, self.group_mass, self.remapped)
-
-
-@dataclass(frozen=True)
-class PrecisionPlan:
-    """Per-table, per-row-group bit widths: what MPE selects and the precision planner fits.
-
-    Saves to / loads from JSON and travels inside checkpoints of mixed-precision collections.
-
-    Example::
-
-        plan = PrecisionPlan({"t_user": TablePrecision(1000, 64, (100, 1000), (8, 2))})
-        plan.save("plan.json"); PrecisionPlan.load("plan.json") == plan
-    """
-
-    tables: dict[str, TablePrecision]
-
-    @staticmethod
-    def uniform(shapes: dict[str, tuple[int, int]], bits: int) -> PrecisionPlan:
-        """Every table (name -> (rows, dim)) in one group at ``bits``."""
-        return PrecisionPlan({n: TablePrecision(r, d, (r,), (bits,)) for n, (r, d) in shapes.items()})
-
-    def to_dict(self) -> dict:
-        return {
-            "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
-            "tables": {
-                n: {"rows": t.rows, "dim": t.dim, "group_ends": list(t.group_ends), "bits": list(t.bits),
-                    "group_mass": list(t.group_mass) if t.group_mass is not None else None,
-                    "remapped": t.remapped, "serving_bytes": t.serving_bytes()}
-                for n, t in self.tables.items()
-            },
-        }  # fmt: skip
-
-    @staticmethod
-    def from_dict(doc: object, source: str = "precision plan") -> PrecisionPlan:
-        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
-            raise ValueError(f"{source} is not a {PLAN_FORMAT} document")
-        if doc.get("version") != PLAN_VERSION:
-            raise ValueError(f"{source} has plan version {doc.get('version')}, expected {PLAN_VERSION}")
-        tables = {}
-        for name, t in doc.get("tables", {}).items():
-            try:
-                mass = t.get("group_mass")
-                tables[name] = TablePrecision(
-                    int(t["rows"]), int(t["dim"]), tuple(t["group_ends"]), tuple(t["bits"]),
-                    tuple(mass) if mass is not None else None, bool(t.get("remapped", False)),
-                )  # fmt: skip
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{source}: table {name!r} is malformed ({e})") from None
-        return PrecisionPlan(tables)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    def save(self, path: str) -> None:
-        """Write the plan as JSON (atomically: a temp file renamed over ``path``)."""
-        write_json(path, self.to_dict())
-
-    @staticmethod
-    def load(path: str) -> PrecisionPlan:
-        doc = read_json(path, "precision plan")
-        if isinstance(doc, dict) and doc.get("format") != PLAN_FORMAT and "precision" in doc:
-            doc = doc["precision"]  # a planner output file: the plan travels beside the sharding
-        return PrecisionPlan.from_dict(doc, path)
-
-
-def _check_tables(owner: str, tables: object) -> None:
-    if not isinstance(tables, Mapping) or not all(isinstance(v, LowPrecisionConfig) for v in tables.values()):
-        raise TypeError(
-            f"{owner}: per-table configs must map table name -> LowPrecisionConfig, got {tables!r}"
-        )
-
-
-@dataclass(frozen=True)
-class PerTableConfig(TransformConfig):
-    """Low precision with settings per table (torchao's ``FqnToConfig``, one level down).
-
-    ``tables`` maps table name -> :class:`LowPrecisionConfig`; other tables take ``default``,
-    or, when ``default`` is ``None``, the width of their ``EmbeddingBagConfig.data_type``.
-    Precedence: ``tables[name]`` > ``default`` > the table's ``data_type``.
-
-    Example::
-
-        convert(model, PerTableConfig({"t_user": LowPrecisionConfig(bits=8)}, LowPrecisionConfig(bits=4)))
-    """
-
-    tables: Mapping[str, LowPrecisionConfig] = field(default_factory=dict)
-    default: LowPrecisionConfig | None = None
-
-    def __post_init__(self) -> None:
-        _check_tables("PerTableConfig", self.tables)
-        if self.default is not None and not isinstance(self.default, LowPrecisionConfig):
-            raise TypeError(
-                f"PerTableConfig.default must be a LowPrecisionConfig or None, got {self.default!r}"
-            )
-
-
-@dataclass(frozen=True)
-class MixedPrecisionConfig(TransformConfig):
-    """Mixed precision: row groups of each table stored at the widths of ``plan`` (MPE's
-    selection or the precision planner's); ``row_maps`` (table -> raw id -> frequency rank) for
-    tables the data pipeline does not rank; ``base`` / ``per_table`` the training settings.
-
-    Example::
-
-        convert(model, MixedPrecisionConfig(PrecisionPlan.load("plan.json"), base=LowPrecisionConfig()))
-    """
-
-    plan: PrecisionPlan
-    row_maps: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
-    base: LowPrecisionConfig | None = None
-    per_table: Mapping[str, LowPrecisionConfig] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.plan, PrecisionPlan):
-            raise TypeError(
-                f"MixedPrecisionConfig.plan must be a PrecisionPlan, got {type(self.plan).__name__}"
-            )
-        if self.base is not None and not isinstance(self.base, LowPrecisionConfig):
-            raise TypeError(
-                f"MixedPrecisionConfig.base must be a LowPrecisionConfig or None, got {self.base!r}"
-            )
-        if self.per_table is not None:
-            _check_tables("MixedPrecisionConfig", self.per_table)
-
-
-@dataclass(frozen=True)
-class CodebookConfig(TransformConfig):
-    """MEC: tables of at least ``mec.min_rows`` rows replaced by product-quantization codes,
-    learned from the tables' current values weighted by ``frequencies`` (feature -> per-id
-    counts; ``None``: every row weighs 1). ``mec`` is a ``compress.MECConfig`` (``None``: its
-    defaults).
-
-    Example::
-
-        convert(model, CodebookConfig(MECConfig(num_subspaces=4), frequencies=counts))
-    """
-
-    mec: Any = None
-    frequencies: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class InferenceConfig(TransformConfig):
-    """Export: low-precision collections -> TorchRec's quantized inference
-    ``EmbeddingBagCollection`` holding the same bytes; the model is put in eval mode.
-    ``output_dtype`` ``None`` is ``torch.float32``; ``row_alignment`` ``None`` is the device's.
-
-    Example::
-
-        served = convert(trained_model, InferenceConfig())
-    """
-
-    output_dtype: Any = None
-    row_alignment: int | None = None
-    register_tbes: bool = False
-
-
-#: Configs defined next to the code they configure, re-exported here on first use.
-_ELSEWHERE = {
-    "MPESearchConfig": "torchrec_lowprec.modules.mpe_search",
-    "MECConfig": "torchrec_lowprec.compress.config",
-}
+    },
+    "OptimizerParams": "torchrec_lowprec.kernels.spec",
+    **{n: "torchrec_lowprec.planner.schema" for n in ("TablePrecision", "PrecisionPlan", "PLAN_FORMAT", "PLAN_VERSION")},
+}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ELSEWHERE:
-        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    if name in _MOVED:
+        warn_deprecated(f"torchrec_lowprec.types.{name}", f"{_MOVED[name]}.{name}")
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'torchrec_lowprec.types' has no attribute {name!r}")

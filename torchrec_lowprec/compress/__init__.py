@@ -2,9 +2,9 @@
 
 Example::
 
-    from torchrec_lowprec.compress import MECConfig, compress_
+    from torchrec_lowprec.compress import CodebookConfig, compress_
     counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
-    compress_(model, counts, MECConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
+    compress_(model, counts, CodebookConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
 """
 
 from torchrec_lowprec.compress.api import (
@@ -18,13 +18,13 @@ from torchrec_lowprec.compress.codebook_ebc import (
     CodebookTable,
     codebook_table,
 )
-from torchrec_lowprec.compress.config import MECConfig
 from torchrec_lowprec.compress.pq import PQResult, code_entropy, learn_pq, popularity_weights, reconstruct
+from torchrec_lowprec.configs import CodebookConfig
 
 __all__ = [
     "CodebookEmbeddingBagCollection",
     "CodebookTable",
-    "MECConfig",
+    "CodebookConfig",
     "PQResult",
     "code_entropy",
     "codebook_parameters",

@@ -9,18 +9,18 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.compress.codebook_ebc import (
     CodebookEmbeddingBagCollection,
     CodebookTable,
     codebook_table,
 )
-from torchrec_lowprec.compress.config import MECConfig
 from torchrec_lowprec.compress.pq import learn_pq
+from torchrec_lowprec.configs import CodebookConfig
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.progress import progress
 from torchrec_lowprec.quant.groups import table_counts
 from torchrec_lowprec.transform import convert, copy_in_backward_tags, register_transform
-from torchrec_lowprec.types import CodebookConfig
 
 
 def _is_target(m: nn.Module) -> bool:
@@ -67,14 +67,14 @@ def _subset(ebc: nn.Module, names: list[str]) -> nn.Module | None:
 
 
 def compress_collection(
-    ebc: nn.Module, frequencies: Mapping[str, torch.Tensor] | None, config: MECConfig
+    ebc: nn.Module, frequencies: Mapping[str, torch.Tensor] | None, config: CodebookConfig
 ) -> nn.Module:
     """``ebc`` with every table of >= ``config.min_rows`` rows replaced by MEC codes, as a
     :class:`CodebookEmbeddingBagCollection`; ``ebc`` itself when no table is that large.
 
     Example::
 
-        cebc = compress_collection(lp_ebc, counts, MECConfig(num_subspaces=4, min_rows=50_000))
+        cebc = compress_collection(lp_ebc, counts, CodebookConfig(num_subspaces=4, min_rows=50_000))
     """
     tables = ebc.embedding_bag_configs()
     large = [t for t in tables if t.num_embeddings >= config.min_rows]
@@ -101,11 +101,10 @@ def compress_collection(
 
 def _check_dims(targets: list[tuple[str, nn.Module]], config: CodebookConfig) -> None:
     """Every table MEC would compress can be split into its sub-spaces (checked before any learning)."""
-    mec = config.mec or MECConfig()
     for _, mod in targets:
         for t in mod.embedding_bag_configs():
-            if t.num_embeddings >= mec.min_rows:
-                mec.check_dim(t.name, t.embedding_dim)
+            if t.num_embeddings >= config.min_rows:
+                config.check_dim(t.name, t.embedding_dim)
 
 
 @register_transform(
@@ -114,15 +113,20 @@ def _check_dims(targets: list[tuple[str, nn.Module]], config: CodebookConfig) ->
     targets="EmbeddingBagCollection or LowPrecisionEmbeddingBagCollection to compress",
     if_none="raise",
     precheck=_check_dims,
+    inputs=("frequencies",),
 )
-def _to_codebooks(ebc: nn.Module, config: CodebookConfig, fqn: str) -> nn.Module:
-    return compress_collection(ebc, config.frequencies, config.mec or MECConfig())
+def _to_codebooks(
+    ebc: nn.Module, config: CodebookConfig, fqn: str, frequencies: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    return compress_collection(ebc, frequencies, config)
 
 
 def compress_(
-    model: nn.Module, frequencies: Mapping[str, torch.Tensor] | None, config: MECConfig | None = None
+    model: nn.Module, frequencies: Mapping[str, torch.Tensor] | None, config: CodebookConfig | None = None
 ) -> nn.Module:
-    """``convert(model, CodebookConfig(config, frequencies))``: replace, in place and at any
+    """Deprecated (removed in 0.2): ``convert(model, config, frequencies=frequencies)``.
+
+    Replaces, in place and at any
     depth, every ``LowPrecisionEmbeddingBagCollection`` and ``torchrec.EmbeddingBagCollection``
     of ``model`` by a :class:`CodebookEmbeddingBagCollection` whose large tables are MEC codes
     (learned from the tables' current values and ``frequencies``: feature name -> per-id counts
@@ -134,9 +138,13 @@ def compress_(
     Example::
 
         counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
-        compress_(model, counts, MECConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
+        compress_(model, counts, CodebookConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
     """
-    return convert(model, CodebookConfig(config, frequencies))
+    warn_deprecated(
+        "compress_(model, frequencies, config)",
+        "convert(model, CodebookConfig(...), frequencies=frequencies)",
+    )
+    return convert(model, config or CodebookConfig(), frequencies=frequencies)
 
 
 def codebook_parameters(model: nn.Module) -> list[nn.Parameter]:

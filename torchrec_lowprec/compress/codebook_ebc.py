@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.compress.pq import code_dtype
 from torchrec_lowprec.modules.bounds import in_feature_order
+from torchrec_lowprec.quant.pooling import bag_mean
 
 STATE_FORMAT = 1
 
@@ -164,7 +165,7 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 raise IndexError(f"id {bad} outside [0, {cfg.num_embeddings}) in table {name!r}")
             out = table.pooled(ids, o - v0, weights[v0:v1] if weights is not None else None)
             if cfg.pooling == PoolingType.MEAN:
-                out = out / lengths[lo:hi].clamp(min=1).to(out.dtype)[:, None]
+                out = bag_mean(out, lengths[lo:hi])
             for i, f in enumerate(cfg.feature_names):
                 pieces[f] = out[i * batch : (i + 1) * batch]
             f0 += nf

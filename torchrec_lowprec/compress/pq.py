@@ -15,7 +15,7 @@ Objective per batch of rows (``w`` = popularity weight, ``sg`` = stop-gradient):
     contrastive = -log softmax([s(c_n), s(c_n^1), ..., s(c_n^M)])_0, s(c) = -||x - C[c]||^2 / T
                   where c_n^m is c_n with ONE random block re-coded to a different code
 
-Every random draw comes from a generator seeded with ``MECConfig.seed``.
+Every random draw comes from a generator seeded with ``CodebookConfig.seed``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchrec_lowprec.compress.config import MECConfig
+from torchrec_lowprec.configs import CodebookConfig
 
 _CHUNK = 4096  # rows per distance block: bounds the [L, rows, K] temporary (cache-sized)
 _REFIT_ITERS = 2
@@ -148,7 +148,7 @@ class PQResult:
 
     Example::
 
-        res = learn_pq(table, counts, MECConfig())
+        res = learn_pq(table, counts, CodebookConfig())
         served = reconstruct(res.codes, res.codebooks)
     """
 
@@ -163,12 +163,12 @@ def code_dtype(codebook_size: int) -> torch.dtype:
     return torch.uint8 if codebook_size <= 256 else torch.uint16
 
 
-def learn_pq(weight: torch.Tensor, counts: torch.Tensor | None, cfg: MECConfig) -> PQResult:
+def learn_pq(weight: torch.Tensor, counts: torch.Tensor | None, cfg: CodebookConfig) -> PQResult:
     """Learn PQ codes and codebooks for table ``weight [N, D]`` with per-row access ``counts [N]``.
 
     Example::
 
-        res = learn_pq(table_fp32, counts, MECConfig(num_subspaces=4, codebook_size=256))
+        res = learn_pq(table_fp32, counts, CodebookConfig(num_subspaces=4, codebook_size=256))
         approx = reconstruct(res.codes, res.codebooks)
     """
     n, dim = weight.shape
@@ -222,7 +222,7 @@ def _optimise(
     encoder: torch.nn.Parameter,
     opt: torch.optim.Optimizer,
     scale: torch.Tensor,
-    cfg: MECConfig,
+    cfg: CodebookConfig,
     gen: torch.Generator,
 ) -> None:
     """``cfg.steps`` Adam steps on the MEC objective (module docstring), on random row batches."""
@@ -263,7 +263,7 @@ def _contrastive(
     codebooks: torch.Tensor,
     code: torch.Tensor,
     scale: torch.Tensor,
-    cfg: MECConfig,
+    cfg: CodebookConfig,
     gen: torch.Generator,
 ) -> torch.Tensor:
     """InfoNCE of each row's reconstruction against M reconstructions that differ from it in one

@@ -38,7 +38,7 @@ def require_pyarrow() -> tuple[Any, Any, Any]:
     except ImportError:
         raise ImportError(
             "torchrec_lowprec's CSV/TSV readers parse with pyarrow, which is not installed: "
-            "pip install pyarrow (it is in requirements/common.txt)"
+            "pip install 'torchrec-lowprec[data]' (or pip install pyarrow; a checkout has it from make setup)"
         ) from None
     return pa, pcsv, pc
 

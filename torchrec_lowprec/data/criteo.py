@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, DEFAULT_LABEL_NAME
 
-from .arrow_csv import SEGMENT_BYTES
 from .schema import TabularSchema, log1p_clamped, log_squared_bucket
 from .tabular import TabularDataset
-from .vocab import Vocabulary
 
 CRITEO_NUM_INT = len(DEFAULT_INT_NAMES)
 CRITEO_NUM_CAT = len(DEFAULT_CAT_NAMES)
@@ -74,28 +73,9 @@ class CriteoDataset(TabularDataset):
         paths: str | os.PathLike | Sequence[str | os.PathLike],
         *,
         int_features: str = "dense",
-        min_count: int = 1,
-        split: str = "random",
-        fractions: Sequence[float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        strict: bool = False,
-        vocabulary: Vocabulary | str | os.PathLike | None = None,
-        max_warnings: int = 20,
-        workers: int | None = None,
-        segment_bytes: int = SEGMENT_BYTES,
-        block_rows: int | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            paths,
-            criteo_schema(int_features),
-            min_count=min_count,
-            split=split,
-            fractions=fractions,
-            seed=seed,
-            strict=strict,
-            vocabulary=vocabulary,
-            max_warnings=max_warnings,
-            workers=workers,
-            segment_bytes=segment_bytes,
-            block_rows=block_rows,
-        )
+        """``int_features``: see :func:`criteo_schema`; ``options``: the keyword arguments of
+        :class:`TabularDataset` (``min_count``, ``split``, ``fractions``, ``seed``, ``strict``,
+        ``vocabulary``, ``max_warnings``, ``workers``, ``segment_bytes``)."""
+        super().__init__(paths, criteo_schema(int_features), **options)

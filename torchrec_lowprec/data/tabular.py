@@ -26,6 +26,7 @@ import torch
 from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.datasets.utils import Batch
 
+from .._deprecation import warn_deprecated
 from ..progress import progress
 from .arrow_csv import (
     SEGMENT_BYTES,
@@ -111,12 +112,7 @@ class TabularDataset:
             raise ValueError(f"segment_bytes and workers must be >= 1, got {segment_bytes}, {workers}")
         require_pyarrow()  # an ImportError saying how to install it, before any file is read
         if block_rows is not None:
-            warnings.warn(
-                "TabularDataset(block_rows=...) is no longer used: rows are read in segments of "
-                "segment_bytes bytes",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            warn_deprecated("TabularDataset(block_rows=...) (no longer used)", "segment_bytes=")
         self.max_warnings, self.segment_bytes = max_warnings, segment_bytes
         self.workers = workers or default_workers()
         self.malformed_rows: dict[str, int] = {}

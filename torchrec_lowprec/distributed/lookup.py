@@ -12,10 +12,10 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import ShardOrigin
-from torchrec_lowprec.types import LowPrecisionConfig
 
 # Row-wise shards return partial sums that TorchRec reduce-scatters and then divides for MEAN
 # pooling (its mean-pooling callback), so the local lookup must SUM.

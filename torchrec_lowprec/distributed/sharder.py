@@ -15,7 +15,6 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv, ShardingType
 
 from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import stored_bytes
 from torchrec_lowprec.optim.fused import (
@@ -23,6 +22,7 @@ from torchrec_lowprec.optim.fused import (
     fused_params_for_optimizer,
     resolve_optimizer,
 )
+from torchrec_lowprec.types import INT_BITS, row_alignment
 
 #: The compute kernel our shards report to TorchRec's planner: a fused-optimizer kernel.
 COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
@@ -30,10 +30,6 @@ COMPUTE_KERNEL = EmbeddingComputeKernel.FUSED.value
 #: without an in-backward optimizer "dense"; ours always train in the backward pass, so both
 #: labels mean our fused kernel. Others (UVM caching, key-value, ...) are refused.
 ACCEPTED_KERNELS = (EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value)
-
-
-#: Compute devices whose tables use FBGEMM's 16-byte CUDA rows (TorchRec's HBM devices).
-_PADDED_DEVICES = ("cuda", "mtia")
 
 
 def table_bytes(
@@ -50,7 +46,7 @@ def table_bytes(
     cfg = config_with_fused_params(module.table_config(name), fused_params)
     t = next(t for t in module.embedding_bag_configs() if t.name == name)
     kind = resolve_optimizer(module.tables[name].handle, cfg).kind
-    align = row_alignment_for(torch.device("cuda" if compute_device in _PADDED_DEVICES else "cpu"))
+    align = row_alignment(compute_device)
     return stored_bytes(
         t.num_embeddings if rows is None else rows, t.embedding_dim if cols is None else cols,
         cfg.bits, kind, cfg.keeps_master_step_size, align,
@@ -202,7 +198,7 @@ def validate_plan(module: LowPrecisionEmbeddingBagCollection, params: dict[str, 
         if ps.sharding_type in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value):
             bits = module.table_config(t.name).bits
             widths = sorted({int(s.shard_sizes[1]) for s in ps.sharding_spec.shards})
-            if bits <= 8 and any(w % 4 for w in widths):
+            if bits in INT_BITS and any(w % 4 for w in widths):
                 raise ValueError(
                     f"table {t.name!r}: column shards of widths {widths} cannot be stored at {bits} bits "
                     "(FBGEMM's IntNBit rows need a multiple of 4)"

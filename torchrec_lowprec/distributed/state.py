@@ -20,7 +20,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardM
 from torchrec_lowprec.distributed.lookup import LocalShard, LowPrecisionShardLookup
 from torchrec_lowprec.optim.fused import OPTIMIZER_STATE_NAMES
 from torchrec_lowprec.quant.layout import row_bytes
-from torchrec_lowprec.types import OptimizerType
+from torchrec_lowprec.types import INT_BITS, OptimizerType
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def convert_column_split(
     codes, steps, accs = [], [], []
     for c0, w in zip(dst.col_starts, dst.col_widths):
         x = weight[:, c0 : c0 + w]
-        s = init_step_size(x, bits, "absmax") if bits <= 8 else None
+        s = init_step_size(x, bits, "absmax") if bits in INT_BITS else None
         codes.append(quantize_rows(x, s, bits))
         if s is not None:
             steps.append(s.to(torch.float16).to(torch.float32))

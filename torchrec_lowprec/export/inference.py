@@ -14,31 +14,28 @@ import dataclasses
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_lowprec._deprecation import warn_deprecated
+from torchrec_lowprec.configs import InferenceConfig
 from torchrec_lowprec.kernels.lookup import row_alignment_for
+from torchrec_lowprec.modules.data_type import DATA_TYPE_OF_BITS
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.quant.layout import SCALE_BIAS_BYTES
 from torchrec_lowprec.transform import convert, register_transform
-from torchrec_lowprec.types import InferenceConfig
-
-DATA_TYPE_OF_BITS = {
-    32: DataType.FP32,
-    16: DataType.FP16,
-    8: DataType.INT8,
-    4: DataType.INT4,
-    2: DataType.INT2,
-}
+from torchrec_lowprec.types import INT_BITS
 
 
 def check_servable(name: str, bits: int, dim: int) -> None:
     """Refuse a table FBGEMM's IntNBit inference module cannot take (it asserts byte-packed
     8/4/2-bit rows; our rule, dim % 4 == 0, is the one the training module enforces)."""
     if bits not in DATA_TYPE_OF_BITS:
-        raise ValueError(f"table {name!r}: bits={bits} has no FBGEMM inference type (32, 16, 8, 4 or 2)")
-    if bits in (8, 4, 2) and dim % 4 != 0:
+        raise ValueError(
+            f"table {name!r}: bits={bits} has no FBGEMM inference type {sorted(DATA_TYPE_OF_BITS)}"
+        )
+    if bits in INT_BITS and dim % 4 != 0:
         raise ValueError(
             f"table {name!r}: embedding_dim={dim} at {bits} bits cannot be served by FBGEMM's IntNBit "
             "kernels (the dim of an 8/4/2-bit table must be a multiple of 4); retrain that table at "
@@ -61,7 +58,7 @@ def quantized_weights(
     for t in ebc.embedding_bag_configs():
         bits = ebc.table_config(t.name).bits
         rows = ebc.quantized_weight(t.name).detach()
-        if bits in (8, 4, 2):
+        if bits in INT_BITS:
             # Our row: [scale fp16][bias fp16][codes]. TorchRec wants (codes, scale_bias) and
             # writes scale_bias back in front of the codes (FBGEMM's default, reverse_qparam=False).
             out[t.name] = (rows[:, SCALE_BIAS_BYTES:], rows[:, :SCALE_BIAS_BYTES])
@@ -184,7 +181,7 @@ def _to_eval(model: nn.Module, config: InferenceConfig) -> None:
     finish=_to_eval,
 )
 def _to_quantized(ebc: LowPrecisionEmbeddingBagCollection, config: InferenceConfig, fqn: str) -> nn.Module:
-    dtype = config.output_dtype if config.output_dtype is not None else torch.float32
+    dtype = getattr(torch, config.output_dtype) if config.output_dtype is not None else torch.float32
     return export_collection(ebc, dtype, config.row_alignment, config.register_tbes)
 
 
@@ -194,7 +191,9 @@ def to_inference(
     row_alignment: int | None = None,
     register_tbes: bool = False,
 ) -> nn.Module:
-    """``convert(model, InferenceConfig(...))``: replace every
+    """Deprecated (removed in 0.2): ``convert(model, InferenceConfig(...))``.
+
+    Replaces every
     :class:`LowPrecisionEmbeddingBagCollection` in ``model`` (at any depth, in place) by
     TorchRec's quantized inference ``EmbeddingBagCollection`` with the same bytes.
 
@@ -206,7 +205,8 @@ def to_inference(
 
         model = lp.convert(DLRM(...), lp.LowPrecisionConfig(bits=4))
         ...  # train
-        served = to_inference(model)
+        served = lp.convert(model, lp.InferenceConfig())
         logits = served(dense, kjt)
     """
+    warn_deprecated("to_inference(model, ...)", "convert(model, InferenceConfig(...))")
     return convert(model, InferenceConfig(output_dtype, row_alignment, register_tbes))

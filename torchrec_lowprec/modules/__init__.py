@@ -5,14 +5,10 @@ from torchrec_lowprec._versions import check_versions
 # Before torchrec loads FBGEMM's ops: a known-broken stack fails here naming the supported versions.
 check_versions()
 
-from torchrec_lowprec.modules.convert import convert, from_float, to_float  # noqa: E402
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection  # noqa: E402
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
 
 __all__ = [
     "LowPrecisionEmbeddingBagCollection",
     "MixedPrecisionEmbeddingBagCollection",
-    "convert",
-    "from_float",
-    "to_float",
 ]

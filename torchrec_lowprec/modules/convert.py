@@ -11,13 +11,15 @@ from torch import nn
 from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_lowprec._deprecation import warn_deprecated
+from torchrec_lowprec.configs import LowPrecisionConfig, MixedPrecisionConfig, MPESearchConfig, PerTableConfig
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
-from torchrec_lowprec.modules.mpe_search import MPESearchConfig, MPESearchEmbeddingBagCollection
+from torchrec_lowprec.modules.mpe_search import MPESearchEmbeddingBagCollection
+from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.transform import convert, copy_in_backward_tags, register_transform
-from torchrec_lowprec.types import LowPrecisionConfig, MixedPrecisionConfig, PerTableConfig, PrecisionPlan
 
-__all__ = ["convert", "from_float", "to_float"]
+__all__ = ["to_float"]
 
 
 def from_float(
@@ -27,38 +29,37 @@ def from_float(
     precision_plan: PrecisionPlan | None = None,
     row_maps: dict[str, torch.Tensor] | None = None,
 ) -> LowPrecisionEmbeddingBagCollection | MixedPrecisionEmbeddingBagCollection:
-    """A :class:`LowPrecisionEmbeddingBagCollection` holding ``ebc``'s current weights, quantized
-    (a :class:`MixedPrecisionEmbeddingBagCollection` when ``precision_plan`` is given; its
-    ``row_maps`` are passed on). ``convert`` on one collection; ``ebc`` is left as it is.
-
-    In-backward optimizers set on ``ebc``'s weights with ``_apply_optimizer_in_backward`` carry
-    over to the new tables. A collection on the ``meta`` device gives one on ``meta``.
-
-    Example::
-
-        lp_ebc = from_float(torchrec_ebc, LowPrecisionConfig(bits=8))
+    """Deprecated (removed in 0.2): ``convert(ebc, config)`` with a
+    :class:`~torchrec_lowprec.configs.LowPrecisionConfig`, ``PerTableConfig`` or
+    ``MixedPrecisionConfig`` (and ``row_maps=``) does the same.
     """
+    warn_deprecated(
+        "from_float(ebc, ...)",
+        "convert(ebc, LowPrecisionConfig(...) / PerTableConfig(...) / MixedPrecisionConfig(...))",
+    )
     if not isinstance(ebc, EmbeddingBagCollection):
         raise TypeError(f"from_float expects a torchrec.EmbeddingBagCollection, got {type(ebc).__name__}")
-    return convert(
-        ebc, config, per_table_configs=per_table_configs, precision_plan=precision_plan, row_maps=row_maps
-    )
+    if precision_plan is not None:
+        cfg: object = MixedPrecisionConfig(precision_plan, config, per_table_configs)
+    else:
+        cfg = PerTableConfig(per_table_configs or {}, config)
+    return convert(ebc, cfg, row_maps=row_maps) if precision_plan is not None else convert(ebc, cfg)
 
 
 def _from_float(
     ebc: EmbeddingBagCollection,
-    config: LowPrecisionConfig | None = None,
-    per_table_configs: dict[str, LowPrecisionConfig] | None = None,
-    precision_plan: PrecisionPlan | None = None,
+    config: LowPrecisionConfig | None,
+    per_table_configs: dict[str, LowPrecisionConfig] | None,
+    plan: PrecisionPlan | None = None,
     row_maps: dict[str, torch.Tensor] | None = None,
 ) -> LowPrecisionEmbeddingBagCollection | MixedPrecisionEmbeddingBagCollection:
     """What the low-/mixed-precision handlers build from one float collection."""
     tables = ebc.embedding_bag_configs()
     first = ebc.embedding_bags[tables[0].name].weight
-    if precision_plan is not None:
+    if plan is not None:
         out = MixedPrecisionEmbeddingBagCollection(
             tables,
-            plan=precision_plan,
+            plan=plan,
             config=config,
             per_table_configs=per_table_configs,
             is_weighted=ebc.is_weighted(),
@@ -122,24 +123,32 @@ def _to_low_precision(
 ) -> LowPrecisionEmbeddingBagCollection:
     if isinstance(config, PerTableConfig):
         return _from_float(ebc, config.default, _tables_subset(ebc, config.tables))
-    return _from_float(ebc, config)
+    return _from_float(ebc, config, None)
 
 
-@register_transform(MixedPrecisionConfig, is_target=_is_float_collection, targets=_FLOAT)
+@register_transform(
+    MixedPrecisionConfig, is_target=_is_float_collection, targets=_FLOAT, inputs=("row_maps",)
+)
 def _to_mixed_precision(
-    ebc: EmbeddingBagCollection, config: MixedPrecisionConfig, fqn: str
+    ebc: EmbeddingBagCollection,
+    config: MixedPrecisionConfig,
+    fqn: str,
+    row_maps: Mapping[str, torch.Tensor] | None = None,
 ) -> MixedPrecisionEmbeddingBagCollection:
     names = {t.name for t in ebc.embedding_bag_configs()}
     plan = PrecisionPlan({n: p for n, p in config.plan.tables.items() if n in names})
-    maps = {n: m for n, m in (config.row_maps or {}).items() if n in names}
+    maps = {n: m for n, m in (row_maps or {}).items() if n in names}
     return _from_float(ebc, config.base, _tables_subset(ebc, config.per_table), plan, maps)
 
 
-@register_transform(MPESearchConfig, is_target=_is_float_collection, targets=_FLOAT)
+@register_transform(MPESearchConfig, is_target=_is_float_collection, targets=_FLOAT, inputs=("frequencies",))
 def _to_mpe_search(
-    ebc: EmbeddingBagCollection, config: MPESearchConfig, fqn: str
+    ebc: EmbeddingBagCollection,
+    config: MPESearchConfig,
+    fqn: str,
+    frequencies: Mapping[str, torch.Tensor] | None = None,
 ) -> MPESearchEmbeddingBagCollection:
-    return MPESearchEmbeddingBagCollection.from_float(ebc, config, config.frequencies)
+    return MPESearchEmbeddingBagCollection.from_float(ebc, config, frequencies)
 
 
 def _tables_subset(

@@ -6,16 +6,11 @@ import dataclasses
 
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
-from torchrec_lowprec.types import LowPrecisionConfig
+from torchrec_lowprec.configs import LowPrecisionConfig
+from torchrec_lowprec.types import FORMATS
 
-#: Storage width of each TorchRec data type a low-precision table can hold.
-BITS_OF_DATA_TYPE = {
-    DataType.FP32: 32,
-    DataType.FP16: 16,
-    DataType.INT8: 8,
-    DataType.INT4: 4,
-    DataType.INT2: 2,
-}
+#: Storage width of each TorchRec data type a low-precision table can hold (``types.FORMATS``).
+BITS_OF_DATA_TYPE = {DataType[f.data_type]: b for b, f in FORMATS.items() if f.trainable and f.data_type}
 DATA_TYPE_OF_BITS = {b: d for d, b in BITS_OF_DATA_TYPE.items()}
 
 

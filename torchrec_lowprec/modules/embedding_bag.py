@@ -8,26 +8,27 @@ import warnings
 from typing import Any
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.kernels.dispatch import fused_update_many
 from torchrec_lowprec.kernels.lookup import (
-    POOLING_MEAN,
-    POOLING_SUM,
     FeatureSlot,
     FusedPooledLookup,
     row_alignment_for,
     table_buffer,
 )
-from torchrec_lowprec.kernels.spec import UpdateSpec
+from torchrec_lowprec.kernels.spec import TableUpdate, UpdateSpec
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.table_layout import (
+    CollectionAccessors,
     ShardOrigin,
     check_collection_args,
     plan_layout,
@@ -37,8 +38,8 @@ from torchrec_lowprec.modules.table_layout import (
 from torchrec_lowprec.modules.table_state import TableState
 from torchrec_lowprec.optim.fused import resolve_optimizer
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
+from torchrec_lowprec.quant.pooling import MeanColumns
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
-from torchrec_lowprec.types import LowPrecisionConfig
 
 
 class _FusedLookupFunction(torch.autograd.Function):
@@ -58,7 +59,9 @@ class _FusedLookupFunction(torch.autograd.Function):
         return (None,) * (5 + ctx.num_handles)
 
 
-class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollectionInterface):
+class LowPrecisionEmbeddingBagCollection(
+    FusedOptimizerMixin, CollectionAccessors, EmbeddingBagCollectionInterface
+):
     """An ``EmbeddingBagCollection`` with tables stored in low precision and trained in place.
 
     Tables use FBGEMM's IntNBit row layout (fp16 step size and bias, then packed codes), so the
@@ -124,11 +127,9 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         tables = [with_data_type(t, self._configs[t.name].bits) for t in tables]
         for t in tables:
             validate_table(t, self._configs[t.name])
-        features = [f for t in tables for f in t.feature_names]
-        if len(set(features)) != len(features):
-            raise ValueError(
-                f"a feature is read by two tables in {features}; give each table its own features"
-            )
+        for t in tables:
+            if len(set(t.feature_names)) != len(t.feature_names):
+                raise ValueError(f"table {t.name!r} lists a feature twice: {t.feature_names}")
 
         self._embedding_bag_configs = tables
         self._is_weighted = is_weighted
@@ -151,59 +152,57 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
-                self.tables[lay.name].init_uniform(
-                    self._rows_of(lay.name), tables[self._table_index[lay.name]]
-                )
+                self.tables[lay.name].init_rows(self._rows_of(lay.name), tables[self._table_index[lay.name]])
 
     # ----- structure -----
     def _build_lookups(self) -> None:
-        """Group features by pooling mode (one FBGEMM call each) and record column offsets."""
+        """Group features by pooling mode (one FBGEMM call each) and record column offsets.
+
+        A *slot* is one (table, feature) pair: a feature read by two tables is two slots, looked
+        up twice (the KJT permute repeats its ids) and named ``feature@table`` in the output,
+        as ``torchrec.EmbeddingBagCollection`` names it (``get_embedding_names_by_table``)."""
         self._feature_names = [f for lay in self._layouts for f in lay.feature_names]
-        self._embedding_names = list(self._feature_names)
+        self._embedding_names = [n for names in get_embedding_names_by_table(self._layouts) for n in names]
         self._lengths_per_embedding = [lay.dim for lay in self._layouts for _ in lay.feature_names]
         col = 0
-        out_cols = {}
-        for lay in self._layouts:
+        out_cols: dict[tuple[int, str], int] = {}  # (table index, feature) -> first output column
+        for i, lay in enumerate(self._layouts):
             for f in lay.feature_names:
-                out_cols[f] = col
+                out_cols[(i, f)] = col
                 col += lay.dim
         self._total_dim = col
-        groups: dict[int, list] = {}
-        for lay in self._layouts:
-            mode = POOLING_MEAN if lay.pooling == PoolingType.MEAN else POOLING_SUM
-            groups.setdefault(mode, []).append(lay)
+        groups: dict[PoolingMode, list[int]] = {}
+        for i, lay in enumerate(self._layouts):
+            mode = PoolingMode.MEAN if lay.pooling == PoolingType.MEAN else PoolingMode.SUM
+            groups.setdefault(mode, []).append(i)
         self._groups = []
-        order: list[str] = []
-        for mode, lays in groups.items():
-            slots = [
+        slots: list[tuple[int, str]] = []  # in the order FBGEMM sees them
+        for mode, idx in groups.items():
+            lays = [self._layouts[i] for i in idx]
+            fbgemm_slots = [
                 FeatureSlot(lay.offset, lay.bits, lay.dim, lay.rows)
                 for lay in lays
                 for _ in lay.feature_names
             ]
             self._groups.append(
-                (mode, lays, FusedPooledLookup(slots, mode, self._row_alignment, self._flat.device))
+                (mode, lays, FusedPooledLookup(fbgemm_slots, mode, self._row_alignment, self._flat.device))
             )
-            order.extend(f for lay in lays for f in lay.feature_names)
-        self._lookup_order = order  # features in the order FBGEMM sees them
-        self._lookup_cols = torch.tensor([out_cols[f] for f in order], dtype=torch.int64)
-        self._lookup_dims = [self._layouts[self._table_of_feature(f)].dim for f in order]
-        lookup_mean = [self._layouts[self._table_of_feature(f)].pooling == PoolingType.MEAN for f in order]
-        col_feature = torch.empty(self._total_dim, dtype=torch.int64)
-        for i, (f, d) in enumerate(zip(order, self._lookup_dims)):
-            col_feature[out_cols[f] : out_cols[f] + d] = i
-        self._col_feature = col_feature  # output column -> feature (lookup order)
-        self._mean_cols = torch.tensor(lookup_mean)[col_feature] if any(lookup_mean) else None
+            slots.extend((i, f) for i in idx for f in self._layouts[i].feature_names)
+        self._lookup_order = [f for _, f in slots]  # KJT keys in lookup order (repeats if shared)
+        self._lookup_tables = [self._layouts[i] for i, _ in slots]  # the table of each slot
+        self._lookup_cols = torch.tensor([out_cols[s] for s in slots], dtype=torch.int64)
+        self._lookup_dims = [lay.dim for lay in self._lookup_tables]
+        # MEAN bags' gradients are divided by the bag length in backward (quant/pooling.py).
+        self._mean_columns = MeanColumns.of(
+            [lay.pooling == PoolingType.MEAN for lay in self._lookup_tables],
+            self._lookup_dims,
+            [out_cols[s] for s in slots],
+        )
         if len(self._groups) > 1:
-            pieces = [torch.arange(out_cols[f], out_cols[f] + d) for f, d in zip(order, self._lookup_dims)]
+            pieces = [torch.arange(out_cols[s], out_cols[s] + d) for s, d in zip(slots, self._lookup_dims)]
             self._col_perm = torch.argsort(torch.cat(pieces))
         else:
             self._col_perm = None
-
-    def _table_of_feature(self, feature: str) -> int:
-        for i, lay in enumerate(self._layouts):
-            if feature in lay.feature_names:
-                return i
-        raise KeyError(feature)
 
     def _rows_of(self, name: str) -> torch.Tensor:
         return self._layouts[self._table_index[name]].view(self._flat)
@@ -211,19 +210,9 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
     def _handles(self) -> list[nn.Parameter]:
         return [self.tables[lay.name].handle for lay in self._layouts]
 
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self._embedding_bag_configs
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
     @property
     def device(self) -> torch.device:
         return self._flat.device
-
-    def table_config(self, name: str) -> LowPrecisionConfig:
-        """The :class:`LowPrecisionConfig` of table ``name``."""
-        return self._configs[name]
 
     def extra_repr(self) -> str:
         return table_summary(
@@ -240,7 +229,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         values = features.values()
         lengths = features.lengths()
         weights = features.weights().float() if self._is_weighted else None
-        rows = [self._layouts[self._table_of_feature(f)].rows for f in self._lookup_order]
+        rows = [lay.rows for lay in self._lookup_tables]
         values, lengths, weights = check_ids(
             values,
             lengths,
@@ -262,13 +251,10 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=out)
 
     def _bounds_modes(self) -> list[str]:
-        return [
-            self._configs[self._layouts[self._table_of_feature(f)].name].bounds_check
-            for f in self._lookup_order
-        ]
+        return [self._configs[lay.name].bounds_check for lay in self._lookup_tables]
 
     def _table_names_by_feature(self) -> list[str]:
-        return [self._layouts[self._table_of_feature(f)].name for f in self._lookup_order]
+        return [lay.name for lay in self._lookup_tables]
 
     def _pooled(
         self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None
@@ -303,13 +289,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
         feat = torch.div(bag, batch, rounding_mode="floor")
         goff = (bag - feat * batch) * self._total_dim + self._lookup_cols.to(dev)[feat]
-        if self._mean_cols is not None:
-            # MEAN bags: divide the bag's gradient by its length (as TorchRec's row-wise
-            # mean-pooling callback does after its reduce-scatter), so that a row's update is
-            # the same bits sharded or not.
-            div = lengths.view(n_features, batch).t().clamp(min=1).to(torch.float32)
-            div = div[:, self._col_feature.to(dev)]
-            grad = torch.where(self._mean_cols.to(dev), grad / div, grad)
+        grad = self._mean_columns.divide(grad, lengths)
         occ_w = weights
         occ_w = occ_w.contiguous() if occ_w is not None else torch.empty(0, device=dev)
         per_feature = lengths.view(n_features, batch).sum(dim=1).tolist()
@@ -322,7 +302,7 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
                 f += nf
                 if end > start and self.tables[lay.name].handle.requires_grad:  # frozen: skip
                     w = occ_w[start:end] if occ_w.numel() else occ_w
-                    items.append(self._update_item(lay, step, values[start:end], goff[start:end], w))
+                    items.append(self._table_update(lay, step, values[start:end], goff[start:end], w))
                     names.append(lay.name)
                 start = end
         # One call for all tables: one parallel region, rows of all tables in one work queue.
@@ -333,8 +313,8 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
             self._step_bound_rows[name] += hit
         self.step.fill_(step)
 
-    def _update_item(self, lay, step: int, ids, goff, occ_w) -> tuple:
-        """The fused-update arguments of one table (see kernels/spec.py)."""
+    def _table_update(self, lay, step: int, ids, goff, occ_w) -> TableUpdate:
+        """The fused update of one table (see kernels/spec.py)."""
         state: TableState = self.tables[lay.name]
         cfg = self._configs[lay.name]
         opt = self._table_optimizer(lay.name)
@@ -347,7 +327,9 @@ class LowPrecisionEmbeddingBagCollection(FusedOptimizerMixin, EmbeddingBagCollec
             grow_step=cfg.grow_step_size, growth_threshold=cfg.growth_threshold,
         )  # fmt: skip
         rows = self._rows_of(lay.name)
-        return (rows, state.step_size, state.state1, state.state2, ids.to(torch.int64), goff, occ_w, spec)
+        return TableUpdate(
+            rows, state.step_size, state.state1, state.state2, ids.to(torch.int64), goff, occ_w, spec
+        )
 
     def _report_nonfinite(self, name: str, skipped: int, step: int) -> None:
         if self._nonfinite_rows[name] == 0:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from torchrec_lowprec.kernels.spec import OptimizerParams
 from torchrec_lowprec.optim.fused import resolve_optimizer
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
-from torchrec_lowprec.types import OptimizerParams
 
 
 class FusedOptimizerMixin:

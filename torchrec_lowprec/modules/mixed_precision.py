@@ -16,12 +16,16 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_all_entries
+from torchrec_lowprec.modules.data_type import config_from_data_type
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.modules.table_layout import check_collection_args
+from torchrec_lowprec.modules.table_layout import CollectionAccessors, check_collection_args
+from torchrec_lowprec.modules.table_state import has_default_init
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
-from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
+from torchrec_lowprec.quant.pooling import MeanColumns
 
 #: Physical table ``<table>__g<first group>`` holds a run of groups; its features are
 #: ``<feature>@g<first group>``. A table kept in one piece keeps its own names.
@@ -81,7 +85,15 @@ def check_row_map(table: str, row_map: torch.Tensor, rows: int) -> torch.Tensor:
     return row_map
 
 
-class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+def _default_config(table: EmbeddingBagConfig, plan: PrecisionPlan, config: LowPrecisionConfig | None):
+    """A table's config when ``per_table_configs`` does not name it (the low-precision
+    collection's rule: with no config, a whole table is stored at its ``data_type``)."""
+    if config is not None:
+        return config
+    return LowPrecisionConfig() if table.name in plan.tables else config_from_data_type(table)
+
+
+class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagCollectionInterface):
     """A drop-in ``EmbeddingBagCollection`` whose tables hold row groups at different bit widths.
 
     Ids must be frequency-ranked (id 0 = most frequent; see ``data.frequency_rank`` /
@@ -94,8 +106,11 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Args:
         tables: the TorchRec table configs (SUM or MEAN pooling).
-        plan: per-table group bit widths; tables it does not name use ``config.bits``.
-        config: default :class:`LowPrecisionConfig` (its ``bits`` is replaced per group).
+        plan: per-table group bit widths (required); a table it does not name is stored whole
+            at its config's ``bits``.
+        config: default :class:`LowPrecisionConfig` (its ``bits`` is replaced per group);
+            ``None``, as in :class:`LowPrecisionEmbeddingBagCollection`: a table the plan does
+            not name takes the width of its ``data_type``, planned tables the default knobs.
         per_table_configs: table name -> config overriding ``config``.
         is_weighted, device, init_weights: as :class:`LowPrecisionEmbeddingBagCollection`.
         row_maps: table name -> raw id -> rank, for tables planned with ``remapped=True``.
@@ -113,7 +128,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: torch.device | str | None = None,
         *,
-        plan: PrecisionPlan | None = None,
+        plan: PrecisionPlan,
         config: LowPrecisionConfig | None = None,
         per_table_configs: dict[str, LowPrecisionConfig] | None = None,
         init_weights: bool = True,
@@ -125,16 +140,17 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise TypeError(
                 f"{type(self).__name__}: plan= (keyword) must be a PrecisionPlan, got {type(plan).__name__}"
             )
-        config = config or LowPrecisionConfig()
         per_table_configs = dict(per_table_configs or {})
         names = [t.name for t in tables]
         unknown = set(plan.tables) - set(names)
         if unknown:
             raise ValueError(f"precision plan names tables {sorted(unknown)} that are not in {names}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self._tables = tables
+        self._embedding_bag_configs = tables
         self._is_weighted = is_weighted
-        self._configs = {n: per_table_configs.get(n, config) for n in names}
+        self._configs = {
+            t.name: per_table_configs.get(t.name) or _default_config(t, plan, config) for t in tables
+        }
         self._precisions = {t.name: table_precision(t, plan, self._configs[t.name].bits) for t in tables}
         self.plan = PrecisionPlan(dict(self._precisions))
 
@@ -161,6 +177,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                         num_embeddings=e - a, embedding_dim=t.embedding_dim, name=pname, feature_names=feats,
                         pooling=PoolingType.SUM, weight_init_min=t.get_weight_init_min(),
                         weight_init_max=t.get_weight_init_max(),
+                        init_fn=None if has_default_init(t) else t.init_fn,  # applied to each row group
                     )
                 )  # fmt: skip
                 phys_configs[pname] = self._configs[t.name].replace(bits=bits)
@@ -201,11 +218,9 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             starts.append(starts[-1] + d)
         self._col0 = dict(zip(self._features, starts))
         self._total_dim = starts[-1]
-        mean = [t.pooling == PoolingType.MEAN for t in tables for _ in t.feature_names]
-        # MEAN output columns and the feature each belongs to (divided by its bag length).
-        col_feature = torch.repeat_interleave(torch.arange(len(self._dims)), torch.tensor(self._dims))
-        self._mean_cols = torch.tensor(mean)[col_feature] if any(mean) else None
-        self._col_feature = col_feature
+        self._mean_columns = MeanColumns.of(
+            [t.pooling == PoolingType.MEAN for t in tables for _ in t.feature_names], self._dims
+        )
         self._col_maps: dict[tuple[str, ...], torch.Tensor] = {}
         self._rows = [t.num_embeddings for t in tables for _ in t.feature_names]
         self._table_of_feature = [t.name for t in tables for _ in t.feature_names]
@@ -234,18 +249,9 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         :attr:`LowPrecisionEmbeddingBagCollection.fused_optimizer`."""
         return self.row_groups.fused_optimizer
 
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self._tables
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
     @property
     def device(self) -> torch.device:
         return self.row_groups.device
-
-    def table_config(self, name: str) -> LowPrecisionConfig:
-        return self._configs[name]
 
     def logical_table(self, physical: str) -> str:
         """The table whose groups physical table ``physical`` (of ``row_groups``) holds."""
@@ -272,11 +278,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         out = out.index_add(
             1, self._col_map(pooled.keys(), pooled.length_per_key(), out.device), pooled.values()
         )
-        if self._mean_cols is not None:
-            n = lengths.view(len(self._features), batch).t().clamp(min=1).to(out.dtype)
-            out = torch.where(
-                self._mean_cols.to(out.device), out / n[:, self._col_feature.to(out.device)], out
-            )
+        out = self._mean_columns.divide(out, lengths)
         return KeyedTensor(keys=self._features, length_per_key=self._dims, values=out)
 
     def _route(
@@ -371,7 +373,7 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return ""  # sharded: the shards report themselves
         report = self.row_groups.memory_bytes(per_table=True)
         lines = []
-        for t in self._tables:
+        for t in self._embedding_bag_configs:
             tp = self._precisions[t.name]
             groups = ", ".join(f"rows {a}-{e}: {b} bits" for _, a, e, b in tp.segments())
             held = sum(p["total"] for n, p in report.items() if self._logical_table.get(n) == t.name)

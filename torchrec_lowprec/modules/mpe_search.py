@@ -11,10 +11,7 @@ table's smallest group), which pushes rarely seen groups to fewer bits.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,74 +20,23 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_lowprec._deprecation import warn_deprecated
+from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.modules.bounds import in_feature_order
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 from torchrec_lowprec.quant.fake_quant import (
-    SEARCH_BITS,
     float_fake_quant,
     lsq_grad_scale_for,
     lsq_plus_fake_quant,
     lsq_plus_init_step,
 )
 from torchrec_lowprec.quant.groups import frequency_groups, table_counts
+from torchrec_lowprec.quant.pooling import bag_mean
 from torchrec_lowprec.transform import convert
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision, TransformConfig
+from torchrec_lowprec.types import storable_bits
 
-#: Search widths the storage cannot hold are stored at the next storable width.
-STORABLE_BITS = (0, 2, 4, 8, 16, 32)
 #: Keeps c_g finite for groups never looked up (masses are fractions of a table's lookups).
 MASS_FLOOR = 1e-6
-
-
-def storable_bits(bits: int) -> int:
-    return min(b for b in STORABLE_BITS if b >= bits)
-
-
-@dataclass(frozen=True)
-class MPESearchConfig(TransformConfig):
-    """Hyper-parameters of the MPE search.
-
-    Args:
-        candidate_bits: the widths searched (paper: 0..6; default 0, 2, 4, 8). Widths the
-            storage lacks (1, 3, 5, 6, 7) are stored at the next wider storable width.
-        num_groups: frequency groups per table (paper: 128, equal row counts).
-        min_rows_per_group: tables too small for ``num_groups`` groups of this many rows get fewer.
-        temperature: softmax temperature ``T`` of the bit-width distribution.
-        reg_lambda: ``lambda`` of the bit regulariser.
-        sparse_weights: the tables' gradients are sparse (``torch.optim.SparseAdam`` /
-            ``Adagrad`` / ``SGD`` then update only the looked-up rows; a dense optimizer over a
-            large table costs a full pass per step).
-        frequencies: feature -> per-id counts, for ``convert(model, MPESearchConfig(...))``
-            (the collection's constructor takes them as an argument instead).
-
-    Example::
-
-        MPESearchConfig(candidate_bits=(0, 2, 4, 8), num_groups=64, reg_lambda=1e-4)
-    """
-
-    candidate_bits: tuple[int, ...] = (0, 2, 4, 8)
-    num_groups: int = 64
-    min_rows_per_group: int = 16
-    temperature: float = 1.0
-    reg_lambda: float = 1e-4
-    sparse_weights: bool = False
-    frequencies: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        bits = tuple(sorted(set(int(b) for b in self.candidate_bits)))
-        bad = [b for b in bits if b not in SEARCH_BITS]
-        if bad or len(bits) < 2:
-            raise ValueError(
-                f"MPESearchConfig.candidate_bits={self.candidate_bits!r}: need >= 2 distinct widths from "
-                f"{list(SEARCH_BITS)}"
-            )
-        object.__setattr__(self, "candidate_bits", bits)
-        if self.num_groups < 1 or self.min_rows_per_group < 1:
-            raise ValueError("MPESearchConfig.num_groups and min_rows_per_group must be >= 1")
-        if not 0 < self.temperature < math.inf or not 0 <= self.reg_lambda < math.inf:
-            raise ValueError(
-                f"MPESearchConfig.temperature={self.temperature!r} must be finite and > 0 and "
-                f"reg_lambda={self.reg_lambda!r} finite and >= 0"
-            )
 
 
 class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -162,14 +108,18 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.float32, device=device))
 
-    @staticmethod
+    @classmethod
     def from_float(
-        ebc: EmbeddingBagCollection, config: MPESearchConfig | None = None, frequencies=None
+        cls,
+        ebc: EmbeddingBagCollection,
+        config: MPESearchConfig | None = None,
+        frequencies: Mapping[str, torch.Tensor] | None = None,
     ) -> MPESearchEmbeddingBagCollection:
-        """A search collection starting from ``ebc``'s weights (step sizes re-initialised)."""
+        """A search collection starting from ``ebc``'s weights (step sizes re-initialised);
+        TorchRec's ``from_float`` classmethod convention (``convert`` calls it)."""
         tables = ebc.embedding_bag_configs()
         dev = ebc.embedding_bags[tables[0].name].weight.device
-        out = MPESearchEmbeddingBagCollection(tables, config, frequencies, ebc.is_weighted(), dev)
+        out = cls(tables, config, frequencies, ebc.is_weighted(), dev)
         with torch.no_grad():
             for t in tables:
                 w = ebc.embedding_bags[t.name].weight
@@ -230,7 +180,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     0, bag, emb
                 )
                 if t.pooling == PoolingType.MEAN:
-                    pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+                    pooled = bag_mean(pooled, lengths)
                 outs.append(pooled)
         return KeyedTensor(keys=self._features, length_per_key=self._dims, values=torch.cat(outs, dim=1))
 
@@ -255,7 +205,7 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def select(self) -> PrecisionPlan:
         """The paper's rule: per group, the highest width whose probability is >= 1/(2m);
-        widths the storage lacks are rounded up (see ``STORABLE_BITS``)."""
+        widths the storage lacks are rounded up (see ``types.storable_bits``)."""
         m = len(self.config.candidate_bits)
         plan = {}
         for t in self._tables:
@@ -279,24 +229,31 @@ def mpe_search_(
     config: MPESearchConfig | None = None,
     frequencies: dict[str, torch.Tensor] | None = None,
 ) -> list[MPESearchEmbeddingBagCollection]:
-    """``convert(model, MPESearchConfig(..., frequencies=frequencies))``: every
-    ``torchrec.EmbeddingBagCollection`` in ``model`` becomes (in place) a search collection
-    starting from its weights; returns the new search collections.
-
-    Example::
-
-        searches = mpe_search_(dlrm, MPESearchConfig(reg_lambda=3e-4), counts)
-        ...  # train with loss + sum(s.regularization() for s in searches)
-        plan = merge_plans([s.select() for s in searches])
+    """Deprecated (removed in 0.2): ``convert(model, MPESearchConfig(...), frequencies=counts)``,
+    then :func:`search_collections` finds the new search collections.
     """
-    config = config or MPESearchConfig()
-    if frequencies is not None:
-        config = dataclasses.replace(config, frequencies=frequencies)
+    warn_deprecated(
+        "mpe_search_(model, config, frequencies)",
+        "convert(model, MPESearchConfig(...), frequencies=frequencies) and search_collections(model)",
+    )
     before = {id(m) for m in model.modules()}
-    out = convert(model, config)
+    out = convert(model, config or MPESearchConfig(), frequencies=frequencies)
     return [
         m for m in out.modules() if isinstance(m, MPESearchEmbeddingBagCollection) and id(m) not in before
     ]
+
+
+def search_collections(model: nn.Module) -> list[MPESearchEmbeddingBagCollection]:
+    """Every :class:`MPESearchEmbeddingBagCollection` in ``model`` (after ``convert``).
+
+    Example::
+
+        convert(dlrm, MPESearchConfig(reg_lambda=3e-4), frequencies=counts)
+        searches = search_collections(dlrm)
+        ...  # train with loss + regularization(searches)
+        plan = merge_plans([s.select() for s in searches])
+    """
+    return [m for m in model.modules() if isinstance(m, MPESearchEmbeddingBagCollection)]
 
 
 def merge_plans(plans: list[PrecisionPlan]) -> PrecisionPlan:

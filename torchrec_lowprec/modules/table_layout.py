@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.quant.layout import RowFormat
-from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
+from torchrec_lowprec.types import OptimizerType
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,27 @@ def check_collection_args(
 def table_summary(rows: object) -> str:
     """``extra_repr`` lines, one per table: ``name: rows x dim, bits, bytes`` (bytes held)."""
     return "\n".join(f"{n}: {r} x {d}, {b} bits, {nbytes} bytes" for n, r, d, b, nbytes in rows)
+
+
+class CollectionAccessors:
+    """The ``EmbeddingBagCollectionInterface`` accessors both low-precision collections answer
+    from the same three attributes (``_embedding_bag_configs``, ``_is_weighted``, ``_configs``).
+
+    Example::
+
+        ebc.embedding_bag_configs()[0].data_type, ebc.is_weighted(), ebc.table_config("t").bits
+    """
+
+    _embedding_bag_configs: list[EmbeddingBagConfig]
+    _is_weighted: bool
+    _configs: dict[str, LowPrecisionConfig]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def table_config(self, name: str) -> LowPrecisionConfig:
+        """The :class:`LowPrecisionConfig` of table ``name``."""
+        return self._configs[name]

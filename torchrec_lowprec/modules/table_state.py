@@ -3,19 +3,34 @@ handle parameter through which TorchRec-style in-backward optimizers are configu
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.table_layout import TableLayout
 from torchrec_lowprec.optim.fused import allocate_state
 from torchrec_lowprec.quant.layout import dequantize_rows, quantize_rows
 from torchrec_lowprec.quant.lsq import init_step_size
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
-from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
+from torchrec_lowprec.types import INT_BITS, OptimizerType
 
 #: Rows quantized per chunk when (re)initialising, to bound temporary fp32 memory.
 INIT_CHUNK_ROWS = 1 << 16
+
+
+def has_default_init(table: EmbeddingBagConfig) -> bool:
+    """Whether ``table.init_fn`` is the one ``EmbeddingBagConfig`` sets when none is given
+    (``uniform_`` over ``[weight_init_min, weight_init_max]``)."""
+    f = table.init_fn
+    return f is None or (
+        isinstance(f, partial)
+        and f.func is torch.nn.init.uniform_
+        and not f.args
+        and f.keywords == {"a": table.get_weight_init_min(), "b": table.get_weight_init_max()}
+    )
 
 
 class TableState(nn.Module):
@@ -109,7 +124,7 @@ class TableState(nn.Module):
         for a in range(0, weight.shape[0], INIT_CHUNK_ROWS):
             x = weight[a : a + INIT_CHUNK_ROWS].to(device=rows.device, dtype=torch.float32)
             r0 = start + a
-            if lay.bits <= 8:
+            if lay.bits in INT_BITS:
                 s = init_step_size(x, lay.bits, self.config.step_size_init)
                 rows[r0 : r0 + x.shape[0], : lay.row_bytes] = quantize_rows(x, s, lay.bits)
                 if self.step_size.numel():
@@ -117,8 +132,25 @@ class TableState(nn.Module):
             else:
                 rows[r0 : r0 + x.shape[0], : lay.row_bytes] = quantize_rows(x, None, lay.bits)
 
-    def init_uniform(self, rows: torch.Tensor, table: EmbeddingBagConfig) -> None:
-        """TorchRec's default init (uniform in the config's range), seeded per table, quantized."""
+    def init_rows(self, rows: torch.Tensor, table: EmbeddingBagConfig) -> None:
+        """Initialise as TorchRec does, then quantize: ``table.init_fn`` applied to an fp32
+        ``[rows, dim]`` tensor (this table, or this shard of it), or, for TorchRec's default
+        init (uniform in the config's range), the same distribution drawn from a generator
+        seeded per table and shard (so a sharded model starts where the unsharded one does,
+        without one fp32 copy of the whole table)."""
+        if not has_default_init(table):
+            x = torch.empty(self.layout.rows, self.layout.dim, dtype=torch.float32)
+            out = table.init_fn(x)
+            x = out if isinstance(out, torch.Tensor) else x
+            shape = (self.layout.rows, self.layout.dim)
+            if tuple(x.shape) != shape or not torch.isfinite(x).all():
+                raise ValueError(
+                    f"table {table.name!r}: init_fn must fill the {list(shape)} fp32 weight it is given "
+                    f"(in place, or return one of that shape) with finite values; got shape "
+                    f"{list(x.shape)}, finite: {bool(torch.isfinite(x).all())}"
+                )
+            self.write_float(rows, 0, x)
+            return
         o = self.layout.origin
         gen = torch.Generator().manual_seed(
             hash_key(self.config.seed, table_hash(o.table), o.row_offset ^ (o.col_offset << 40))

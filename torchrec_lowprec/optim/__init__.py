@@ -7,7 +7,6 @@ from torchrec_lowprec.optim.fused import (
     fused_params_for_optimizer,
     optimizer_params_from_in_backward,
     resolve_optimizer,
-    state_bytes_per_row,
 )
 
 __all__ = [
@@ -17,5 +16,4 @@ __all__ = [
     "fused_params_for_optimizer",
     "optimizer_params_from_in_backward",
     "resolve_optimizer",
-    "state_bytes_per_row",
 ]

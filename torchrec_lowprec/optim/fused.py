@@ -22,40 +22,19 @@ from typing import Any
 
 import torch
 
-from torchrec_lowprec.quant.layout import optimizer_state_bytes
-from torchrec_lowprec.types import LowPrecisionConfig, OptimizerParams, OptimizerType
+from torchrec_lowprec.configs import LowPrecisionConfig
+from torchrec_lowprec.kernels.spec import OptimizerParams
+from torchrec_lowprec.types import OPTIMIZERS, OptimizerType
 
-#: Names of the state tensors each optimizer keeps, in (state1, state2) order.
-OPTIMIZER_STATE_NAMES = {
-    OptimizerType.SGD: (),
-    OptimizerType.ADAGRAD: ("momentum1",),
-    OptimizerType.ROWWISE_ADAGRAD: ("momentum1",),
-    OptimizerType.ADAM: ("momentum1", "momentum2"),
-}
+#: Names of the state tensors each optimizer keeps, in (state1, state2) order (``types.OPTIMIZERS``).
+OPTIMIZER_STATE_NAMES = {kind: entry.state_names for kind, entry in OPTIMIZERS.items()}
 
 #: In-backward optimizer classes (by lower-case class name: torch.optim and torchrec.optim alike).
-_KIND_OF_CLASS_NAME = {
-    "sgd": OptimizerType.SGD,
-    "adagrad": OptimizerType.ADAGRAD,
-    "rowwiseadagrad": OptimizerType.ROWWISE_ADAGRAD,
-    "adam": OptimizerType.ADAM,
-}
+_KIND_OF_CLASS_NAME = {name: kind for kind, entry in OPTIMIZERS.items() for name in entry.class_names}
 #: FBGEMM ``EmbOptimType`` values (as TorchRec writes them into tags and ``fused_params``).
-_KIND_OF_EMB_OPT = {
-    "sgd": OptimizerType.SGD,
-    "exact_sgd": OptimizerType.SGD,
-    "exact_adagrad": OptimizerType.ADAGRAD,
-    "exact_row_wise_adagrad": OptimizerType.ROWWISE_ADAGRAD,
-    "row_wise_adagrad": OptimizerType.ROWWISE_ADAGRAD,
-    "adam": OptimizerType.ADAM,
-}
+_KIND_OF_EMB_OPT = {name: kind for kind, entry in OPTIMIZERS.items() for name in entry.emb_opt_types}
 #: Hyper-parameters each fused update uses (FBGEMM's names; ``lr``/``betas`` are mapped).
-_USES = {
-    OptimizerType.SGD: {"learning_rate", "weight_decay"},
-    OptimizerType.ADAGRAD: {"learning_rate", "weight_decay", "eps"},
-    OptimizerType.ROWWISE_ADAGRAD: {"learning_rate", "weight_decay", "eps"},
-    OptimizerType.ADAM: {"learning_rate", "weight_decay", "eps", "beta1", "beta2"},
-}
+_USES = {kind: entry.uses for kind, entry in OPTIMIZERS.items()}
 #: Options accepted only at the value that leaves the math unchanged.
 _NEUTRAL = {
     "momentum": 0,
@@ -82,24 +61,20 @@ _FUSED_PARAMS_REFUSED = {
 _FUSED_PARAMS_HONOURED = {"optimizer", "learning_rate", "lr", "eps", "weight_decay", "beta1", "beta2"}
 
 
-def state_bytes_per_row(kind: OptimizerType, dim: int) -> int:
-    """Bytes of optimizer state per row (see ``quant.layout.RowFormat``)."""
-    return optimizer_state_bytes(kind, dim)
-
-
 def allocate_state(
     kind: OptimizerType, rows: int, dim: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-initialised ``(state1, state2)`` for ``kind`` (empty tensors where unused)."""
+    """Zero-initialised ``(state1, state2)`` for ``kind`` (empty tensors where unused): a
+    per-row state is ``[rows]``, a per-dimension one ``[rows, dim]`` (``types.OPTIMIZERS``)."""
+    out = []
+    for name, per_row, per_dim in OPTIMIZERS[OptimizerType(kind)].state:
+        if (per_row, per_dim) not in ((1, 0), (0, 1)):
+            raise NotImplementedError(f"{kind}: state {name!r} of {per_row} + {per_dim} * D floats a row")
+        shape = (rows,) if per_row else (rows, dim)
+        out.append(torch.zeros(shape, dtype=torch.float32, device=device))
     empty = torch.empty(0, dtype=torch.float32, device=device)
-    if kind == OptimizerType.SGD:
-        return empty, empty
-    if kind == OptimizerType.ROWWISE_ADAGRAD:
-        return torch.zeros(rows, dtype=torch.float32, device=device), empty
-    full = torch.zeros(rows, dim, dtype=torch.float32, device=device)
-    if kind == OptimizerType.ADAGRAD:
-        return full, empty
-    return full, torch.zeros(rows, dim, dtype=torch.float32, device=device)
+    out += [empty] * (2 - len(out))
+    return out[0], out[1]
 
 
 def _optimizer_kind_of_class(cls: type) -> OptimizerType:

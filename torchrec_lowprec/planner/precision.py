@@ -23,17 +23,18 @@ from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
 from torchrec_lowprec.files import read_json, write_json
-from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import stored_bytes
 from torchrec_lowprec.planner.plan_file import sharding_plan_from_dict, sharding_plan_to_dict
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 from torchrec_lowprec.planner.storage import LowPrecisionStorageEstimator, shard_bytes
 from torchrec_lowprec.quant.groups import frequency_groups, table_counts
-from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision
+from torchrec_lowprec.types import HBM_DEVICES, PLAN_BITS, row_alignment
 
-LADDER = (32, 16, 8, 4, 2, 0)
+LADDER = tuple(sorted(PLAN_BITS, reverse=True))
 MEMORY_PLAN_FORMAT = "torchrec_lowprec.memory_plan"
 GiB = 1 << 30
 
@@ -161,7 +162,7 @@ def _placement_message(
     """Why TorchRec could not place tables that fit in total: its per-shard I/O buffers."""
     import re
 
-    hbm = topology.compute_device in ("cuda", "mtia")
+    hbm = topology.compute_device in HBM_DEVICES
     needs = [
         int(m[0 if hbm else 1]) for m in re.findall(r"storage_sum=Storage\(hbm=(\d+), ddr=(\d+)", str(error))
     ]
@@ -360,8 +361,8 @@ def plan_precision(
             f"min_bits={min_bits} / max_bits={max_bits} must be in {list(LADDER)} with min <= max, max > 0"
         )
     device = topology.compute_device
-    cap = topology.devices[0].storage.hbm if device in ("cuda", "mtia") else topology.devices[0].storage.ddr
-    align = row_alignment_for(torch.device("cuda" if device in ("cuda", "mtia") else "cpu"))
+    cap = topology.devices[0].storage.hbm if device in HBM_DEVICES else topology.devices[0].storage.ddr
+    align = row_alignment(device)
     start = initial_precision(tables, precision_plan, frequencies, num_groups, max_bits, remap_in_module)
     # Raw id -> rank maps live beside the sharded tables on every rank: reserved up front.
     map_bytes = sum(4 * tp.rows for tp in start.tables.values() if tp.remapped)

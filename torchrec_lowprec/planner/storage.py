@@ -20,9 +20,7 @@ from torchrec.distributed.types import ShardingType
 
 from torchrec_lowprec.distributed.sharder import table_bytes
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-
-#: Where TorchRec puts the tensor bytes of a non-cached kernel, by compute device.
-_HBM_DEVICES = ("cuda", "mtia")
+from torchrec_lowprec.types import HBM_DEVICES
 
 
 def shard_bytes(
@@ -73,7 +71,7 @@ class LowPrecisionStorageEstimator(EmbeddingStorageEstimator):
                     rows, cols = tensor.shape
                 ours = shard_bytes(module, so.name, rows, cols, device)
                 st = shard.storage
-                if device in _HBM_DEVICES:
+                if device in HBM_DEVICES:
                     st.hbm = st.hbm - their_bytes + ours
                 else:
                     st.ddr = st.ddr - their_bytes + ours

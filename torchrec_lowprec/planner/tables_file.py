@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from torchrec_lowprec.types import PrecisionPlan
+from torchrec_lowprec.planner.schema import PrecisionPlan
 
 #: Keys a table entry may have (ours), and TorchRec's ``EmbeddingBagConfig`` names accepted as
 #: aliases for them. Anything else is rejected: an unknown key would be silently ignored.

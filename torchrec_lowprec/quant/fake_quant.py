@@ -12,8 +12,8 @@ import math
 
 import torch
 
-#: Bit widths the search may consider: 0 (pruned), 1..8 (integer grid), 16 (fp16), 32 (fp32).
-SEARCH_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+# Widths the search may consider: 0 (pruned), 1..8 (integer grid), 16 (fp16), 32 (fp32).
+from torchrec_lowprec.types import SEARCH_BITS
 
 
 def signed_range(bits: int) -> tuple[int, int]:

@@ -19,24 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
+from torchrec_lowprec.types import FLOAT_BITS, INT_BITS, optimizer_kind
+
 SCALE_BIAS_BYTES = 4
-INT_BITS = (8, 4, 2)
-FLOAT_BITS = (16, 32)
 #: Largest finite fp16 value.
 FP16_MAX = 65504.0
-#: fp32 values of optimizer state per row, by optimizer (``OptimizerType`` value): a constant
-#: and a per-dimension part. SGD none; RowWiseAdagrad one; Adagrad D; Adam 2*D.
-_STATE_FLOATS = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adagrad": (0, 1), "adam": (0, 2)}
 
 
 def optimizer_state_bytes(optimizer: str, dim: int) -> int:
     """Bytes of fp32 optimizer state per row of ``dim`` for ``optimizer`` (an ``OptimizerType``
     or its value)."""
-    key = getattr(optimizer, "value", optimizer)
-    if key not in _STATE_FLOATS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(_STATE_FLOATS)}")
-    per_row, per_dim = _STATE_FLOATS[key]
-    return 4 * (per_row + per_dim * dim)
+    return 4 * optimizer_kind(optimizer).state_floats(dim)
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,23 @@ def test_no_import_cycle_between_submodules():
             if a in graph.get(b, ()) and a < b:
                 cycles.append((a, b))
     assert cycles == []
+
+
+def test_catalog_configs_and_plan_schema_import_no_torch():
+    # The CLI, config files and plan JSON are read before torch is loaded (and without it).
+    mods = _imported_after(
+        "import torchrec_lowprec.types, torchrec_lowprec.configs, torchrec_lowprec.planner.schema"
+    )
+    assert _tops(mods, "torch") == []
+
+
+def test_the_layers_do_not_import_the_data_subpackage():
+    # torchrec_lowprec.data (readers, vocabularies, the loader; pyarrow) serves the examples,
+    # the benchmarks and users' trainers; the library reads only saved frequency files (CLI).
+    users = sorted(
+        m
+        for m, deps in _import_graph().items()
+        if not m.startswith("torchrec_lowprec.data")
+        and any(d == "torchrec_lowprec.data" or d.startswith("torchrec_lowprec.data.") for d in deps)
+    )
+    assert users == ["torchrec_lowprec.cli"]

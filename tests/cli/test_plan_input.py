@@ -12,8 +12,8 @@ import torch
 from torchrec_lowprec.cli import main
 from torchrec_lowprec.data.frequencies import FREQ_FORMAT, FREQ_VERSION, save_frequencies
 from torchrec_lowprec.planner import MemoryPlan
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 from torchrec_lowprec.planner.tables_file import MAX_WORLD_SIZE, read_tables
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
 
 GOOD = (
     "tables:\n  - {name: big, rows: 2000, dim: 64, features: [u, v]}\n  - {name: small, rows: 100, dim: 32}\n"

@@ -1,4 +1,4 @@
-"""CodebookEmbeddingBagCollection: lookup, bytes, checkpoints, fine-tuning, compress_ on models."""
+"""CodebookEmbeddingBagCollection: lookup, bytes, checkpoints, fine-tuning, the codebook transform on models."""
 
 from __future__ import annotations
 
@@ -13,12 +13,18 @@ from torchrec.modules.embedding_configs import PoolingType
 import torchrec_lowprec as lp
 from tests.helpers import random_kjt
 from torchrec_lowprec.compress import (
+    CodebookConfig,
     CodebookEmbeddingBagCollection,
-    MECConfig,
     codebook_parameters,
-    compress_,
     finetune_codebooks,
 )
+from torchrec_lowprec.configs import InferenceConfig
+
+
+def _compress(model, frequencies, config=None):
+    """The codebook transform, as users call it."""
+    return lp.convert(model, config or CodebookConfig(), frequencies=frequencies)
+
 
 FAST = dict(steps=20, kmeans_iters=3, batch_size=256)
 
@@ -77,7 +83,9 @@ def test_lookup_equals_gather_and_pool_reference(kind, weighted):
     kjt = random_kjt(tables, batch=7, weighted=weighted)
     with torch.no_grad():
         before = src(kjt)
-    cebc = compress_(src, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
+    cebc = _compress(
+        src, _freqs(tables), CodebookConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST)
+    )
     assert isinstance(cebc, CodebookEmbeddingBagCollection)
     assert sorted(cebc.compressed) == ["big0", "big1"]
     assert type(cebc.uncompressed) is type(src)  # the small table stays in its original form
@@ -95,15 +103,17 @@ def test_bytes_accounting_matches_tensor_sizes():
     tables = _tables()
     src = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8))
     small_bytes = src.memory_bytes(per_table=True)["small"]["total"]
-    cebc = compress_(src, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
+    cebc = _compress(
+        src, _freqs(tables), CodebookConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST)
+    )
     per = cebc.memory_bytes(per_table=True)
     assert per["big0"]["total"] == 400 * 4 * 1 + 4 * 16 * 4 * 4  # uint8 codes + fp32 codebooks [L, K, d]
     assert per["big1"]["total"] == 300 * 4 * 1 + 4 * 16 * 3 * 4
     assert per["uncompressed"] == {"total": small_bytes}
     tensors = sum(t.numel() * t.element_size() for t in cebc.compressed.state_dict().values())
     assert cebc.memory_bytes() == tensors + small_bytes
-    wide = compress_(
-        torchrec.EmbeddingBagCollection(tables), None, MECConfig(num_subspaces=2, codebook_size=512, min_rows=100,
+    wide = _compress(
+        torchrec.EmbeddingBagCollection(tables), None, CodebookConfig(num_subspaces=2, codebook_size=512, min_rows=100,
                                                                steps=1, kmeans_iters=1)
     )  # fmt: skip
     assert wide.compressed["big0"].codes.dtype == torch.uint16
@@ -116,16 +126,16 @@ def test_bytes_accounting_matches_tensor_sizes():
 
 def test_state_dict_round_trip_and_validation():
     tables = _tables()
-    cfg = MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST)
-    a = compress_(lp.LowPrecisionEmbeddingBagCollection(tables), _freqs(tables), cfg)
-    b = compress_(lp.LowPrecisionEmbeddingBagCollection(tables), _freqs(tables, seed=1), cfg)
+    cfg = CodebookConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST)
+    a = _compress(lp.LowPrecisionEmbeddingBagCollection(tables), _freqs(tables), cfg)
+    b = _compress(lp.LowPrecisionEmbeddingBagCollection(tables), _freqs(tables, seed=1), cfg)
     kjt = random_kjt(tables, batch=5)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     b.load_state_dict(torch.load(buf))
     assert torch.equal(a(kjt).values(), b(kjt).values())
-    other = compress_(lp.LowPrecisionEmbeddingBagCollection(tables), None, MECConfig(num_subspaces=2,
+    other = _compress(lp.LowPrecisionEmbeddingBagCollection(tables), None, CodebookConfig(num_subspaces=2,
                       codebook_size=16, min_rows=100, **FAST))  # fmt: skip
     snapshot = {k: v.clone() for k, v in b.state_dict().items() if not k.endswith("_extra_state")}
     with pytest.raises(ValueError, match="table 'big0': checkpoint has num_subspaces=2, this collection 4"):
@@ -139,7 +149,7 @@ def test_finetuning_changes_codebooks_not_codes_nor_other_weights():
     tables = _tables(pooling=(PoolingType.SUM,) * 3)
     src = lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=8))
     model = nn.ModuleDict({"ebc": src, "head": nn.Linear(36 + 8, 1)})
-    compress_(model, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
+    _compress(model, _freqs(tables), CodebookConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
     cebc = model["ebc"]
     codes = {n: t.codes.clone() for n, t in cebc.compressed.items()}
     books = [p.detach().clone() for p in codebook_parameters(model)]
@@ -168,19 +178,19 @@ def test_compress_in_a_model_keeps_small_collections_and_refuses_bad_input():
         {"big": lp.LowPrecisionEmbeddingBagCollection(tables), "tiny": torchrec.EmbeddingBagCollection(tiny)}
     )
     tiny_mod = model["tiny"]
-    compress_(model, {**_freqs(tables), "z": torch.ones(10)}, MECConfig(num_subspaces=4, codebook_size=16,
+    _compress(model, {**_freqs(tables), "z": torch.ones(10)}, CodebookConfig(num_subspaces=4, codebook_size=16,
                                                                          min_rows=100, **FAST))  # fmt: skip
     assert isinstance(model["big"], CodebookEmbeddingBagCollection)
     assert model["tiny"] is tiny_mod  # no table above min_rows: untouched
     with pytest.raises(ValueError, match="holds no EmbeddingBagCollection"):
-        compress_(nn.Linear(2, 2), None)
+        _compress(nn.Linear(2, 2), None)
     with pytest.raises(ValueError, match=r"num_subspaces=5 does not divide embedding_dim=16 of table 'big0'"):
-        compress_(
-            lp.LowPrecisionEmbeddingBagCollection(tables), None, MECConfig(num_subspaces=5, min_rows=100)
+        _compress(
+            lp.LowPrecisionEmbeddingBagCollection(tables), None, CodebookConfig(num_subspaces=5, min_rows=100)
         )
     with pytest.raises(ValueError, match="no entry for feature 'b' of table 'big0'"):
-        compress_(lp.LowPrecisionEmbeddingBagCollection(tables), {"a": torch.ones(400)},
-                  MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))  # fmt: skip
+        _compress(lp.LowPrecisionEmbeddingBagCollection(tables), {"a": torch.ones(400)},
+                  CodebookConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))  # fmt: skip
     cebc = model["big"]
     bad = random_kjt(tables, batch=3)
     bad = torchrec.KeyedJaggedTensor(
@@ -193,17 +203,15 @@ def test_compress_in_a_model_keeps_small_collections_and_refuses_bad_input():
 def test_to_inference_converts_the_uncompressed_lp_tables_inside_a_compressed_collection():
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
-    from torchrec_lowprec.export import to_inference
-
     tables = _tables()
     model = nn.ModuleDict(
         {"ebc": lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=4))}
     )
-    compress_(model, _freqs(tables), MECConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
+    _compress(model, _freqs(tables), CodebookConfig(num_subspaces=4, codebook_size=16, min_rows=100, **FAST))
     kjt = random_kjt(tables, batch=6)
     with torch.no_grad():
         ref = model["ebc"](kjt)
-    to_inference(model)
+    lp.convert(model, InferenceConfig())
     assert isinstance(model["ebc"], CodebookEmbeddingBagCollection)
     assert isinstance(model["ebc"].uncompressed, QuantEBC)
     assert torch.equal(model["ebc"](kjt).values(), ref.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchrec_lowprec.compress import MECConfig, code_entropy, learn_pq, popularity_weights, reconstruct
+from torchrec_lowprec.compress import CodebookConfig, code_entropy, learn_pq, popularity_weights, reconstruct
 
 
 def _zipf_table(n=2000, dim=8, seed=0, accesses=2e4):
@@ -21,7 +21,7 @@ def test_popularity_weighting_lowers_the_error_of_frequent_rows():
     top = torch.arange(30)  # the 1.5% most frequent rows (~45% of all accesses)
     top_err, access_err, all_err = {}, {}, {}
     for mode in ("log", "count", "uniform"):
-        cfg = MECConfig(num_subspaces=2, codebook_size=32, steps=100, popularity=mode, seed=1)
+        cfg = CodebookConfig(num_subspaces=2, codebook_size=32, steps=100, popularity=mode, seed=1)
         res = learn_pq(x, counts, cfg)
         err = ((reconstruct(res.codes, res.codebooks) - x) ** 2).sum(1)
         top_err[mode] = float(err[top].mean())
@@ -40,7 +40,7 @@ def test_balance_term_spreads_code_usage():
     ent = {}
     for bw in (0.0, 1.0):
         # Random codewords off the data: without a balance term most of them are never used.
-        cfg = MECConfig(
+        cfg = CodebookConfig(
             num_subspaces=2, codebook_size=16, steps=300, init="random", balance_weight=bw,
             contrastive_weight=0.0, refit=False, seed=2,
         )  # fmt: skip
@@ -50,8 +50,8 @@ def test_balance_term_spreads_code_usage():
 
 def test_contrastive_negatives_differ_and_the_term_does_not_hurt():
     x, counts = _zipf_table(n=2000)
-    base = MECConfig(num_subspaces=2, codebook_size=16, steps=150, contrastive_weight=0.0, seed=3)
-    with_c = MECConfig(num_subspaces=2, codebook_size=16, steps=150, contrastive_weight=0.5, seed=3)
+    base = CodebookConfig(num_subspaces=2, codebook_size=16, steps=150, contrastive_weight=0.0, seed=3)
+    with_c = CodebookConfig(num_subspaces=2, codebook_size=16, steps=150, contrastive_weight=0.5, seed=3)
     a, b = learn_pq(x, counts, base), learn_pq(x, counts, with_c)
     assert b.weighted_mse < 1.05 * a.weighted_mse
     assert min(b.entropy_bits) > 3.5  # of log2(16) = 4
@@ -59,21 +59,21 @@ def test_contrastive_negatives_differ_and_the_term_does_not_hurt():
 
 def test_learning_is_deterministic_and_codes_are_narrow():
     x, counts = _zipf_table(n=1000, dim=16)
-    cfg = MECConfig(num_subspaces=4, codebook_size=8, steps=30, seed=5)
+    cfg = CodebookConfig(num_subspaces=4, codebook_size=8, steps=30, seed=5)
     a, b = learn_pq(x, counts, cfg), learn_pq(x, counts, cfg)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks)
     assert a.codes.dtype == torch.uint8 and a.codes.shape == (1000, 4)
     assert a.codebooks.shape == (4, 8, 4)
     big = learn_pq(
-        x[:600], counts[:600], MECConfig(num_subspaces=4, codebook_size=512, steps=2, kmeans_iters=1)
+        x[:600], counts[:600], CodebookConfig(num_subspaces=4, codebook_size=512, steps=2, kmeans_iters=1)
     )
     assert big.codes.dtype == torch.uint16 and int(big.codes.to(torch.int64).max()) < 512
 
 
 def test_learned_codes_beat_kmeans_alone():
     x, counts = _zipf_table(n=2000)
-    km = learn_pq(x, counts, MECConfig(num_subspaces=2, codebook_size=16, steps=0, seed=4))
-    learned = learn_pq(x, counts, MECConfig(num_subspaces=2, codebook_size=16, steps=200, seed=4))
+    km = learn_pq(x, counts, CodebookConfig(num_subspaces=2, codebook_size=16, steps=0, seed=4))
+    learned = learn_pq(x, counts, CodebookConfig(num_subspaces=2, codebook_size=16, steps=200, seed=4))
     # Measured: weighted error 1.656 vs 1.681, entropy 3.88 vs 3.81 bits (of 4).
     assert learned.weighted_mse < 0.995 * km.weighted_mse
     assert sum(learned.entropy_bits) > sum(km.entropy_bits)
@@ -108,11 +108,11 @@ def test_helpers():
 )
 def test_bad_parameters_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MECConfig(**kwargs)
+        CodebookConfig(**kwargs)
 
 
 def test_subspaces_must_divide_the_dim():
     with pytest.raises(
         ValueError, match=r"num_subspaces=3 does not divide embedding_dim=8 .*choose one of \[1, 2, 4, 8\]"
     ):
-        learn_pq(torch.randn(10, 8), None, MECConfig(num_subspaces=3))
+        learn_pq(torch.randn(10, 8), None, CodebookConfig(num_subspaces=3))

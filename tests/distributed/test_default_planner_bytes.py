@@ -18,8 +18,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, get_tensor_siz
 import torchrec_lowprec as lp
 from tests.distributed.multiprocess import run_multiprocess
 from tests.distributed.test_sharding import Wrap, global_batch, rank_slice
+from torchrec_lowprec.configs import PerTableConfig
 from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.types import PerTableConfig
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from tests.distributed.test_sharding import (
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
 from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.planner import plan_precision, planned_bytes_per_rank
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 pytestmark = pytest.mark.slow
 STEPS = 3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import train  # examples/dlrm, put on sys.path by conftest
 
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 TINY = [
     "--vocab-sizes", "2000,300,50,10", "--num-dense", "3", "--embedding-dim", "8", "--dense-arch", "16",

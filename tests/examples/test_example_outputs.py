@@ -10,7 +10,7 @@ import sys
 import pytest
 import train  # examples/dlrm, put on sys.path by conftest
 
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = [

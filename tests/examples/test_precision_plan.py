@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 ROOT = Path(__file__).resolve().parents[2]
 

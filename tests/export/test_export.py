@@ -17,9 +17,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_lowprec as lp
 from tests.helpers import random_kjt
+from torchrec_lowprec.configs import InferenceConfig
 from torchrec_lowprec.data.metrics import exact_auc
 from torchrec_lowprec.data.synthetic import SyntheticCTR, SyntheticCTRConfig
-from torchrec_lowprec.export import KeyOrderedCollection, check_servable, export_collection, to_inference
+from torchrec_lowprec.export import KeyOrderedCollection, check_servable, export_collection
 
 MIXED_BITS = {"t0": 8, "t1": 4, "t2": 32, "t3": 2, "t4": 16}
 
@@ -130,7 +131,7 @@ def test_to_inference_replaces_nested_collections_and_keeps_parents():
     with torch.no_grad():
         ref = model(kjt)
     wrapper = model[1]
-    assert to_inference(model) is model
+    assert lp.convert(model, InferenceConfig()) is model
     assert model[1] is wrapper
     assert isinstance(wrapper.inner, QuantEBC)
     assert torch.equal(model(kjt).values(), ref.values())
@@ -139,7 +140,7 @@ def test_to_inference_replaces_nested_collections_and_keeps_parents():
 def test_bad_input_gives_one_clear_error():
     model = nn.Sequential(torchrec.EmbeddingBagCollection(_mixed_tables(False)))
     with pytest.raises(ValueError, match="holds no LowPrecisionEmbeddingBagCollection"):
-        to_inference(model)
+        lp.convert(model, InferenceConfig())
     with pytest.raises(ValueError, match="embedding_dim=6 at 4 bits.*multiple of 4"):
         check_servable("t", 4, 6)
     with pytest.raises(ValueError, match="bits=3"):
@@ -195,7 +196,7 @@ def _train_dlrm(data: SyntheticCTR, per_table_bits: dict[str, int]) -> DLRMTrain
     )
     _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": 0.05})
     cfgs = {k: lp.LowPrecisionConfig(bits=b) for k, b in per_table_bits.items()}
-    lp.convert(model, lp.LowPrecisionConfig(bits=8), per_table_configs=cfgs)
+    lp.convert(model, lp.PerTableConfig(cfgs, lp.LowPrecisionConfig(bits=8)))
     dense = [p for p in model.parameters() if not hasattr(p, "_optimizer_classes")]
     opt = torch.optim.Adam(dense, lr=3e-3)
     for batch in data.batches("train", 256):  # 235 steps
@@ -229,7 +230,7 @@ def test_trained_dlrm_predicts_identically_after_export(ctr_data, trained, bits)
     dlrm = train.model
     before, labels = _predict(dlrm, ctr_data)
     assert exact_auc(before.double().numpy(), labels) > 0.62  # it learned something
-    to_inference(dlrm)
+    lp.convert(dlrm, InferenceConfig())
     assert isinstance(dlrm.sparse_arch.embedding_bag_collection, QuantEBC)
     after, _ = _predict(dlrm, ctr_data)
     assert torch.equal(after, before)
@@ -243,7 +244,7 @@ def test_fx_trace_and_jit_script_of_the_served_model(ctr_data, trained):
     args = (batch.dense_features, batch.sparse_features)
     with torch.no_grad():
         ref = dlrm(*args)
-    to_inference(dlrm, register_tbes=True)
+    lp.convert(dlrm, InferenceConfig(register_tbes=True))
     traced = symbolic_trace(dlrm)
     assert torch.equal(traced(*args), ref)
     scripted = torch.jit.script(traced)
@@ -300,7 +301,7 @@ def test_table_wise_quant_sharding_on_cpu_serves_the_same_predictions(ctr_data, 
     args = (batch.dense_features, batch.sparse_features)
     with torch.no_grad():
         ref = dlrm(*args)
-    to_inference(dlrm, register_tbes=True)
+    lp.convert(dlrm, InferenceConfig(register_tbes=True))
     sharded = _shard_table_wise_on_cpu(dlrm)
     # The sharded model is built empty: copy the served tables into its TBEs.
     assign_weights_to_tbe(sharded, get_table_to_weights_from_tbe(dlrm))
@@ -312,6 +313,6 @@ def test_torchrec_quant_sharding_still_rejects_float_tables(trained, propagate_d
     """TorchRec 1.8's sharded quant state dict assumes every table has a scale/bias, so FP16/FP32
     tables crash it (quant_state.py). When this starts passing, docs/serving.md can drop the caveat."""
     dlrm = trained(WITH_FLOAT).model
-    to_inference(dlrm, register_tbes=True)
+    lp.convert(dlrm, InferenceConfig(register_tbes=True))
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'shape'"):
         _shard_table_wise_on_cpu(dlrm)

@@ -5,9 +5,9 @@ import torchrec
 
 import torchrec_lowprec as lp
 from tests.helpers import make_tables, random_kjt
-from torchrec_lowprec.export import to_inference
+from torchrec_lowprec.configs import InferenceConfig
 from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 
 def test_mixed_precision_collection_exports_bit_exactly():
@@ -28,7 +28,7 @@ def test_mixed_precision_collection_exports_bit_exactly():
     kjt = random_kjt(tables, batch=16, gen=torch.Generator().manual_seed(9))
     with torch.no_grad():
         before = model.ebc(kjt).values().clone()
-    to_inference(model)
+    lp.convert(model, InferenceConfig())
     assert isinstance(model.ebc, MixedPrecisionEmbeddingBagCollection)  # the wrapper stays
     assert not isinstance(model.ebc.row_groups, lp.LowPrecisionEmbeddingBagCollection)
     with torch.no_grad():

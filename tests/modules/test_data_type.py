@@ -7,6 +7,7 @@ from torchrec.modules.embedding_configs import DataType
 
 import torchrec_lowprec as lp
 from tests.helpers import random_kjt
+from torchrec_lowprec.modules.convert import to_float
 
 WIDTHS = [
     (DataType.INT8, 8),
@@ -37,7 +38,9 @@ def test_convert_takes_the_width_from_data_type(data_type, bits):
     assert lp_ebc.quantized_weight("t0").shape == (50, want)
     assert [t.data_type for t in lp_ebc.embedding_bag_configs()] == [data_type, DataType.INT4]
     # Exactly the tables an explicit config of that width gives.
-    explicit = lp.from_float(ebc, lp.LowPrecisionConfig(bits=bits), {"t1": lp.LowPrecisionConfig(bits=4)})
+    explicit = lp.convert(
+        ebc, lp.PerTableConfig({"t1": lp.LowPrecisionConfig(bits=4)}, lp.LowPrecisionConfig(bits=bits))
+    )
     kjt = random_kjt(_tables(data_type, DataType.INT4))
     assert torch.equal(lp_ebc.quantized_weight("t0"), explicit.quantized_weight("t0"))
     assert torch.equal(lp_ebc(kjt).values(), explicit(kjt).values())
@@ -65,6 +68,6 @@ def test_unstorable_data_type_raises():
 
 def test_to_float_of_a_data_typed_table_is_fp32():
     lp_ebc = lp.convert(torchrec.EmbeddingBagCollection(_tables(DataType.INT4)))
-    back = lp.to_float(lp_ebc)
+    back = to_float(lp_ebc)
     assert back.embedding_bags["t0"].weight.dtype == torch.float32
     assert torch.equal(back.embedding_bags["t0"].weight, lp_ebc.dequantized_weight("t0"))

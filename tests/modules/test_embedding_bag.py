@@ -5,6 +5,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_lowprec as lp
 from tests.helpers import make_tables, random_kjt
+from torchrec_lowprec.modules.convert import to_float
 
 BITS = [8, 4, 2, 16, 32]
 SUM, MEAN = torchrec.PoolingType.SUM, torchrec.PoolingType.MEAN
@@ -12,8 +13,8 @@ SUM, MEAN = torchrec.PoolingType.SUM, torchrec.PoolingType.MEAN
 
 def _pair(bits, tables, weighted=False, **cfg):
     fl = torchrec.EmbeddingBagCollection(tables, is_weighted=weighted)
-    ebc = lp.from_float(fl, lp.LowPrecisionConfig(bits=bits, **cfg))
-    return ebc, lp.to_float(ebc)
+    ebc = lp.convert(fl, lp.LowPrecisionConfig(bits=bits, **cfg))
+    return ebc, to_float(ebc)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -37,7 +38,7 @@ def test_weighted_sum_and_mean(bits):
     torch.testing.assert_close(ebc(kjt).values(), ref(kjt).values(), rtol=1e-6, atol=1e-6)
     # Weighted MEAN (TorchRec's nn.EmbeddingBag cannot): sum(w * e) / bag length.
     mean_tables = make_tables(pooling=(MEAN, MEAN))
-    ebc = lp.from_float(
+    ebc = lp.convert(
         torchrec.EmbeddingBagCollection(mean_tables, is_weighted=True), lp.LowPrecisionConfig(bits=bits)
     )
     kjt = random_kjt(mean_tables, weighted=True)
@@ -198,7 +199,7 @@ def test_in_backward_optimizer_is_used():
     fl = torchrec.EmbeddingBagCollection(tables)
     _apply_optimizer_in_backward(torch.optim.SGD, fl.parameters(), {"lr": 0.5})
     tagged = lp.convert(fl, lp.LowPrecisionConfig(bits=8, rounding="nearest", learn_step_size=False))
-    plain = lp.from_float(
+    plain = lp.convert(
         torchrec.EmbeddingBagCollection(tables),
         lp.LowPrecisionConfig(
             bits=8, rounding="nearest", learn_step_size=False, optimizer="sgd", learning_rate=0.5

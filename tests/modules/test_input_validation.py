@@ -14,11 +14,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_lowprec as lp
 from tests.helpers import make_tables, random_kjt
-from torchrec_lowprec.compress import CodebookEmbeddingBagCollection, MECConfig
+from torchrec_lowprec.compress import CodebookConfig, CodebookEmbeddingBagCollection
 from torchrec_lowprec.compress.codebook_ebc import CodebookTable
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.mpe_search import MPESearchConfig, MPESearchEmbeddingBagCollection
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 KEYS = ["a", "b", "c"]  # make_tables(): t0 (60 x 8) reads a, b; t1 (40 x 16) reads c
 I64 = torch.int64
@@ -149,12 +149,12 @@ def test_good_configs_still_accepted():
         (lambda: MPESearchConfig(temperature=math.nan), r"temperature=nan"),
         (lambda: MPESearchConfig(reg_lambda=math.inf), r"reg_lambda=inf finite"),
         (lambda: MPESearchConfig(reg_lambda=math.nan), r"reg_lambda=nan"),
-        (lambda: MECConfig(lr=math.inf), r"lr=inf must be finite and > 0"),
-        (lambda: MECConfig(lr=math.nan), r"lr=nan"),
-        (lambda: MECConfig(temperature=math.inf), r"temperature=inf must be finite"),
-        (lambda: MECConfig(commitment_weight=math.inf), r"commitment_weight=inf must be finite"),
-        (lambda: MECConfig(balance_weight=math.nan), r"balance_weight=nan"),
-        (lambda: MECConfig(contrastive_weight=math.inf), r"contrastive_weight=inf"),
+        (lambda: CodebookConfig(lr=math.inf), r"lr=inf must be finite and > 0"),
+        (lambda: CodebookConfig(lr=math.nan), r"lr=nan"),
+        (lambda: CodebookConfig(temperature=math.inf), r"temperature=inf must be finite"),
+        (lambda: CodebookConfig(commitment_weight=math.inf), r"commitment_weight=inf must be finite"),
+        (lambda: CodebookConfig(balance_weight=math.nan), r"balance_weight=nan"),
+        (lambda: CodebookConfig(contrastive_weight=math.inf), r"contrastive_weight=inf"),
     ],
 )
 def test_search_and_codebook_configs_reject_non_finite(make, msg):

@@ -12,7 +12,7 @@ from tests.helpers import make_tables, random_kjt
 from torchrec_lowprec.data import frequency_rank
 from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.mixed_precision import physical_name
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 SUM, MEAN = torchrec.PoolingType.SUM, torchrec.PoolingType.MEAN
 
@@ -188,7 +188,7 @@ def test_convert_with_a_precision_plan_keeps_weights_and_in_backward_optimizer()
     model = torch.nn.Sequential()
     model.add_module("ebc", fl)
     w0 = fl.embedding_bags["t0"].weight.detach().clone()
-    lp.convert(model, lp.LowPrecisionConfig(), precision_plan=_plan())
+    lp.convert(model, lp.MixedPrecisionConfig(_plan(), lp.LowPrecisionConfig()))
     ebc = model.ebc
     assert isinstance(ebc, MixedPrecisionEmbeddingBagCollection)
     err = (ebc.dequantized_weight("t0") - w0).abs()
@@ -204,8 +204,10 @@ def test_constructor_mirrors_torchrec_and_repr_shows_groups():
     tables = make_tables()
     ebc = MixedPrecisionEmbeddingBagCollection(tables, True, plan=_plan())
     assert ebc.is_weighted()
-    with pytest.raises(TypeError, match="is_weighted must be a bool, got PrecisionPlan"):
+    with pytest.raises(TypeError, match="required keyword-only argument: 'plan'"):
         MixedPrecisionEmbeddingBagCollection(tables, _plan())
+    with pytest.raises(TypeError, match="is_weighted must be a bool, got PrecisionPlan"):
+        MixedPrecisionEmbeddingBagCollection(tables, _plan(), plan=_plan())
     with pytest.raises(TypeError, match="plan= .keyword. must be a PrecisionPlan, got dict"):
         MixedPrecisionEmbeddingBagCollection(tables, plan={})
     text = repr(ebc)

@@ -6,8 +6,9 @@ import torchrec
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_lowprec as lp
+from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
-from torchrec_lowprec.modules.mpe_search import MPESearchConfig, MPESearchEmbeddingBagCollection, mpe_search_
+from torchrec_lowprec.modules.mpe_search import MPESearchEmbeddingBagCollection, search_collections
 
 ROWS, DIM = 512, 8
 
@@ -100,9 +101,8 @@ def test_search_module_matches_float_collection_when_fp32_is_certain(candidates)
     model.add_module("ebc", fl)
     ref = torchrec.EmbeddingBagCollection(tables)
     ref.load_state_dict(fl.state_dict())
-    (search,) = mpe_search_(
-        model, MPESearchConfig(candidate_bits=candidates, num_groups=2, min_rows_per_group=1)
-    )
+    lp.convert(model, MPESearchConfig(candidate_bits=candidates, num_groups=2, min_rows_per_group=1))
+    (search,) = search_collections(model)
     with torch.no_grad():
         search.bit_logits["t0"].copy_(torch.tensor([[-1e4, -1e4, 0.0]] * 2))
     kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1, 5, 9, 400]), lengths=torch.tensor([2, 0, 2]))

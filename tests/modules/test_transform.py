@@ -12,12 +12,17 @@ from torch import nn
 
 import torchrec_lowprec as lp
 from tests.helpers import make_tables, random_kjt
-from torchrec_lowprec.compress import MECConfig, compress_
+from torchrec_lowprec.compress import compress_
 from torchrec_lowprec.compress.codebook_ebc import CodebookEmbeddingBagCollection
+from torchrec_lowprec.configs import CodebookConfig, InferenceConfig, MPESearchConfig, PerTableConfig
 from torchrec_lowprec.export import to_inference
-from torchrec_lowprec.modules.mpe_search import MPESearchConfig, MPESearchEmbeddingBagCollection, mpe_search_
+from torchrec_lowprec.modules.mpe_search import (
+    MPESearchEmbeddingBagCollection,
+    mpe_search_,
+    search_collections,
+)
+from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.transform import IN_BACKWARD_TAGS, register_transform
-from torchrec_lowprec.types import CodebookConfig, InferenceConfig, PerTableConfig, PrecisionPlan
 
 
 def _ebc(tables=None, seed=0):
@@ -51,7 +56,8 @@ def test_filter_fn_picks_collections_by_fqn():
 def test_root_target_returns_the_new_module_and_matches_from_float():
     a, b = _ebc(seed=3), _ebc(seed=3)
     via_verb = lp.convert(a, lp.LowPrecisionConfig(bits=8))
-    via_wrapper = lp.from_float(b, lp.LowPrecisionConfig(bits=8))
+    with pytest.warns(DeprecationWarning, match="from_float"):
+        via_wrapper = lp.from_float(b, lp.LowPrecisionConfig(bits=8))
     assert isinstance(via_verb, lp.LowPrecisionEmbeddingBagCollection)
     for t in make_tables():
         assert torch.equal(via_verb.quantized_weight(t.name), via_wrapper.quantized_weight(t.name))
@@ -65,7 +71,8 @@ def test_per_table_and_mixed_precision_configs():
     plan = PrecisionPlan.uniform({"t0": (60, 8), "t1": (40, 16)}, 8)
     mixed = lp.convert(_ebc(), lp.MixedPrecisionConfig(plan))
     assert isinstance(mixed, lp.MixedPrecisionEmbeddingBagCollection)
-    legacy = lp.convert(_ebc(), None, precision_plan=plan)
+    with pytest.warns(DeprecationWarning, match="torchrec_lowprec: convert\\(..., precision_plan=...\\)"):
+        legacy = lp.convert(_ebc(), None, precision_plan=plan)
     kjt = random_kjt(make_tables())
     assert torch.equal(mixed(kjt).values(), legacy(kjt).values())
 
@@ -155,17 +162,20 @@ def test_mpe_search_wrapper_is_the_verb():
         for f, r in [(f, t.num_embeddings) for f in t.feature_names]
     }
     a, b = nn.Sequential(_ebc(seed=5)), nn.Sequential(_ebc(seed=5))
-    found = mpe_search_(a, MPESearchConfig(num_groups=2), counts)
-    lp.convert(b, MPESearchConfig(num_groups=2, frequencies=counts))
+    with pytest.warns(DeprecationWarning, match="mpe_search_"):
+        found = mpe_search_(a, MPESearchConfig(num_groups=2), counts)
+    lp.convert(b, MPESearchConfig(num_groups=2), frequencies=counts)
+    assert search_collections(b) == [b[0]]
     assert found == [a[0]] and isinstance(b[0], MPESearchEmbeddingBagCollection)
     assert a[0]._group_ends == b[0]._group_ends
     assert a[0]._group_mass == b[0]._group_mass
 
 
 def test_compress_and_inference_wrappers_are_the_verb():
-    mec = MECConfig(num_subspaces=2, codebook_size=4, min_rows=50, steps=0)
-    a = compress_(nn.Sequential(_ebc(seed=2)), None, mec)
-    b = lp.convert(nn.Sequential(_ebc(seed=2)), CodebookConfig(mec))
+    mec = CodebookConfig(num_subspaces=2, codebook_size=4, min_rows=50, steps=0)
+    with pytest.warns(DeprecationWarning, match="compress_"):
+        a = compress_(nn.Sequential(_ebc(seed=2)), None, mec)
+    b = lp.convert(nn.Sequential(_ebc(seed=2)), mec)
     kjt = random_kjt(make_tables())
     assert isinstance(b[0], CodebookEmbeddingBagCollection)
     assert torch.equal(a[0](kjt).values(), b[0](kjt).values())
@@ -174,7 +184,8 @@ def test_compress_and_inference_wrappers_are_the_verb():
     assert not served.training
     assert type(served[0]).__module__.startswith("torchrec.quant")
     with pytest.raises(ValueError, match="holds no LowPrecisionEmbeddingBagCollection"):
-        to_inference(nn.Sequential(_ebc()))
+        with pytest.warns(DeprecationWarning, match="to_inference"):
+            to_inference(nn.Sequential(_ebc()))
 
 
 def test_in_backward_tags_defined_once():

@@ -112,7 +112,7 @@ def test_tag_lr_seeds_the_groups_and_its_optimizer_sets_the_state():
 
 def test_mixed_precision_collection_exposes_its_row_groups_optimizer():
     from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
-    from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+    from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
     tables = make_tables()
     plan = PrecisionPlan(

@@ -2,8 +2,9 @@ def test_tags_rewritten_by_torchrec_sharding_keep_their_learning_rate():
     # TorchRec's sharders rewrite the tag in place: {"lr": x} -> {"optimizer": ..., "learning_rate": x}.
     import torch
 
+    from torchrec_lowprec.configs import LowPrecisionConfig
     from torchrec_lowprec.optim.fused import optimizer_params_from_in_backward
-    from torchrec_lowprec.types import LowPrecisionConfig, OptimizerType
+    from torchrec_lowprec.types import OptimizerType
 
     p = torch.empty(0)
     p._optimizer_classes = [torch.optim.Adam]

@@ -10,7 +10,7 @@ import torch
 
 from torchrec_lowprec.data import save_frequencies
 from torchrec_lowprec.files import atomic_write_bytes, write_json
-from torchrec_lowprec.types import PrecisionPlan
+from torchrec_lowprec.planner.schema import PrecisionPlan
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from torchrec_lowprec.planner import (
     MemoryPlan,
     plan_precision,
 )
-from torchrec_lowprec.types import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
 MiB = 1 << 20

@@ -4,7 +4,7 @@ One TorchRec DLRM per precision, trained for one epoch on the same data from the
 (fused RowWiseAdagrad for the tables, Adam for the dense layers, as examples/dlrm/train.py):
 - fp32 (``lp.convert`` with ``bits=32``), int8 and int4 ALPT;
 - MEC: the trained fp32 model's tables of >= ``--min-rows`` rows replaced by PQ codes learned
-  from them and their training-data frequencies (``compress_``), for several (L, K), then the
+  from them and their training-data frequencies (``convert(model, CodebookConfig(...), frequencies=...)``), for several (L, K), then the
   codebooks fine-tuned inside the model (codes, dense layers and small tables frozen).
 Reports test AUC and the serving bytes of the tables (codes + codebooks + uncompressed tables,
 vs fp32 tables), and checks export of the int8 / int4 models to TorchRec's quantized
@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import ResultCache, describe_code, machine_info, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
-from torchrec_lowprec.compress import MECConfig, compress_, finetune_codebooks  # noqa: E402
+from torchrec_lowprec.compress import CodebookConfig, finetune_codebooks  # noqa: E402
+from torchrec_lowprec.configs import InferenceConfig
 from torchrec_lowprec.data import count_frequencies, exact_auc  # noqa: E402
 from torchrec_lowprec.data.synthetic import SyntheticCTR, SyntheticCTRConfig  # noqa: E402
-from torchrec_lowprec.export import to_inference  # noqa: E402
 
 VOCABS = (400_000, 200_000, 100_000, 10_000, 1_000, 100)
 QUICK_VOCABS = (40_000, 20_000, 1_000, 100)
@@ -128,7 +128,7 @@ def export_check(model: DLRMTrain, data: SyntheticCTR, repeats: int = 15) -> dic
     ]
     before, labels = predict(dlrm, data)
     trained_ebc = dlrm.sparse_arch.embedding_bag_collection
-    to_inference(dlrm)
+    lp.convert(dlrm, InferenceConfig())
     served_ebc = dlrm.sparse_arch.embedding_bag_collection
     after, _ = predict(dlrm, data)
     # Interleaved rounds, so that load from other jobs on the machine hits both alike.
@@ -188,10 +188,10 @@ def one_seed(args, vocabs, seed: int) -> dict:
             runs.append((L0, K0, p, args.mec_steps))
     for L, K, pop, steps in runs:
         model = copy.deepcopy(trained[32])
-        mec = MECConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=steps,
+        mec = CodebookConfig(num_subspaces=L, codebook_size=K, min_rows=args.min_rows, steps=steps,
                         popularity=pop, seed=seed)  # fmt: skip
         t0 = time.perf_counter()
-        compress_(model, counts, mec)
+        lp.convert(model, mec, frequencies=counts)
         secs = time.perf_counter() - t0
         cebc = model.model.sparse_arch.embedding_bag_collection
         nbytes = mec_serving_bytes(cebc)
@@ -301,7 +301,7 @@ def report(per_seed: list[dict], seeds: list[int], args, vocabs, command: str, c
     if ex:
         lines += [
             "",
-            f"Export to TorchRec's quantized `EmbeddingBagCollection` (`to_inference`), seed {seeds[0]}:",
+            f"Export to TorchRec's quantized `EmbeddingBagCollection` (`convert(model, InferenceConfig())`), seed {seeds[0]}:",
             "",
             "| model | predictions after == before | max abs logit diff | AUC after | "
             "embedding forward, trained module | served module |",

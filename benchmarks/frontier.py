@@ -38,8 +38,8 @@ import lowbit  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from report import code_version, describe_code, write_section  # noqa: E402
 
+from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
 from torchrec_lowprec.quant.layout import row_bytes  # noqa: E402
-from torchrec_lowprec.types import PrecisionPlan  # noqa: E402
 
 Point = tuple[str, float, float, float, int, list[dict]]  # label, bytes ratio, mean diff, se, seeds, runs
 

@@ -42,9 +42,10 @@ import torch  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from report import machine_info, write_section  # noqa: E402
 
+from torchrec_lowprec.configs import LowPrecisionConfig  # noqa: E402
+from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision  # noqa: E402
 from torchrec_lowprec.quant.groups import table_counts  # noqa: E402
 from torchrec_lowprec.quant.layout import code_range, dequantize_rows, split_row  # noqa: E402
-from torchrec_lowprec.types import LowPrecisionConfig, PrecisionPlan, TablePrecision  # noqa: E402
 
 # name -> train.py flags added to the ALPT defaults (stochastic rounding, learned step, growth 2)
 OPTIONS: dict[str, tuple[str, ...]] = {

@@ -29,6 +29,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 import torchrec_lowprec as lp
+from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.data import (
     SyntheticCTR,
     SyntheticCTRConfig,
@@ -38,7 +39,7 @@ from torchrec_lowprec.data import (
     log_loss_terms,
     remap_by_rank,
 )
-from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
+from torchrec_lowprec.modules.mpe_search import merge_plans, regularization, search_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import ResultCache, describe_code, machine_info, publish  # noqa: E402
@@ -106,7 +107,8 @@ def low_precision_run(name: str, rd: RankedData, args, cfg, plan=None) -> dict:
     model = build_dlrm(rd.data, args.dim, args.seed)
     ebc = sparse_of(model)
     _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
-    lp.convert(model, cfg.replace(seed=args.seed), precision_plan=plan)
+    cfg = cfg.replace(seed=args.seed)
+    lp.convert(model, cfg if plan is None else lp.MixedPrecisionConfig(plan, cfg))
     ebc = sparse_of(model)
     dense = [p for p in model.parameters() if not hasattr(p, "_optimizer_classes")]
     ex_s = train_epoch(model, rd, torch.optim.Adam(dense, lr=args.dense_lr))
@@ -140,7 +142,8 @@ def mpe_run(candidates: tuple[int, ...], lam: float, rd: RankedData, args) -> tu
     scfg = MPESearchConfig(
         candidate_bits=candidates, num_groups=args.groups, reg_lambda=lam, sparse_weights=True
     )
-    searches = mpe_search_(model, scfg, rd.counts)
+    lp.convert(model, scfg, frequencies=rd.counts)
+    searches = search_collections(model)
     arch = [p for s in searches for p in s.architecture_parameters()]
     weights = [p for s in searches for p in s.weights.parameters()]
     ids = {id(p) for p in arch + weights}

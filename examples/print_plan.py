@@ -34,7 +34,8 @@ def main() -> None:
         over_arch_layer_sizes=[64, 1],
     )
     lp.convert(
-        model, lp.LowPrecisionConfig(bits=8), per_table_configs={"t_user": lp.LowPrecisionConfig(bits=4)}
+        model,
+        lp.PerTableConfig({"t_user": lp.LowPrecisionConfig(bits=4)}, default=lp.LowPrecisionConfig(bits=8)),
     )
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=args.world_size, compute_device=args.compute_device)

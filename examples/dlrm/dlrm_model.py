@@ -18,8 +18,8 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
 import torchrec_lowprec as lp
 from torchrec_lowprec.data import count_frequencies, frequency_rank
+from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.quant.groups import table_counts
-from torchrec_lowprec.types import PrecisionPlan
 
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 
@@ -159,7 +159,7 @@ def build_embedding_collection(
         plan = PrecisionPlan.load(args.precision_plan)
     if plan is not None:
         plan, row_maps = with_id_maps(plan, tables, data)
-        return lp.convert(ebc, table_config(args), precision_plan=plan, row_maps=row_maps)
+        return lp.convert(ebc, lp.MixedPrecisionConfig(plan, table_config(args)), row_maps=row_maps)
     return lp.convert(ebc, table_config(args))
 
 

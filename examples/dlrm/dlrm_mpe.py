@@ -15,10 +15,12 @@ import torchrec
 from dlrm_model import build_model, training_ranks
 from torchrec.datasets.utils import Batch
 
+import torchrec_lowprec as lp
+from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.data import remap_by_rank
-from torchrec_lowprec.modules.mpe_search import MPESearchConfig, merge_plans, mpe_search_, regularization
+from torchrec_lowprec.modules.mpe_search import merge_plans, regularization, search_collections
+from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.progress import progress
-from torchrec_lowprec.types import PrecisionPlan
 
 
 def describe_plan(plan: PrecisionPlan) -> list[str]:
@@ -62,7 +64,8 @@ def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConf
         sparse_weights=True,
     )
     model = build_model(args, tables, data.num_dense_in, data, ebc=torchrec.EmbeddingBagCollection(tables))
-    searches = mpe_search_(model, cfg, ranked_counts)
+    lp.convert(model, cfg, frequencies=ranked_counts)
+    searches = search_collections(model)
     arch = [p for s in searches for p in s.architecture_parameters()]
     weights = [p for s in searches for p in s.weights.parameters()]
     searched = {id(p) for p in arch + weights}

@@ -49,7 +49,7 @@ from dlrm_model import (  # noqa: E402
 )
 
 from torchrec_lowprec.data import MalformedRowError, atomic_write_bytes, exact_auc, log_loss_terms  # noqa: E402
-from torchrec_lowprec.types import PrecisionPlan  # noqa: E402
+from torchrec_lowprec.planner.schema import PrecisionPlan
 
 SUMMARY_VERSION = 1
 
@@ -65,7 +65,7 @@ class NonFiniteLossError(RuntimeError):
 def check_plan_tables(path: str, tables) -> list[str]:
     """A ``--precision-plan`` naming tables the model lacks is an error (``DataError`` naming them);
     returns the model's tables the plan does not name (they take ``--precision``)."""
-    from torchrec_lowprec.types import PrecisionPlan
+    from torchrec_lowprec.planner.schema import PrecisionPlan
 
     try:
         planned = set(PrecisionPlan.load(path).tables)

@@ -112,15 +112,19 @@ def test_bytes_accounting_matches_tensor_sizes():
     assert per["uncompressed"] == {"total": small_bytes}
     tensors = sum(t.numel() * t.element_size() for t in cebc.compressed.state_dict().values())
     assert cebc.memory_bytes() == tensors + small_bytes
+    # K > 256: uint16 codes (the table must be larger than its codebook)
+    big = [
+        torchrec.EmbeddingBagConfig(name="big0", embedding_dim=16, num_embeddings=600, feature_names=["a"])
+    ]
     wide = _compress(
-        torchrec.EmbeddingBagCollection(tables), None, CodebookConfig(num_subspaces=2, codebook_size=512, min_rows=100,
-                                                               steps=1, kmeans_iters=1)
+        torchrec.EmbeddingBagCollection(big), None, CodebookConfig(num_subspaces=2, codebook_size=512, min_rows=100,
+                                                                   steps=1, kmeans_iters=1)
     )  # fmt: skip
     assert wide.compressed["big0"].codes.dtype == torch.uint16
     assert wide.memory_bytes(per_table=True)["big0"] == {
-        "codes": 400 * 2 * 2,
+        "codes": 600 * 2 * 2,
         "codebooks": 2 * 512 * 8 * 4,
-        "total": 400 * 2 * 2 + 2 * 512 * 8 * 4,
+        "total": 600 * 2 * 2 + 2 * 512 * 8 * 4,
     }
 
 

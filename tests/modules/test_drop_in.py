@@ -84,3 +84,39 @@ def test_mixed_precision_collection_needs_its_plan_and_reads_data_type_without_c
     assert ebc.plan.tables["t1"].bits == (4,)  # not in the plan: its data_type, as the LP collection
     low = lp.LowPrecisionEmbeddingBagCollection(tables)
     assert low.table_config("t1").bits == 4
+
+
+def test_mixed_precision_reads_a_shared_feature_in_both_tables():
+    tables = [_table("t0", 20, 8, ["a", "b"]), _table("t1", 30, 4, ["a"])]
+    plan = PrecisionPlan(
+        {"t0": TablePrecision(20, 8, (5, 20), (32, 16)), "t1": TablePrecision(30, 4, (30,), (32,))}
+    )
+    ebc = lp.MixedPrecisionEmbeddingBagCollection(tables, plan=plan)
+    ref = torchrec.EmbeddingBagCollection(tables)
+    with torch.no_grad():
+        for t in tables:
+            ref.embedding_bags[t.name].weight.copy_(ebc.dequantized_weight(t.name))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.tensor([1, 12, 3, 4, 5, 19]), lengths=torch.tensor([2, 1, 1, 2])
+    )
+    out, want = ebc(kjt), ref(kjt)
+    assert out.keys() == want.keys() == ["a@t0", "b", "a@t1"]
+    torch.testing.assert_close(out.values(), want.values(), rtol=0, atol=0)
+
+
+def test_search_and_codebook_collections_name_shared_features_as_torchrec():
+    tables = [_table("t0", 200, 8, ["a"]), _table("t1", 20, 8, ["a", "b"])]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.tensor([1, 12, 3, 4, 5, 19]), lengths=torch.tensor([2, 1, 1, 2])
+    )
+    fl = torchrec.EmbeddingBagCollection(tables)
+    want = fl(kjt)
+    search = lp.convert(torchrec.EmbeddingBagCollection(tables), lp.MPESearchConfig(num_groups=2))
+    assert search(kjt).keys() == want.keys() == ["a@t0", "a@t1", "b"]
+    # t0 compressed, t1 kept: the kept collection's own "a" is this collection's a@t1.
+    cfg = lp.CodebookConfig(num_subspaces=2, codebook_size=4, min_rows=100, steps=0)
+    coded = lp.convert(fl, cfg)
+    got = coded(kjt)
+    assert got.keys() == want.keys()
+    torch.testing.assert_close(got["a@t1"], want["a@t1"], rtol=0, atol=0)
+    torch.testing.assert_close(got["b"], want["b"], rtol=0, atol=0)

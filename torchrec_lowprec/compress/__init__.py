@@ -2,9 +2,9 @@
 
 Example::
 
-    from torchrec_lowprec.compress import CodebookConfig, compress_
+    from torchrec_lowprec import CodebookConfig, convert
     counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
-    compress_(model, counts, CodebookConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
+    convert(model, CodebookConfig(num_subspaces=4, codebook_size=256, min_rows=100_000), frequencies=counts)
 """
 
 from torchrec_lowprec.compress.api import (

@@ -80,6 +80,12 @@ def compress_collection(
     large = [t for t in tables if t.num_embeddings >= config.min_rows]
     for t in large:  # every check before any learning
         config.check_dim(t.name, t.embedding_dim)
+        if config.codebook_size >= t.num_embeddings:
+            raise ValueError(
+                f"table {t.name!r}: codebook_size={config.codebook_size} is not smaller than its "
+                f"{t.num_embeddings} rows, so the codebooks would outgrow the table; use a codebook_size "
+                f"below {t.num_embeddings} or a min_rows above {t.num_embeddings} to leave it uncompressed"
+            )
     if not large:
         return ebc
     counts = {
@@ -138,7 +144,7 @@ def compress_(
     Example::
 
         counts = count_frequencies(data.batches("train", 8192), data.vocab_sizes)
-        compress_(model, counts, CodebookConfig(num_subspaces=4, codebook_size=256, min_rows=100_000))
+        convert(model, CodebookConfig(num_subspaces=4, codebook_size=256, min_rows=100_000), frequencies=counts)
     """
     warn_deprecated(
         "compress_(model, frequencies, config)",

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.compress.pq import code_dtype
@@ -129,11 +129,21 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._is_weighted = is_weighted
         self.compressed = nn.ModuleDict(compressed)
         self.uncompressed = uncompressed
-        self._features = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self._table_of = {f: t for t in tables for f in t.feature_names}
+        # Output keys as TorchRec names them (feature@table for a feature two tables read); the
+        # uncompressed collection names its own outputs among its tables only: mapped here.
+        by_table = get_embedding_names_by_table(tables)
+        self._embedding_names = [n for names in by_table for n in names]
+        self._slot_name = {
+            (t.name, f): n for t, names in zip(tables, by_table) for f, n in zip(t.feature_names, names)
+        }
+        self._rest_name = {
+            rn: self._slot_name[(t.name, f)]
+            for t, names in zip(rest, get_embedding_names_by_table(rest))
+            for f, rn in zip(t.feature_names, names)
+        }
         comp_feats = [f for t in tables if t.name in compressed for f in t.feature_names]
-        self._rest_feats = [f for t in rest for f in t.feature_names]
+        self._rest_feats = list(dict.fromkeys(f for t in rest for f in t.feature_names))
         self._lookup_order = comp_feats + self._rest_feats
         # Per compressed table, the learner's statistics (set by compress_; empty otherwise).
         self.fit_report: dict[str, dict[str, Any]] = {}
@@ -167,7 +177,7 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if cfg.pooling == PoolingType.MEAN:
                 out = bag_mean(out, lengths[lo:hi])
             for i, f in enumerate(cfg.feature_names):
-                pieces[f] = out[i * batch : (i + 1) * batch]
+                pieces[self._slot_name[(name, f)]] = out[i * batch : (i + 1) * batch]
             f0 += nf
         if self.uncompressed is not None:
             lo = f0 * batch
@@ -179,9 +189,10 @@ class CodebookEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 weights=kjt.weights()[v0:] if self._is_weighted else None,
                 stride=batch,
             )
-            pieces.update(self.uncompressed(sub).to_dict())
-        values_out = torch.cat([pieces[f] for f in self._features], dim=1)
-        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=values_out)
+            for key, v in self.uncompressed(sub).to_dict().items():
+                pieces[self._rest_name[key]] = v
+        values_out = torch.cat([pieces[n] for n in self._embedding_names], dim=1)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=values_out)
 
     def _table_by_name(self, name: str) -> EmbeddingBagConfig:
         for t in self._embedding_bag_configs:

@@ -71,6 +71,12 @@ def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> None:
     ``weighted``: the collection reads per-sample weights, so the KJT must carry them.
     """
     keys = features.keys()
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(
+            f"KJT has duplicate key(s) {dup} in {keys}; each feature must appear once (which copy a "
+            "collection would read is undefined: TorchRec's EmbeddingBagCollection reads the last)"
+        )
     if features.variable_stride_per_key():
         raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
     values, weights, offsets = features.values(), features.weights_or_none(), features.offsets_or_none()

@@ -6,6 +6,10 @@ from typing import Any
 
 import torch
 
+from torchrec_lowprec.quant.layout import max_step_size
+from torchrec_lowprec.quant.lsq import MIN_STEP_SIZE
+from torchrec_lowprec.types import INT_BITS, OptimizerType
+
 
 def validate_checkpoint(module: Any, state_dict: dict[str, Any], prefix: str) -> None:
     """Raise ``ValueError`` naming the first table whose entries do not match ``module``.
@@ -78,3 +82,57 @@ def partial_message(missing: list[str]) -> str:
         f"{' ...' if len(missing) > 8 else ''}; nothing was loaded (a collection loads all of its "
         "entries or none: drop all of its entries from the state dict to skip it)"
     )
+
+
+def _bad(t: torch.Tensor, ok: torch.Tensor) -> str:
+    n = int((~ok).sum())
+    first = int((~ok).nonzero()[0, 0])
+    return f"{n} of {ok.numel()} values are out of range (first at row {first}: {t.reshape(ok.shape[0], -1)[first, 0].item()!r})"
+
+
+def validate_values(module: Any, state_dict: dict[str, Any], prefix: str) -> None:
+    """Raise ``ValueError`` naming the table and entry if a checkpoint's values cannot be trained
+    from: non-finite (or negative) optimizer state, master step sizes that are not finite or
+    outside ``[MIN_STEP_SIZE, max_step_size(bits)]``, stored rows whose fp16 scale/bias or float
+    values are not finite. Checked before anything is copied (one pass over the entries; a
+    checkpoint is loaded rarely, so the reduction's host sync does not matter)."""
+    for name, state in module.tables.items():
+        lay = state.layout
+        pre = f"{prefix}tables.{name}."
+        q = state_dict.get(pre + "qweight")
+        if isinstance(q, torch.Tensor) and q.dtype == torch.uint8 and q.dim() == 2 and q.numel():
+            if lay.bits in INT_BITS:
+                vals = q[:, :4].contiguous().view(torch.float16)  # [R, 2]: scale, bias
+                what = "fp16 scale/bias"
+            else:
+                width = lay.dim * lay.bits // 8
+                vals = q[:, :width].contiguous().view(torch.float16 if lay.bits == 16 else torch.float32)
+                what = f"fp{lay.bits} values"
+            ok = torch.isfinite(vals).all(dim=1)
+            if not bool(ok.all()):
+                raise ValueError(
+                    f"table {name!r}: checkpoint entry {pre}qweight has non-finite {what}: " + _bad(vals, ok)
+                )
+        s = state_dict.get(pre + "step_size")
+        if isinstance(s, torch.Tensor) and s.numel() and lay.bits in INT_BITS:
+            ok = torch.isfinite(s) & (s >= MIN_STEP_SIZE) & (s <= max_step_size(lay.bits))
+            if not bool(ok.all()):
+                raise ValueError(
+                    f"table {name!r}: checkpoint entry {pre}step_size must be finite and in "
+                    f"[{MIN_STEP_SIZE}, {max_step_size(lay.bits)}]: " + _bad(s, ok)
+                )
+        for key in ("momentum1", "momentum2"):
+            m = state_dict.get(pre + key)
+            if not isinstance(m, torch.Tensor) or not m.numel():
+                continue
+            ok = torch.isfinite(m)
+            # Adagrad's sums of squares and Adam's second moment are never negative.
+            if key == "momentum2" or state.optimizer_kind != OptimizerType.ADAM:
+                ok = ok & (m >= 0)
+            ok = ok.reshape(m.shape[0], -1).all(dim=1)
+            if not bool(ok.all()):
+                raise ValueError(
+                    f"table {name!r}: checkpoint entry {pre}{key} (optimizer state) must be finite"
+                    f"{' and >= 0' if key == 'momentum2' or state.optimizer_kind != OptimizerType.ADAM else ''}: "
+                    + _bad(m, ok)
+                )

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
@@ -159,10 +159,14 @@ class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagColl
         self._features: list[str] = []
         seg_start, seg_dest, feat_base = [], [], []
         inner_keys: list[str] = []
-        self._inner_key_feature: dict[str, str] = {}
+        # inner key -> logical output slot; a feature read by two tables is two slots, named
+        # feature@table as TorchRec names them (get_embedding_names_by_table)
+        self._inner_key_slot: dict[str, int] = {}
+        emb_names = get_embedding_names_by_table(tables)
+        self._embedding_names = [n for names in emb_names for n in names]
         self._logical_table: dict[str, str] = {}  # physical table -> logical table
         base = 0
-        for t in tables:
+        for t, slot_names in zip(tables, emb_names):
             tp = self._precisions[t.name]
             segs = tp.segments()
             whole = len(segs) == 1
@@ -171,7 +175,7 @@ class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagColl
                 if bits == 0:
                     continue
                 pname = physical_name(t.name, first, whole)
-                feats = [f if whole else f"{f}{GROUP_FEATURE_SEP}{first}" for f in t.feature_names]
+                feats = [n if whole else f"{n}{GROUP_FEATURE_SEP}{first}" for n in slot_names]
                 physical.append(
                     EmbeddingBagConfig(
                         num_embeddings=e - a, embedding_dim=t.embedding_dim, name=pname, feature_names=feats,
@@ -193,7 +197,7 @@ class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagColl
                     else:
                         seg_dest.append(len(inner_keys))
                         inner_keys.append(phys_of_seg[first][i])
-                        self._inner_key_feature[inner_keys[-1]] = f
+                        self._inner_key_slot[inner_keys[-1]] = len(self._features) - 1
                 base += tp.rows
         if not physical:
             raise ValueError("the precision plan prunes every row of every table; nothing would be stored")
@@ -211,12 +215,11 @@ class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagColl
             device=device,
             init_weights=init_weights,
         )
-        dims = {f: t.embedding_dim for t in tables for f in t.feature_names}
-        self._dims = [dims[f] for f in self._features]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         starts = [0]
         for d in self._dims:
             starts.append(starts[-1] + d)
-        self._col0 = dict(zip(self._features, starts))
+        self._col0 = starts[:-1]  # first output column of each slot
         self._total_dim = starts[-1]
         self._mean_columns = MeanColumns.of(
             [t.pooling == PoolingType.MEAN for t in tables for _ in t.feature_names], self._dims
@@ -279,7 +282,7 @@ class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagColl
             1, self._col_map(pooled.keys(), pooled.length_per_key(), out.device), pooled.values()
         )
         out = self._mean_columns.divide(out, lengths)
-        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=out)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=out)
 
     def _route(
         self, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, batch: int
@@ -321,7 +324,7 @@ class MixedPrecisionEmbeddingBagCollection(CollectionAccessors, EmbeddingBagColl
         if cm is None:
             pieces = []
             for key, d in zip(keys, lengths):
-                c0 = self._col0[self._inner_key_feature[key]]
+                c0 = self._col0[self._inner_key_slot[key]]
                 pieces.append(torch.arange(c0, c0 + d))
             cm = self._col_maps[k] = torch.cat(pieces)
         return cm.to(device)

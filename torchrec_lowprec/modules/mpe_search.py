@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec._deprecation import warn_deprecated
@@ -105,6 +109,8 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             rel = torch.tensor(mass, dtype=torch.float32) + MASS_FLOOR
             self.register_buffer(f"inv_rel_mass_{t.name}", (rel.min() / rel).to(device))
         self._features = [f for t in tables for f in t.feature_names]
+        # output keys as TorchRec names them (feature@table for a feature two tables read)
+        self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.float32, device=device))
 
@@ -182,7 +188,9 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 if t.pooling == PoolingType.MEAN:
                     pooled = bag_mean(pooled, lengths)
                 outs.append(pooled)
-        return KeyedTensor(keys=self._features, length_per_key=self._dims, values=torch.cat(outs, dim=1))
+        return KeyedTensor(
+            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1)
+        )
 
     def _expected_rows(
         self, name: str, ids: torch.Tensor, rows: torch.Tensor, p: torch.Tensor

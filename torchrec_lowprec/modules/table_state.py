@@ -3,6 +3,7 @@ handle parameter through which TorchRec-style in-backward optimizers are configu
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -12,7 +13,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.table_layout import TableLayout
 from torchrec_lowprec.optim.fused import allocate_state
-from torchrec_lowprec.quant.layout import dequantize_rows, quantize_rows
+from torchrec_lowprec.quant.layout import FP16_MAX, dequantize_rows, quantize_rows
 from torchrec_lowprec.quant.lsq import init_step_size
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
 from torchrec_lowprec.types import INT_BITS, OptimizerType
@@ -121,8 +122,21 @@ class TableState(nn.Module):
                 f"table {lay.name!r}: weight of shape {tuple(weight.shape)} does not fit rows "
                 f"[{start}, {start + weight.shape[0]}) of a {lay.rows} x {lay.dim} table"
             )
+        saturated = 0
         for a in range(0, weight.shape[0], INIT_CHUNK_ROWS):
             x = weight[a : a + INIT_CHUNK_ROWS].to(device=rows.device, dtype=torch.float32)
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0]) + start + a
+                raise ValueError(
+                    f"table {lay.name!r}: the float weight has NaN/Inf values (first in row {bad}); "
+                    "fix the source table before converting it"
+                )
+            # Every stored width holds at most fp16's range (an IntNBit row's bias is -2^(b-1) * s
+            # in fp16): larger values saturate there, counted and reported below.
+            over = (x.abs() > FP16_MAX).any(dim=1) if lay.bits != 32 else None
+            if over is not None and bool(over.any()):
+                saturated += int(over.sum())
+                x = x.clamp(-FP16_MAX, FP16_MAX)
             r0 = start + a
             if lay.bits in INT_BITS:
                 s = init_step_size(x, lay.bits, self.config.step_size_init)
@@ -131,6 +145,13 @@ class TableState(nn.Module):
                     self.step_size[r0 : r0 + x.shape[0]] = s.to(torch.float16).to(torch.float32)
             else:
                 rows[r0 : r0 + x.shape[0], : lay.row_bytes] = quantize_rows(x, None, lay.bits)
+        if saturated:
+            warnings.warn(
+                f"table {lay.name!r}: {saturated} row(s) hold values beyond +-{FP16_MAX:g}, the largest a "
+                f"{lay.bits}-bit row stores; they were saturated to that range",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def init_rows(self, rows: torch.Tensor, table: EmbeddingBagConfig) -> None:
         """Initialise as TorchRec does, then quantize: ``table.init_fn`` applied to an fp32

@@ -158,6 +158,15 @@ def _partial_body(rank: int, world: int) -> None:
         dst.load_state_dict({k: v for k, v in sd.items() if not k.startswith("ebc.")})
     dst.load_state_dict(sd)  # the whole state dict loads
     assert any(not torch.equal(v, before[k]) for k, v in local().items())
+    # A non-finite master step size in this rank's shard: refused before any shard is copied.
+    sd["ebc.tables.t0.step_size"].local_shards()[0].tensor[0] = float("nan")
+    before = local()
+    with pytest.raises(
+        ValueError, match=r"table 't0': checkpoint entry (ebc\.)?tables.t0.step_size must be finite"
+    ):
+        dst.load_state_dict(sd)
+    after = local()
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_sharded_partial_state_dict_loads_nothing_and_missing_keys_are_reported():

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
 from torchrec_lowprec.distributed.lookup import LocalShard, LowPrecisionShardLookup
+from torchrec_lowprec.modules.checkpoint import check_table_values
 from torchrec_lowprec.optim.fused import OPTIMIZER_STATE_NAMES
 from torchrec_lowprec.quant.layout import row_bytes
 from torchrec_lowprec.types import INT_BITS, OptimizerType
@@ -119,9 +120,14 @@ def load_into_shards(
 ) -> None:
     """Copy ``state_dict`` entries (ShardedTensors with matching shards, or full tensors, e.g.
     from an unsharded module) into this rank's shards. Shapes were validated beforehand."""
+    # Every piece is found and its values checked before any is copied: a bad checkpoint
+    # leaves the shards as they were.
+    copies = []
     for lookup in lookups:
         for shard in lookup.shards:
-            for key, (local, off) in _local_pieces(metas[shard.table], shard, lookup).items():
+            meta = metas[shard.table]
+            pieces = {}
+            for key, (local, off) in _local_pieces(meta, shard, lookup).items():
                 src = state_dict.get(f"{prefix}tables.{shard.table}.{key}")
                 if src is None:
                     continue
@@ -133,10 +139,16 @@ def load_into_shards(
                             "this rank; load resharded checkpoints with torch.distributed.checkpoint "
                             "(torchrec_lowprec.distributed.checkpoint.load)"
                         )
-                    local.copy_(match[0].tensor)
+                    piece = match[0].tensor
                 else:
-                    index = tuple(slice(o, o + n) for o, n in zip(off, local.shape))
-                    local.copy_(src[index])
+                    piece = src[tuple(slice(o, o + n) for o, n in zip(off, local.shape))]
+                pieces[key] = piece
+                copies.append((local, piece))
+            check_table_values(
+                shard.table, meta.bits, meta.optimizer, pieces, where=f"{prefix}tables.{shard.table}."
+            )
+    for local, piece in copies:
+        local.copy_(piece)
 
 
 def convert_column_split(

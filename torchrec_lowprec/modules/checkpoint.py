@@ -90,49 +90,54 @@ def _bad(t: torch.Tensor, ok: torch.Tensor) -> str:
     return f"{n} of {ok.numel()} values are out of range (first at row {first}: {t.reshape(ok.shape[0], -1)[first, 0].item()!r})"
 
 
+def check_table_values(
+    table: str, bits: int, optimizer: OptimizerType, entries: dict[str, Any], where: str = ""
+) -> None:
+    """Raise ``ValueError`` naming ``table`` and the entry if its values cannot be trained from:
+    non-finite (or negative) optimizer state, master step sizes that are not finite or outside
+    ``[MIN_STEP_SIZE, max_step_size(bits)]``, stored rows whose fp16 scale/bias or float values
+    are not finite. ``entries``: ``qweight`` / ``step_size`` / ``momentum1`` / ``momentum2``
+    tensors (any may be absent; a column shard's pieces work the same). One pass; a checkpoint
+    loads rarely, so the reductions' host syncs do not matter."""
+    q = entries.get("qweight")
+    if isinstance(q, torch.Tensor) and q.dtype == torch.uint8 and q.dim() == 2 and q.numel():
+        if bits in INT_BITS:
+            vals, what = q[:, :4].contiguous().view(torch.float16), "fp16 scale/bias"
+        else:
+            dtype = torch.float16 if bits == 16 else torch.float32
+            width = q.shape[1] // dtype.itemsize * dtype.itemsize  # padding bytes are zeros
+            vals, what = q[:, :width].contiguous().view(dtype), f"fp{bits} values"
+        ok = torch.isfinite(vals).all(dim=1)
+        if not bool(ok.all()):
+            raise ValueError(
+                f"table {table!r}: checkpoint entry {where}qweight has non-finite {what}: " + _bad(vals, ok)
+            )
+    s = entries.get("step_size")
+    if isinstance(s, torch.Tensor) and s.numel() and bits in INT_BITS:
+        ok = torch.isfinite(s) & (s >= MIN_STEP_SIZE) & (s <= max_step_size(bits))
+        if not bool(ok.all()):
+            raise ValueError(
+                f"table {table!r}: checkpoint entry {where}step_size must be finite and in "
+                f"[{MIN_STEP_SIZE}, {max_step_size(bits)}]: " + _bad(s, ok)
+            )
+    for key in ("momentum1", "momentum2"):
+        m = entries.get(key)
+        if not isinstance(m, torch.Tensor) or not m.numel():
+            continue
+        # Adagrad's sums of squares and Adam's second moment are never negative.
+        signed = key == "momentum1" and optimizer == OptimizerType.ADAM
+        ok = torch.isfinite(m) if signed else torch.isfinite(m) & (m >= 0)
+        ok = ok.reshape(m.shape[0], -1).all(dim=1)
+        if not bool(ok.all()):
+            raise ValueError(
+                f"table {table!r}: checkpoint entry {where}{key} (optimizer state) must be finite"
+                f"{'' if signed else ' and >= 0'}: " + _bad(m, ok)
+            )
+
+
 def validate_values(module: Any, state_dict: dict[str, Any], prefix: str) -> None:
-    """Raise ``ValueError`` naming the table and entry if a checkpoint's values cannot be trained
-    from: non-finite (or negative) optimizer state, master step sizes that are not finite or
-    outside ``[MIN_STEP_SIZE, max_step_size(bits)]``, stored rows whose fp16 scale/bias or float
-    values are not finite. Checked before anything is copied (one pass over the entries; a
-    checkpoint is loaded rarely, so the reduction's host sync does not matter)."""
+    """:func:`check_table_values` for every table of ``module``, before anything is copied."""
     for name, state in module.tables.items():
-        lay = state.layout
         pre = f"{prefix}tables.{name}."
-        q = state_dict.get(pre + "qweight")
-        if isinstance(q, torch.Tensor) and q.dtype == torch.uint8 and q.dim() == 2 and q.numel():
-            if lay.bits in INT_BITS:
-                vals = q[:, :4].contiguous().view(torch.float16)  # [R, 2]: scale, bias
-                what = "fp16 scale/bias"
-            else:
-                width = lay.dim * lay.bits // 8
-                vals = q[:, :width].contiguous().view(torch.float16 if lay.bits == 16 else torch.float32)
-                what = f"fp{lay.bits} values"
-            ok = torch.isfinite(vals).all(dim=1)
-            if not bool(ok.all()):
-                raise ValueError(
-                    f"table {name!r}: checkpoint entry {pre}qweight has non-finite {what}: " + _bad(vals, ok)
-                )
-        s = state_dict.get(pre + "step_size")
-        if isinstance(s, torch.Tensor) and s.numel() and lay.bits in INT_BITS:
-            ok = torch.isfinite(s) & (s >= MIN_STEP_SIZE) & (s <= max_step_size(lay.bits))
-            if not bool(ok.all()):
-                raise ValueError(
-                    f"table {name!r}: checkpoint entry {pre}step_size must be finite and in "
-                    f"[{MIN_STEP_SIZE}, {max_step_size(lay.bits)}]: " + _bad(s, ok)
-                )
-        for key in ("momentum1", "momentum2"):
-            m = state_dict.get(pre + key)
-            if not isinstance(m, torch.Tensor) or not m.numel():
-                continue
-            ok = torch.isfinite(m)
-            # Adagrad's sums of squares and Adam's second moment are never negative.
-            if key == "momentum2" or state.optimizer_kind != OptimizerType.ADAM:
-                ok = ok & (m >= 0)
-            ok = ok.reshape(m.shape[0], -1).all(dim=1)
-            if not bool(ok.all()):
-                raise ValueError(
-                    f"table {name!r}: checkpoint entry {pre}{key} (optimizer state) must be finite"
-                    f"{' and >= 0' if key == 'momentum2' or state.optimizer_kind != OptimizerType.ADAM else ''}: "
-                    + _bad(m, ok)
-                )
+        entries = {k: state_dict.get(pre + k) for k in ("qweight", "step_size", "momentum1", "momentum2")}
+        check_table_values(name, state.layout.bits, state.optimizer_kind, entries, where=pre)

@@ -126,6 +126,11 @@ def test_strict_stops_at_the_first_malformed_row(criteo_file, capsys):
         (["--data", "tabular:{csv}", "--schema", "{tmp}/missing.yaml"], "missing.yaml does not exist"),
         (["--data", "tabular:{csv}", "--schema", "{tmp}/bad.yaml"], "cannot parse the schema file"),
         (["--data", "tabular:{csv}", "--schema", "{tmp}/wrong.yaml"], "'clicked' is not in the header"),
+        (["--data", "tabular:{csv}", "--schema", "{tmp}/alias.yaml"], "alias.yaml: line 1: YAML anchor &a"),
+        (
+            ["--data", "tabular:{csv}", "--schema", "{tmp}/zero.yaml"],
+            "zero.yaml: TabularSchema.missing_dense must be",
+        ),
         (["--data", "parquet:x"], "expected synthetic, criteo:PATH or tabular:PATH"),
     ],
 )
@@ -134,6 +139,8 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
     csv.write_text("click,site\n1,a\n0,b\n")
     (tmp_path / "bad.yaml").write_text("label: [unclosed\n")
     (tmp_path / "wrong.yaml").write_text("label: clicked\ncategorical: [site]\n")
+    (tmp_path / "alias.yaml").write_text("name: &a [x]\nlabel: click\ncategorical: *a\n")
+    (tmp_path / "zero.yaml").write_text("label: click\ncategorical: [site]\nmissing_dense: zero\n")
     argv = [a.format(csv=csv, tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:
         train.main([*TINY, *argv])

@@ -150,6 +150,19 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
     assert err.count("error: ") == 1 and "Traceback" not in err
 
 
+def test_a_quoted_line_break_in_a_data_file_is_one_error_naming_its_line(tmp_path, capsys):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("click,site\n" + "1,a\n" * 20 + '0,"b\nc"\n' + "1,d\n" * 20)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("label: click\ncategorical: [site]\n")
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--data", f"tabular:{csv}", "--schema", str(schema)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error: ") == 1, err
+    assert f"{csv}:22: a quoted field holds a line break" in err, err
+
+
 def test_tabular_csv_with_schema_trains(tmp_path):
     rng = np.random.default_rng(1)
     lines = ["click,site,hour,tags"]

@@ -126,6 +126,11 @@ def test_strict_stops_at_the_first_malformed_row(criteo_file, capsys):
         (["--data", "tabular:{csv}", "--schema", "{tmp}/missing.yaml"], "missing.yaml does not exist"),
         (["--data", "tabular:{csv}", "--schema", "{tmp}/bad.yaml"], "cannot parse the schema file"),
         (["--data", "tabular:{csv}", "--schema", "{tmp}/wrong.yaml"], "'clicked' is not in the header"),
+        (["--data", "tabular:{csv}", "--schema", "{tmp}/alias.yaml"], "alias.yaml: line 1: YAML anchor &a"),
+        (
+            ["--data", "tabular:{csv}", "--schema", "{tmp}/zero.yaml"],
+            "zero.yaml: TabularSchema.missing_dense must be",
+        ),
         (["--data", "parquet:x"], "expected synthetic, criteo:PATH or tabular:PATH"),
     ],
 )
@@ -134,6 +139,8 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
     csv.write_text("click,site\n1,a\n0,b\n")
     (tmp_path / "bad.yaml").write_text("label: [unclosed\n")
     (tmp_path / "wrong.yaml").write_text("label: clicked\ncategorical: [site]\n")
+    (tmp_path / "alias.yaml").write_text("name: &a [x]\nlabel: click\ncategorical: *a\n")
+    (tmp_path / "zero.yaml").write_text("label: click\ncategorical: [site]\nmissing_dense: zero\n")
     argv = [a.format(csv=csv, tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:
         train.main([*TINY, *argv])
@@ -141,6 +148,19 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert err.count("error: ") == 1 and "Traceback" not in err
+
+
+def test_a_quoted_line_break_in_a_data_file_is_one_error_naming_its_line(tmp_path, capsys):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("click,site\n" + "1,a\n" * 20 + '0,"b\nc"\n' + "1,d\n" * 20)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("label: click\ncategorical: [site]\n")
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--data", f"tabular:{csv}", "--schema", str(schema)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error: ") == 1, err
+    assert f"{csv}:22: a quoted field holds a line break" in err, err
 
 
 def test_tabular_csv_with_schema_trains(tmp_path):

@@ -7,7 +7,10 @@ that records their line. Segments are parsed on a thread pool (pyarrow releases 
 come back in file order, so every row keeps its ``file:line``. Numbers are converted with
 ``pyarrow.compute`` casts; a segment whose column holds a non-number falls back to a regex
 check to find which rows are bad. Lines end at ``\\n`` (``\\r\\n`` too); a quoted field holding
-a line break is not supported (its pieces become malformed rows).
+a line break is not supported: it is a ``ValueError`` naming the file and the line where the field
+opens. A line longer than ``max_line_bytes`` (:data:`MAX_LINE_BYTES`, 4 MiB) is a ``ValueError``
+naming the file, the line, its length and the option (memory stays bounded by
+``segment_bytes + max_line_bytes``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+
+from .lines import MAX_LINE_BYTES, check_line_lengths, opens_quote, quoted_break, read_line
 
 SEGMENT_BYTES = 1 << 20
 _INT_RE = r"^[+-]?[0-9]{1,18}$"
@@ -55,7 +60,9 @@ def split_fields(line: bytes, delimiter: str) -> list[str]:
         return [""]
     t = pcsv.read_csv(
         pa.BufferReader(text + b"\n"),
-        read_options=pcsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
+        read_options=pcsv.ReadOptions(
+            autogenerate_column_names=True, use_threads=False, block_size=max(1 << 20, len(text) + 2)
+        ),
         parse_options=pcsv.ParseOptions(delimiter=delimiter),
         convert_options=pcsv.ConvertOptions(
             column_types={}, auto_dict_encode=False, strings_can_be_null=False
@@ -77,21 +84,28 @@ class Segment:
 
 
 def segments(
-    paths: Iterable[str], header: bool, segment_bytes: int = SEGMENT_BYTES, on_header: Callable | None = None
+    paths: Iterable[str],
+    header: bool,
+    segment_bytes: int = SEGMENT_BYTES,
+    on_header: Callable | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[Segment]:
-    """The files' lines as :class:`Segment` s, in order; ``on_header(path, line)`` sees each header."""
+    """The files' lines as :class:`Segment` s, in order; ``on_header(path, line)`` sees each header.
+    A line over ``max_line_bytes`` is a :func:`line_too_long` error."""
     g = 0
     for path in paths:
         with open_binary(path) as f:
             line = 1
             if header:
-                head = f.readline()
+                head = read_line(f, path, 1, max_line_bytes)
                 if on_header is not None:
                     on_header(path, head)
                 line = 2
             while buf := f.read(segment_bytes):
-                if not buf.endswith(b"\n"):
-                    buf += f.readline()
+                if not buf.endswith(b"\n"):  # finish the last line, reading at most the limit
+                    have = len(buf) - 1 - buf.rfind(b"\n")
+                    buf += f.readline(max(max_line_bytes - have, 0) + 2)
+                check_line_lengths(buf, path, line, max_line_bytes, f)
                 n = buf.count(b"\n") + (not buf.endswith(b"\n"))
                 yield Segment(path, buf, line, g, n)
                 line += n
@@ -123,9 +137,14 @@ def parse_segment(seg: Segment, num_columns: int, delimiter: str, columns: list[
 
     names = [f"c{i}" for i in range(num_columns)]
     wanted = [names[i] for i in sorted(set(columns))]
+    last = seg.data.rfind(b"\n", 0, len(seg.data) - 1) + 1
+    if opens_quote(seg.data[last:], delimiter):  # the field would go on in the next segment
+        raise quoted_break(seg.path, seg.first_line + seg.num_lines - 1)
+    # One block for the whole segment: a long line never straddles pyarrow's block boundaries.
+    block = max(1 << 22, len(seg.data) + 1)
     table = pcsv.read_csv(
         pa.BufferReader(seg.data),
-        read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 22),
+        read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=block),
         parse_options=pcsv.ParseOptions(
             delimiter=delimiter, invalid_row_handler=invalid, ignore_empty_lines=False
         ),
@@ -141,11 +160,15 @@ def parse_segment(seg: Segment, num_columns: int, delimiter: str, columns: list[
     keep = np.ones(seg.num_lines, bool)
     keep[bad_offsets] = False
     offsets = np.flatnonzero(keep)
-    if len(offsets) != table.num_rows:
-        raise ValueError(
-            f"{seg.path}:{seg.first_line}: {table.num_rows} rows parsed from {len(offsets)} good lines "
-            "(a quoted field with a line break? those are not supported)"
-        )
+    if len(offsets) != table.num_rows:  # a row spans lines: find where its quoted field opens
+        lines = seg.data.split(b"\n")
+        opener = next((i for i, ln in enumerate(lines) if opens_quote(ln, delimiter)), None)
+        if opener is None:
+            raise ValueError(
+                f"{seg.path}:{seg.first_line}-{seg.first_line + seg.num_lines - 1}: {table.num_rows} rows "
+                f"parsed from {len(offsets)} good lines (a quoted field with a line break? not supported)"
+            )
+        raise quoted_break(seg.path, seg.first_line + opener)
     return ParsedSegment(seg, table, offsets, bad_offsets, [r for _, r in bad])
 
 

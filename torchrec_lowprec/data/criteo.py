@@ -77,5 +77,5 @@ class CriteoDataset(TabularDataset):
     ) -> None:
         """``int_features``: see :func:`criteo_schema`; ``options``: the keyword arguments of
         :class:`TabularDataset` (``min_count``, ``split``, ``fractions``, ``seed``, ``strict``,
-        ``vocabulary``, ``max_warnings``, ``workers``, ``segment_bytes``)."""
+        ``vocabulary``, ``max_warnings``, ``workers``, ``segment_bytes``, ``max_line_bytes``)."""
         super().__init__(paths, criteo_schema(int_features), **options)

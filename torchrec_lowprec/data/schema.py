@@ -15,8 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from .._yaml import excerpt, load_document
+
 INT_FEATURE_MODES = ("dense", "categorical")
 DENSE_PARSERS = ("int", "float")
+#: Most columns a schema lists per key, and the bound of a 0-based column index.
+MAX_COLUMNS = 10_000
 
 Column = str | int
 
@@ -42,11 +46,32 @@ def _columns(value, name: str) -> tuple[Column, ...]:
         return ()
     if isinstance(value, (str, int)):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"TabularSchema.{name}: expected a list of columns, got {excerpt(value)}")
+    if len(value) > MAX_COLUMNS:
+        raise ValueError(f"TabularSchema.{name} lists {len(value)} columns; at most {MAX_COLUMNS}")
     out = tuple(value)
     for c in out:
         if not isinstance(c, (str, int)) or isinstance(c, bool):
-            raise ValueError(f"TabularSchema.{name}: columns are names or 0-based indices, got {c!r}")
+            raise ValueError(f"TabularSchema.{name}: columns are names or 0-based indices, got {excerpt(c)}")
+        if isinstance(c, int) and not 0 <= c < MAX_COLUMNS:
+            raise ValueError(f"TabularSchema.{name}: column index {excerpt(c)} is outside [0, {MAX_COLUMNS})")
     return out
+
+
+def _finite_number(value: object, name: str) -> float:
+    """``value`` as a finite float (a number, or a string such as ``"1e3"`` that reads as one)."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float, str, np.number))
+        number = float(value) if ok else math.nan
+    except (ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(
+            f"TabularSchema.{name} must be a finite number, e.g. 0 or -1 (nan, inf and words are "
+            f"refused), got {excerpt(value)}"
+        )
+    return number
 
 
 @dataclass(frozen=True)
@@ -66,7 +91,7 @@ class TabularSchema:
         header: whether line 1 of every file holds the column names.
         columns: names of a headerless file's columns; also fixes the column count.
         dense_parse: ``"int"`` (a non-integer is a malformed row) or ``"float"``.
-        missing_dense: the value of an empty numeric field.
+        missing_dense: the value of an empty numeric field (a finite number; nan/inf are refused).
         name: a label for messages and saved vocabularies.
 
     Example::
@@ -93,21 +118,38 @@ class TabularSchema:
         set_(self, "dense", _columns(self.dense, "dense"))
         set_(self, "categorical", _columns(self.categorical, "categorical"))
         if self.columns is not None:
-            set_(self, "columns", tuple(str(c) for c in self.columns))
+            names = self.columns if isinstance(self.columns, (list, tuple)) else [self.columns]
+            if len(names) > MAX_COLUMNS or not all(isinstance(c, (str, int)) for c in names):
+                raise ValueError(
+                    f"TabularSchema.columns must be a list of at most {MAX_COLUMNS} names, got {excerpt(self.columns)}"
+                )
+            set_(self, "columns", tuple(str(c) for c in names))
+        if not isinstance(self.multi_valued or {}, dict) or len(self.multi_valued or {}) > MAX_COLUMNS:
+            raise ValueError(
+                f"TabularSchema.multi_valued must be a mapping {{column: separator}} of at most {MAX_COLUMNS} "
+                f"columns, got {excerpt(self.multi_valued)}"
+            )
         mv = dict(self.multi_valued or {})
         for col, sep in mv.items():
             _columns(col, "multi_valued")
             if not isinstance(sep, str) or not sep:
-                raise ValueError(f"TabularSchema.multi_valued[{col!r}] needs a non-empty separator string")
+                raise ValueError(
+                    f"TabularSchema.multi_valued[{excerpt(col)}] needs a non-empty separator string"
+                )
         set_(self, "multi_valued", mv)
+        if not isinstance(self.label, (str, int)) or isinstance(self.label, bool):
+            raise ValueError(
+                f"TabularSchema.label: one column name or 0-based index, got {excerpt(self.label)}"
+            )
         _columns(self.label, "label")
+        set_(self, "missing_dense", _finite_number(self.missing_dense, "missing_dense"))
         if self.int_features not in INT_FEATURE_MODES:
             raise ValueError(
-                f"TabularSchema.int_features must be one of {INT_FEATURE_MODES}, got {self.int_features!r}"
+                f"TabularSchema.int_features must be one of {INT_FEATURE_MODES}, got {excerpt(self.int_features)}"
             )
         if self.dense_parse not in DENSE_PARSERS:
             raise ValueError(
-                f"TabularSchema.dense_parse must be one of {DENSE_PARSERS}, got {self.dense_parse!r}"
+                f"TabularSchema.dense_parse must be one of {DENSE_PARSERS}, got {excerpt(self.dense_parse)}"
             )
         if not isinstance(self.delimiter, str) or not self.delimiter:
             raise ValueError("TabularSchema.delimiter must be a non-empty string")
@@ -115,7 +157,7 @@ class TabularSchema:
             raise ValueError("TabularSchema names no feature columns (dense, categorical or multi_valued)")
         used = [self.label, *self.dense, *self.categorical, *self.multi_valued]
         if len(set(used)) != len(used):
-            raise ValueError(f"TabularSchema uses a column twice: {used}")
+            raise ValueError(f"TabularSchema uses a column twice: {excerpt(used)}")
         if not self.header and self.columns is None and any(isinstance(c, str) for c in used):
             raise ValueError(
                 "TabularSchema names columns but the file has no header: give `columns` "
@@ -134,9 +176,9 @@ class TabularSchema:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: a schema is a mapping of keys to values, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise ValueError(f"{source}: unknown schema keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"{source}: unknown schema keys {excerpt(unknown)}; known keys: {sorted(known)}")
         if "label" not in d:
             raise ValueError(f"{source}: the schema needs a `label` column")
         try:
@@ -152,17 +194,8 @@ class TabularSchema:
             raise FileNotFoundError(
                 f"schema file {path} does not exist: write one (see TabularSchema's keys)"
             )
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            if path.endswith(".json"):
-                d = json.loads(text)
-            else:
-                import yaml
-
-                d = yaml.safe_load(text)
-        except Exception as e:  # yaml and json raise their own error types
-            raise ValueError(f"{path}: cannot parse the schema file: {e}") from None
+        # At most 4 MiB, no YAML aliases (torchrec_lowprec._yaml); JSON for a .json path.
+        d = load_document(path, "schema file", "json" if path.endswith(".json") else "yaml")
         return cls.from_dict(d, source=path)
 
     def save(self, path: str | os.PathLike) -> None:

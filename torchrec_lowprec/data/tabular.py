@@ -11,7 +11,8 @@ Files are parsed by pyarrow (:mod:`.arrow_csv`: quoted fields, segments of whole
 Malformed rows (wrong column count; a label that is not a number, not finite or outside
 [0, 1]; a dense value that is not a number or not finite) are skipped, counted in
 ``malformed_rows`` and reported as ``MalformedRowWarning`` with ``file:line``; with
-``strict=True`` the first one raises ``MalformedRowError``.
+``strict=True`` the first one raises ``MalformedRowError``. A quoted field holding a line break,
+and a line longer than ``max_line_bytes`` (4 MiB), are errors naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .arrow_csv import (
     to_numbers,
 )
 from .common import SPLITS, RowBlock, embedding_bag_configs, rebatch, split_index
-from .lines import count_lines, random_split_codes
+from .lines import MAX_LINE_BYTES, count_lines, random_split_codes, read_line
 from .rows import Parsed as _Parsed
 from .rows import Rows as _Rows
 from .rows import ValueCounts as _ValueCounts
@@ -90,6 +91,7 @@ class TabularDataset:
         workers: int | None = None,
         segment_bytes: int = SEGMENT_BYTES,
         block_rows: int | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -108,12 +110,15 @@ class TabularDataset:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         self.schema, self.min_count, self.split_mode = schema, min_count, split
         self.fractions, self.seed, self.strict = fractions, seed, strict
-        if segment_bytes < 1 or (workers is not None and workers < 1):
-            raise ValueError(f"segment_bytes and workers must be >= 1, got {segment_bytes}, {workers}")
+        if min(segment_bytes, max_line_bytes, 1 if workers is None else workers) < 1:
+            raise ValueError(
+                f"segment_bytes, max_line_bytes, workers must be >= 1: {segment_bytes, max_line_bytes, workers}"
+            )
         require_pyarrow()  # an ImportError saying how to install it, before any file is read
         if block_rows is not None:
             warn_deprecated("TabularDataset(block_rows=...) (no longer used)", "segment_bytes=")
         self.max_warnings, self.segment_bytes = max_warnings, segment_bytes
+        self.max_line_bytes = max_line_bytes  # longest line read; longer ones are an error
         self.workers = workers or default_workers()
         self.malformed_rows: dict[str, int] = {}
         self._warned: set[tuple[str, int]] = set()
@@ -130,7 +135,7 @@ class TabularDataset:
     # --------------------------------------------------------------------------- layout
     def _read_header(self, path: str) -> list[str]:
         with open_binary(path) as f:
-            first = f.readline()
+            first = read_line(f, path, 1, self.max_line_bytes)
         if not first:
             raise ValueError(f"{path} is empty but the schema says line 1 is a header")
         return split_fields(first, self.schema.delimiter)
@@ -139,9 +144,11 @@ class TabularDataset:
         """Columns of the first non-empty line (a headerless file whose schema names no columns)."""
         for path in self.paths:
             with open_binary(path) as f:
-                for line in f:
+                n = 1
+                while line := read_line(f, path, n, self.max_line_bytes):
                     if line.strip(b"\r\n"):
                         return len(split_fields(line, self.schema.delimiter))
+                    n += 1
         return None
 
     def _resolve(self) -> None:
@@ -299,7 +306,8 @@ class TabularDataset:
 
     def _segments(self, wanted: np.ndarray) -> Iterator[_Parsed]:
         self._codes(0, 0)  # the chronological bounds, before parser threads need them
-        segs = segments(self.paths, self.schema.header, self.segment_bytes, self._check_header)
+        s = self.schema
+        segs = segments(self.paths, s.header, self.segment_bytes, self._check_header, self.max_line_bytes)
         return ordered_map(partial(self._parse, wanted=wanted), segs, self.workers)
 
     def _rows(self, wanted: frozenset[int]) -> Iterator[_Rows]:

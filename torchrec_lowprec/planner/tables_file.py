@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+from torchrec_lowprec._yaml import excerpt, load_document
 from torchrec_lowprec.planner.schema import PrecisionPlan
 
 #: Keys a table entry may have (ours), and TorchRec's ``EmbeddingBagConfig`` names accepted as
@@ -25,6 +27,12 @@ TORCHREC_ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim", "feature_n
 #: table and its cost grows with the world size (docs/precision.md: 145 s at 4096 ranks, over
 #: 10 minutes at 8192); above this the command would appear to hang.
 MAX_WORLD_SIZE = 4096
+#: Bounds of a tables file, checked before any work (the file itself is read by
+#: :func:`torchrec_lowprec._yaml.load_document`: at most 4 MiB, no YAML aliases).
+MAX_TABLES = 10_000
+MAX_FEATURES = 1_000  # per table
+MAX_ROWS = 1 << 40
+MAX_DIM = 1 << 16
 
 
 def _is_int(v: object) -> bool:
@@ -40,7 +48,7 @@ def _table(path: str, i: int, t: object) -> EmbeddingBagConfig:
         canonical = TORCHREC_ALIASES.get(key, key)
         if canonical not in TABLE_KEYS:
             raise ValueError(
-                f"{where} has unknown key {key!r}; allowed: {list(TABLE_KEYS)} (or TorchRec's "
+                f"{where} has unknown key {excerpt(key)}; allowed: {list(TABLE_KEYS)} (or TorchRec's "
                 f"{list(TORCHREC_ALIASES)})"
             )
         if canonical in entry:
@@ -53,24 +61,29 @@ def _table(path: str, i: int, t: object) -> EmbeddingBagConfig:
         )
     name = entry.get("name")
     if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"{where}: name must be a non-empty string without '.', got {name!r}")
-    where = f"{path}: table {name!r}"
-    for key in ("rows", "dim"):
+        raise ValueError(f"{where}: name must be a non-empty string without '.', got {excerpt(name)}")
+    where = f"{path}: table {excerpt(name)}"
+    for key, top in (("rows", MAX_ROWS), ("dim", MAX_DIM)):
         v = entry.get(key)
         if not _is_int(v) or v <= 0:
-            raise ValueError(f"{where}: {key} must be a whole number > 0, got {v!r}")
+            raise ValueError(f"{where}: {key} must be a whole number > 0, got {excerpt(v)}")
+        if v > top:
+            raise ValueError(f"{where}: {key} must be a whole number in [1, {top}], got {excerpt(v)}")
     feats = entry.get("features", [name])
+    if isinstance(feats, list) and len(feats) > MAX_FEATURES:
+        raise ValueError(f"{where}: features lists {len(feats)} features; at most {MAX_FEATURES}")
     # A string is refused rather than read as one feature: `features: a, b` would become the
     # single feature "a, b" and silently match nothing in --frequencies.
     if not isinstance(feats, list) or not feats or not all(isinstance(f, str) and f for f in feats):
         raise ValueError(
-            f"{where}: features must be a non-empty list of names, e.g. [user_id]; got {feats!r}"
+            f"{where}: features must be a non-empty list of names, e.g. [user_id]; got {excerpt(feats)}"
         )
-    if len(set(feats)) != len(feats):
-        raise ValueError(f"{where}: features {feats} name a feature twice")
+    dup = sorted(f for f, n in Counter(feats).items() if n > 1)
+    if dup:
+        raise ValueError(f"{where}: features {excerpt(feats)} name a feature twice ({excerpt(dup)})")
     pooling = entry.get("pooling", "sum")
     if not isinstance(pooling, str) or pooling.upper() not in ("SUM", "MEAN"):
-        raise ValueError(f"{where}: pooling must be sum or mean, got {pooling!r}")
+        raise ValueError(f"{where}: pooling must be sum or mean, got {excerpt(pooling)}")
     return EmbeddingBagConfig(
         name=name,
         num_embeddings=entry["rows"],
@@ -87,31 +100,25 @@ def read_tables(path: str) -> list[EmbeddingBagConfig]:
 
         tables = read_tables("tables.yaml")  # [{name: t_user, rows: 1000000, dim: 64}, ...]
     """
-    import yaml
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tables file {path} does not exist")
-    with open(path) as f:
-        try:
-            doc = yaml.safe_load(f)  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not YAML/JSON ({str(e).splitlines()[0]})") from None
+    doc = load_document(path, "tables file")  # YAML is a superset of JSON
     if isinstance(doc, dict) and set(doc) != {"tables"}:
         raise ValueError(
-            f"{path}: the top level must be a list of tables or only a 'tables:' key, got {sorted(doc)}"
+            f"{path}: the top level must be a list of tables or only a 'tables:' key, got {excerpt(list(doc))}"
         )
     items = doc.get("tables") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:
         raise ValueError(f"{path}: expected a non-empty list of tables (or a 'tables:' key holding one)")
+    if len(items) > MAX_TABLES:
+        raise ValueError(f"{path}: the file lists {len(items)} tables; at most {MAX_TABLES}")
     out = [_table(path, i, t) for i, t in enumerate(items)]
-    names = [t.name for t in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = sorted(n for n, k in Counter(t.name for t in out).items() if k > 1)
     if dup:
-        raise ValueError(f"{path}: duplicate table names {dup}")
-    feats = [f for t in out for f in t.feature_names]
-    dup = sorted({f for f in feats if feats.count(f) > 1})
+        raise ValueError(f"{path}: duplicate table names {excerpt(dup)}")
+    dup = sorted(f for f, k in Counter(f for t in out for f in t.feature_names).items() if k > 1)
     if dup:
-        raise ValueError(f"{path}: feature(s) {dup} are read by two tables; give each table its own features")
+        raise ValueError(
+            f"{path}: feature(s) {excerpt(dup)} are read by two tables; give each table its own features"
+        )
     return out
 
 

@@ -4,9 +4,7 @@ in the backward pass (LPT / ALPT)."""
 
 from __future__ import annotations
 
-import threading
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint, validate_values
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
+from torchrec_lowprec.modules.guards import refuse_dtype_cast, update_lock
 from torchrec_lowprec.modules.table_layout import (
     CollectionAccessors,
     ShardOrigin,
@@ -42,18 +41,6 @@ from torchrec_lowprec.optim.fused import resolve_optimizer
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
 from torchrec_lowprec.quant.pooling import MeanColumns
 from torchrec_lowprec.quant.rounding import hash_key, table_hash
-
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _update_lock(module: nn.Module) -> threading.Lock:
-    """The update lock of ``module`` (kept outside it, so the module still deep-copies and pickles)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(module)
-        if lock is None:
-            lock = _LOCKS[module] = threading.Lock()
-        return lock
 
 
 class _FusedLookupFunction(torch.autograd.Function):
@@ -169,17 +156,7 @@ class LowPrecisionEmbeddingBagCollection(
                 self.tables[lay.name].init_rows(self._rows_of(lay.name), tables[self._table_index[lay.name]])
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # .to(device) moves the tables; a dtype cast (.half(), .double(), .to(torch.bfloat16))
-        # would turn the fp32 step sizes and optimizer state into another type the kernels do
-        # not take, and the rows are integer codes anyway: refused, naming what to do instead.
-        probe = fn(torch.zeros(1, dtype=torch.float32))
-        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
-            raise TypeError(
-                f"{type(self).__name__} keeps its own storage (int8/int4/int2/fp16/fp32 rows, fp32 step "
-                f"sizes and optimizer state) and cannot be cast to {probe.dtype}; cast only the dense "
-                "parts of the model (e.g. model.over_arch.half()) or use torch.autocast. Its output "
-                "stays float32, as TorchRec's fused tables output their output_dtype."
-            )
+        refuse_dtype_cast(self, fn)
         return super()._apply(fn, recurse)
 
     # ----- structure -----
@@ -303,10 +280,7 @@ class LowPrecisionEmbeddingBagCollection(
 
     # ----- backward: the fused update -----
     def _fused_backward(self, *args) -> None:
-        # One update at a time per collection: the step counter (part of the rounding key) and
-        # the rows are read-modify-written, so concurrent backward passes (e.g. Hogwild-style
-        # threads) are serialised here instead of losing steps.
-        with _update_lock(self):
+        with update_lock(self):  # concurrent backward passes: serialised, no step lost
             self._fused_backward_locked(*args)
 
     def _fused_backward_locked(

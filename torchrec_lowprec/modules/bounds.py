@@ -61,14 +61,16 @@ def check_ids(
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> None:
+def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> list[int]:
     """Raise ``ValueError`` saying what is inconsistent if ``features``' lengths / offsets /
     values / weights do not describe one another, before any kernel reads them.
 
     FBGEMM's kernels trust these sizes (``values=[]`` with ``lengths=[3, 3]`` reads past the
     end of ``values``), so every collection checks them first. Cost: O(1) size checks and one
-    reduction over the lengths (their min and sum, one host sync), no pass over the values.
-    ``weighted``: the collection reads per-sample weights, so the KJT must carry them.
+    reduction over the lengths (their min, sum and per-key sums: one host sync), no pass over
+    the values. ``weighted``: the collection reads per-sample weights, so the KJT must carry
+    them. Returns the ids per key (the collections split the fused update by it, so the
+    backward needs no sync of its own).
     """
     keys = features.keys()
     if len(set(keys)) != len(keys):
@@ -109,11 +111,13 @@ def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> None:
     if lengths.numel() == 0:
         if values.numel():
             raise ValueError(f"KJT has {values.numel()} values but no bags (empty lengths)")
-        return
+        return [0] * len(keys)
     stats = [lengths.min().to(torch.int64), lengths.sum(dtype=torch.int64)]
     if offsets is not None:
         stats += [offsets[0].to(torch.int64), offsets[-1].to(torch.int64)]
-    low, total, *ends = torch.stack(stats).tolist()
+    per_key = lengths.view(len(keys), batch).sum(dim=1, dtype=torch.int64)
+    low, total, *rest = torch.cat([torch.stack(stats), per_key]).tolist()
+    ends, per_key_totals = rest[: len(stats) - 2], rest[len(stats) - 2 :]
     if low < 0:
         bag = int(torch.nonzero(lengths < 0)[0])
         raise ValueError(
@@ -130,17 +134,26 @@ def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> None:
             f"KJT lengths sum to {total} but values holds {values.numel()} ids; sum(lengths) must equal "
             "values.numel()"
         )
+    return per_key_totals
 
 
 def in_feature_order(
     features: KeyedJaggedTensor, order: list[str], weighted: bool = False
 ) -> KeyedJaggedTensor:
     """``features``, checked by :func:`validate_kjt`, with its keys in ``order`` (extra keys
-    dropped); ``ValueError`` naming any feature of ``order`` the KJT lacks."""
-    validate_kjt(features, weighted)
+    dropped, a key repeated where ``order`` repeats it); ``ValueError`` naming any feature of
+    ``order`` the KJT lacks."""
+    return ordered_with_totals(features, order, weighted)[0]
+
+
+def ordered_with_totals(
+    features: KeyedJaggedTensor, order: list[str], weighted: bool = False
+) -> tuple[KeyedJaggedTensor, list[int]]:
+    """:func:`in_feature_order` and the number of ids of each entry of ``order``."""
+    totals = dict(zip(features.keys(), validate_kjt(features, weighted)))
     if features.keys() == order:
-        return features
+        return features, [totals[f] for f in order]
     missing = [f for f in order if f not in features.keys()]
     if missing:
         raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}")
-    return features.permute([features.keys().index(f) for f in order])
+    return features.permute([features.keys().index(f) for f in order]), [totals[f] for f in order]

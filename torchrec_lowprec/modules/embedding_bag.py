@@ -23,7 +23,7 @@ from torchrec_lowprec.kernels.lookup import (
     table_buffer,
 )
 from torchrec_lowprec.kernels.spec import TableUpdate, UpdateSpec
-from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
+from torchrec_lowprec.modules.bounds import check_ids, ordered_with_totals
 from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint, validate_values
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
@@ -47,8 +47,9 @@ class _FusedLookupFunction(torch.autograd.Function):
     """Pooled lookup whose backward runs the fused optimizer instead of returning weight grads."""
 
     @staticmethod
-    def forward(ctx, module, values, offsets, lengths, weights, *handles):  # type: ignore[override]
+    def forward(ctx, module, totals, values, offsets, lengths, weights, *handles):  # type: ignore[override]
         ctx.module = module
+        ctx.totals = totals
         ctx.num_handles = len(handles)
         ctx.save_for_backward(values, lengths, weights)
         return module._pooled(values, offsets, weights)
@@ -56,8 +57,8 @@ class _FusedLookupFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         values, lengths, weights = ctx.saved_tensors
-        ctx.module._fused_backward(grad_out, values, lengths, weights)
-        return (None,) * (5 + ctx.num_handles)
+        ctx.module._fused_backward(grad_out, values, lengths, weights, ctx.totals)
+        return (None,) * (6 + ctx.num_handles)
 
 
 class LowPrecisionEmbeddingBagCollection(
@@ -149,7 +150,8 @@ class LowPrecisionEmbeddingBagCollection(
         self._lr_groups: dict[str, dict[str, Any]] = {}
         self._lr_base: dict[str, float] = {}
         self._fused_optim: FusedTableOptimizer | None = None
-        self._step_bound_rows = dict.fromkeys(names, 0)
+        self._bounded_total = torch.zeros(len(names), dtype=torch.int64)  # per table, see step_bound_rows
+        self._step_seen = (-1, -1, 0)  # (step buffer data_ptr, _version, value): see _host_step
         self._build_lookups()
         if init_weights and device.type != "meta":
             for lay in self._layouts:
@@ -229,7 +231,7 @@ class LowPrecisionEmbeddingBagCollection(
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
-        features = in_feature_order(features, self._lookup_order, self._is_weighted)
+        features, totals = ordered_with_totals(features, self._lookup_order, self._is_weighted)
         batch = features.stride()
         values = features.values()
         lengths = features.lengths()
@@ -245,11 +247,13 @@ class LowPrecisionEmbeddingBagCollection(
             self._bounds_modes(),
             self._table_names_by_feature(),
         )
+        if lengths is not features.lengths():  # ids were dropped (bounds_check warn/ignore)
+            totals = lengths.view(len(totals), batch).sum(dim=1).tolist()
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
         values = values.to(offsets.dtype) if values.dtype != offsets.dtype else values
         handles = [h for h in self._handles() if h.requires_grad]
         if torch.is_grad_enabled() and handles:
-            out = _FusedLookupFunction.apply(self, values, offsets, lengths, weights, *handles)
+            out = _FusedLookupFunction.apply(self, totals, values, offsets, lengths, weights, *handles)
         else:
             out = self._pooled(values, offsets, weights)
         out = out.view(batch, self._total_dim) if out.numel() else out.reshape(batch, self._total_dim)
@@ -289,11 +293,12 @@ class LowPrecisionEmbeddingBagCollection(
         values: torch.Tensor,
         lengths: torch.Tensor,
         weights: torch.Tensor | None,
+        per_feature: list[int],
     ) -> None:
         grad = grad_out.contiguous().to(torch.float32)
         n_features = len(self._lookup_order)
         batch = lengths.numel() // n_features
-        step = int(self.step.item()) + 1
+        step = self._host_step() + 1
         dev = values.device
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
         feat = torch.div(bag, batch, rounding_mode="floor")
@@ -301,8 +306,7 @@ class LowPrecisionEmbeddingBagCollection(
         grad = self._mean_columns.divide(grad, lengths)
         occ_w = weights
         occ_w = occ_w.contiguous() if occ_w is not None else torch.empty(0, device=dev)
-        per_feature = lengths.view(n_features, batch).sum(dim=1).tolist()
-        items, names = [], []
+        items, idx = [], []
         start = f = 0
         for _, lays, _ in self._groups:
             for lay in lays:
@@ -312,15 +316,29 @@ class LowPrecisionEmbeddingBagCollection(
                 if end > start and self.tables[lay.name].handle.requires_grad:  # frozen: skip
                     w = occ_w[start:end] if occ_w.numel() else occ_w
                     items.append(self._table_update(lay, step, values[start:end], goff[start:end], w))
-                    names.append(lay.name)
+                    idx.append(self._table_index[lay.name])
                 start = end
         # One call for all tables: one parallel region, rows of all tables in one work queue.
-        bounded = torch.zeros(len(items), dtype=torch.int64)
-        for name, skipped, hit in zip(names, fused_update_many(items, grad, bounded), bounded.tolist()):
+        # Counters stay on the device (no host sync per step): step_bound_rows() reads them.
+        bounded = torch.zeros(len(items), dtype=torch.int64, device=dev)
+        for i, skipped in zip(idx, fused_update_many(items, grad, bounded)):
             if skipped:
-                self._report_nonfinite(name, skipped, step)
-            self._step_bound_rows[name] += hit
+                self._report_nonfinite(self._layouts[i].name, skipped, step)
+        if self._bounded_total.device != dev:
+            self._bounded_total = self._bounded_total.to(dev)
+        self._bounded_total.index_add_(0, torch.tensor(idx, dtype=torch.int64, device=dev), bounded)
         self.step.fill_(step)
+        self._step_seen = (self.step.data_ptr(), self.step._version, step)
+
+    def _host_step(self) -> int:
+        """The step counter without a host sync: the value this module last wrote, unless the
+        buffer was written or replaced since (a checkpoint load, ``.to()``, a sharded parent's
+        copy), in which case it is read once."""
+        ptr, version, value = self._step_seen
+        if (self.step.data_ptr(), self.step._version) != (ptr, version):
+            value = int(self.step)
+            self._step_seen = (self.step.data_ptr(), self.step._version, value)
+        return value
 
     def _table_update(self, lay, step: int, ids, goff, occ_w) -> TableUpdate:
         """The fused update of one table (see kernels/spec.py)."""
@@ -365,7 +383,7 @@ class LowPrecisionEmbeddingBagCollection(
     def step_bound_rows(self) -> dict[str, int]:
         """Per table, how many row updates clamped the step size at ``max_step_size(bits)`` (the
         largest step whose fp16 bias stays finite; see ``kernels/spec.py``, step 5c)."""
-        return dict(self._step_bound_rows)
+        return dict(zip((lay.name for lay in self._layouts), self._bounded_total.tolist()))
 
     # ----- weights in and out -----
     def dequantized_weight(self, name: str) -> torch.Tensor:

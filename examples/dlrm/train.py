@@ -47,6 +47,7 @@ from dlrm_model import (  # noqa: E402
     sparse_module,
     table_config,
 )
+from dlrm_report import json_default, plot, report, versions  # noqa: E402
 
 from torchrec_lowprec.data import MalformedRowError, atomic_write_bytes, exact_auc, log_loss_terms  # noqa: E402
 from torchrec_lowprec.planner.schema import PrecisionPlan
@@ -343,7 +344,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "embedding_dim": args.embedding_dim,
             "plan": _with_precision(plan_summary(model), _precision_plan_path(args)),
         },
-        "versions": _versions(),
+        "versions": versions(),
         "train": {
             "steps": trainer["step"],
             "epochs_completed": trainer["epoch"],
@@ -387,88 +388,6 @@ def _with_precision(plan: dict, path: str | None) -> dict:
     return out
 
 
-def _git(folder: str, *argv: str) -> str | None:
-    import subprocess
-
-    try:
-        p = subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
-def _versions() -> dict:
-    """Library / stack versions and the git commit of the library's checkout (None if not one)."""
-    import torchrec_lowprec
-    from torchrec_lowprec._versions import installed_versions
-
-    here = os.path.dirname(os.path.abspath(torchrec_lowprec.__file__))
-    commit = _git(here, "rev-parse", "HEAD") or None
-    status = _git(here, "status", "--porcelain", "--untracked-files=no") if commit else None
-    return {
-        "torchrec_lowprec": torchrec_lowprec.__version__,
-        **installed_versions(),
-        "python": sys.version.split()[0],
-        "git_commit": commit,
-        "git_dirty": bool(status) if status is not None else None,
-    }
-
-
-def report(summary: dict) -> str:
-    """A few human-readable lines of a summary."""
-    t, v, b = summary["test"], summary["val"], summary["bayes"]
-    by = summary["embedding_bytes"]
-    lines = [
-        f"val  AUC {v['auc']:.4f}  log-loss {v['logloss']:.4f}  ({v['rows']} rows)",
-        f"test AUC {t['auc']:.4f}  log-loss {t['logloss']:.4f}  ({t['rows']} rows)",
-    ]
-    if b and b["test"]:
-        lines.append(f"Bayes test AUC {b['test']['auc']:.4f}  log-loss {b['test']['logloss']:.4f}")
-    lines.append(
-        f"embedding bytes {by['ours']:,} ({by['ratio']:.3f}x of fp32 + RowWiseAdagrad {by['fp32_rowwise_adagrad']:,})"
-    )
-    tr = summary["train"]
-    lines.append(f"{tr['steps']} steps, {tr['rows']:,} rows, {tr['examples_per_s']:,.0f} examples/s")
-    bad = {k: n for k, n in summary["data"]["malformed_rows"].items() if n}
-    if bad:
-        lines.append(f"malformed rows skipped: {bad}")
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: str) -> None:
-    """Training loss and validation AUC against steps (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h = summary["history"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    every = 50
-    if h["train"]:
-        s, loss = zip(*h["train"])
-        ax1.plot(s, loss, marker="o" if len(s) < 60 else None, ms=3)
-        every = s[1] - s[0] if len(s) > 1 else s[0]
-    ax1.set_xlabel("step")
-    ax1.set_ylabel(f"train log-loss (mean over {every} step{'s' if every > 1 else ''})")
-    evals = h["eval"] + [[summary["train"]["steps"], summary["val"]["auc"], summary["val"]["logloss"]]]
-    s, auc, _ = zip(*evals)
-    ax2.plot(s, auc, marker="o", label=summary["model"]["precision"])
-    if summary["bayes"] and summary["bayes"]["val"]:
-        ax2.axhline(summary["bayes"]["val"]["auc"], color="k", ls="--", label="Bayes")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("validation AUC")
-    ax2.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _json_default(o):
-    return str(o)  # paths, devices: anything json does not know is written as text
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the script; returns the summary. Bad data or arguments exit with status 2 and one message."""
     args = parse_args(argv)
@@ -498,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not args.quiet:
             print(report(summary), flush=True)
         if args.summary:
-            text = json.dumps(summary, indent=1, default=_json_default)
+            text = json.dumps(summary, indent=1, default=json_default)
             atomic_write_bytes(args.summary, text.encode())
         if args.plot:
             plot(summary, args.plot)

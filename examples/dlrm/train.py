@@ -34,11 +34,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import dlrm_args  # noqa: E402
 import dlrm_checkpoint  # noqa: E402
-from dlrm_data import DataError, DataSource, add_data_args, open_data  # noqa: E402
+from dlrm_data import DataError, DataSource, open_data  # noqa: E402
 from dlrm_model import (  # noqa: E402
     Env,
-    add_model_args,
     build_model,
     float_equivalent_bytes,
     init_env,
@@ -83,54 +83,9 @@ def check_plan_tables(path: str, tables) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(ap)
-    add_model_args(ap)
-    g = ap.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=1024, help="global batch (split evenly over ranks)")
-    g.add_argument("--eval-batch-size", type=int, default=8192)
-    g.add_argument("--emb-lr", type=float, default=0.05, help="fused RowWiseAdagrad lr of the tables")
-    g.add_argument("--dense-lr", type=float, default=2e-3, help="Adam lr of the MLPs")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
-    g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
-    g.add_argument("--eval-rows", type=int, default=0, help="rows of the periodic validations (0: all)")
-    g.add_argument("--seed", type=int, default=0, help="model init and rounding draws")
-    g.add_argument(
-        "--skip-nonfinite-loss",
-        action="store_true",
-        help="skip (and count) a batch whose loss is NaN/inf instead of stopping with an error",
-    )
-    g.add_argument(
-        "--threads", type=int, default=0, help="torch threads per process (0: cores / local ranks)"
-    )
-    g = ap.add_argument_group("output")
-    g.add_argument("--summary", help="write the run's JSON summary here (atomically)")
-    g.add_argument("--plot", help="write training curves here (PNG)")
-    g.add_argument("--checkpoint-dir", help="save checkpoints here")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
-    g.add_argument(
-        "--resume", nargs="?", const="latest", choices=["latest", "auto"],
-        help="continue from the newest complete checkpoint in --checkpoint-dir; `--resume auto`: "
-        "from scratch when there is none (for restarts)",
-    )  # fmt: skip
-    g.add_argument(
-        "--overwrite", action="store_true", help="delete the checkpoints in --checkpoint-dir first"
-    )
-    g.add_argument(
-        "--dist-timeout-s", type=float, default=300.0,
-        help="seconds a collective may wait for a hung rank before the job fails (default 300)",
-    )  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    g.add_argument("--quiet", action="store_true", help="print only errors")
-    args = ap.parse_args(argv)
-    if (args.resume or args.overwrite) and not args.checkpoint_dir:
-        ap.error("--resume and --overwrite need --checkpoint-dir")
-    if args.resume and args.overwrite:
-        ap.error("--resume continues from the checkpoints that --overwrite would delete: pass one of them")
-    if args.batch_size < 1 or args.epochs < 1:
-        ap.error("--batch-size and --epochs must be >= 1")
-    return args
+    """The flags (``dlrm_args``), every one checked before anything runs: a bad one exits 2 with
+    one ``error: --flag ...`` line."""
+    return dlrm_args.parse_args(argv, description=__doc__)
 
 
 # --------------------------------------------------------------------------------- eval
@@ -191,7 +146,11 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     try:
         model = build_model(args, tables, data.num_dense_in, data)
     except (ValueError, OSError) as e:  # the plan / precision arguments, not a bug: one line, exit 2
-        flag = "--precision mpe" if args.precision == "mpe" else "--precision-plan"
+        # (the other flags were checked by parse_args: name only the flag that was in play)
+        if args.precision == "mpe" or not args.precision_plan:
+            flag = f"--precision {args.precision}"
+        else:
+            flag = "--precision-plan"
         raise PlanError(str(e) if str(e).startswith("--") else f"{flag}: {e}") from e
     if env.distributed:
         model = shard(model, env)
@@ -416,11 +375,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if env.rank == 0:
         if not args.quiet:
             print(report(summary), flush=True)
-        if args.summary:
-            text = json.dumps(summary, indent=1, default=json_default)
-            atomic_write_bytes(args.summary, text.encode())
-        if args.plot:
-            plot(summary, args.plot)
+        text = json.dumps(summary, indent=1, default=json_default)
+        outputs = {
+            "--summary": lambda p: atomic_write_bytes(p, text.encode()),
+            "--plot": lambda p: plot(summary, p),
+        }
+        for flag, write in outputs.items():
+            path = getattr(args, flag[2:])
+            try:
+                if path:
+                    write(path)
+            except OSError as e:  # checked writable at the start: the disk filled up since
+                print(f"error: writing {flag} {path} failed: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
     if env.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -132,11 +132,13 @@ def output_file_problem(flag: str, path: str) -> str | None:
 
 
 def checkpoint_dir_problem(path: str, overwrite: bool) -> str | None:
-    """Why ``--checkpoint-dir path`` cannot take checkpoints."""
+    """Why ``--checkpoint-dir path`` cannot take checkpoints (or be cleared by --overwrite)."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"--checkpoint-dir {path} is an existing file, not a folder: give a folder path"
     if why := unwritable_reason(os.path.join(path, dlrm_checkpoint.LATEST)):
         return f"--checkpoint-dir {path}: {why}; give a writable folder"
+    if overwrite and (links := dlrm_checkpoint.linked_entries(path)):
+        return dlrm_checkpoint.links_message(path, links)
     return None
 
 

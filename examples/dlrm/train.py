@@ -173,12 +173,13 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     trainer = {"step": 0, "epoch": 0, "rows_in_epoch": 0, "rows_trained": 0, "train_seconds": 0.0,
                "history": {"train": [], "eval": []}, "local_steps": 0}  # fmt: skip
     resumed_from = None
+    shapes = dlrm_checkpoint.model_config(args, tables, data.num_dense_in)  # a resume must match them
     if args.checkpoint_dir:
         path = dlrm_checkpoint.resume_point(args.checkpoint_dir, args.resume, args.overwrite)
         if path is None and args.resume:
             say(f"--resume auto: no checkpoint in {args.checkpoint_dir}, starting fresh")
         elif path is not None:
-            trainer = dlrm_checkpoint.load(path, model, dense_opt)
+            trainer = dlrm_checkpoint.load(path, model, dense_opt, shapes)
             resumed_from = trainer["step"]
             say(f"resumed from {path} (step {trainer['step']}, epoch {trainer['epoch']})")
 
@@ -197,6 +198,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     def checkpoint() -> None:
         if args.checkpoint_dir:
             trainer["loss_acc"] = [loss_sum, loss_n]  # the partial mean of the next history point
+            trainer["config"] = shapes
             dlrm_checkpoint.save(args.checkpoint_dir, model, dense_opt, trainer)
 
     model.train()
@@ -368,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         NonFiniteLossError,
         dlrm_checkpoint.CheckpointError,
     ) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a stderr do not interleave
+        sys.stderr.flush()
         if env.distributed:
             dist.destroy_process_group()
         raise SystemExit(2) from None

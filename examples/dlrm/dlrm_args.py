@@ -190,7 +190,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--plot", help="write training curves here (PNG)")
     g.add_argument(
         "--checkpoint-dir",
-        help="save checkpoints here",
+        help="save checkpoints here (one run at a time: a LOCK file holds the running one's pid and host)",
     )
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
     g.add_argument(

@@ -21,6 +21,7 @@ their grid as the papers do (the library's default grows the row's step instead)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dlrm_args  # noqa: E402
 import dlrm_checkpoint  # noqa: E402
+import dlrm_lock  # noqa: E402
 from dlrm_data import DataError, DataSource, open_data  # noqa: E402
 from dlrm_model import (  # noqa: E402
     Env,
@@ -361,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # hardware; ours is built from the process group itself.
         logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     try:
-        summary = train(args, env)
+        with dlrm_lock.dir_lock(args.checkpoint_dir) if args.checkpoint_dir else contextlib.nullcontext():
+            summary = train(args, env)
     except (
         DataError,
         MalformedRowError,

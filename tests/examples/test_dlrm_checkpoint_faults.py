@@ -1,13 +1,15 @@
-"""Checkpoint faults of the DLRM example (issue 23, items 3-4): a resume under other model flags,
+"""Checkpoint faults of the DLRM example (issue 23, items 3-5): a resume under other model flags,
 a full disk or a file-size limit while checkpointing, a symlinked step folder under
---overwrite. Each is one ``error:`` line and
+--overwrite, and two runs on one checkpoint folder at once. Each is one ``error:`` line and
 exit 2, and no complete checkpoint is lost."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 
@@ -86,7 +88,7 @@ def test_an_older_checkpoint_without_flags_is_still_refused_in_one_line(tmp_path
 
 def _assert_only_complete(ck, steps: list[int]) -> None:
     names = sorted(os.listdir(ck))
-    assert names == ["LATEST", *(f"step_{s:09d}" for s in steps)], names  # no .partial-*, .tmp-*
+    assert names == ["LATEST", *(f"step_{s:09d}" for s in steps)], names  # no .partial-*, .tmp-*, LOCK
     for s in steps:
         verify_manifest(ck / f"step_{s:09d}")
 
@@ -156,6 +158,70 @@ def test_overwrite_never_deletes_through_a_symlinked_step_folder(saved, tmp_path
     with pytest.raises(dlrm_checkpoint.CheckpointError, match="symbolic link"):
         dlrm_checkpoint.clear(str(ck))
     assert (precious / "keep.txt").exists()
+
+
+HOLD = """
+import os, sys
+sys.path.insert(0, {dlrm!r})
+import dlrm_lock
+lock = dlrm_lock.dir_lock({ck!r})
+lock.__enter__()
+os.makedirs(os.path.join({ck!r}, ".partial-step_000000007"))  # a checkpoint being written
+print("locked", flush=True)
+sys.stdin.read()
+lock.__exit__(None, None, None)
+"""
+
+
+def _holder(ck) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    code = HOLD.format(dlrm=DLRM_DIR, ck=str(ck))
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_a_second_run_on_a_busy_checkpoint_folder_is_refused(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    holder = _holder(ck)
+    try:
+        line = _exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", "auto", "--max-steps", "3"])
+        host = socket.gethostname()
+        assert f"--checkpoint-dir {ck} is in use by pid {holder.pid} on host {host}" in line, line
+        assert f"lock file {ck}/LOCK" in line
+        assert (ck / ".partial-step_000000007").is_dir()  # the first run's checkpoint is left alone
+        assert json.loads((ck / "LOCK").read_text()) == {"pid": holder.pid, "host": host}
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0 and not (ck / "LOCK").exists()  # released at exit
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    holder = _holder(ck)
+    holder.kill()  # SIGKILL: no release, the LOCK file stays
+    holder.wait()
+    assert json.loads((ck / "LOCK").read_text())["pid"] == holder.pid
+    with pytest.warns(UserWarning, match=rf"taking over the stale lock {ck}/LOCK of pid {holder.pid} .*gone"):
+        s = train.main([*TINY, "--checkpoint-dir", str(ck), "--resume", "auto", "--max-steps", "3"])
+    assert s["train"]["steps"] == 3
+    _assert_only_complete(ck, [3])  # the dead run's partial folder is cleaned, the lock released
+
+
+def test_a_lock_naming_a_live_process_is_refused_without_flock(tmp_path, capsys):
+    # A file system without flock (or a lock file copied in): the pid and host decide.
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (ck / "LOCK").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        line = _exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", "auto"])
+        assert f"in use by pid {sleeper.pid}" in line and "that process is running" in line
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torchrec_lowprec.files import unwritable_reason
 from torchrec_lowprec.types import PLAN_BITS, SUPPORTED_BITS, OptimizerType
 
 TABLES_HELP = """\
@@ -95,6 +96,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         tables_file.check_plan_args(
             args.world_size, args.hbm_gb, args.batch_size, args.reserved_fraction, args.groups, args.out
         )
+        if why := unwritable_reason(args.out):  # before planning (minutes), not when saving
+            raise ValueError(f"--out {args.out}: {why}")
         tables = tables_file.read_tables(args.tables)
         freqs = load_frequencies(args.frequencies) if args.frequencies else None
         if freqs is not None:
@@ -126,7 +129,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     print(mp.summary())
-    mp.save(args.out)
+    try:
+        mp.save(args.out)
+    except OSError as e:  # writable when checked: the disk filled up since
+        return _fail(f"--out {args.out}: writing the plan failed: {e}")
     print(f"\nwrote {args.out}")
     return 0
 

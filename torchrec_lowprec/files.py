@@ -49,6 +49,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why :func:`atomic_write_bytes` could not write the file ``path`` (None: it could).
+
+    The nearest existing folder above ``path`` must be a directory in which a file can be
+    created: a real file is made there and removed, since mode bits say nothing for root or on
+    a read-only mount. Used to refuse an output flag before any work starts.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return "it is a directory; give a file path"
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-")
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def write_json(path: str | os.PathLike, doc: object) -> None:
     """``doc`` as indented JSON at ``path``, written atomically."""
     atomic_write_bytes(path, json.dumps(doc, indent=1).encode())

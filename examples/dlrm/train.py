@@ -21,6 +21,7 @@ their grid as the papers do (the library's default grows the row's step instead)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,11 +35,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import dlrm_args  # noqa: E402
 import dlrm_checkpoint  # noqa: E402
-from dlrm_data import DataError, DataSource, add_data_args, open_data  # noqa: E402
+import dlrm_lock  # noqa: E402
+from dlrm_data import DataError, DataSource, open_data  # noqa: E402
 from dlrm_model import (  # noqa: E402
     Env,
-    add_model_args,
     build_model,
     float_equivalent_bytes,
     init_env,
@@ -47,6 +49,7 @@ from dlrm_model import (  # noqa: E402
     sparse_module,
     table_config,
 )
+from dlrm_report import json_default, plot, report, versions  # noqa: E402
 
 from torchrec_lowprec.data import MalformedRowError, atomic_write_bytes, exact_auc, log_loss_terms  # noqa: E402
 from torchrec_lowprec.planner.schema import PrecisionPlan
@@ -82,54 +85,9 @@ def check_plan_tables(path: str, tables) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(ap)
-    add_model_args(ap)
-    g = ap.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=1024, help="global batch (split evenly over ranks)")
-    g.add_argument("--eval-batch-size", type=int, default=8192)
-    g.add_argument("--emb-lr", type=float, default=0.05, help="fused RowWiseAdagrad lr of the tables")
-    g.add_argument("--dense-lr", type=float, default=2e-3, help="Adam lr of the MLPs")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
-    g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
-    g.add_argument("--eval-rows", type=int, default=0, help="rows of the periodic validations (0: all)")
-    g.add_argument("--seed", type=int, default=0, help="model init and rounding draws")
-    g.add_argument(
-        "--skip-nonfinite-loss",
-        action="store_true",
-        help="skip (and count) a batch whose loss is NaN/inf instead of stopping with an error",
-    )
-    g.add_argument(
-        "--threads", type=int, default=0, help="torch threads per process (0: cores / local ranks)"
-    )
-    g = ap.add_argument_group("output")
-    g.add_argument("--summary", help="write the run's JSON summary here (atomically)")
-    g.add_argument("--plot", help="write training curves here (PNG)")
-    g.add_argument("--checkpoint-dir", help="save checkpoints here")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
-    g.add_argument(
-        "--resume", nargs="?", const="latest", choices=["latest", "auto"],
-        help="continue from the newest complete checkpoint in --checkpoint-dir; `--resume auto`: "
-        "from scratch when there is none (for restarts)",
-    )  # fmt: skip
-    g.add_argument(
-        "--overwrite", action="store_true", help="delete the checkpoints in --checkpoint-dir first"
-    )
-    g.add_argument(
-        "--dist-timeout-s", type=float, default=300.0,
-        help="seconds a collective may wait for a hung rank before the job fails (default 300)",
-    )  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    g.add_argument("--quiet", action="store_true", help="print only errors")
-    args = ap.parse_args(argv)
-    if (args.resume or args.overwrite) and not args.checkpoint_dir:
-        ap.error("--resume and --overwrite need --checkpoint-dir")
-    if args.resume and args.overwrite:
-        ap.error("--resume continues from the checkpoints that --overwrite would delete: pass one of them")
-    if args.batch_size < 1 or args.epochs < 1:
-        ap.error("--batch-size and --epochs must be >= 1")
-    return args
+    """The flags (``dlrm_args``), every one checked before anything runs: a bad one exits 2 with
+    one ``error: --flag ...`` line."""
+    return dlrm_args.parse_args(argv, description=__doc__)
 
 
 # --------------------------------------------------------------------------------- eval
@@ -190,7 +148,11 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     try:
         model = build_model(args, tables, data.num_dense_in, data)
     except (ValueError, OSError) as e:  # the plan / precision arguments, not a bug: one line, exit 2
-        flag = "--precision mpe" if args.precision == "mpe" else "--precision-plan"
+        # (the other flags were checked by parse_args: name only the flag that was in play)
+        if args.precision == "mpe" or not args.precision_plan:
+            flag = f"--precision {args.precision}"
+        else:
+            flag = "--precision-plan"
         raise PlanError(str(e) if str(e).startswith("--") else f"{flag}: {e}") from e
     if env.distributed:
         model = shard(model, env)
@@ -213,12 +175,13 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     trainer = {"step": 0, "epoch": 0, "rows_in_epoch": 0, "rows_trained": 0, "train_seconds": 0.0,
                "history": {"train": [], "eval": []}, "local_steps": 0}  # fmt: skip
     resumed_from = None
+    shapes = dlrm_checkpoint.model_config(args, tables, data.num_dense_in)  # a resume must match them
     if args.checkpoint_dir:
         path = dlrm_checkpoint.resume_point(args.checkpoint_dir, args.resume, args.overwrite)
         if path is None and args.resume:
             say(f"--resume auto: no checkpoint in {args.checkpoint_dir}, starting fresh")
         elif path is not None:
-            trainer = dlrm_checkpoint.load(path, model, dense_opt)
+            trainer = dlrm_checkpoint.load(path, model, dense_opt, shapes)
             resumed_from = trainer["step"]
             say(f"resumed from {path} (step {trainer['step']}, epoch {trainer['epoch']})")
 
@@ -237,6 +200,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     def checkpoint() -> None:
         if args.checkpoint_dir:
             trainer["loss_acc"] = [loss_sum, loss_n]  # the partial mean of the next history point
+            trainer["config"] = shapes
             dlrm_checkpoint.save(args.checkpoint_dir, model, dense_opt, trainer)
 
     model.train()
@@ -343,7 +307,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "embedding_dim": args.embedding_dim,
             "plan": _with_precision(plan_summary(model), _precision_plan_path(args)),
         },
-        "versions": _versions(),
+        "versions": versions(),
         "train": {
             "steps": trainer["step"],
             "epochs_completed": trainer["epoch"],
@@ -387,88 +351,6 @@ def _with_precision(plan: dict, path: str | None) -> dict:
     return out
 
 
-def _git(folder: str, *argv: str) -> str | None:
-    import subprocess
-
-    try:
-        p = subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
-def _versions() -> dict:
-    """Library / stack versions and the git commit of the library's checkout (None if not one)."""
-    import torchrec_lowprec
-    from torchrec_lowprec._versions import installed_versions
-
-    here = os.path.dirname(os.path.abspath(torchrec_lowprec.__file__))
-    commit = _git(here, "rev-parse", "HEAD") or None
-    status = _git(here, "status", "--porcelain", "--untracked-files=no") if commit else None
-    return {
-        "torchrec_lowprec": torchrec_lowprec.__version__,
-        **installed_versions(),
-        "python": sys.version.split()[0],
-        "git_commit": commit,
-        "git_dirty": bool(status) if status is not None else None,
-    }
-
-
-def report(summary: dict) -> str:
-    """A few human-readable lines of a summary."""
-    t, v, b = summary["test"], summary["val"], summary["bayes"]
-    by = summary["embedding_bytes"]
-    lines = [
-        f"val  AUC {v['auc']:.4f}  log-loss {v['logloss']:.4f}  ({v['rows']} rows)",
-        f"test AUC {t['auc']:.4f}  log-loss {t['logloss']:.4f}  ({t['rows']} rows)",
-    ]
-    if b and b["test"]:
-        lines.append(f"Bayes test AUC {b['test']['auc']:.4f}  log-loss {b['test']['logloss']:.4f}")
-    lines.append(
-        f"embedding bytes {by['ours']:,} ({by['ratio']:.3f}x of fp32 + RowWiseAdagrad {by['fp32_rowwise_adagrad']:,})"
-    )
-    tr = summary["train"]
-    lines.append(f"{tr['steps']} steps, {tr['rows']:,} rows, {tr['examples_per_s']:,.0f} examples/s")
-    bad = {k: n for k, n in summary["data"]["malformed_rows"].items() if n}
-    if bad:
-        lines.append(f"malformed rows skipped: {bad}")
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: str) -> None:
-    """Training loss and validation AUC against steps (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h = summary["history"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    every = 50
-    if h["train"]:
-        s, loss = zip(*h["train"])
-        ax1.plot(s, loss, marker="o" if len(s) < 60 else None, ms=3)
-        every = s[1] - s[0] if len(s) > 1 else s[0]
-    ax1.set_xlabel("step")
-    ax1.set_ylabel(f"train log-loss (mean over {every} step{'s' if every > 1 else ''})")
-    evals = h["eval"] + [[summary["train"]["steps"], summary["val"]["auc"], summary["val"]["logloss"]]]
-    s, auc, _ = zip(*evals)
-    ax2.plot(s, auc, marker="o", label=summary["model"]["precision"])
-    if summary["bayes"] and summary["bayes"]["val"]:
-        ax2.axhline(summary["bayes"]["val"]["auc"], color="k", ls="--", label="Bayes")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("validation AUC")
-    ax2.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _json_default(o):
-    return str(o)  # paths, devices: anything json does not know is written as text
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the script; returns the summary. Bad data or arguments exit with status 2 and one message."""
     args = parse_args(argv)
@@ -481,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # hardware; ours is built from the process group itself.
         logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
     try:
-        summary = train(args, env)
+        with dlrm_lock.dir_lock(args.checkpoint_dir) if args.checkpoint_dir else contextlib.nullcontext():
+            summary = train(args, env)
     except (
         DataError,
         MalformedRowError,
@@ -490,18 +373,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         NonFiniteLossError,
         dlrm_checkpoint.CheckpointError,
     ) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a stderr do not interleave
+        sys.stderr.flush()
         if env.distributed:
             dist.destroy_process_group()
         raise SystemExit(2) from None
     if env.rank == 0:
         if not args.quiet:
             print(report(summary), flush=True)
-        if args.summary:
-            text = json.dumps(summary, indent=1, default=_json_default)
-            atomic_write_bytes(args.summary, text.encode())
-        if args.plot:
-            plot(summary, args.plot)
+        text = json.dumps(summary, indent=1, default=json_default)
+        outputs = {
+            "--summary": lambda p: atomic_write_bytes(p, text.encode()),
+            "--plot": lambda p: plot(summary, p),
+        }
+        for flag, write in outputs.items():
+            path = getattr(args, flag[2:])
+            try:
+                if path:
+                    write(path)
+            except OSError as e:  # checked writable at the start: the disk filled up since
+                print(f"error: writing {flag} {path} failed: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
     if env.distributed:
         dist.barrier()
         dist.destroy_process_group()

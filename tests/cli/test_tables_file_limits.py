@@ -12,18 +12,11 @@ import textwrap
 
 import pytest
 
+from tests.yaml_bombs import laughs
 from torchrec_lowprec.cli import main
 from torchrec_lowprec.planner.tables_file import MAX_FEATURES, MAX_ROWS, MAX_TABLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def laughs(levels: int = 9) -> str:
-    """A flow list whose last element expands to 9**levels strings through nested aliases."""
-    parts = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    for i in range(1, levels):
-        parts.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
-    return "[" + ", ".join(parts) + "]"
 
 
 def _timed_plan(tmp_path, text: str) -> tuple[int, str, float]:

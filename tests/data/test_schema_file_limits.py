@@ -13,18 +13,11 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.yaml_bombs import laughs
 from torchrec_lowprec.data import TabularDataset, TabularSchema
 from torchrec_lowprec.data.schema import MAX_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def laughs(levels: int = 9) -> str:
-    """A list of lists, the last one standing for 9**levels strings through nested aliases."""
-    parts = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    for i in range(1, levels):
-        parts.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
-    return "[" + ", ".join(parts) + "]"
 
 
 @pytest.mark.parametrize("key", ["dense", "categorical", "columns", "label"])

@@ -18,3 +18,16 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def exit_2(capsys, argv) -> str:
+    """``train.main(argv)`` exits 2 with exactly one ``error:`` line and no traceback; that line."""
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -11,6 +11,8 @@ import train  # examples/dlrm, put on sys.path by conftest
 
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
+from .conftest import exit_2
+
 TINY = [
     "--vocab-sizes", "2000,300,50,10", "--num-dense", "3", "--embedding-dim", "8", "--dense-arch", "16",
     "--over-arch", "16", "--threads", "1", "--no-progress", "--quiet", "--train-rows", "3000",
@@ -18,24 +20,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def _exit_2(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_a_nonfinite_loss_stops_naming_the_step(capsys):
     # Adam with lr 1e30 makes the MLP weights ~1e30 after step 1: step 2's logits overflow.
-    msg = _exit_2(capsys, [*TINY, "--dense-lr", "1e30"])
+    msg = exit_2(capsys, [*TINY, "--dense-lr", "1e30"])
     assert "training loss is nan at step 2" in msg and "--skip-nonfinite-loss" in msg
 
 
 def test_skipping_nonfinite_losses_counts_them_and_never_passes_a_nan_model(capsys, tmp_path):
-    msg = _exit_2(capsys, [*TINY, "--dense-lr", "1e30", "--skip-nonfinite-loss"])
+    msg = exit_2(capsys, [*TINY, "--dense-lr", "1e30", "--skip-nonfinite-loss"])
     # 3000 rows / 256 = 12 batches: step 1 trains, the 11 after it are skipped.
     assert "11 batches were skipped for a non-finite loss" in msg and "not finite" in msg
     # A healthy run with the flag: nothing skipped, the summary says so.
@@ -53,7 +45,7 @@ def _criteo_line(label: str, i: int) -> str:
 def test_an_empty_or_all_malformed_file_is_an_error(tmp_path, capsys, content):
     path = tmp_path / "day_0.tsv"
     path.write_text("" if content == "" else "".join(_criteo_line("nan", i) for i in range(60)))
-    msg = _exit_2(capsys, [*TINY, "--data", f"criteo:{path}"])
+    msg = exit_2(capsys, [*TINY, "--data", f"criteo:{path}"])
     assert "no training rows in the criteo data" in msg
     if content:
         assert "malformed rows skipped" in msg
@@ -66,7 +58,7 @@ def _plan(rows: dict[str, int], dim: int = 8) -> PrecisionPlan:
 def test_a_plan_naming_tables_the_model_lacks_is_an_error(tmp_path, capsys):
     path = tmp_path / "plan.json"
     _plan({"t_cat_0": 2000, "t_user": 100, "t_item": 50}).save(str(path))
-    msg = _exit_2(capsys, [*TINY, "--precision-plan", str(path)])
+    msg = exit_2(capsys, [*TINY, "--precision-plan", str(path)])
     assert "names tables ['t_item', 't_user'] that the model does not have" in msg and "t_cat_3" in msg
 
 

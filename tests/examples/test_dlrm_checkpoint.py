@@ -13,22 +13,14 @@ import train  # examples/dlrm, put on sys.path by conftest
 
 from torchrec_lowprec.manifest import write_manifest
 
+from .conftest import exit_2
+
 TINY = [
     "--vocab-sizes", "2000,300,50,10", "--num-dense", "3", "--embedding-dim", "8",
     "--dense-arch", "16", "--over-arch", "16", "--threads", "1", "--no-progress", "--quiet",
     "--train-rows", "5000", "--val-rows", "0", "--test-rows", "2000", "--batch-size", "256",
     "--epochs", "2", "--precision", "int4",
 ]  # fmt: skip
-
-
-def _run_exit(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _flip_byte(path, offset: int = -100) -> None:
@@ -54,7 +46,7 @@ def test_planted_reduce_payload_is_refused_not_run(tmp_path, capsys):
     trainer["history"] = _Payload(str(marker))
     torch.save(trainer, step / "trainer.pt")
     write_manifest(step, {"step": 10})  # an attacker rewrites the checksums too
-    line = _run_exit([*TINY, "--checkpoint-dir", str(ck), "--resume"], capsys)
+    line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume"])
     assert "trainer.pt holds objects other than tensors and plain types; refusing to unpickle it" in line
     assert not marker.exists()
     # The same file under the old loader runs the payload: the test can fail.
@@ -66,7 +58,7 @@ def test_a_new_run_refuses_a_folder_with_checkpoints_unless_overwrite(tmp_path, 
     ck = tmp_path / "ck"
     train.main([*TINY, "--checkpoint-dir", str(ck), "--max-steps", "10"])
     before = {p.name: p.read_bytes() for p in (ck / "step_000000010").iterdir() if p.is_file()}
-    line = _run_exit([*TINY, "--checkpoint-dir", str(ck), "--max-steps", "3"], capsys)
+    line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--max-steps", "3"])
     assert "already holds checkpoints" in line and "--overwrite" in line
     assert sorted(os.listdir(ck)) == ["LATEST", "step_000000010"]
     assert {p.name: p.read_bytes() for p in (ck / "step_000000010").iterdir() if p.is_file()} == before
@@ -81,7 +73,7 @@ def test_resume_auto_starts_fresh_then_resumes(tmp_path, capsys):
     assert a["train"]["resumed_from_step"] is None and a["train"]["steps"] == 7
     b = train.main([*TINY, "--checkpoint-dir", str(ck), "--max-steps", "9", "--resume", "auto"])
     assert b["train"]["resumed_from_step"] == 7 and b["train"]["steps"] == 9
-    line = _run_exit([*TINY, "--checkpoint-dir", str(tmp_path / "empty"), "--resume"], capsys)
+    line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(tmp_path / "empty"), "--resume"])
     assert "--resume: no checkpoint in" in line
 
 
@@ -116,17 +108,17 @@ def test_no_complete_checkpoint_left_is_an_error(tmp_path, capsys):
     _flip_byte(ck / "step_000000004" / "trainer.pt", offset=40)
     for mode in ([], ["auto"]):
         with pytest.warns(UserWarning, match="trainer.pt does not match its SHA-256"):
-            line = _run_exit([*TINY, "--checkpoint-dir", str(ck), "--resume", *mode], capsys)
+            line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", *mode])
         assert "no complete checkpoint in" in line
     model = ck / "step_000000004" / "model.pt"
     model.write_bytes(model.read_bytes()[:-10])
     with pytest.warns(UserWarning, match=r"model.pt has \d+ bytes, MANIFEST.json says \d+ \(truncated\?\)"):
-        _run_exit([*TINY, "--checkpoint-dir", str(ck), "--resume"], capsys)
+        exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume"])
     # A half-written checkpoint (no manifest) is not complete either.
     shutil.rmtree(ck)
     train.main([*TINY, "--checkpoint-dir", str(ck), "--max-steps", "4"])
     os.unlink(ck / "step_000000004" / "MANIFEST.json")
-    line = _run_exit([*TINY, "--checkpoint-dir", str(ck), "--resume"], capsys)
+    line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume"])
     assert "no complete checkpoint in" in line
 
 

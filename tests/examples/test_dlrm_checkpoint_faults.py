@@ -20,7 +20,7 @@ import train
 
 from torchrec_lowprec.manifest import verify_manifest, write_manifest
 
-from .conftest import DLRM_DIR, ROOT
+from .conftest import DLRM_DIR, ROOT, exit_2
 
 TINY = [
     "--vocab-sizes", "2000,300,50,10", "--num-dense", "3", "--embedding-dim", "8",
@@ -28,16 +28,6 @@ TINY = [
     "--train-rows", "5000", "--val-rows", "0", "--test-rows", "500", "--batch-size", "256",
     "--epochs", "1", "--precision", "int4",
 ]  # fmt: skip
-
-
-def _exit_2(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -65,7 +55,7 @@ def saved(tmp_path_factory):
 )  # fmt: skip
 def test_resume_under_other_model_flags_names_the_mismatch(saved, capsys, flag, value, message):
     before = {p.name: p.read_bytes() for p in (saved / "step_000000005").iterdir()}
-    line = _exit_2(capsys, [*_flag(TINY, flag, value), "--checkpoint-dir", str(saved), "--resume"])
+    line = exit_2(capsys, [*_flag(TINY, flag, value), "--checkpoint-dir", str(saved), "--resume"])
     assert line.startswith(
         f"error: --resume: checkpoint {saved}/step_000000005 was written by a different model"
     )
@@ -82,7 +72,7 @@ def test_an_older_checkpoint_without_flags_is_still_refused_in_one_line(tmp_path
     trainer.pop("config", None)  # as written before checkpoints recorded the model's flags
     torch.save(trainer, step / "trainer.pt")
     write_manifest(step, {"step": 3})
-    line = _exit_2(capsys, [*_flag(TINY, "--precision", "int8"), "--checkpoint-dir", str(ck), "--resume"])
+    line = exit_2(capsys, [*_flag(TINY, "--precision", "int8"), "--checkpoint-dir", str(ck), "--resume"])
     assert f"--resume: checkpoint {step} does not fit this model" in line and "new --checkpoint-dir" in line
 
 
@@ -104,7 +94,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_one(tmp_path, cap
 
     monkeypatch.setattr(dlrm_checkpoint, "atomic_write_bytes", full_at_step_10)
     argv = [*TINY, "--checkpoint-dir", str(ck), "--checkpoint-every", "5", "--max-steps", "12"]
-    line = _exit_2(capsys, argv)
+    line = exit_2(capsys, argv)
     assert f"writing checkpoint {ck}/step_000000010 failed ([Errno 28] No space left on device" in line
     assert "the disk is full or over a quota / file-size limit" in line
     assert f"the last complete checkpoint, {ck}/step_000000005, is intact" in line and "--resume" in line
@@ -149,7 +139,7 @@ def test_overwrite_never_deletes_through_a_symlinked_step_folder(saved, tmp_path
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
     os.symlink(precious, ck / "step_000000099")
-    line = _exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--overwrite"])
+    line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--overwrite"])
     assert f"--overwrite: {ck}/step_000000099 is a symbolic link (to {precious})" in line
     assert "refusing to delete through a link" in line
     assert (precious / "keep.txt").read_text() == "mine"
@@ -187,7 +177,7 @@ def test_a_second_run_on_a_busy_checkpoint_folder_is_refused(tmp_path, capsys):
     ck = tmp_path / "ck"
     holder = _holder(ck)
     try:
-        line = _exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", "auto", "--max-steps", "3"])
+        line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", "auto", "--max-steps", "3"])
         host = socket.gethostname()
         assert f"--checkpoint-dir {ck} is in use by pid {holder.pid} on host {host}" in line, line
         assert f"lock file {ck}/LOCK" in line
@@ -217,7 +207,7 @@ def test_a_lock_naming_a_live_process_is_refused_without_flock(tmp_path, capsys)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (ck / "LOCK").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        line = _exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", "auto"])
+        line = exit_2(capsys, [*TINY, "--checkpoint-dir", str(ck), "--resume", "auto"])
         assert f"in use by pid {sleeper.pid}" in line and "that process is running" in line
     finally:
         sleeper.kill()

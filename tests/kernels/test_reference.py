@@ -15,6 +15,12 @@ from torchrec_lowprec.types import OptimizerType
 R, D = 40, 16
 
 
+def _stateless(rows, step_size, ids, grad_offsets, grad, spec):
+    """The reference update of an optimizer without state (SGD), unweighted occurrences."""
+    e = torch.empty(0)
+    return call_update(reference_update, rows, step_size, e, e, ids, grad_offsets, e, grad, spec)
+
+
 def _table(bits, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(R, D, generator=g) * 0.1
@@ -84,18 +90,7 @@ def test_sgd_exact_on_dyadic_values():
     ids = torch.tensor([3, 5, 3])
     grad = torch.randint(-4, 5, (3 * D,)).float()
     spec = UpdateSpec(bits, D, OptimizerParams(OptimizerType.SGD, lr=0.5), 1, False, False, 0.0, 9)
-    call_update(
-        reference_update,
-        rows,
-        s.clone(),
-        torch.empty(0),
-        torch.empty(0),
-        ids,
-        torch.arange(3) * D,
-        torch.empty(0),
-        grad,
-        spec,
-    )
+    _stateless(rows, s.clone(), ids, torch.arange(3) * D, grad, spec)
     want = q0.float() * 0.5
     g = _row_grads(ids, grad)
     want = want - 0.5 * g
@@ -138,18 +133,7 @@ def test_stochastic_write_back_is_unbiased(bits):
     for step in range(1, n + 1):
         rows = rows0.clone()
         spec = UpdateSpec(bits, D, opt, step, True, False, 0.0, key=step * 7919)
-        call_update(
-            reference_update,
-            rows,
-            s.clone(),
-            torch.empty(0),
-            torch.empty(0),
-            ids,
-            ids * D,
-            torch.empty(0),
-            grad,
-            spec,
-        )
+        _stateless(rows, s.clone(), ids, ids * D, grad, spec)
         acc += dequantize_rows(rows[:8], bits, D).double()
     x1 = dequantize_rows(rows0[:8], bits, D).double() - 0.01 * grad.view(8, D).double()
     qmin, qmax = code_range(bits)

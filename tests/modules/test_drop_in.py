@@ -15,6 +15,15 @@ import torchrec_lowprec as lp
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
 
+def _float_reference(ebc, tables):
+    """A torchrec.EmbeddingBagCollection holding ``ebc``'s dequantized tables."""
+    ref = torchrec.EmbeddingBagCollection(tables)
+    with torch.no_grad():
+        for t in tables:
+            ref.embedding_bags[t.name].weight.copy_(ebc.dequantized_weight(t.name))
+    return ref
+
+
 def _table(name, rows, dim, features, **kw):
     return torchrec.EmbeddingBagConfig(
         name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features, **kw
@@ -53,10 +62,7 @@ def test_a_feature_shared_by_two_tables_is_looked_up_by_both_as_torchrec_does():
     ebc = lp.LowPrecisionEmbeddingBagCollection(
         tables, config=lp.LowPrecisionConfig(bits=32, optimizer="sgd", learning_rate=0.5, rounding="nearest")
     )
-    ref = torchrec.EmbeddingBagCollection(tables)
-    with torch.no_grad():
-        for t in tables:
-            ref.embedding_bags[t.name].weight.copy_(ebc.dequantized_weight(t.name))
+    ref = _float_reference(ebc, tables)
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=["a", "b"], values=torch.tensor([1, 2, 3, 4, 5, 19]), lengths=torch.tensor([1, 2, 1, 2])
     )
@@ -92,10 +98,7 @@ def test_mixed_precision_reads_a_shared_feature_in_both_tables():
         {"t0": TablePrecision(20, 8, (5, 20), (32, 16)), "t1": TablePrecision(30, 4, (30,), (32,))}
     )
     ebc = lp.MixedPrecisionEmbeddingBagCollection(tables, plan=plan)
-    ref = torchrec.EmbeddingBagCollection(tables)
-    with torch.no_grad():
-        for t in tables:
-            ref.embedding_bags[t.name].weight.copy_(ebc.dequantized_weight(t.name))
+    ref = _float_reference(ebc, tables)
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=["a", "b"], values=torch.tensor([1, 12, 3, 4, 5, 19]), lengths=torch.tensor([2, 1, 1, 2])
     )

@@ -2,8 +2,8 @@
 
 Example::
 
-    from torchrec_lowprec.export import to_inference
-    served = to_inference(trained_model)  # LP collections -> torchrec.quant EmbeddingBagCollection
+    import torchrec_lowprec as lp
+    served = lp.convert(trained_model, lp.InferenceConfig())  # LP collections -> torchrec.quant EBCs
 """
 
 from torchrec_lowprec.export.inference import (

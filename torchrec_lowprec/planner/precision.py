@@ -59,8 +59,8 @@ class MemoryPlan:
     """What :func:`plan_precision` returns: the precision, the sharding and the bytes per rank.
 
     ``sharding`` is keyed by ``module_path + ".row_groups"``: the physical tables of the
-    :class:`MixedPrecisionEmbeddingBagCollection` that ``lp.convert(model, cfg,
-    precision_plan=plan.precision)`` puts at ``module_path``.
+    :class:`MixedPrecisionEmbeddingBagCollection` that ``lp.convert(model,
+    lp.MixedPrecisionConfig(plan.precision, cfg))`` puts at ``module_path``.
 
     Example::
 

@@ -142,6 +142,19 @@ def checkpoint_dir_problem(path: str, overwrite: bool) -> str | None:
     return None
 
 
+def data_cache_problem(spec: str) -> str | None:
+    """Why ``--data-cache spec`` cannot hold the binary data cache (None: auto, off or a usable folder)."""
+    if spec in ("auto", "off"):
+        return None
+    if not spec:
+        return "--data-cache '': expected auto, off or a folder"
+    if os.path.exists(spec) and not os.path.isdir(spec):
+        return f"--data-cache {spec} is an existing file, not a folder: give a folder, auto or off"
+    if why := unwritable_reason(os.path.join(spec, ".probe")):
+        return f"--data-cache {spec}: {why}; give a writable folder, auto or off"
+    return None
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """Every flag of :func:`parse_args` at once: the first problem as a message, or None."""
     if (args.resume or args.overwrite) and not args.checkpoint_dir:
@@ -149,6 +162,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.resume and args.overwrite:
         return "--resume continues from the checkpoints that --overwrite would delete: pass one of them"
     if (msg := _numbers(args) or _lists(args)) is not None:
+        return msg
+    if (msg := data_cache_problem(args.data_cache)) is not None:
         return msg
     if args.precision_plan and not os.path.isfile(args.precision_plan):
         return f"--precision-plan {args.precision_plan} does not exist (or is not a file)"

@@ -2,12 +2,14 @@
 
 * :mod:`.synthetic`: Criteo-shaped synthetic CTR data from a planted model (known Bayes AUC).
 * :mod:`.tabular` / :mod:`.schema` / :mod:`.vocab`: streaming CSV/TSV reader driven by a schema.
+* :mod:`.cache`: a binary (memory-mapped .npy) cache of a parsed file set, made once.
 * :mod:`.criteo`: the Criteo Kaggle / 1TB logs as one schema of that reader.
 * :mod:`.frequencies`: per-id access counts for the precision planner.
 
 Every source yields ``torchrec.datasets.utils.Batch``.
 """
 
+from .cache import CachedDataset, CacheError, CacheWarning, open_cached
 from .common import SPLITS, RowBlock, atomic_write_bytes, embedding_bag_configs, rebatch
 from .criteo import (
     CRITEO_NUM_CAT,
@@ -42,6 +44,9 @@ __all__ = [
     "CRITEO_LIKE_VOCAB_SIZES",
     "CRITEO_NUM_CAT",
     "CRITEO_NUM_INT",
+    "CacheError",
+    "CacheWarning",
+    "CachedDataset",
     "OOV_ID",
     "SPLITS",
     "CriteoDataset",
@@ -70,6 +75,7 @@ __all__ = [
     "log1p_clamped",
     "log_loss_terms",
     "log_squared_bucket",
+    "open_cached",
     "power_law_pmf",
     "power_law_ranks",
     "random_split_codes",

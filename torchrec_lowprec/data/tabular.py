@@ -444,6 +444,13 @@ class TabularDataset:
                 left -= len(block)
             yield block
 
+    def blocks_with_splits(self) -> Iterator[tuple[RowBlock, np.ndarray]]:
+        """Every split's rows in one pass, in file order: row blocks and each row's split code
+        (0 train, 1 val, 2 test), for :mod:`.cache`."""
+        self.vocabulary.prepare()
+        for rows in self._rows(frozenset([0, 1, 2])):
+            yield self._to_block(rows), rows.codes()
+
     def batches(
         self, split: str, batch_size: int, num_rows: int | None = None, drop_last: bool = False
     ) -> Iterator[Batch]:

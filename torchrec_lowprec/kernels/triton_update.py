@@ -24,8 +24,9 @@ reciprocal then a product), divisions are ``tl.div_rn`` and square roots ``tl.sq
 (IEEE round-to-nearest; Triton's ``/`` and ``tl.sqrt`` are ``div.full`` / ``sqrt.approx``
 on NVIDIA), the kernel is launched with ``enable_fp_fusion=False`` so that no ``a*b + c``
 is contracted into an FMA, and ``floor`` is corrected for NVIDIA's flush-to-zero
-``cvt.rmi.ftz`` (see ``_floor``). The sm_90 PTX holds no other approximate or FTZ fp32 op
-(checked by the tests, which compile the kernel for CUDA without a GPU). So the result
+``cvt.rmi.ftz`` (see ``_floor``). The sm_80 and sm_90 PTX hold no other approximate or FTZ
+fp32 op (``tests/kernels/test_triton_aot.py`` compiles a pairwise cover of the launchable
+specialisations for both without a GPU, via :mod:`.triton_aot`). So the result
 equals the reference evaluated with IEEE fp32 ops (what torch does on CUDA) bit for bit.
 Python float scalars enter as fp32, as in PyTorch's ops with a scalar operand.
 
@@ -64,6 +65,7 @@ import os
 import torch
 
 from torchrec_lowprec.kernels.spec import OPTIMIZER_CODES, TableUpdate
+from torchrec_lowprec.kernels.triton_aot import block_for, num_warps_for
 from torchrec_lowprec.quant.layout import row_bytes
 from torchrec_lowprec.types import FLOAT_BITS, SUPPORTED_BITS
 
@@ -91,22 +93,11 @@ def _build() -> dict[str, object]:
     """The jitted kernels (imported once, on first use: this module imports without triton,
     and triton reads ``TRITON_INTERPRET`` when :mod:`.triton_kernels` jits them)."""
     if not _KERNELS:
-        import triton
-
         from torchrec_lowprec.kernels import triton_kernels
 
         _KERNELS["update"] = triton_kernels.fused_update_kernel
         _KERNELS["draws"] = triton_kernels.draws_kernel
-        _KERNELS["next_pow2"] = triton.next_power_of_2
     return _KERNELS
-
-
-def _block(dim: int, next_pow2) -> int:
-    return max(int(next_pow2(dim)), 16)
-
-
-def _num_warps(block: int) -> int:
-    return 1 if block <= 256 else (2 if block <= 1024 else 4)
 
 
 def _split_key(key: int) -> tuple[int, int]:
@@ -131,7 +122,7 @@ def counter_draws(
     lo, hi = _split_key(key)
     k["draws"][(n,)](
         global_rows.to(torch.int64).contiguous(), h, u, dim, lo, hi, col_offset,
-        BLOCK=_block(dim, k["next_pow2"]),
+        BLOCK=block_for(dim),
     )  # fmt: skip
     return h, u
 
@@ -245,7 +236,7 @@ def fused_update(
     align = 4 if bits == 32 else 2
     typed = bits in FLOAT_BITS and rows.data_ptr() % align == 0 and rows.stride(0) % align == 0
     lo, hi = _split_key(spec.key)
-    block = _block(dim, k["next_pow2"])
+    block = block_for(dim)
     k["update"][(n_rows,)](
         rows, rows.stride(0),
         st, st.stride(0) if st.dim() else 0,
@@ -258,7 +249,7 @@ def fused_update(
         lo, hi, spec.row_offset, spec.col_offset,
         BITS=bits, OPT=opt, STOCHASTIC=stochastic, LEARN=learn, GROW=bool(ints[8]),
         HAS_WD=f[1] != 0.0, HAS_W=has_w, TYPED=typed, EXACT_SUM=bool(exact_row_sums),
-        BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=False,
+        BLOCK=block, num_warps=num_warps_for(block), enable_fp_fusion=False,
     )  # fmt: skip
     if bounded is not None:
         bounded[0] += (flags == 2).sum().to(bounded.device)

@@ -59,7 +59,8 @@ def _other_triton(python: str) -> str:
         for a in sorted({r[0] for r in results})
     }
     return (
-        f"Triton {version} (`{python}`, no torch): the make-test cover, {len(results)} compiles for "
+        f"Triton {version} (`{python}`: a venv holding only `pip install triton=={version}`, the GPU image's "
+        f"version, no torch): the make-test cover, {len(results)} compiles for "
         f"{', '.join(f'sm_{a}' for a in regs)}: {len(failed)} failed, {len(spilled)} spill; max registers "
         + ", ".join(f"sm_{a} {r}" for a, r in regs.items())
         + "."
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Triton {triton.__version__}, compiled here without a GPU (`triton.compile(..., GPUTarget('cuda', arch, 32))`, "
         "no FP fusion); resources from each cubin (`cuobjdump --dump-resource-usage`). "
         f"Full product at row block(s) {', '.join(map(str, blocks))}: {sum(w['n'] for w in worst.values())} "
-        f"compiles in {time.perf_counter() - t0:.0f} s (the first run; Triton caches them). Commit "
+        f"compiles in {time.perf_counter() - t0:.0f} s (time includes hits of Triton's compile cache). Commit "
         f"{code_version()['commit']}. Register counts depend on the Triton version and target only, "
         "not on the machine that compiles.",
         "",

@@ -37,13 +37,11 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-import torch
-from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.datasets.utils import Batch
 
 from ..files import unwritable_reason
 from ..progress import note, progress
-from .common import SPLITS, RowBlock, embedding_bag_configs, rebatch, split_index
+from .common import SPLITS, RowBlock, VocabularyTables, rebatch, split_index
 from .tabular import MalformedRowError, MalformedRowWarning, TabularDataset
 from .vocab import Vocabulary
 
@@ -275,7 +273,7 @@ def open_cached(ds: TabularDataset, cache_dir: str | os.PathLike | None = None) 
     return CachedDataset(entry, manifest, strict=ds.strict, source=ds)
 
 
-class CachedDataset:
+class CachedDataset(VocabularyTables):
     """The rows of a :class:`TabularDataset` from its binary cache (see :func:`open_cached`):
     the same ``blocks`` / ``batches`` / vocabulary API, batches sliced from memory-mapped arrays."""
 
@@ -299,20 +297,8 @@ class CachedDataset:
     def vocabulary(self) -> Vocabulary:
         return self._vocab
 
-    @property
-    def vocab_sizes(self) -> dict[str, int]:
-        return self._vocab.sizes
-
     def save_vocabulary(self, path: str | os.PathLike) -> None:
         self._vocab.save(path)
-
-    def embedding_bag_configs(
-        self, dim: int, pooling: PoolingType = PoolingType.SUM
-    ) -> list[EmbeddingBagConfig]:
-        return embedding_bag_configs(self.vocab_sizes, dim, pooling)
-
-    def train_frequencies(self) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(self._vocab.frequencies(k)) for k in self.feature_names}
 
     def split_rows(self, split: str) -> int:
         return int(self.manifest["rows"][SPLITS[split_index(split)]])

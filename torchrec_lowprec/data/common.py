@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,3 +142,28 @@ def embedding_bag_configs(
         )
         for name, rows in vocab_sizes.items()
     ]
+
+
+class VocabularyTables:
+    """What a dataset with a ``vocabulary`` and ``feature_names`` says about its tables (the
+    text reader and the binary cache alike)."""
+
+    vocabulary: Any
+    feature_names: list[str]
+
+    @property
+    def vocab_sizes(self) -> dict[str, int]:
+        """Table rows per feature (kept values + 1 OOV row)."""
+        return self.vocabulary.sizes
+
+    def embedding_bag_configs(self, dim: int, pooling: Any = None) -> list:
+        """TorchRec table configs, one per feature (``pooling`` default SUM)."""
+        from torchrec import PoolingType
+
+        return embedding_bag_configs(
+            self.vocab_sizes, dim, pooling if pooling is not None else PoolingType.SUM
+        )
+
+    def train_frequencies(self) -> dict[str, torch.Tensor]:
+        """Training count of every id per feature, from the vocabulary (no pass over the data)."""
+        return {k: torch.from_numpy(self.vocabulary.frequencies(k)) for k in self.feature_names}

@@ -23,8 +23,6 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 
 import numpy as np
-import torch
-from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.datasets.utils import Batch
 
 from .._deprecation import warn_deprecated
@@ -42,7 +40,7 @@ from .arrow_csv import (
     text,
     to_numbers,
 )
-from .common import SPLITS, RowBlock, embedding_bag_configs, rebatch, split_index
+from .common import SPLITS, RowBlock, VocabularyTables, rebatch, split_index
 from .lines import MAX_LINE_BYTES, count_lines, random_split_codes, read_line
 from .rows import Parsed as _Parsed
 from .rows import Rows as _Rows
@@ -64,7 +62,7 @@ class MalformedRowError(ValueError):
     """A row does not match the schema and the reader is ``strict``."""
 
 
-class TabularDataset:
+class TabularDataset(VocabularyTables):
     """CTR batches from delimited text files, with train-only vocabularies and streaming splits.
 
     Example::
@@ -392,20 +390,6 @@ class TabularDataset:
 
     def save_vocabulary(self, path: str | os.PathLike) -> None:
         self.vocabulary.save(path)
-
-    @property
-    def vocab_sizes(self) -> dict[str, int]:
-        """Table rows per feature (kept values + 1 OOV row)."""
-        return self.vocabulary.sizes
-
-    def embedding_bag_configs(
-        self, dim: int, pooling: PoolingType = PoolingType.SUM
-    ) -> list[EmbeddingBagConfig]:
-        return embedding_bag_configs(self.vocab_sizes, dim, pooling)
-
-    def train_frequencies(self) -> dict[str, torch.Tensor]:
-        """Training count of every id per feature, from the vocabulary (no pass over the data)."""
-        return {k: torch.from_numpy(self.vocabulary.frequencies(k)) for k in self.feature_names}
 
     # -------------------------------------------------------------------------- batches
     def _to_block(self, rows: _Rows) -> RowBlock:

@@ -37,11 +37,10 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from torchrec.datasets.utils import Batch
 
 from ..files import unwritable_reason
 from ..progress import note, progress
-from .common import SPLITS, RowBlock, VocabularyTables, rebatch, split_index
+from .common import SPLITS, RowBlock, VocabularyTables, split_index
 from .tabular import MalformedRowError, MalformedRowWarning, TabularDataset
 from .vocab import Vocabulary
 
@@ -330,12 +329,6 @@ class CachedDataset(VocabularyTables):
             for m in self.manifest["malformed_messages"]:
                 warnings.warn(m, MalformedRowWarning, stacklevel=3)
         self.malformed_rows[split] = int(self.manifest["malformed_rows"][split])
-
-    def batches(
-        self, split: str, batch_size: int, num_rows: int | None = None, drop_last: bool = False
-    ) -> Iterator[Batch]:
-        for block in rebatch(self.blocks(split, num_rows), batch_size, drop_last):
-            yield block.to_batch(self.feature_names)
 
     def scan(self) -> dict[str, dict[str, int]]:
         return {"rows": dict(self.manifest["rows"]), "malformed": dict(self.manifest["malformed_rows"])}

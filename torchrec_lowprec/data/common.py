@@ -145,8 +145,8 @@ def embedding_bag_configs(
 
 
 class VocabularyTables:
-    """What a dataset with a ``vocabulary`` and ``feature_names`` says about its tables (the
-    text reader and the binary cache alike)."""
+    """What a dataset with a ``vocabulary``, ``feature_names`` and ``blocks(split, num_rows)``
+    says about its tables, and its batches (the text reader and the binary cache alike)."""
 
     vocabulary: Any
     feature_names: list[str]
@@ -167,3 +167,10 @@ class VocabularyTables:
     def train_frequencies(self) -> dict[str, torch.Tensor]:
         """Training count of every id per feature, from the vocabulary (no pass over the data)."""
         return {k: torch.from_numpy(self.vocabulary.frequencies(k)) for k in self.feature_names}
+
+    def batches(
+        self, split: str, batch_size: int, num_rows: int | None = None, drop_last: bool = False
+    ) -> Iterator[Batch]:
+        """Batches of ``split`` in file order (the first ``num_rows`` valid rows if given)."""
+        for block in rebatch(self.blocks(split, num_rows), batch_size, drop_last):  # type: ignore[attr-defined]
+            yield block.to_batch(self.feature_names)

@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 
 import numpy as np
-from torchrec.datasets.utils import Batch
 
 from .._deprecation import warn_deprecated
 from ..progress import progress
@@ -40,7 +39,7 @@ from .arrow_csv import (
     text,
     to_numbers,
 )
-from .common import SPLITS, RowBlock, VocabularyTables, rebatch, split_index
+from .common import SPLITS, RowBlock, VocabularyTables, split_index
 from .lines import MAX_LINE_BYTES, count_lines, random_split_codes, read_line
 from .rows import Parsed as _Parsed
 from .rows import Rows as _Rows
@@ -434,13 +433,6 @@ class TabularDataset(VocabularyTables):
         self.vocabulary.prepare()
         for rows in self._rows(frozenset([0, 1, 2])):
             yield self._to_block(rows), rows.codes()
-
-    def batches(
-        self, split: str, batch_size: int, num_rows: int | None = None, drop_last: bool = False
-    ) -> Iterator[Batch]:
-        """Batches of ``split`` in file order (the first ``num_rows`` valid rows if given)."""
-        for block in rebatch(self.blocks(split, num_rows), batch_size, drop_last):
-            yield block.to_batch(self.feature_names)
 
     def scan(self) -> dict[str, dict[str, int]]:
         """One pass over every row: valid and malformed rows per split."""

@@ -77,13 +77,6 @@ def storable_bits(bits: int) -> int:
     return min(b for b in PLAN_BITS if b >= bits)
 
 
-def storage_format(bits: object, what: str = "bits") -> StorageFormat:
-    """The entry of ``bits``; ``ValueError`` naming ``what`` and the allowed widths otherwise."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in FORMATS:
-        raise ValueError(f"{what}={bits!r} is not a storage width; allowed: {sorted(FORMATS, reverse=True)}")
-    return FORMATS[bits]
-
-
 #: Row padding in bytes, by compute device type: FBGEMM pads rows to 16 bytes on CUDA (and
 #: TorchRec's other HBM devices) for vector loads, not on CPU. Devices absent here pad to 1.
 ROW_ALIGNMENT: dict[str, int] = {"cuda": 16, "mtia": 16, "cpu": 1}

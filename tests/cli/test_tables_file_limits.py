@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from tests.yaml_bombs import laughs
+from tests.yaml_bombs import laughs, run_guarded
 from torchrec_lowprec.cli import main
 from torchrec_lowprec.planner.tables_file import MAX_FEATURES, MAX_ROWS, MAX_TABLES
 
@@ -24,8 +21,7 @@ def _timed_plan(tmp_path, text: str) -> tuple[int, str, float]:
     one's memory): exit status, stderr and the seconds the command took (torch import excluded)."""
     tables = tmp_path / "tables.yaml"
     tables.write_text(text)
-    code = textwrap.dedent(
-        f"""
+    code = f"""
         import sys, time, torch, torchrec
         from torchrec_lowprec.cli import main
         t0 = time.perf_counter()
@@ -34,14 +30,7 @@ def _timed_plan(tmp_path, text: str) -> tuple[int, str, float]:
         print(f"ELAPSED {{time.perf_counter() - t0}}", file=sys.stderr)
         sys.exit(rc)
         """
-    )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the tables file was still being read after 90 s")
+    out = run_guarded(code, "the tables file")
     lines = out.stderr.strip().splitlines()
     elapsed = float(lines[-1].split()[1])
     return out.returncode, "\n".join(lines[:-1]), elapsed

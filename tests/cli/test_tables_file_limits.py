@@ -5,15 +5,12 @@ every message is one bounded line naming the file and the key."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from tests.yaml_bombs import laughs, run_guarded
 from torchrec_lowprec.cli import main
 from torchrec_lowprec.planner.tables_file import MAX_FEATURES, MAX_ROWS, MAX_TABLES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _timed_plan(tmp_path, text: str) -> tuple[int, str, float]:

@@ -5,7 +5,6 @@ number, else an error naming the file, the key and what is allowed."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ import pytest
 from tests.yaml_bombs import laughs, run_guarded
 from torchrec_lowprec.data import TabularDataset, TabularSchema
 from torchrec_lowprec.data.schema import MAX_COLUMNS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("key", ["dense", "categorical", "columns", "label"])

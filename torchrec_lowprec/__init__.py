@@ -33,6 +33,7 @@ _LAZY = {
     "PrecisionPlan": "torchrec_lowprec.planner.schema",
     "TablePrecision": "torchrec_lowprec.planner.schema",
     "LowPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.embedding_bag",
+    "LowPrecisionEmbeddingCollection": "torchrec_lowprec.modules.embedding_collection",
     "MixedPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.mixed_precision",
     "convert": "torchrec_lowprec.transform",
     "register_transform": "torchrec_lowprec.transform",

@@ -323,6 +323,21 @@ def pooled_lookup(
     )
 
 
+def sequence_lookup(
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    table_offsets: list[int],
+    bits: list[int],
+    dims: list[int],
+    rows: list[int],
+    row_alignment: int,
+) -> torch.Tensor:
+    """``[N, dim]`` fp32, one row per id (FBGEMM's ``PoolingMode.NONE``): :func:`pooled_lookup`'s
+    arguments, all ``dims`` equal, no pooling or weights; parallel over bags."""
+    return _load().sequence_lookup(weights, indices, offsets, table_offsets, bits, dims, rows, row_alignment)
+
+
 def count_out_of_range(values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int) -> int:
     """How many of ``values`` lie outside ``[0, rows[t])`` of their feature ``t`` (one pass)."""
     return int(_load().count_out_of_range(values, lengths, rows, batch))

@@ -93,6 +93,9 @@ def lookup_backend(device: torch.device, slots: list[FeatureSlot]) -> str:
 class FusedPooledLookup:
     """Metadata of one FBGEMM IntNBit lookup over several features (one pooling mode).
 
+    ``PoolingMode.NONE`` is the sequence lookup of an ``EmbeddingCollection``: ``[N, dim]``, one
+    row per id, every feature at the same dim (``total_D`` is then that dim, as FBGEMM wants).
+
     Example::
 
         lookup = FusedPooledLookup([FeatureSlot(0, 8, 64, rows=1000)], PoolingMode.SUM, row_alignment=1, device=dev)
@@ -105,7 +108,11 @@ class FusedPooledLookup:
         self.pooling_mode = PoolingMode(pooling_mode)
         self.row_alignment = row_alignment
         dims = [s.dim for s in slots]
-        self.total_D = sum(dims)
+        if self.pooling_mode == PoolingMode.NONE and len(set(dims)) != 1:
+            raise ValueError(
+                f"a sequence (PoolingMode.NONE) lookup needs one dim for every feature, got {dims}"
+            )
+        self.total_D = dims[0] if self.pooling_mode == PoolingMode.NONE else sum(dims)
         self.max_D = {b: max([s.dim for s in slots if s.bits == b], default=0) for b in SPARSE_TYPE_OF_BITS}
         self._device = device
         self._weights_offsets = torch.tensor([s.table_offset for s in slots], dtype=torch.int64)
@@ -152,6 +159,10 @@ class FusedPooledLookup:
 
             if offsets.dtype != indices.dtype:
                 offsets = offsets.to(indices.dtype)
+            if self.pooling_mode == PoolingMode.NONE:
+                return cpu_native.sequence_lookup(
+                    weights, indices, offsets, *self._native_args, self.row_alignment
+                )
             return cpu_native.pooled_lookup(
                 weights,
                 indices,

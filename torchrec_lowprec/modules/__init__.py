@@ -6,9 +6,11 @@ from torchrec_lowprec._versions import check_versions
 check_versions()
 
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection  # noqa: E402
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection  # noqa: E402
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
 
 __all__ = [
     "LowPrecisionEmbeddingBagCollection",
+    "LowPrecisionEmbeddingCollection",
     "MixedPrecisionEmbeddingBagCollection",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.quant.layout import RowFormat
@@ -36,7 +36,7 @@ class TableLayout:
     offset: int
     stride: int
     feature_names: tuple[str, ...]
-    pooling: PoolingType
+    pooling: PoolingType  # NONE: a sequence (EmbeddingCollection) table
     origin: ShardOrigin
 
     @property
@@ -56,7 +56,7 @@ class TableLayout:
         return flat[self.offset : self.offset + self.nbytes].view(self.rows, self.stride)
 
 
-def validate_table(table: EmbeddingBagConfig, cfg: LowPrecisionConfig) -> None:
+def validate_table(table: BaseEmbeddingConfig, cfg: LowPrecisionConfig) -> None:
     """Raise ``ValueError`` for a table the packed layout (or our module) cannot hold."""
     name = table.name
     if not name or "." in name:
@@ -74,12 +74,12 @@ def validate_table(table: EmbeddingBagConfig, cfg: LowPrecisionConfig) -> None:
             "FBGEMM's IntNBit kernels need a multiple of 4 for 8/4/2-bit rows; use a dim divisible by 4 "
             "or bits=16/32 for this table"
         )
-    if table.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+    if isinstance(table, EmbeddingBagConfig) and table.pooling not in (PoolingType.SUM, PoolingType.MEAN):
         raise ValueError(f"table {name!r}: pooling {table.pooling} is not supported (SUM or MEAN)")
 
 
 def plan_layout(
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     configs: dict[str, LowPrecisionConfig],
     row_alignment: int,
     origins: dict[str, ShardOrigin] | None = None,
@@ -103,7 +103,7 @@ def plan_layout(
                 offset=offset,
                 stride=stride,
                 feature_names=tuple(t.feature_names),
-                pooling=t.pooling,
+                pooling=t.pooling if isinstance(t, EmbeddingBagConfig) else PoolingType.NONE,
                 origin=(origins or {}).get(t.name, ShardOrigin(t.name)),
             )
         )
@@ -126,16 +126,28 @@ def stored_bytes(
 
 
 def check_collection_args(
-    owner: str, tables: object, is_weighted: object, device: object, config: object, per_table: object
+    owner: str,
+    tables: object,
+    is_weighted: object,
+    device: object,
+    config: object,
+    per_table: object,
+    table_type: type = EmbeddingBagConfig,
+    flag: str = "is_weighted",
 ) -> None:
     """``TypeError`` naming the argument when a collection constructor gets the wrong kind of value
-    (TorchRec's positional order is ``tables, is_weighted, device``; configs are keyword-only)."""
-    if not isinstance(tables, (list, tuple)) or not all(isinstance(t, EmbeddingBagConfig) for t in tables):
-        raise TypeError(f"{owner}: tables must be a list of torchrec.EmbeddingBagConfig, got {tables!r:.200}")
-    if not isinstance(is_weighted, bool):
+    (TorchRec's positional order is ``tables, is_weighted, device`` for an
+    ``EmbeddingBagCollection``, ``tables, device, need_indices`` for an ``EmbeddingCollection``:
+    ``flag`` names the bool; configs are keyword-only)."""
+    if not isinstance(tables, (list, tuple)) or not all(isinstance(t, table_type) for t in tables):
         raise TypeError(
-            f"{owner}: is_weighted must be a bool, got {type(is_weighted).__name__}; the positional "
-            "arguments are (tables, is_weighted, device) as in torchrec.EmbeddingBagCollection, pass "
+            f"{owner}: tables must be a list of torchrec.{table_type.__name__}, got {tables!r:.200}"
+        )
+    if not isinstance(is_weighted, bool):
+        order = "(tables, is_weighted, device)" if flag == "is_weighted" else "(tables, device, need_indices)"
+        raise TypeError(
+            f"{owner}: {flag} must be a bool, got {type(is_weighted).__name__}; the positional "
+            f"arguments are {order} as in TorchRec's collection, pass "
             "configs by keyword (config=..., per_table_configs=...)"
         )
     if device is not None and not isinstance(device, (torch.device, str)):

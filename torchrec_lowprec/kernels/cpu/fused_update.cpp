@@ -1288,6 +1288,9 @@ torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch:
                             std::vector<int64_t> table_offsets, std::vector<int64_t> bits,
                             std::vector<int64_t> dims, std::vector<int64_t> rows, int64_t row_alignment,
                             bool mean, c10::optional<torch::Tensor> per_sample_weights);
+torch::Tensor sequence_lookup(torch::Tensor weights, torch::Tensor indices, torch::Tensor offsets,
+                              std::vector<int64_t> table_offsets, std::vector<int64_t> bits,
+                              std::vector<int64_t> dims, std::vector<int64_t> rows, int64_t row_alignment);
 int64_t count_out_of_range(torch::Tensor values, torch::Tensor lengths, std::vector<int64_t> rows, int64_t batch);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1297,6 +1300,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("table_offsets"), py::arg("bits"),
         py::arg("dims"), py::arg("rows"), py::arg("row_alignment"), py::arg("mean"),
         py::arg("per_sample_weights"));
+  m.def("sequence_lookup", &sequence_lookup,
+        "Sequence (unpooled) lookup over FBGEMM IntNBit rows: [N, dim], id p in row p; the same bits "
+        "as one-row bags of pooled_lookup (see kernels/cpu/pooled_lookup.cpp)",
+        py::arg("weights"), py::arg("indices"), py::arg("offsets"), py::arg("table_offsets"), py::arg("bits"),
+        py::arg("dims"), py::arg("rows"), py::arg("row_alignment"));
   m.def("count_out_of_range", &count_out_of_range,
         "How many ids fall outside [0, rows[t]) of their feature t (key-major lengths, one pass)",
         py::arg("values"), py::arg("lengths"), py::arg("rows"), py::arg("batch"));

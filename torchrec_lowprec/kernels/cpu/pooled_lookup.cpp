@@ -236,6 +236,88 @@ bool pool_range(const std::vector<Slot>& slots, int64_t k0, int64_t k1, int64_t 
   return ok;
 }
 
+// Sequence mode (FBGEMM's PoolingMode::NONE): id p of a bag is dequantized into output row p
+// (`out[j] = fma(scale, q[j], bias)`, the pooled formula for one row of weight 1).
+template <typename index_t, int BITS>
+bool gather_bags(const Slot& s, int64_t first_bag, int64_t last_bag, const index_t* idx, const index_t* off,
+                 float* out) {
+  bool ok = true;
+  const int64_t p_begin = off[first_bag], p_end = off[last_bag];
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const int64_t ahead = p + kPrefetchAhead;
+    if (ahead < p_end) {
+      const int64_t r = static_cast<int64_t>(idx[ahead]);
+      if (r >= 0 && r < s.rows) prefetch_row(s.table + r * s.row_bytes, s.row_bytes);
+    }
+    float* o = out + p * s.dim;
+    std::fill(o, o + s.dim, 0.0f);
+    const int64_t r = static_cast<int64_t>(idx[p]);
+    if (r < 0 || r >= s.rows) {
+      ok = false;
+      continue;
+    }
+    accumulate_row<BITS>(s.table + r * s.row_bytes, s.dim, 1.0f, o);
+  }
+  return ok;
+}
+
+template <typename index_t>
+bool gather_range(const std::vector<Slot>& slots, int64_t k0, int64_t k1, int64_t B, const index_t* idx,
+                  const index_t* off, float* out) {
+  bool ok = true;
+  while (k0 < k1) {
+    const int64_t t = k0 / B;
+    const int64_t stop = std::min(k1, (t + 1) * B);
+    const Slot& s = slots[t];
+    switch (s.bits) {
+      case 8: ok &= gather_bags<index_t, 8>(s, k0, stop, idx, off, out); break;
+      case 4: ok &= gather_bags<index_t, 4>(s, k0, stop, idx, off, out); break;
+      case 2: ok &= gather_bags<index_t, 2>(s, k0, stop, idx, off, out); break;
+      case 16: ok &= gather_bags<index_t, 16>(s, k0, stop, idx, off, out); break;
+      default: ok &= gather_bags<index_t, 32>(s, k0, stop, idx, off, out); break;
+    }
+    k0 = stop;
+  }
+  return ok;
+}
+
+// The checks both lookups make, and each feature's slot (`col`: its first output column).
+std::vector<Slot> make_slots(const char* op, const torch::Tensor& weights, const torch::Tensor& indices,
+                             const torch::Tensor& offsets, const std::vector<int64_t>& table_offsets,
+                             const std::vector<int64_t>& bits, const std::vector<int64_t>& dims,
+                             const std::vector<int64_t>& rows, int64_t row_alignment, int64_t* total_D) {
+  const int64_t T = static_cast<int64_t>(table_offsets.size());
+  TORCH_CHECK(T > 0 && bits.size() == table_offsets.size() && dims.size() == table_offsets.size() &&
+                  rows.size() == table_offsets.size(),
+              op, ": table_offsets, bits, dims and rows need one entry per feature");
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == torch::kUInt8 && weights.is_contiguous(),
+              op, ": weights must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1 && indices.scalar_type() == offsets.scalar_type() &&
+                  (indices.scalar_type() == torch::kInt64 || indices.scalar_type() == torch::kInt32),
+              op, ": indices and offsets must be 1-D int32/int64 tensors of the same dtype");
+  TORCH_CHECK(row_alignment >= 1, op, ": row_alignment must be >= 1");
+  const int64_t n_off = offsets.numel() - 1;
+  TORCH_CHECK(n_off >= 0 && n_off % T == 0, op, ": offsets must hold T * B + 1 entries (T = ", T, "), got ",
+              offsets.numel());
+  std::vector<Slot> slots(T);
+  *total_D = 0;
+  const int64_t nbytes = weights.numel();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t rb = row_bytes_of(bits[t], dims[t], row_alignment);
+    TORCH_CHECK(table_offsets[t] >= 0 && rows[t] >= 0 && table_offsets[t] + rows[t] * rb <= nbytes, op,
+                ": feature ", t, "'s table (", rows[t], " rows of ", rb, " B at byte ", table_offsets[t],
+                ") does not fit in the ", nbytes, "-byte buffer");
+    slots[t] = Slot{weights.data_ptr<uint8_t>() + table_offsets[t], rows[t], dims[t], rb, *total_D, bits[t]};
+    *total_D += dims[t];
+  }
+  return slots;
+}
+
+template <typename index_t>
+void check_offsets(const char* op, const index_t* off, int64_t n_off, int64_t n_indices) {
+  TORCH_CHECK(off[0] == 0 && off[n_off] == n_indices, op, ": offsets must run from 0 to indices.numel()");
+}
+
 }  // namespace
 
 // [B, sum(dims)] fp32: feature t's bags pooled from the table at byte `table_offsets[t]` of `weights`.
@@ -243,19 +325,11 @@ torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch:
                             std::vector<int64_t> table_offsets, std::vector<int64_t> bits,
                             std::vector<int64_t> dims, std::vector<int64_t> rows, int64_t row_alignment,
                             bool mean, c10::optional<torch::Tensor> per_sample_weights) {
-  const int64_t T = static_cast<int64_t>(table_offsets.size());
-  TORCH_CHECK(T > 0 && bits.size() == table_offsets.size() && dims.size() == table_offsets.size() &&
-                  rows.size() == table_offsets.size(),
-              "pooled_lookup: table_offsets, bits, dims and rows need one entry per feature");
-  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == torch::kUInt8 && weights.is_contiguous(),
-              "pooled_lookup: weights must be a contiguous CPU uint8 tensor");
-  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1 && indices.scalar_type() == offsets.scalar_type() &&
-                  (indices.scalar_type() == torch::kInt64 || indices.scalar_type() == torch::kInt32),
-              "pooled_lookup: indices and offsets must be 1-D int32/int64 tensors of the same dtype");
-  TORCH_CHECK(row_alignment >= 1, "pooled_lookup: row_alignment must be >= 1");
+  int64_t total_D = 0;
+  const std::vector<Slot> slots = make_slots("pooled_lookup", weights, indices, offsets, table_offsets, bits,
+                                             dims, rows, row_alignment, &total_D);
+  const int64_t T = static_cast<int64_t>(slots.size());
   const int64_t n_off = offsets.numel() - 1;
-  TORCH_CHECK(n_off >= 0 && n_off % T == 0, "pooled_lookup: offsets must hold T * B + 1 entries (T = ", T,
-              "), got ", offsets.numel());
   const int64_t B = n_off / T;
   auto idx_t = indices.contiguous();
   auto off_t = offsets.contiguous();
@@ -266,25 +340,13 @@ torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch:
     TORCH_CHECK(psw_t.numel() == indices.numel(), "pooled_lookup: one per-sample weight per index is needed");
     psw = psw_t.data_ptr<float>();
   }
-  std::vector<Slot> slots(T);
-  int64_t total_D = 0;
-  const int64_t nbytes = weights.numel();
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t rb = row_bytes_of(bits[t], dims[t], row_alignment);
-    TORCH_CHECK(table_offsets[t] >= 0 && rows[t] >= 0 && table_offsets[t] + rows[t] * rb <= nbytes,
-                "pooled_lookup: feature ", t, "'s table (", rows[t], " rows of ", rb, " B at byte ", table_offsets[t],
-                ") does not fit in the ", nbytes, "-byte buffer");
-    slots[t] = Slot{weights.data_ptr<uint8_t>() + table_offsets[t], rows[t], dims[t], rb, total_D, bits[t]};
-    total_D += dims[t];
-  }
   auto out = torch::empty({B, total_D}, weights.options().dtype(torch::kFloat32));
   if (B == 0) return out;
   std::atomic<bool> all_ok{true};
   AT_DISPATCH_INDEX_TYPES(idx_t.scalar_type(), "pooled_lookup", [&] {
     const index_t* idx = idx_t.data_ptr<index_t>();
     const index_t* off = off_t.data_ptr<index_t>();
-    TORCH_CHECK(off[0] == 0 && off[n_off] == indices.numel(),
-                "pooled_lookup: offsets must run from 0 to indices.numel()");
+    check_offsets("pooled_lookup", off, n_off, indices.numel());
     float* o = out.data_ptr<float>();
     // Grain: bags of a few hundred ids per task; the split follows the flattened bag grid.
     at::parallel_for(0, T * B, 256, [&](int64_t k0, int64_t k1) {
@@ -292,6 +354,40 @@ torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch:
     });
   });
   TORCH_CHECK_INDEX(all_ok.load(), "pooled_lookup: an id is out of range for its table (ids are checked "
+                    "before the lookup; this is a bug in the caller)");
+  return out;
+}
+
+// [N, dim] fp32, N = indices.numel(): id p dequantized into row p (FBGEMM's PoolingMode::NONE,
+// which needs every feature at the same dim, as torchrec.EmbeddingCollection does).
+torch::Tensor sequence_lookup(torch::Tensor weights, torch::Tensor indices, torch::Tensor offsets,
+                              std::vector<int64_t> table_offsets, std::vector<int64_t> bits,
+                              std::vector<int64_t> dims, std::vector<int64_t> rows, int64_t row_alignment) {
+  int64_t total_D = 0;
+  const std::vector<Slot> slots = make_slots("sequence_lookup", weights, indices, offsets, table_offsets, bits,
+                                             dims, rows, row_alignment, &total_D);
+  const int64_t T = static_cast<int64_t>(slots.size());
+  for (const Slot& s : slots)
+    TORCH_CHECK(s.dim == slots[0].dim, "sequence_lookup: every feature needs the same dim (got ", s.dim, " and ",
+                slots[0].dim, ")");
+  const int64_t n_off = offsets.numel() - 1;
+  const int64_t B = n_off / T;
+  auto idx_t = indices.contiguous();
+  auto off_t = offsets.contiguous();
+  auto out = torch::empty({indices.numel(), slots[0].dim}, weights.options().dtype(torch::kFloat32));
+  if (B == 0 || indices.numel() == 0) return out;
+  std::atomic<bool> all_ok{true};
+  AT_DISPATCH_INDEX_TYPES(idx_t.scalar_type(), "sequence_lookup", [&] {
+    const index_t* idx = idx_t.data_ptr<index_t>();
+    const index_t* off = off_t.data_ptr<index_t>();
+    check_offsets("sequence_lookup", off, n_off, indices.numel());
+    float* o = out.data_ptr<float>();
+    // Grain in bags, as the pooled lookup: sequences of tens of ids make tasks of thousands.
+    at::parallel_for(0, T * B, 256, [&](int64_t k0, int64_t k1) {
+      if (!gather_range<index_t>(slots, k0, k1, B, idx, off, o)) all_ok = false;
+    });
+  });
+  TORCH_CHECK_INDEX(all_ok.load(), "sequence_lookup: an id is out of range for its table (ids are checked "
                     "before the lookup; this is a bug in the caller)");
   return out;
 }

@@ -122,3 +122,27 @@ def test_count_out_of_range(index_dtype):
     big = torch.randint(0, 50, (300_000,), dtype=index_dtype)
     big[123_457] = 50
     assert cpu_native.count_out_of_range(big, torch.tensor([300_000]), [50], 1) == 1
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("widths", [(8,), (4, 2), (16, 32, 8, 4)])
+def test_sequence_lookup_equals_fbgemm_pooling_none(index_dtype, widths):
+    """PoolingMode.NONE (an EmbeddingCollection's lookup): one row per id, bit for bit."""
+    gen = torch.Generator().manual_seed(len(widths))
+    flat, slots = _buffer([(b, 50 + 7 * i, 64) for i, b in enumerate(widths)], gen)
+    values, offsets = _ids(slots, batch=33, max_len=12, gen=gen, hot=True)
+    values, offsets = values.to(index_dtype), offsets.to(index_dtype)
+    native = FusedPooledLookup(slots, PoolingMode.NONE, 1, torch.device("cpu"))
+    fbgemm = FusedPooledLookup(slots, PoolingMode.NONE, 1, torch.device("cpu"))
+    fbgemm.backend = "fbgemm"
+    a, b = native(flat, values, offsets, None), fbgemm(flat, values, offsets, None)
+    assert native.backend == "cpu_native"
+    assert a.shape == (values.numel(), 64)
+    assert torch.equal(a, b)
+
+
+def test_sequence_lookup_needs_one_dim():
+    gen = torch.Generator().manual_seed(0)
+    _, slots = _buffer([(8, 10, 64), (8, 10, 32)], gen)
+    with pytest.raises(ValueError, match="one dim for every feature"):
+        FusedPooledLookup(slots, PoolingMode.NONE, 1, torch.device("cpu"))

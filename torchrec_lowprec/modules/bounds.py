@@ -19,11 +19,13 @@ def check_ids(
     batch: int,
     modes: list[str],
     tables: list[str],
+    dropped: str = "dropped from their bags",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Return ``(values, lengths, weights)`` with out-of-range ids handled per feature mode.
 
     ``"raise"``: ``IndexError`` naming the table, feature and offending id. ``"warn"`` /
-    ``"ignore"``: the id is dropped from its bag (with a warning for ``"warn"``).
+    ``"ignore"``: the id is dropped from its bag (with a warning for ``"warn"`` ending in
+    ``dropped``: what the caller does with them).
     """
     if values.numel() == 0:
         return values, lengths, weights
@@ -51,7 +53,7 @@ def check_ids(
     if any(modes[int(f)] == "raise" for f in torch.unique(f_bad)):
         raise IndexError(msg + "; fix the ids, or set bounds_check='warn' / 'ignore' to drop them")
     if any(modes[int(f)] == "warn" for f in torch.unique(f_bad)):
-        warnings.warn(msg + "; dropped from their bags", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{msg}; {dropped}", RuntimeWarning, stacklevel=3)
     keep = ~bad
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
     new_lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.to(lengths.dtype))
@@ -153,7 +155,7 @@ def ordered_with_totals(
     totals = dict(zip(features.keys(), validate_kjt(features, weighted)))
     if features.keys() == order:
         return features, [totals[f] for f in order]
-    missing = [f for f in order if f not in features.keys()]
+    missing = list(dict.fromkeys(f for f in order if f not in features.keys()))  # once each
     if missing:
         raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}")
     return features.permute([features.keys().index(f) for f in order]), [totals[f] for f in order]

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -313,9 +314,23 @@ std::vector<Slot> make_slots(const char* op, const torch::Tensor& weights, const
   return slots;
 }
 
-template <typename index_t>
-void check_offsets(const char* op, const index_t* off, int64_t n_off, int64_t n_indices) {
-  TORCH_CHECK(off[0] == 0 && off[n_off] == n_indices, op, ": offsets must run from 0 to indices.numel()");
+// Runs `range_fn(idx, off, k0, k1)` (false: an id was out of range) over the flattened bag grid
+// [0, n_off) on torch's intra-op threads, for int32 or int64 ids.
+template <typename F>
+void for_each_bag_range(const char* op, const torch::Tensor& idx_t, const torch::Tensor& off_t, F&& range_fn) {
+  const int64_t n_off = off_t.numel() - 1;
+  std::atomic<bool> all_ok{true};
+  AT_DISPATCH_INDEX_TYPES(idx_t.scalar_type(), "for_each_bag_range", [&] {
+    const index_t* idx = idx_t.data_ptr<index_t>();
+    const index_t* off = off_t.data_ptr<index_t>();
+    TORCH_CHECK(off[0] == 0 && off[n_off] == idx_t.numel(), op, ": offsets must run from 0 to indices.numel()");
+    // Grain: bags of a few hundred ids per task; the split follows the flattened bag grid.
+    at::parallel_for(0, n_off, 256, [&](int64_t k0, int64_t k1) {
+      if (!range_fn(idx, off, k0, k1)) all_ok = false;
+    });
+  });
+  TORCH_CHECK_INDEX(all_ok.load(), op, ": an id is out of range for its table (ids are checked before the "
+                    "lookup; this is a bug in the caller)");
 }
 
 }  // namespace
@@ -342,19 +357,11 @@ torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch:
   }
   auto out = torch::empty({B, total_D}, weights.options().dtype(torch::kFloat32));
   if (B == 0) return out;
-  std::atomic<bool> all_ok{true};
-  AT_DISPATCH_INDEX_TYPES(idx_t.scalar_type(), "pooled_lookup", [&] {
-    const index_t* idx = idx_t.data_ptr<index_t>();
-    const index_t* off = off_t.data_ptr<index_t>();
-    check_offsets("pooled_lookup", off, n_off, indices.numel());
-    float* o = out.data_ptr<float>();
-    // Grain: bags of a few hundred ids per task; the split follows the flattened bag grid.
-    at::parallel_for(0, T * B, 256, [&](int64_t k0, int64_t k1) {
-      if (!pool_range<index_t>(slots, k0, k1, B, idx, off, psw, mean, o, total_D)) all_ok = false;
-    });
+  float* o = out.data_ptr<float>();
+  for_each_bag_range("pooled_lookup", idx_t, off_t, [&](const auto* idx, const auto* off, int64_t k0, int64_t k1) {
+    using index_t = std::remove_cv_t<std::remove_pointer_t<decltype(idx)>>;
+    return pool_range<index_t>(slots, k0, k1, B, idx, off, psw, mean, o, total_D);
   });
-  TORCH_CHECK_INDEX(all_ok.load(), "pooled_lookup: an id is out of range for its table (ids are checked "
-                    "before the lookup; this is a bug in the caller)");
   return out;
 }
 
@@ -376,19 +383,11 @@ torch::Tensor sequence_lookup(torch::Tensor weights, torch::Tensor indices, torc
   auto off_t = offsets.contiguous();
   auto out = torch::empty({indices.numel(), slots[0].dim}, weights.options().dtype(torch::kFloat32));
   if (B == 0 || indices.numel() == 0) return out;
-  std::atomic<bool> all_ok{true};
-  AT_DISPATCH_INDEX_TYPES(idx_t.scalar_type(), "sequence_lookup", [&] {
-    const index_t* idx = idx_t.data_ptr<index_t>();
-    const index_t* off = off_t.data_ptr<index_t>();
-    check_offsets("sequence_lookup", off, n_off, indices.numel());
-    float* o = out.data_ptr<float>();
-    // Grain in bags, as the pooled lookup: sequences of tens of ids make tasks of thousands.
-    at::parallel_for(0, T * B, 256, [&](int64_t k0, int64_t k1) {
-      if (!gather_range<index_t>(slots, k0, k1, B, idx, off, o)) all_ok = false;
-    });
+  float* o = out.data_ptr<float>();
+  for_each_bag_range("sequence_lookup", idx_t, off_t, [&](const auto* idx, const auto* off, int64_t k0, int64_t k1) {
+    using index_t = std::remove_cv_t<std::remove_pointer_t<decltype(idx)>>;
+    return gather_range<index_t>(slots, k0, k1, B, idx, off, o);
   });
-  TORCH_CHECK_INDEX(all_ok.load(), "sequence_lookup: an id is out of range for its table (ids are checked "
-                    "before the lookup; this is a bug in the caller)");
   return out;
 }
 

@@ -217,20 +217,21 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
   return ok;
 }
 
-template <typename index_t>
-bool pool_range(const std::vector<Slot>& slots, int64_t k0, int64_t k1, int64_t B, const index_t* idx,
-                const index_t* off, const float* psw, bool mean, float* out, int64_t total_D) {
+// Bags [k0, k1) of the flattened (feature, sample) grid, split at feature boundaries:
+// `body(bits, slot, first, last)` with `bits` a std::integral_constant of the slot's width.
+template <typename Body>
+bool for_each_slot_run(const std::vector<Slot>& slots, int64_t k0, int64_t k1, int64_t B, Body&& body) {
   bool ok = true;
   while (k0 < k1) {
     const int64_t t = k0 / B;
     const int64_t stop = std::min(k1, (t + 1) * B);
     const Slot& s = slots[t];
     switch (s.bits) {
-      case 8: ok &= pool_bags<index_t, 8>(s, k0, stop, B, idx, off, psw, mean, out, total_D); break;
-      case 4: ok &= pool_bags<index_t, 4>(s, k0, stop, B, idx, off, psw, mean, out, total_D); break;
-      case 2: ok &= pool_bags<index_t, 2>(s, k0, stop, B, idx, off, psw, mean, out, total_D); break;
-      case 16: ok &= pool_bags<index_t, 16>(s, k0, stop, B, idx, off, psw, mean, out, total_D); break;
-      default: ok &= pool_bags<index_t, 32>(s, k0, stop, B, idx, off, psw, mean, out, total_D); break;
+      case 8: ok &= body(std::integral_constant<int, 8>{}, s, k0, stop); break;
+      case 4: ok &= body(std::integral_constant<int, 4>{}, s, k0, stop); break;
+      case 2: ok &= body(std::integral_constant<int, 2>{}, s, k0, stop); break;
+      case 16: ok &= body(std::integral_constant<int, 16>{}, s, k0, stop); break;
+      default: ok &= body(std::integral_constant<int, 32>{}, s, k0, stop); break;
     }
     k0 = stop;
   }
@@ -258,26 +259,6 @@ bool gather_bags(const Slot& s, int64_t first_bag, int64_t last_bag, const index
       continue;
     }
     accumulate_row<BITS>(s.table + r * s.row_bytes, s.dim, 1.0f, o);
-  }
-  return ok;
-}
-
-template <typename index_t>
-bool gather_range(const std::vector<Slot>& slots, int64_t k0, int64_t k1, int64_t B, const index_t* idx,
-                  const index_t* off, float* out) {
-  bool ok = true;
-  while (k0 < k1) {
-    const int64_t t = k0 / B;
-    const int64_t stop = std::min(k1, (t + 1) * B);
-    const Slot& s = slots[t];
-    switch (s.bits) {
-      case 8: ok &= gather_bags<index_t, 8>(s, k0, stop, idx, off, out); break;
-      case 4: ok &= gather_bags<index_t, 4>(s, k0, stop, idx, off, out); break;
-      case 2: ok &= gather_bags<index_t, 2>(s, k0, stop, idx, off, out); break;
-      case 16: ok &= gather_bags<index_t, 16>(s, k0, stop, idx, off, out); break;
-      default: ok &= gather_bags<index_t, 32>(s, k0, stop, idx, off, out); break;
-    }
-    k0 = stop;
   }
   return ok;
 }
@@ -360,7 +341,9 @@ torch::Tensor pooled_lookup(torch::Tensor weights, torch::Tensor indices, torch:
   float* o = out.data_ptr<float>();
   for_each_bag_range("pooled_lookup", idx_t, off_t, [&](const auto* idx, const auto* off, int64_t k0, int64_t k1) {
     using index_t = std::remove_cv_t<std::remove_pointer_t<decltype(idx)>>;
-    return pool_range<index_t>(slots, k0, k1, B, idx, off, psw, mean, o, total_D);
+    return for_each_slot_run(slots, k0, k1, B, [&](auto bits, const Slot& s, int64_t a, int64_t b) {
+      return pool_bags<index_t, decltype(bits)::value>(s, a, b, B, idx, off, psw, mean, o, total_D);
+    });
   });
   return out;
 }
@@ -386,7 +369,9 @@ torch::Tensor sequence_lookup(torch::Tensor weights, torch::Tensor indices, torc
   float* o = out.data_ptr<float>();
   for_each_bag_range("sequence_lookup", idx_t, off_t, [&](const auto* idx, const auto* off, int64_t k0, int64_t k1) {
     using index_t = std::remove_cv_t<std::remove_pointer_t<decltype(idx)>>;
-    return gather_range<index_t>(slots, k0, k1, B, idx, off, o);
+    return for_each_slot_run(slots, k0, k1, B, [&](auto bits, const Slot& s, int64_t a, int64_t b) {
+      return gather_bags<index_t, decltype(bits)::value>(s, a, b, idx, off, o);
+    });
   });
   return out;
 }

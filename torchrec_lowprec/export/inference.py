@@ -1,11 +1,13 @@
-"""Export trained low-precision collections to TorchRec's quantized inference collection.
+"""Export trained low-precision collections to TorchRec's quantized inference collections.
 
-A :class:`LowPrecisionEmbeddingBagCollection` already stores its tables in FBGEMM's IntNBit row
-layout (fp16 scale + fp16 bias at the front, then packed codes). TorchRec's inference
-collection (``torchrec.quant.embedding_modules.EmbeddingBagCollection``) builds an
-``IntNBitTableBatchedEmbeddingBagsCodegen`` per pooling mode and accepts, per table, the
-``(codes, scale_bias)`` pair of every row. We hand it our bytes unchanged, so no value is
-re-quantized: the served table is the trained table bit for bit.
+A :class:`LowPrecisionEmbeddingBagCollection` or :class:`LowPrecisionEmbeddingCollection`
+already stores its tables in FBGEMM's IntNBit row layout (fp16 scale + fp16 bias at the front,
+then packed codes). TorchRec's inference collections
+(``torchrec.quant.embedding_modules.EmbeddingBagCollection`` / ``EmbeddingCollection``) build
+an ``IntNBitTableBatchedEmbeddingBagsCodegen`` per pooling mode (EBC) or per data type (EC,
+``PoolingMode.NONE``) and accept, per table, the ``(codes, scale_bias)`` pair of every row. We
+hand them our bytes unchanged, so no value is re-quantized: the served table is the trained
+table bit for bit.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import dataclasses
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.configs import InferenceConfig
 from torchrec_lowprec.kernels.lookup import row_alignment_for
+from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.modules.data_type import DATA_TYPE_OF_BITS
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 from torchrec_lowprec.quant.layout import SCALE_BIAS_BYTES
 from torchrec_lowprec.transform import convert, register_transform
 from torchrec_lowprec.types import INT_BITS
@@ -43,27 +47,44 @@ def check_servable(name: str, bits: int, dim: int) -> None:
         )
 
 
-def quantized_weights(
-    ebc: LowPrecisionEmbeddingBagCollection,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Table name -> ``(codes, scale_bias)`` uint8 views of ``ebc``'s rows, in the form TorchRec's
-    inference modules take (``table_name_to_quantized_weights``, ``assign_weights_to_tbe``);
-    ``scale_bias`` is ``None`` for fp32/fp16 tables.
+def quantized_weights(module: LowPrecisionTables) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Table name -> ``(codes, scale_bias)`` uint8 views of a low-precision collection's rows
+    (:class:`LowPrecisionEmbeddingBagCollection` or :class:`LowPrecisionEmbeddingCollection`),
+    in the form TorchRec's inference modules take (``table_name_to_quantized_weights``,
+    ``assign_weights_to_tbe``); ``scale_bias`` is ``None`` for fp32/fp16 tables.
 
     Example::
 
         assign_weights_to_tbe(sharded_model, quantized_weights(lp_ebc))
     """
     out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for t in ebc.embedding_bag_configs():
-        bits = ebc.table_config(t.name).bits
-        rows = ebc.quantized_weight(t.name).detach()
+    for name in module.tables:
+        bits = module.table_config(name).bits
+        rows = module.quantized_weight(name).detach()
         if bits in INT_BITS:
             # Our row: [scale fp16][bias fp16][codes]. TorchRec wants (codes, scale_bias) and
             # writes scale_bias back in front of the codes (FBGEMM's default, reverse_qparam=False).
-            out[t.name] = (rows[:, SCALE_BIAS_BYTES:], rows[:, :SCALE_BIAS_BYTES])
+            out[name] = (rows[:, SCALE_BIAS_BYTES:], rows[:, :SCALE_BIAS_BYTES])
         else:
-            out[t.name] = (rows, None)
+            out[name] = (rows, None)
+    return out
+
+
+def served_tables(module: LowPrecisionTables, tables: list[BaseEmbeddingConfig]) -> list[BaseEmbeddingConfig]:
+    """``tables`` (the collection's configs) with ``data_type`` set to each table's stored width,
+    after :func:`check_servable`; refuses a collection on the meta device (it holds no rows).
+
+    Example::
+
+        served_tables(lp_ec, lp_ec.embedding_configs())[0].data_type  # DataType.INT4
+    """
+    if module.device.type == "meta":
+        raise ValueError("cannot export a collection on the meta device: it holds no trained rows")
+    out = []
+    for t in tables:
+        bits = module.table_config(t.name).bits
+        check_servable(t.name, bits, t.embedding_dim)
+        out.append(dataclasses.replace(t, data_type=DATA_TYPE_OF_BITS[bits]))
     return out
 
 
@@ -135,17 +156,16 @@ def export_collection(
         pooled = qebc(kjt)  # == the trained collection's eval output
     """
     if not isinstance(ebc, LowPrecisionEmbeddingBagCollection):
-        raise TypeError(
-            f"export_collection expects a LowPrecisionEmbeddingBagCollection, got {type(ebc).__name__}"
+        hint = (
+            " (export_embedding_collection takes a LowPrecisionEmbeddingCollection)"
+            if isinstance(ebc, LowPrecisionEmbeddingCollection)
+            else ""
         )
+        raise TypeError(
+            f"export_collection expects a LowPrecisionEmbeddingBagCollection, got {type(ebc).__name__}{hint}"
+        )
+    tables = served_tables(ebc, ebc.embedding_bag_configs())
     device = ebc.device
-    if device.type == "meta":
-        raise ValueError("cannot export a collection on the meta device: it holds no trained rows")
-    tables: list[EmbeddingBagConfig] = []
-    for t in ebc.embedding_bag_configs():
-        bits = ebc.table_config(t.name).bits
-        check_servable(t.name, bits, t.embedding_dim)
-        tables.append(dataclasses.replace(t, data_type=DATA_TYPE_OF_BITS[bits]))
     weights = quantized_weights(ebc)
     align = row_alignment if row_alignment is not None else row_alignment_for(device)
     out = QuantEmbeddingBagCollection(
@@ -166,7 +186,7 @@ def export_collection(
 
 
 def _is_low_precision(module: nn.Module) -> bool:
-    return isinstance(module, LowPrecisionEmbeddingBagCollection)
+    return isinstance(module, (LowPrecisionEmbeddingBagCollection, LowPrecisionEmbeddingCollection))
 
 
 def _to_eval(model: nn.Module, config: InferenceConfig) -> None:
@@ -176,12 +196,23 @@ def _to_eval(model: nn.Module, config: InferenceConfig) -> None:
 @register_transform(
     InferenceConfig,
     is_target=_is_low_precision,
-    targets="LowPrecisionEmbeddingBagCollection (convert its EmbeddingBagCollections and train first)",
+    targets=(
+        "LowPrecisionEmbeddingBagCollection or LowPrecisionEmbeddingCollection (convert its "
+        "EmbeddingBagCollections / EmbeddingCollections and train first)"
+    ),
     if_none="raise",
     finish=_to_eval,
 )
-def _to_quantized(ebc: LowPrecisionEmbeddingBagCollection, config: InferenceConfig, fqn: str) -> nn.Module:
+def _to_quantized(
+    ebc: LowPrecisionEmbeddingBagCollection | LowPrecisionEmbeddingCollection,
+    config: InferenceConfig,
+    fqn: str,
+) -> nn.Module:
     dtype = getattr(torch, config.output_dtype) if config.output_dtype is not None else torch.float32
+    if isinstance(ebc, LowPrecisionEmbeddingCollection):
+        from torchrec_lowprec.export.sequence import export_embedding_collection
+
+        return export_embedding_collection(ebc, dtype, config.row_alignment, config.register_tbes)
     return export_collection(ebc, dtype, config.row_alignment, config.register_tbes)
 
 

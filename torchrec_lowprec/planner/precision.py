@@ -6,6 +6,9 @@ Start from the searched (MPE) precision or ``max_bits``; while TorchRec's planne
 (32 -> 16 -> 8 -> 4 -> 2 [-> 0]) where it costs least: cost = the group's lookup share x the
 growth of its relative quantization error (``4^-(b-1)`` for ``b`` integer bits, ``4^-11`` for
 fp16, 1 for a pruned row) per byte saved. Rare groups and big, rarely read tables go first.
+
+Sequence tables (``EmbeddingConfig``, an ``EmbeddingCollection``'s) are planned beside the pooled
+ones: one width per table, same bytes (see :mod:`torchrec_lowprec.planner.sequence`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
-from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
@@ -30,6 +33,7 @@ from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagC
 from torchrec_lowprec.modules.table_layout import stored_bytes
 from torchrec_lowprec.planner.plan_file import sharding_plan_from_dict, sharding_plan_to_dict
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.sequence import check_sequence_plan, is_sequence_table, pooled_twins
 from torchrec_lowprec.planner.storage import LowPrecisionStorageEstimator, shard_bytes
 from torchrec_lowprec.quant.groups import frequency_groups, table_counts
 from torchrec_lowprec.types import HBM_DEVICES, PLAN_BITS, row_alignment
@@ -60,7 +64,9 @@ class MemoryPlan:
 
     ``sharding`` is keyed by ``module_path + ".row_groups"``: the physical tables of the
     :class:`MixedPrecisionEmbeddingBagCollection` that ``lp.convert(model,
-    lp.MixedPrecisionConfig(plan.precision, cfg))`` puts at ``module_path``.
+    lp.MixedPrecisionConfig(plan.precision, cfg))`` puts at ``module_path``; the
+    ``sequence_tables`` (an ``EmbeddingCollection``'s, one width each: ``planner.sequence.
+    sequence_config``) by ``sequence_module_path``.
 
     Example::
 
@@ -79,6 +85,8 @@ class MemoryPlan:
     placements: dict[str, list[int]] = field(default_factory=dict)
     table_bytes: dict[str, int] = field(default_factory=dict)
     row_map_bytes: int = 0
+    sequence_tables: list[str] = field(default_factory=list)
+    sequence_module_path: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -91,6 +99,8 @@ class MemoryPlan:
             "reserved_fraction": self.reserved_fraction,
             "table_bytes_per_rank": self.per_rank_bytes,
             "row_map_bytes_per_rank": self.row_map_bytes,
+            "sequence_tables": self.sequence_tables,
+            "sequence_module_path": self.sequence_module_path,
             "placements": self.placements,
             "table_bytes": self.table_bytes,
             "precision": self.precision.to_dict(),
@@ -121,6 +131,8 @@ class MemoryPlan:
                 placements={k: list(v) for k, v in doc.get("placements", {}).items()},
                 table_bytes={k: int(v) for k, v in doc.get("table_bytes", {}).items()},
                 row_map_bytes=int(doc.get("row_map_bytes_per_rank", 0)),
+                sequence_tables=list(doc.get("sequence_tables", [])),
+                sequence_module_path=str(doc.get("sequence_module_path", "")),
             )
         except KeyError as e:
             raise ValueError(f"{path} lacks field {e}") from None
@@ -177,7 +189,7 @@ def _placement_message(
 
 
 def initial_precision(
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     precision_plan: PrecisionPlan | None,
     frequencies: dict[str, torch.Tensor] | None,
     num_groups: int,
@@ -185,7 +197,8 @@ def initial_precision(
     remap_in_module: bool = False,
 ) -> PrecisionPlan:
     """The starting point: the searched plan (capped at ``max_bits``), else frequency groups at
-    ``max_bits``, else one group per table at ``max_bits`` (fp16/fp32 for dims FBGEMM cannot pack)."""
+    ``max_bits``, else one group per table at ``max_bits`` (fp16/fp32 for dims FBGEMM cannot pack);
+    sequence tables always one group."""
     out = {}
     for t in tables:
         dim_ok = t.embedding_dim % 4 == 0
@@ -193,7 +206,7 @@ def initial_precision(
         if precision_plan is not None and t.name in precision_plan.tables:
             tp = precision_plan.tables[t.name]
             out[t.name] = tp.with_bits(tuple(min(b, top) for b in tp.bits))
-        elif frequencies and any(f in frequencies for f in t.feature_names):
+        elif frequencies and any(f in frequencies for f in t.feature_names) and not is_sequence_table(t):
             ends, mass = frequency_groups(table_counts(t, frequencies), num_groups)
             out[t.name] = TablePrecision(
                 t.num_embeddings, t.embedding_dim, ends, (top,) * len(ends), mass, remap_in_module
@@ -208,8 +221,16 @@ def initial_precision(
 class _Lowering:
     """Greedy lowering of (table, group) bit widths by accuracy cost per byte saved."""
 
-    def __init__(self, plan: PrecisionPlan, cfg: LowPrecisionConfig, min_bits: int, align: int) -> None:
+    def __init__(
+        self,
+        plan: PrecisionPlan,
+        cfg: LowPrecisionConfig,
+        min_bits: int,
+        align: int,
+        whole: tuple[str, ...] = (),
+    ) -> None:
         self.tables = dict(plan.tables)
+        self.whole = set(whole)  # tables that cannot be pruned (sequence tables)
         self.bits = {n: list(tp.bits) for n, tp in self.tables.items()}
         self.cfg, self.align = cfg, align
         self.ladder = [b for b in LADDER if b >= min_bits]
@@ -221,13 +242,18 @@ class _Lowering:
     def row_bytes(self, tp: TablePrecision, bits: int) -> int:
         return stored_bytes(1, tp.dim, bits, self.cfg.optimizer, self.cfg.learn_step_size, self.align)
 
-    def _next(self, tp: TablePrecision, bits: int) -> int | None:
-        lower = [b for b in self.ladder if b < bits and (b == 0 or b > 8 or tp.dim % 4 == 0)]
+    def _next(self, n: str, bits: int) -> int | None:
+        tp = self.tables[n]
+        lower = [
+            b
+            for b in self.ladder
+            if b < bits and (b == 0 or b > 8 or tp.dim % 4 == 0) and not (b == 0 and n in self.whole)
+        ]
         return lower[0] if lower else None
 
     def _push(self, n: str, g: int) -> None:
         tp, b = self.tables[n], self.bits[n][g]
-        nb = self._next(tp, b)
+        nb = self._next(n, b)
         if nb is None:
             return
         rows = tp.group_ends[g] - tp.group_starts()[g]
@@ -251,7 +277,7 @@ class _Lowering:
                 return False
             _, n, g = heapq.heappop(self.heap)
             tp, b = self.tables[n], self.bits[n][g]
-            nb = self._next(tp, b)
+            nb = self._next(n, b)
             rows = tp.group_ends[g] - tp.group_starts()[g]
             total -= rows * (self.row_bytes(tp, b) - self.row_bytes(tp, nb))
             self.bits[n][g] = nb
@@ -318,7 +344,7 @@ def planned_bytes_per_rank(
 
 
 def plan_precision(
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     topology: Topology,
     config: LowPrecisionConfig | None = None,
     *,
@@ -331,12 +357,14 @@ def plan_precision(
     reserved_fraction: float = 0.15,
     module_path: str = "",
     remap_in_module: bool = False,
+    sequence_module_path: str = "",
 ) -> MemoryPlan:
     """Bit widths that fit ``topology``'s memory per rank (HBM on CUDA, DDR on CPU) and the
     TorchRec sharding plan placing them.
 
     Args:
-        tables: the model's table configs.
+        tables: the model's table configs: ``EmbeddingBagConfig`` (pooled) and ``EmbeddingConfig``
+            (an ``EmbeddingCollection``'s: one width per table, never pruned).
         topology: TorchRec ``Topology`` (world size, compute device, ``hbm_cap``/``ddr_cap``).
         config: optimizer, ALPT on/off etc. of the tables (``bits`` is ignored).
         batch_size: per-rank batch size (for TorchRec's I/O estimate).
@@ -346,6 +374,8 @@ def plan_precision(
         reserved_fraction: share of each rank's memory TorchRec reserves for dense parts.
         module_path: where the collection sits in the model (keys the sharding plan).
         remap_in_module: ids are raw (not frequency-ranked): count a 4 B/row map per table.
+        sequence_module_path: where the ``EmbeddingCollection`` sits (keys its tables' sharding;
+            required when ``tables`` holds ``EmbeddingConfig`` s).
 
     Raises:
         InfeasibleBudgetError: nothing at or above ``min_bits`` fits; says what would.
@@ -360,6 +390,9 @@ def plan_precision(
         raise ValueError(
             f"min_bits={min_bits} / max_bits={max_bits} must be in {list(LADDER)} with min <= max, max > 0"
         )
+    bag_tables, sequence = pooled_twins(tables)
+    prefix = f"{module_path}.row_groups" if module_path else "row_groups"
+    check_sequence_plan(precision_plan, sequence, sequence_module_path, prefix)
     device = topology.compute_device
     cap = topology.devices[0].storage.hbm if device in HBM_DEVICES else topology.devices[0].storage.ddr
     align = row_alignment(device)
@@ -373,7 +406,7 @@ def plan_precision(
         )
     reserved = reserved_fraction + map_bytes / cap
     usable = cap * topology.world_size * (1 - reserved)
-    lowering = _Lowering(start, cfg, min_bits, align)
+    lowering = _Lowering(start, cfg, min_bits, align, tuple(sequence))
     target = usable
     placement_error: PlannerError | None = None
     while True:
@@ -381,7 +414,9 @@ def plan_precision(
         precision = lowering.plan()
         if fits_total or lowering.total() <= usable:
             try:
-                sharding, model = run_sharding_planner(tables, precision, cfg, topology, batch_size, reserved)
+                sharding, model = run_sharding_planner(
+                    bag_tables, precision, cfg, topology, batch_size, reserved
+                )
                 break
             except PlannerError as e:
                 # Storage: too big in total; strict constraints: it fits in total but no
@@ -408,18 +443,23 @@ def plan_precision(
         # TorchRec could not place what fits in total (I/O, packing): aim lower.
         target = min(target, lowering.total()) * 0.95
     per_rank = planned_bytes_per_rank(sharding, model, topology.world_size, device)
-    prefix = f"{module_path}.row_groups" if module_path else "row_groups"
     (module_plan,) = sharding.plan.values()  # the one collection planned
-    rekeyed = ShardingPlan({prefix: module_plan})
+    # Pooled tables under the mixed-precision collection's row groups, sequence tables under
+    # their EmbeddingCollection (a whole table's physical name is its own).
+    parts: dict[str, EmbeddingModuleShardingPlan] = {}
     placements: dict[str, set[int]] = {}
     by_table: dict[str, int] = {}
-    for name, ps in rekeyed.plan[prefix].items():
+    for name, ps in module_plan.items():
         logical = model.logical_table(name)
+        key = sequence_module_path if logical in sequence else prefix
+        parts.setdefault(key, EmbeddingModuleShardingPlan())[name] = ps
         placements.setdefault(logical, set()).update(s.placement.rank() for s in ps.sharding_spec.shards)
         by_table[logical] = by_table.get(logical, 0) + sum(
             shard_bytes(model.row_groups, name, *s.shard_sizes, device) for s in ps.sharding_spec.shards
         )
+    rekeyed = ShardingPlan(parts)
     return MemoryPlan(
         precision, rekeyed, module_path, device, topology.world_size, int(cap), reserved_fraction,
         [b + map_bytes for b in per_rank], {n: sorted(r) for n, r in placements.items()}, by_table, map_bytes,
+        sequence, sequence_module_path if sequence else "",
     )  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-from dataclasses import dataclass, field
 
 import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -28,10 +27,9 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBag
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
-from torchrec_lowprec.files import read_json, write_json
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import stored_bytes
-from torchrec_lowprec.planner.plan_file import sharding_plan_from_dict, sharding_plan_to_dict
+from torchrec_lowprec.planner.memory_plan import MemoryPlan, fmt_bytes
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 from torchrec_lowprec.planner.sequence import check_sequence_plan, is_sequence_table, pooled_twins
 from torchrec_lowprec.planner.storage import LowPrecisionStorageEstimator, shard_bytes
@@ -39,8 +37,6 @@ from torchrec_lowprec.quant.groups import frequency_groups, table_counts
 from torchrec_lowprec.types import HBM_DEVICES, PLAN_BITS, row_alignment
 
 LADDER = tuple(sorted(PLAN_BITS, reverse=True))
-MEMORY_PLAN_FORMAT = "torchrec_lowprec.memory_plan"
-GiB = 1 << 30
 
 
 class InfeasibleBudgetError(ValueError):
@@ -58,116 +54,6 @@ def relative_error(bits: int) -> float:
     return 4.0 ** -(bits - 1)
 
 
-@dataclass
-class MemoryPlan:
-    """What :func:`plan_precision` returns: the precision, the sharding and the bytes per rank.
-
-    ``sharding`` is keyed by ``module_path + ".row_groups"``: the physical tables of the
-    :class:`MixedPrecisionEmbeddingBagCollection` that ``lp.convert(model,
-    lp.MixedPrecisionConfig(plan.precision, cfg))`` puts at ``module_path``; the
-    ``sequence_tables`` (an ``EmbeddingCollection``'s, one width each: ``planner.sequence.
-    sequence_config``) by ``sequence_module_path``.
-
-    Example::
-
-        mp = plan_precision(tables, Topology(world_size=8, compute_device="cuda", hbm_cap=40 * GiB))
-        mp.save("plan.json"); print(mp.summary())
-    """
-
-    precision: PrecisionPlan
-    sharding: ShardingPlan
-    module_path: str
-    compute_device: str
-    world_size: int
-    budget_bytes: int
-    reserved_fraction: float
-    per_rank_bytes: list[int]
-    placements: dict[str, list[int]] = field(default_factory=dict)
-    table_bytes: dict[str, int] = field(default_factory=dict)
-    row_map_bytes: int = 0
-    sequence_tables: list[str] = field(default_factory=list)
-    sequence_module_path: str = ""
-
-    def to_dict(self) -> dict:
-        return {
-            "format": MEMORY_PLAN_FORMAT,
-            "version": 1,
-            "module_path": self.module_path,
-            "compute_device": self.compute_device,
-            "world_size": self.world_size,
-            "budget_bytes_per_rank": self.budget_bytes,
-            "reserved_fraction": self.reserved_fraction,
-            "table_bytes_per_rank": self.per_rank_bytes,
-            "row_map_bytes_per_rank": self.row_map_bytes,
-            "sequence_tables": self.sequence_tables,
-            "sequence_module_path": self.sequence_module_path,
-            "placements": self.placements,
-            "table_bytes": self.table_bytes,
-            "precision": self.precision.to_dict(),
-            "sharding": sharding_plan_to_dict(self.sharding),
-        }
-
-    def save(self, path: str) -> None:
-        """Write JSON atomically (temp file + rename)."""
-        write_json(path, self.to_dict())
-
-    @staticmethod
-    def load(path: str) -> MemoryPlan:
-        doc = read_json(path, "plan file")
-        if not isinstance(doc, dict) or doc.get("format") != MEMORY_PLAN_FORMAT:
-            raise ValueError(
-                f"{path} is not a {MEMORY_PLAN_FORMAT} file (written by `torchrec-lowprec plan`)"
-            )
-        try:
-            return MemoryPlan(
-                precision=PrecisionPlan.from_dict(doc["precision"], path),
-                sharding=sharding_plan_from_dict(doc["sharding"], path),
-                module_path=doc["module_path"],
-                compute_device=doc["compute_device"],
-                world_size=int(doc["world_size"]),
-                budget_bytes=int(doc["budget_bytes_per_rank"]),
-                reserved_fraction=float(doc["reserved_fraction"]),
-                per_rank_bytes=[int(x) for x in doc["table_bytes_per_rank"]],
-                placements={k: list(v) for k, v in doc.get("placements", {}).items()},
-                table_bytes={k: int(v) for k, v in doc.get("table_bytes", {}).items()},
-                row_map_bytes=int(doc.get("row_map_bytes_per_rank", 0)),
-                sequence_tables=list(doc.get("sequence_tables", [])),
-                sequence_module_path=str(doc.get("sequence_module_path", "")),
-            )
-        except KeyError as e:
-            raise ValueError(f"{path} lacks field {e}") from None
-
-    def summary(self) -> str:
-        """A readable table: table, rows, dim, bits by group, bytes, ranks; then per-rank totals."""
-        lines = [f"{'table':<24} {'rows':>12} {'dim':>4}  {'bits (share of rows)':<34} {'bytes':>10}  ranks"]
-        for name, tp in self.precision.tables.items():
-            share: dict[int, int] = {}
-            for a, e, b in zip(tp.group_starts(), tp.group_ends, tp.bits):
-                share[b] = share.get(b, 0) + (e - a)
-            bits = " ".join(f"{b}:{100 * n / tp.rows:.0f}%" for b, n in sorted(share.items(), reverse=True))
-            ranks = ",".join(str(r) for r in self.placements.get(name, []))
-            lines.append(
-                f"{name:<24} {tp.rows:>12,} {tp.dim:>4}  {bits:<34} {_fmt(self.table_bytes.get(name, 0)):>10}  {ranks}"
-            )
-        usable = self.budget_bytes * (1 - self.reserved_fraction)
-        lines.append("")
-        if self.row_map_bytes:
-            lines.append(f"every rank also holds {_fmt(self.row_map_bytes)} of raw id -> rank maps (counted)")
-        for r, b in enumerate(self.per_rank_bytes):
-            lines.append(
-                f"rank {r}: {_fmt(b):>10} of {_fmt(self.budget_bytes)} ({100 * b / self.budget_bytes:.1f}%; "
-                f"{_fmt(usable)} usable after reserving {100 * self.reserved_fraction:.0f}% for dense parts and I/O)"
-            )
-        return "\n".join(lines)
-
-
-def _fmt(n: float) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def _placement_message(
     error: PlannerError, floor: float, cap: int, reserved_fraction: float, topology: Topology, batch_size: int
 ) -> str:
@@ -178,10 +64,10 @@ def _placement_message(
     needs = [
         int(m[0 if hbm else 1]) for m in re.findall(r"storage_sum=Storage\(hbm=(\d+), ddr=(\d+)", str(error))
     ]
-    need = f"; its smallest placement of one table needs {_fmt(max(needs))} on one rank" if needs else ""
+    need = f"; its smallest placement of one table needs {fmt_bytes(max(needs))} on one rank" if needs else ""
     return (
-        f"the tables fit at the floor ({_fmt(floor / topology.world_size)} per rank, {_fmt(floor)} in total) "
-        f"but TorchRec's planner cannot place them in the {_fmt(cap * (1 - reserved_fraction))} per rank left "
+        f"the tables fit at the floor ({fmt_bytes(floor / topology.world_size)} per rank, {fmt_bytes(floor)} in total) "
+        f"but TorchRec's planner cannot place them in the {fmt_bytes(cap * (1 - reserved_fraction))} per rank left "
         f"after reserving {100 * reserved_fraction:.0f}%: it adds each shard's input/output buffers (ids and "
         f"pooled outputs of --batch-size {batch_size} x {topology.world_size} ranks) to the rank holding it"
         f"{need}. Lower --batch-size or the world size, or add memory per rank"
@@ -401,7 +287,7 @@ def plan_precision(
     map_bytes = sum(4 * tp.rows for tp in start.tables.values() if tp.remapped)
     if map_bytes >= cap * (1 - reserved_fraction):
         raise InfeasibleBudgetError(
-            f"the raw id -> rank maps alone take {_fmt(map_bytes)} per rank of a {_fmt(cap)} budget; "
+            f"the raw id -> rank maps alone take {fmt_bytes(map_bytes)} per rank of a {fmt_bytes(cap)} budget; "
             "frequency-rank the ids in the data pipeline (data.remap_by_rank) instead"
         )
     reserved = reserved_fraction + map_bytes / cap
@@ -434,9 +320,9 @@ def plan_precision(
                     _placement_message(placement_error, floor, cap, reserved_fraction, topology, batch_size)
                 )
             raise InfeasibleBudgetError(
-                f"no precision >= {min_bits} bits fits: the tables need at least {_fmt(floor / topology.world_size)} "
-                f"per rank at the floor (total {_fmt(floor)} over {topology.world_size} ranks, I/O not counted), but "
-                f"the budget is {_fmt(cap)} per rank ({_fmt(cap * (1 - reserved_fraction))} after reserving "
+                f"no precision >= {min_bits} bits fits: the tables need at least {fmt_bytes(floor / topology.world_size)} "
+                f"per rank at the floor (total {fmt_bytes(floor)} over {topology.world_size} ranks, I/O not counted), but "
+                f"the budget is {fmt_bytes(cap)} per rank ({fmt_bytes(cap * (1 - reserved_fraction))} after reserving "
                 f"{100 * reserved_fraction:.0f}%). Add ranks or memory, lower min_bits (0 allows pruning), or "
                 "use a cheaper optimizer (rowwise_adagrad keeps 4 B/row)"
             )

@@ -12,80 +12,31 @@ table bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.configs import InferenceConfig
+from torchrec_lowprec.export.rows import DATA_TYPE_OF_BITS, check_servable, quantized_weights, served_tables
+from torchrec_lowprec.export.sequence import export_embedding_collection
 from torchrec_lowprec.kernels.lookup import row_alignment_for
-from torchrec_lowprec.modules.collection_base import LowPrecisionTables
-from torchrec_lowprec.modules.data_type import DATA_TYPE_OF_BITS
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
-from torchrec_lowprec.quant.layout import SCALE_BIAS_BYTES
 from torchrec_lowprec.transform import convert, register_transform
-from torchrec_lowprec.types import INT_BITS
 
-
-def check_servable(name: str, bits: int, dim: int) -> None:
-    """Refuse a table FBGEMM's IntNBit inference module cannot take (it asserts byte-packed
-    8/4/2-bit rows; our rule, dim % 4 == 0, is the one the training module enforces)."""
-    if bits not in DATA_TYPE_OF_BITS:
-        raise ValueError(
-            f"table {name!r}: bits={bits} has no FBGEMM inference type {sorted(DATA_TYPE_OF_BITS)}"
-        )
-    if bits in INT_BITS and dim % 4 != 0:
-        raise ValueError(
-            f"table {name!r}: embedding_dim={dim} at {bits} bits cannot be served by FBGEMM's IntNBit "
-            "kernels (the dim of an 8/4/2-bit table must be a multiple of 4); retrain that table at "
-            "bits=16/32 or with a dim divisible by 4"
-        )
-
-
-def quantized_weights(module: LowPrecisionTables) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Table name -> ``(codes, scale_bias)`` uint8 views of a low-precision collection's rows
-    (:class:`LowPrecisionEmbeddingBagCollection` or :class:`LowPrecisionEmbeddingCollection`),
-    in the form TorchRec's inference modules take (``table_name_to_quantized_weights``,
-    ``assign_weights_to_tbe``); ``scale_bias`` is ``None`` for fp32/fp16 tables.
-
-    Example::
-
-        assign_weights_to_tbe(sharded_model, quantized_weights(lp_ebc))
-    """
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for name in module.tables:
-        bits = module.table_config(name).bits
-        rows = module.quantized_weight(name).detach()
-        if bits in INT_BITS:
-            # Our row: [scale fp16][bias fp16][codes]. TorchRec wants (codes, scale_bias) and
-            # writes scale_bias back in front of the codes (FBGEMM's default, reverse_qparam=False).
-            out[name] = (rows[:, SCALE_BIAS_BYTES:], rows[:, :SCALE_BIAS_BYTES])
-        else:
-            out[name] = (rows, None)
-    return out
-
-
-def served_tables(module: LowPrecisionTables, tables: list[BaseEmbeddingConfig]) -> list[BaseEmbeddingConfig]:
-    """``tables`` (the collection's configs) with ``data_type`` set to each table's stored width,
-    after :func:`check_servable`; refuses a collection on the meta device (it holds no rows).
-
-    Example::
-
-        served_tables(lp_ec, lp_ec.embedding_configs())[0].data_type  # DataType.INT4
-    """
-    if module.device.type == "meta":
-        raise ValueError("cannot export a collection on the meta device: it holds no trained rows")
-    out = []
-    for t in tables:
-        bits = module.table_config(t.name).bits
-        check_servable(t.name, bits, t.embedding_dim)
-        out.append(dataclasses.replace(t, data_type=DATA_TYPE_OF_BITS[bits]))
-    return out
+__all__ = [
+    "DATA_TYPE_OF_BITS",
+    "KeyOrderedCollection",
+    "check_servable",
+    "export_collection",
+    "export_embedding_collection",
+    "quantized_weights",
+    "served_tables",
+    "to_inference",
+]
 
 
 class KeyOrderedCollection(nn.Module):
@@ -210,8 +161,6 @@ def _to_quantized(
 ) -> nn.Module:
     dtype = getattr(torch, config.output_dtype) if config.output_dtype is not None else torch.float32
     if isinstance(ebc, LowPrecisionEmbeddingCollection):
-        from torchrec_lowprec.export.sequence import export_embedding_collection
-
         return export_embedding_collection(ebc, dtype, config.row_alignment, config.register_tbes)
     return export_collection(ebc, dtype, config.row_alignment, config.register_tbes)
 

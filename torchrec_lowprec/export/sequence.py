@@ -25,7 +25,7 @@ from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_lowprec.export.inference import quantized_weights, served_tables
+from torchrec_lowprec.export.rows import quantized_weights, served_tables
 from torchrec_lowprec.kernels.lookup import row_alignment_for
 from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 

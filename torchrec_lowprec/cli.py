@@ -23,7 +23,9 @@ file formats:
       dim: 128                (required; a whole number; alias embedding_dim)
       features: [user_id]     (optional; a list, even for one feature; default [name];
                                alias feature_names)
-      pooling: sum | mean     (optional; default sum)
+      pooling: sum | mean | none  (optional; default sum; none: a sequence table of an
+                               EmbeddingCollection, one width per table, needs
+                               --sequence-module-path)
       Other keys are errors (TorchRec's names above are accepted as aliases).
   --frequencies: a file written by torchrec_lowprec.data.save_frequencies (feature -> per-id
       counts from the training split; every feature must be read by a table, one whole count
@@ -34,7 +36,8 @@ file formats:
       starting precision, only ever lowered; it may name only tables of --tables.
   --out: JSON with "precision" (the PrecisionPlan; pass it to lp.convert(model, cfg,
       precision_plan=...)) and "sharding" (TorchRec's plan for DistributedModelParallel, keyed
-      by --module-path + ".row_groups"); load both with torchrec_lowprec.planner.MemoryPlan.load.
+      by --module-path + ".row_groups", sequence tables by --sequence-module-path); load both
+      with torchrec_lowprec.planner.MemoryPlan.load.
 
 exit status: 0 planned; 2 bad arguments or file; 3 the budget cannot be met (the message
 gives the smallest bytes per rank that would fit).
@@ -77,6 +80,11 @@ def _plan_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size (I/O estimate)")
     p.add_argument("--reserved-fraction", type=float, default=0.15, help="memory kept for dense parts")
     p.add_argument("--module-path", default="", help="the collection's path in the model (keys the plan)")
+    p.add_argument(
+        "--sequence-module-path",
+        default="",
+        help="the EmbeddingCollection's path in the model (keys the plan of the pooling: none tables)",
+    )
     p.add_argument(
         "--remap-in-module", action="store_true", help="ids are raw: keep a 4 B/row id map per table"
     )
@@ -122,7 +130,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                 tables, topo, cfg, batch_size=args.batch_size, precision_plan=start, frequencies=freqs,
                 num_groups=args.groups, min_bits=args.min_bits, max_bits=args.max_bits,
                 reserved_fraction=args.reserved_fraction, module_path=args.module_path,
-                remap_in_module=args.remap_in_module,
+                remap_in_module=args.remap_in_module, sequence_module_path=args.sequence_module_path,
             )  # fmt: skip
     except InfeasibleBudgetError as e:
         return _fail(str(e), 3)

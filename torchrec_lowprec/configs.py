@@ -466,7 +466,8 @@ class CodebookConfig(TransformConfig):
 @dataclass(frozen=True)
 class InferenceConfig(TransformConfig):
     """Export: low-precision collections -> TorchRec's quantized inference
-    ``EmbeddingBagCollection`` holding the same bytes; the model is put in eval mode.
+    ``EmbeddingBagCollection`` / ``EmbeddingCollection`` holding the same bytes; the model is
+    put in eval mode.
     ``output_dtype`` (``"float32"`` or ``"float16"``, or the torch dtype) ``None`` is fp32;
     ``row_alignment`` ``None`` is the device's.
 

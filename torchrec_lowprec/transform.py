@@ -10,13 +10,16 @@ keyword inputs of the verb, declared by the handler (``inputs=``), never config 
 =========================  ==========================================  =======================
 config                     targets                                     becomes
 =========================  ==========================================  =======================
-``LowPrecisionConfig``,    ``torchrec.EmbeddingBagCollection`` (and    ``LowPrecisionEmbedding
-``PerTableConfig``         subclasses)                                 BagCollection``
+``LowPrecisionConfig``,    ``torchrec.EmbeddingBagCollection``,        ``LowPrecisionEmbedding
+``PerTableConfig``         ``torchrec.EmbeddingCollection`` (and       BagCollection``, ``Low
+                           subclasses)                                 PrecisionEmbedding
+                                                                       Collection``
 ``MixedPrecisionConfig``   same (input ``row_maps``)                   ``MixedPrecision...``
 ``MPESearchConfig``        same (input ``frequencies``)                ``MPESearch...``
 ``CodebookConfig``         float and low-precision collections         ``CodebookEmbedding...``
                            (input ``frequencies``)
 ``InferenceConfig``        low-precision collections                   ``torchrec.quant`` EBC
+                                                                       / EC
 =========================  ==========================================  =======================
 
 This module sits low in the package (it imports no torchrec and no other layer at import

@@ -127,15 +127,21 @@ def test_subclass_of_embedding_bag_collection_is_converted():
     torch.testing.assert_close(model[0](kjt).values(), ref, atol=0.02, rtol=0)
 
 
-def test_embedding_collection_alone_warns_naming_it():
-    ec = torchrec.EmbeddingCollection(
-        [torchrec.EmbeddingConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])],
-        device=torch.device("cpu"),
-    )
-    model = nn.Sequential(nn.Linear(2, 2), ec)
+def test_embedding_collection_is_converted_and_named_where_it_is_not():
+    def ec():
+        return torchrec.EmbeddingCollection(
+            [torchrec.EmbeddingConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])],
+            device=torch.device("cpu"),
+        )
+
+    model = nn.Sequential(nn.Linear(2, 2), ec())
+    assert lp.convert(model, lp.LowPrecisionConfig(bits=8)) is model
+    assert isinstance(model[1], lp.LowPrecisionEmbeddingCollection)
+    # Pooled-only transforms (MPE search) name the EmbeddingCollection they cannot convert.
+    model = nn.Sequential(nn.Linear(2, 2), ec())
     with pytest.warns(UserWarning, match=r"nothing converted.*EmbeddingCollection at '1'"):
-        out = lp.convert(model, lp.LowPrecisionConfig(bits=8))
-    assert out[1] is ec
+        out = lp.convert(model, lp.MPESearchConfig())
+    assert type(out[1]) is torchrec.EmbeddingCollection
 
 
 def test_no_collection_warns_and_a_converted_model_warns_again():

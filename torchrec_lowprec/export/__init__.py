@@ -3,7 +3,7 @@
 Example::
 
     import torchrec_lowprec as lp
-    served = lp.convert(trained_model, lp.InferenceConfig())  # LP collections -> torchrec.quant EBCs
+    served = lp.convert(trained_model, lp.InferenceConfig())  # LP collections -> torchrec.quant EBCs / ECs
 """
 
 from torchrec_lowprec.export.inference import (
@@ -12,14 +12,19 @@ from torchrec_lowprec.export.inference import (
     check_servable,
     export_collection,
     quantized_weights,
+    served_tables,
     to_inference,
 )
+from torchrec_lowprec.export.sequence import KeyOrderedEmbeddingCollection, export_embedding_collection
 
 __all__ = [
     "DATA_TYPE_OF_BITS",
     "check_servable",
     "KeyOrderedCollection",
+    "KeyOrderedEmbeddingCollection",
     "export_collection",
+    "export_embedding_collection",
     "quantized_weights",
+    "served_tables",
     "to_inference",
 ]

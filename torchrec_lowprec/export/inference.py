@@ -1,16 +1,16 @@
-"""Export trained low-precision collections to TorchRec's quantized inference collection.
+"""Export trained low-precision collections to TorchRec's quantized inference collections.
 
-A :class:`LowPrecisionEmbeddingBagCollection` already stores its tables in FBGEMM's IntNBit row
-layout (fp16 scale + fp16 bias at the front, then packed codes). TorchRec's inference
-collection (``torchrec.quant.embedding_modules.EmbeddingBagCollection``) builds an
-``IntNBitTableBatchedEmbeddingBagsCodegen`` per pooling mode and accepts, per table, the
-``(codes, scale_bias)`` pair of every row. We hand it our bytes unchanged, so no value is
-re-quantized: the served table is the trained table bit for bit.
+A :class:`LowPrecisionEmbeddingBagCollection` or :class:`LowPrecisionEmbeddingCollection`
+already stores its tables in FBGEMM's IntNBit row layout (fp16 scale + fp16 bias at the front,
+then packed codes). TorchRec's inference collections
+(``torchrec.quant.embedding_modules.EmbeddingBagCollection`` / ``EmbeddingCollection``) build
+an ``IntNBitTableBatchedEmbeddingBagsCodegen`` per pooling mode (EBC) or per data type (EC,
+``PoolingMode.NONE``) and accept, per table, the ``(codes, scale_bias)`` pair of every row. We
+hand them our bytes unchanged, so no value is re-quantized: the served table is the trained
+table bit for bit.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from torch import nn
@@ -20,51 +20,23 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.configs import InferenceConfig
+from torchrec_lowprec.export.rows import DATA_TYPE_OF_BITS, check_servable, quantized_weights, served_tables
+from torchrec_lowprec.export.sequence import export_embedding_collection
 from torchrec_lowprec.kernels.lookup import row_alignment_for
-from torchrec_lowprec.modules.data_type import DATA_TYPE_OF_BITS
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.quant.layout import SCALE_BIAS_BYTES
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 from torchrec_lowprec.transform import convert, register_transform
-from torchrec_lowprec.types import INT_BITS
 
-
-def check_servable(name: str, bits: int, dim: int) -> None:
-    """Refuse a table FBGEMM's IntNBit inference module cannot take (it asserts byte-packed
-    8/4/2-bit rows; our rule, dim % 4 == 0, is the one the training module enforces)."""
-    if bits not in DATA_TYPE_OF_BITS:
-        raise ValueError(
-            f"table {name!r}: bits={bits} has no FBGEMM inference type {sorted(DATA_TYPE_OF_BITS)}"
-        )
-    if bits in INT_BITS and dim % 4 != 0:
-        raise ValueError(
-            f"table {name!r}: embedding_dim={dim} at {bits} bits cannot be served by FBGEMM's IntNBit "
-            "kernels (the dim of an 8/4/2-bit table must be a multiple of 4); retrain that table at "
-            "bits=16/32 or with a dim divisible by 4"
-        )
-
-
-def quantized_weights(
-    ebc: LowPrecisionEmbeddingBagCollection,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Table name -> ``(codes, scale_bias)`` uint8 views of ``ebc``'s rows, in the form TorchRec's
-    inference modules take (``table_name_to_quantized_weights``, ``assign_weights_to_tbe``);
-    ``scale_bias`` is ``None`` for fp32/fp16 tables.
-
-    Example::
-
-        assign_weights_to_tbe(sharded_model, quantized_weights(lp_ebc))
-    """
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for t in ebc.embedding_bag_configs():
-        bits = ebc.table_config(t.name).bits
-        rows = ebc.quantized_weight(t.name).detach()
-        if bits in INT_BITS:
-            # Our row: [scale fp16][bias fp16][codes]. TorchRec wants (codes, scale_bias) and
-            # writes scale_bias back in front of the codes (FBGEMM's default, reverse_qparam=False).
-            out[t.name] = (rows[:, SCALE_BIAS_BYTES:], rows[:, :SCALE_BIAS_BYTES])
-        else:
-            out[t.name] = (rows, None)
-    return out
+__all__ = [
+    "DATA_TYPE_OF_BITS",
+    "KeyOrderedCollection",
+    "check_servable",
+    "export_collection",
+    "export_embedding_collection",
+    "quantized_weights",
+    "served_tables",
+    "to_inference",
+]
 
 
 class KeyOrderedCollection(nn.Module):
@@ -135,17 +107,16 @@ def export_collection(
         pooled = qebc(kjt)  # == the trained collection's eval output
     """
     if not isinstance(ebc, LowPrecisionEmbeddingBagCollection):
-        raise TypeError(
-            f"export_collection expects a LowPrecisionEmbeddingBagCollection, got {type(ebc).__name__}"
+        hint = (
+            " (export_embedding_collection takes a LowPrecisionEmbeddingCollection)"
+            if isinstance(ebc, LowPrecisionEmbeddingCollection)
+            else ""
         )
+        raise TypeError(
+            f"export_collection expects a LowPrecisionEmbeddingBagCollection, got {type(ebc).__name__}{hint}"
+        )
+    tables = served_tables(ebc, ebc.embedding_bag_configs())
     device = ebc.device
-    if device.type == "meta":
-        raise ValueError("cannot export a collection on the meta device: it holds no trained rows")
-    tables: list[EmbeddingBagConfig] = []
-    for t in ebc.embedding_bag_configs():
-        bits = ebc.table_config(t.name).bits
-        check_servable(t.name, bits, t.embedding_dim)
-        tables.append(dataclasses.replace(t, data_type=DATA_TYPE_OF_BITS[bits]))
     weights = quantized_weights(ebc)
     align = row_alignment if row_alignment is not None else row_alignment_for(device)
     out = QuantEmbeddingBagCollection(
@@ -166,7 +137,7 @@ def export_collection(
 
 
 def _is_low_precision(module: nn.Module) -> bool:
-    return isinstance(module, LowPrecisionEmbeddingBagCollection)
+    return isinstance(module, (LowPrecisionEmbeddingBagCollection, LowPrecisionEmbeddingCollection))
 
 
 def _to_eval(model: nn.Module, config: InferenceConfig) -> None:
@@ -176,12 +147,21 @@ def _to_eval(model: nn.Module, config: InferenceConfig) -> None:
 @register_transform(
     InferenceConfig,
     is_target=_is_low_precision,
-    targets="LowPrecisionEmbeddingBagCollection (convert its EmbeddingBagCollections and train first)",
+    targets=(
+        "LowPrecisionEmbeddingBagCollection or LowPrecisionEmbeddingCollection (convert its "
+        "EmbeddingBagCollections / EmbeddingCollections and train first)"
+    ),
     if_none="raise",
     finish=_to_eval,
 )
-def _to_quantized(ebc: LowPrecisionEmbeddingBagCollection, config: InferenceConfig, fqn: str) -> nn.Module:
+def _to_quantized(
+    ebc: LowPrecisionEmbeddingBagCollection | LowPrecisionEmbeddingCollection,
+    config: InferenceConfig,
+    fqn: str,
+) -> nn.Module:
     dtype = getattr(torch, config.output_dtype) if config.output_dtype is not None else torch.float32
+    if isinstance(ebc, LowPrecisionEmbeddingCollection):
+        return export_embedding_collection(ebc, dtype, config.row_alignment, config.register_tbes)
     return export_collection(ebc, dtype, config.row_alignment, config.register_tbes)
 
 

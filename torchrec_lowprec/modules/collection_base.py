@@ -217,7 +217,7 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
     def _resolve_optimizers(self) -> None:
         """Bring each table's optimizer state in line with its in-backward optimizer tag
         (``_apply_optimizer_in_backward`` may be called after construction)."""
-        fresh = int(self.step) == 0
+        fresh = self.step.device.type == "meta" or int(self.step) == 0  # meta: no step was taken
         for lay in self._layouts:
             state: TableState = self.tables[lay.name]
             state.ensure_optimizer(resolve_optimizer(state.handle, self._configs[lay.name]).kind, fresh)

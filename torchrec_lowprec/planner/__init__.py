@@ -15,9 +15,9 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "GiB": "torchrec_lowprec.planner.precision",
+    "GiB": "torchrec_lowprec.planner.memory_plan",
     "InfeasibleBudgetError": "torchrec_lowprec.planner.precision",
-    "MemoryPlan": "torchrec_lowprec.planner.precision",
+    "MemoryPlan": "torchrec_lowprec.planner.memory_plan",
     "plan_precision": "torchrec_lowprec.planner.precision",
     "planned_bytes_per_rank": "torchrec_lowprec.planner.precision",
     "run_sharding_planner": "torchrec_lowprec.planner.precision",

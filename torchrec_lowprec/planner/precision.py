@@ -6,13 +6,15 @@ Start from the searched (MPE) precision or ``max_bits``; while TorchRec's planne
 (32 -> 16 -> 8 -> 4 -> 2 [-> 0]) where it costs least: cost = the group's lookup share x the
 growth of its relative quantization error (``4^-(b-1)`` for ``b`` integer bits, ``4^-11`` for
 fp16, 1 for a pruned row) per byte saved. Rare groups and big, rarely read tables go first.
+
+Sequence tables (``EmbeddingConfig``, an ``EmbeddingCollection``'s) are planned beside the pooled
+ones: one width per table, same bytes (see :mod:`torchrec_lowprec.planner.sequence`).
 """
 
 from __future__ import annotations
 
 import copy
 import heapq
-from dataclasses import dataclass, field
 
 import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -20,23 +22,21 @@ from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
-from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
-from torchrec_lowprec.files import read_json, write_json
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.table_layout import stored_bytes
-from torchrec_lowprec.planner.plan_file import sharding_plan_from_dict, sharding_plan_to_dict
+from torchrec_lowprec.planner.memory_plan import MemoryPlan, fmt_bytes
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
+from torchrec_lowprec.planner.sequence import check_sequence_plan, is_sequence_table, pooled_twins
 from torchrec_lowprec.planner.storage import LowPrecisionStorageEstimator, shard_bytes
 from torchrec_lowprec.quant.groups import frequency_groups, table_counts
 from torchrec_lowprec.types import HBM_DEVICES, PLAN_BITS, row_alignment
 
 LADDER = tuple(sorted(PLAN_BITS, reverse=True))
-MEMORY_PLAN_FORMAT = "torchrec_lowprec.memory_plan"
-GiB = 1 << 30
 
 
 class InfeasibleBudgetError(ValueError):
@@ -54,108 +54,6 @@ def relative_error(bits: int) -> float:
     return 4.0 ** -(bits - 1)
 
 
-@dataclass
-class MemoryPlan:
-    """What :func:`plan_precision` returns: the precision, the sharding and the bytes per rank.
-
-    ``sharding`` is keyed by ``module_path + ".row_groups"``: the physical tables of the
-    :class:`MixedPrecisionEmbeddingBagCollection` that ``lp.convert(model,
-    lp.MixedPrecisionConfig(plan.precision, cfg))`` puts at ``module_path``.
-
-    Example::
-
-        mp = plan_precision(tables, Topology(world_size=8, compute_device="cuda", hbm_cap=40 * GiB))
-        mp.save("plan.json"); print(mp.summary())
-    """
-
-    precision: PrecisionPlan
-    sharding: ShardingPlan
-    module_path: str
-    compute_device: str
-    world_size: int
-    budget_bytes: int
-    reserved_fraction: float
-    per_rank_bytes: list[int]
-    placements: dict[str, list[int]] = field(default_factory=dict)
-    table_bytes: dict[str, int] = field(default_factory=dict)
-    row_map_bytes: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "format": MEMORY_PLAN_FORMAT,
-            "version": 1,
-            "module_path": self.module_path,
-            "compute_device": self.compute_device,
-            "world_size": self.world_size,
-            "budget_bytes_per_rank": self.budget_bytes,
-            "reserved_fraction": self.reserved_fraction,
-            "table_bytes_per_rank": self.per_rank_bytes,
-            "row_map_bytes_per_rank": self.row_map_bytes,
-            "placements": self.placements,
-            "table_bytes": self.table_bytes,
-            "precision": self.precision.to_dict(),
-            "sharding": sharding_plan_to_dict(self.sharding),
-        }
-
-    def save(self, path: str) -> None:
-        """Write JSON atomically (temp file + rename)."""
-        write_json(path, self.to_dict())
-
-    @staticmethod
-    def load(path: str) -> MemoryPlan:
-        doc = read_json(path, "plan file")
-        if not isinstance(doc, dict) or doc.get("format") != MEMORY_PLAN_FORMAT:
-            raise ValueError(
-                f"{path} is not a {MEMORY_PLAN_FORMAT} file (written by `torchrec-lowprec plan`)"
-            )
-        try:
-            return MemoryPlan(
-                precision=PrecisionPlan.from_dict(doc["precision"], path),
-                sharding=sharding_plan_from_dict(doc["sharding"], path),
-                module_path=doc["module_path"],
-                compute_device=doc["compute_device"],
-                world_size=int(doc["world_size"]),
-                budget_bytes=int(doc["budget_bytes_per_rank"]),
-                reserved_fraction=float(doc["reserved_fraction"]),
-                per_rank_bytes=[int(x) for x in doc["table_bytes_per_rank"]],
-                placements={k: list(v) for k, v in doc.get("placements", {}).items()},
-                table_bytes={k: int(v) for k, v in doc.get("table_bytes", {}).items()},
-                row_map_bytes=int(doc.get("row_map_bytes_per_rank", 0)),
-            )
-        except KeyError as e:
-            raise ValueError(f"{path} lacks field {e}") from None
-
-    def summary(self) -> str:
-        """A readable table: table, rows, dim, bits by group, bytes, ranks; then per-rank totals."""
-        lines = [f"{'table':<24} {'rows':>12} {'dim':>4}  {'bits (share of rows)':<34} {'bytes':>10}  ranks"]
-        for name, tp in self.precision.tables.items():
-            share: dict[int, int] = {}
-            for a, e, b in zip(tp.group_starts(), tp.group_ends, tp.bits):
-                share[b] = share.get(b, 0) + (e - a)
-            bits = " ".join(f"{b}:{100 * n / tp.rows:.0f}%" for b, n in sorted(share.items(), reverse=True))
-            ranks = ",".join(str(r) for r in self.placements.get(name, []))
-            lines.append(
-                f"{name:<24} {tp.rows:>12,} {tp.dim:>4}  {bits:<34} {_fmt(self.table_bytes.get(name, 0)):>10}  {ranks}"
-            )
-        usable = self.budget_bytes * (1 - self.reserved_fraction)
-        lines.append("")
-        if self.row_map_bytes:
-            lines.append(f"every rank also holds {_fmt(self.row_map_bytes)} of raw id -> rank maps (counted)")
-        for r, b in enumerate(self.per_rank_bytes):
-            lines.append(
-                f"rank {r}: {_fmt(b):>10} of {_fmt(self.budget_bytes)} ({100 * b / self.budget_bytes:.1f}%; "
-                f"{_fmt(usable)} usable after reserving {100 * self.reserved_fraction:.0f}% for dense parts and I/O)"
-            )
-        return "\n".join(lines)
-
-
-def _fmt(n: float) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def _placement_message(
     error: PlannerError, floor: float, cap: int, reserved_fraction: float, topology: Topology, batch_size: int
 ) -> str:
@@ -166,10 +64,10 @@ def _placement_message(
     needs = [
         int(m[0 if hbm else 1]) for m in re.findall(r"storage_sum=Storage\(hbm=(\d+), ddr=(\d+)", str(error))
     ]
-    need = f"; its smallest placement of one table needs {_fmt(max(needs))} on one rank" if needs else ""
+    need = f"; its smallest placement of one table needs {fmt_bytes(max(needs))} on one rank" if needs else ""
     return (
-        f"the tables fit at the floor ({_fmt(floor / topology.world_size)} per rank, {_fmt(floor)} in total) "
-        f"but TorchRec's planner cannot place them in the {_fmt(cap * (1 - reserved_fraction))} per rank left "
+        f"the tables fit at the floor ({fmt_bytes(floor / topology.world_size)} per rank, {fmt_bytes(floor)} in total) "
+        f"but TorchRec's planner cannot place them in the {fmt_bytes(cap * (1 - reserved_fraction))} per rank left "
         f"after reserving {100 * reserved_fraction:.0f}%: it adds each shard's input/output buffers (ids and "
         f"pooled outputs of --batch-size {batch_size} x {topology.world_size} ranks) to the rank holding it"
         f"{need}. Lower --batch-size or the world size, or add memory per rank"
@@ -177,7 +75,7 @@ def _placement_message(
 
 
 def initial_precision(
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     precision_plan: PrecisionPlan | None,
     frequencies: dict[str, torch.Tensor] | None,
     num_groups: int,
@@ -185,7 +83,8 @@ def initial_precision(
     remap_in_module: bool = False,
 ) -> PrecisionPlan:
     """The starting point: the searched plan (capped at ``max_bits``), else frequency groups at
-    ``max_bits``, else one group per table at ``max_bits`` (fp16/fp32 for dims FBGEMM cannot pack)."""
+    ``max_bits``, else one group per table at ``max_bits`` (fp16/fp32 for dims FBGEMM cannot pack);
+    sequence tables always one group."""
     out = {}
     for t in tables:
         dim_ok = t.embedding_dim % 4 == 0
@@ -193,7 +92,7 @@ def initial_precision(
         if precision_plan is not None and t.name in precision_plan.tables:
             tp = precision_plan.tables[t.name]
             out[t.name] = tp.with_bits(tuple(min(b, top) for b in tp.bits))
-        elif frequencies and any(f in frequencies for f in t.feature_names):
+        elif frequencies and any(f in frequencies for f in t.feature_names) and not is_sequence_table(t):
             ends, mass = frequency_groups(table_counts(t, frequencies), num_groups)
             out[t.name] = TablePrecision(
                 t.num_embeddings, t.embedding_dim, ends, (top,) * len(ends), mass, remap_in_module
@@ -208,8 +107,16 @@ def initial_precision(
 class _Lowering:
     """Greedy lowering of (table, group) bit widths by accuracy cost per byte saved."""
 
-    def __init__(self, plan: PrecisionPlan, cfg: LowPrecisionConfig, min_bits: int, align: int) -> None:
+    def __init__(
+        self,
+        plan: PrecisionPlan,
+        cfg: LowPrecisionConfig,
+        min_bits: int,
+        align: int,
+        whole: tuple[str, ...] = (),
+    ) -> None:
         self.tables = dict(plan.tables)
+        self.whole = set(whole)  # tables that cannot be pruned (sequence tables)
         self.bits = {n: list(tp.bits) for n, tp in self.tables.items()}
         self.cfg, self.align = cfg, align
         self.ladder = [b for b in LADDER if b >= min_bits]
@@ -221,13 +128,18 @@ class _Lowering:
     def row_bytes(self, tp: TablePrecision, bits: int) -> int:
         return stored_bytes(1, tp.dim, bits, self.cfg.optimizer, self.cfg.learn_step_size, self.align)
 
-    def _next(self, tp: TablePrecision, bits: int) -> int | None:
-        lower = [b for b in self.ladder if b < bits and (b == 0 or b > 8 or tp.dim % 4 == 0)]
+    def _next(self, n: str, bits: int) -> int | None:
+        tp = self.tables[n]
+        lower = [
+            b
+            for b in self.ladder
+            if b < bits and (b == 0 or b > 8 or tp.dim % 4 == 0) and not (b == 0 and n in self.whole)
+        ]
         return lower[0] if lower else None
 
     def _push(self, n: str, g: int) -> None:
         tp, b = self.tables[n], self.bits[n][g]
-        nb = self._next(tp, b)
+        nb = self._next(n, b)
         if nb is None:
             return
         rows = tp.group_ends[g] - tp.group_starts()[g]
@@ -251,7 +163,7 @@ class _Lowering:
                 return False
             _, n, g = heapq.heappop(self.heap)
             tp, b = self.tables[n], self.bits[n][g]
-            nb = self._next(tp, b)
+            nb = self._next(n, b)
             rows = tp.group_ends[g] - tp.group_starts()[g]
             total -= rows * (self.row_bytes(tp, b) - self.row_bytes(tp, nb))
             self.bits[n][g] = nb
@@ -318,7 +230,7 @@ def planned_bytes_per_rank(
 
 
 def plan_precision(
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     topology: Topology,
     config: LowPrecisionConfig | None = None,
     *,
@@ -331,12 +243,14 @@ def plan_precision(
     reserved_fraction: float = 0.15,
     module_path: str = "",
     remap_in_module: bool = False,
+    sequence_module_path: str = "",
 ) -> MemoryPlan:
     """Bit widths that fit ``topology``'s memory per rank (HBM on CUDA, DDR on CPU) and the
     TorchRec sharding plan placing them.
 
     Args:
-        tables: the model's table configs.
+        tables: the model's table configs: ``EmbeddingBagConfig`` (pooled) and ``EmbeddingConfig``
+            (an ``EmbeddingCollection``'s: one width per table, never pruned).
         topology: TorchRec ``Topology`` (world size, compute device, ``hbm_cap``/``ddr_cap``).
         config: optimizer, ALPT on/off etc. of the tables (``bits`` is ignored).
         batch_size: per-rank batch size (for TorchRec's I/O estimate).
@@ -346,6 +260,8 @@ def plan_precision(
         reserved_fraction: share of each rank's memory TorchRec reserves for dense parts.
         module_path: where the collection sits in the model (keys the sharding plan).
         remap_in_module: ids are raw (not frequency-ranked): count a 4 B/row map per table.
+        sequence_module_path: where the ``EmbeddingCollection`` sits (keys its tables' sharding;
+            required when ``tables`` holds ``EmbeddingConfig`` s).
 
     Raises:
         InfeasibleBudgetError: nothing at or above ``min_bits`` fits; says what would.
@@ -360,6 +276,9 @@ def plan_precision(
         raise ValueError(
             f"min_bits={min_bits} / max_bits={max_bits} must be in {list(LADDER)} with min <= max, max > 0"
         )
+    bag_tables, sequence = pooled_twins(tables)
+    prefix = f"{module_path}.row_groups" if module_path else "row_groups"
+    check_sequence_plan(precision_plan, sequence, sequence_module_path, prefix)
     device = topology.compute_device
     cap = topology.devices[0].storage.hbm if device in HBM_DEVICES else topology.devices[0].storage.ddr
     align = row_alignment(device)
@@ -368,12 +287,12 @@ def plan_precision(
     map_bytes = sum(4 * tp.rows for tp in start.tables.values() if tp.remapped)
     if map_bytes >= cap * (1 - reserved_fraction):
         raise InfeasibleBudgetError(
-            f"the raw id -> rank maps alone take {_fmt(map_bytes)} per rank of a {_fmt(cap)} budget; "
+            f"the raw id -> rank maps alone take {fmt_bytes(map_bytes)} per rank of a {fmt_bytes(cap)} budget; "
             "frequency-rank the ids in the data pipeline (data.remap_by_rank) instead"
         )
     reserved = reserved_fraction + map_bytes / cap
     usable = cap * topology.world_size * (1 - reserved)
-    lowering = _Lowering(start, cfg, min_bits, align)
+    lowering = _Lowering(start, cfg, min_bits, align, tuple(sequence))
     target = usable
     placement_error: PlannerError | None = None
     while True:
@@ -381,7 +300,9 @@ def plan_precision(
         precision = lowering.plan()
         if fits_total or lowering.total() <= usable:
             try:
-                sharding, model = run_sharding_planner(tables, precision, cfg, topology, batch_size, reserved)
+                sharding, model = run_sharding_planner(
+                    bag_tables, precision, cfg, topology, batch_size, reserved
+                )
                 break
             except PlannerError as e:
                 # Storage: too big in total; strict constraints: it fits in total but no
@@ -399,27 +320,32 @@ def plan_precision(
                     _placement_message(placement_error, floor, cap, reserved_fraction, topology, batch_size)
                 )
             raise InfeasibleBudgetError(
-                f"no precision >= {min_bits} bits fits: the tables need at least {_fmt(floor / topology.world_size)} "
-                f"per rank at the floor (total {_fmt(floor)} over {topology.world_size} ranks, I/O not counted), but "
-                f"the budget is {_fmt(cap)} per rank ({_fmt(cap * (1 - reserved_fraction))} after reserving "
+                f"no precision >= {min_bits} bits fits: the tables need at least {fmt_bytes(floor / topology.world_size)} "
+                f"per rank at the floor (total {fmt_bytes(floor)} over {topology.world_size} ranks, I/O not counted), but "
+                f"the budget is {fmt_bytes(cap)} per rank ({fmt_bytes(cap * (1 - reserved_fraction))} after reserving "
                 f"{100 * reserved_fraction:.0f}%). Add ranks or memory, lower min_bits (0 allows pruning), or "
                 "use a cheaper optimizer (rowwise_adagrad keeps 4 B/row)"
             )
         # TorchRec could not place what fits in total (I/O, packing): aim lower.
         target = min(target, lowering.total()) * 0.95
     per_rank = planned_bytes_per_rank(sharding, model, topology.world_size, device)
-    prefix = f"{module_path}.row_groups" if module_path else "row_groups"
     (module_plan,) = sharding.plan.values()  # the one collection planned
-    rekeyed = ShardingPlan({prefix: module_plan})
+    # Pooled tables under the mixed-precision collection's row groups, sequence tables under
+    # their EmbeddingCollection (a whole table's physical name is its own).
+    parts: dict[str, EmbeddingModuleShardingPlan] = {}
     placements: dict[str, set[int]] = {}
     by_table: dict[str, int] = {}
-    for name, ps in rekeyed.plan[prefix].items():
+    for name, ps in module_plan.items():
         logical = model.logical_table(name)
+        key = sequence_module_path if logical in sequence else prefix
+        parts.setdefault(key, EmbeddingModuleShardingPlan())[name] = ps
         placements.setdefault(logical, set()).update(s.placement.rank() for s in ps.sharding_spec.shards)
         by_table[logical] = by_table.get(logical, 0) + sum(
             shard_bytes(model.row_groups, name, *s.shard_sizes, device) for s in ps.sharding_spec.shards
         )
+    rekeyed = ShardingPlan(parts)
     return MemoryPlan(
         precision, rekeyed, module_path, device, topology.world_size, int(cap), reserved_fraction,
         [b + map_bytes for b in per_rank], {n: sorted(r) for n, r in placements.items()}, by_table, map_bytes,
+        sequence, sequence_module_path if sequence else "",
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""A storage estimator for TorchRec's planner that counts the bytes low-precision shards hold.
+"""A storage estimator for TorchRec's planner that counts the bytes low-precision shards hold
+(of a ``LowPrecisionEmbeddingBagCollection`` or a ``LowPrecisionEmbeddingCollection``).
 
 TorchRec's default estimator already sizes our tables by their real bytes, through the
 parameters our sharder hands it (:class:`~torchrec_lowprec.distributed.sharder.PlannerParameter`),
@@ -20,18 +21,37 @@ from torchrec.distributed.types import ShardingType
 
 from torchrec_lowprec.distributed.sharder import table_bytes
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.types import HBM_DEVICES
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
+from torchrec_lowprec.modules.table_layout import stored_bytes
+from torchrec_lowprec.optim.fused import resolve_optimizer
+from torchrec_lowprec.types import HBM_DEVICES, row_alignment
+
+#: The collections whose shards this estimator sizes.
+SIZED = (LowPrecisionEmbeddingBagCollection, LowPrecisionEmbeddingCollection)
 
 
 def shard_bytes(
-    module: LowPrecisionEmbeddingBagCollection,
+    module: LowPrecisionEmbeddingBagCollection | LowPrecisionEmbeddingCollection,
     table: str,
     shard_rows: int,
     shard_cols: int,
     compute_device: str,
 ) -> int:
-    """Bytes one shard of ``table`` (``shard_rows`` x ``shard_cols``) holds on ``compute_device``."""
-    return table_bytes(module, table, compute_device, shard_rows, shard_cols)
+    """Bytes one shard of ``table`` (``shard_rows`` x ``shard_cols``) holds on ``compute_device``:
+    ``table_layout.stored_bytes`` of the table's width, the optimizer it will run (its in-backward
+    tag, else its config) and ALPT's master step sizes, as ``memory_bytes()`` counts them.
+
+    Example::
+
+        shard_bytes(lp_ec, "t_hist", 1000, 64, "cuda")  # == lp_ec.memory_bytes(True)["t_hist"]["total"] on CUDA
+    """
+    if isinstance(module, LowPrecisionEmbeddingBagCollection):
+        return table_bytes(module, table, compute_device, shard_rows, shard_cols)
+    cfg = module.table_config(table)
+    kind = resolve_optimizer(module.tables[table].handle, cfg).kind
+    return stored_bytes(
+        shard_rows, shard_cols, cfg.bits, kind, cfg.keeps_master_step_size, row_alignment(compute_device)
+    )
 
 
 class LowPrecisionStorageEstimator(EmbeddingStorageEstimator):
@@ -52,7 +72,7 @@ class LowPrecisionStorageEstimator(EmbeddingStorageEstimator):
         device = self._topology.compute_device
         for so in sharding_options:
             module = so.module[1]
-            if not isinstance(module, LowPrecisionEmbeddingBagCollection):
+            if not isinstance(module, SIZED):
                 continue
             sizes = [list(s.size) for s in so.shards]
             # What TorchRec just counted for tensor + optimizer (the rest is I/O): removed.

@@ -14,7 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import (
+    BaseEmbeddingConfig,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    PoolingType,
+)
 
 from torchrec_lowprec._yaml import excerpt, load_document
 from torchrec_lowprec.planner.schema import PrecisionPlan
@@ -39,7 +44,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _table(path: str, i: int, t: object) -> EmbeddingBagConfig:
+def _table(path: str, i: int, t: object) -> BaseEmbeddingConfig:
     where = f"{path}: table #{i}"
     if not isinstance(t, dict):
         raise ValueError(f"{where} is not a mapping (name: ..., rows: ..., dim: ...)")
@@ -82,8 +87,14 @@ def _table(path: str, i: int, t: object) -> EmbeddingBagConfig:
     if dup:
         raise ValueError(f"{where}: features {excerpt(feats)} name a feature twice ({excerpt(dup)})")
     pooling = entry.get("pooling", "sum")
-    if not isinstance(pooling, str) or pooling.upper() not in ("SUM", "MEAN"):
-        raise ValueError(f"{where}: pooling must be sum or mean, got {excerpt(pooling)}")
+    if not isinstance(pooling, str) or pooling.upper() not in ("SUM", "MEAN", "NONE"):
+        raise ValueError(
+            f"{where}: pooling must be sum, mean or none (an EmbeddingCollection's table), got {excerpt(pooling)}"
+        )
+    if pooling.upper() == "NONE":
+        return EmbeddingConfig(
+            name=name, num_embeddings=entry["rows"], embedding_dim=entry["dim"], feature_names=list(feats)
+        )
     return EmbeddingBagConfig(
         name=name,
         num_embeddings=entry["rows"],
@@ -93,8 +104,9 @@ def _table(path: str, i: int, t: object) -> EmbeddingBagConfig:
     )
 
 
-def read_tables(path: str) -> list[EmbeddingBagConfig]:
-    """Table configs from a YAML/JSON file (format in ``torchrec-lowprec plan --help``).
+def read_tables(path: str) -> list[BaseEmbeddingConfig]:
+    """Table configs from a YAML/JSON file (format in ``torchrec-lowprec plan --help``):
+    ``EmbeddingBagConfig`` s, and ``EmbeddingConfig`` s for ``pooling: none`` (sequence tables).
 
     Example::
 
@@ -123,7 +135,7 @@ def read_tables(path: str) -> list[EmbeddingBagConfig]:
 
 
 def check_frequencies(
-    counts: Mapping[str, object], tables: list[EmbeddingBagConfig], source: str
+    counts: Mapping[str, object], tables: list[BaseEmbeddingConfig], source: str
 ) -> dict[str, torch.Tensor]:
     """``counts`` if every entry is a 1-D tensor of whole counts >= 0 for a feature of
     ``tables`` with one count per row of its table; else ``ValueError`` naming the feature."""
@@ -152,7 +164,9 @@ def check_frequencies(
     return out
 
 
-def check_precision_plan(plan: PrecisionPlan, tables: list[EmbeddingBagConfig], source: str) -> PrecisionPlan:
+def check_precision_plan(
+    plan: PrecisionPlan, tables: list[BaseEmbeddingConfig], source: str
+) -> PrecisionPlan:
     """``plan`` if it names only tables of ``tables``; else ``ValueError`` naming the others."""
     names = [t.name for t in tables]
     unknown = sorted(set(plan.tables) - set(names))

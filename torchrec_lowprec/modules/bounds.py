@@ -60,6 +60,16 @@ def check_ids(
     return values[keep], new_lengths, weights[keep] if weights is not None else None
 
 
+def in_range_mask(values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int) -> torch.Tensor:
+    """Per id, whether it lies in ``[0, rows[f])`` of its feature ``f`` (lengths key-major):
+    the ids :func:`check_ids` keeps, for a sequence collection that keeps their positions."""
+    per_feature = lengths.view(len(rows), batch).sum(dim=1)
+    limit = torch.repeat_interleave(
+        torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()
+    )
+    return (values >= 0) & (values < limit)
+
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 

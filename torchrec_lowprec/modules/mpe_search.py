@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     EmbeddingBagCollectionInterface,
@@ -43,45 +43,30 @@ from torchrec_lowprec.types import storable_bits
 MASS_FLOOR = 1e-6
 
 
-class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
-    """Search-time collection: KJT -> KeyedTensor like ``torchrec.EmbeddingBagCollection``, with
-    every looked-up row replaced by its expected quantized value under the group's learned
-    bit-width distribution. Ids must be frequency-ranked (``data.remap_by_rank``).
-
-    Parameters: ``weights`` (fp32 tables), ``bit_logits`` (``[G, m]`` per table),
-    ``step_sizes`` (per table and integer width) and ``offsets`` (``[widths, D]`` per
-    table). Train all with the model's loss plus :meth:`regularization`; then
-    :meth:`select` gives the :class:`PrecisionPlan` to retrain with.
-
-    Args:
-        tables: TorchRec table configs (SUM or MEAN pooling).
-        config: :class:`MPESearchConfig`.
-        frequencies: feature name -> per-id lookup counts *indexed by frequency rank* or raw
-            id (only the sorted counts are used). A table without counts gets equal groups
-            and equal masses.
-        is_weighted: use KJT weights as per-sample weights.
+class MPESearchTables(nn.Module):
+    """What both MPE search collections share (not used on its own): fp32 tables, per-group
+    bit-width logits, LSQ+ step sizes and offsets, the regulariser, the expected quantized
+    rows of looked-up ids and the selection. A collection calls :meth:`_init_search` and
+    adds its forward (pooled: :class:`MPESearchEmbeddingBagCollection`; sequence:
+    :class:`~torchrec_lowprec.modules.mpe_search_ec.MPESearchEmbeddingCollection`).
 
     Example::
 
-        search = MPESearchEmbeddingBagCollection(tables, MPESearchConfig(), counts)
-        loss = bce(model(batch)) + search.regularization()
-        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan=plan)
+        reg = search.regularization()        # lambda * sum_g sum_i p_gi * b_i / c_g
+        plan = search.select()               # a PrecisionPlan for the mixed collections
     """
 
-    def __init__(
+    def _init_search(
         self,
-        tables: list[EmbeddingBagConfig],
-        config: MPESearchConfig | None = None,
-        frequencies: dict[str, torch.Tensor] | None = None,
-        is_weighted: bool = False,
-        device: torch.device | None = None,
+        tables: list[BaseEmbeddingConfig],
+        config: MPESearchConfig | None,
+        frequencies: Mapping[str, torch.Tensor] | None,
+        device: torch.device | str | None,
     ) -> None:
-        super().__init__()
         self.config = config or MPESearchConfig()
         self._tables = tables
-        self._is_weighted = is_weighted
         device = torch.device(device) if device is not None else torch.device("cpu")
-        frequencies = frequencies or {}
+        frequencies = dict(frequencies or {})
         bits = self.config.candidate_bits
         self._int_bits = [b for b in bits if 0 < b <= 8]
         self.weights = nn.ParameterDict()
@@ -91,8 +76,6 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._group_ends: dict[str, tuple[int, ...]] = {}
         self._group_mass: dict[str, tuple[float, ...]] = {}
         for t in tables:
-            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
             counts = table_counts(t, frequencies)
             ends, mass = frequency_groups(counts, self.config.num_groups, self.config.min_rows_per_group)
             self._group_ends[t.name], self._group_mass[t.name] = ends, mass
@@ -111,34 +94,16 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._features = [f for t in tables for f in t.feature_names]
         # output keys as TorchRec names them (feature@table for a feature two tables read)
         self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
-        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.float32, device=device))
 
-    @classmethod
-    def from_float(
-        cls,
-        ebc: EmbeddingBagCollection,
-        config: MPESearchConfig | None = None,
-        frequencies: Mapping[str, torch.Tensor] | None = None,
-    ) -> MPESearchEmbeddingBagCollection:
-        """A search collection starting from ``ebc``'s weights (step sizes re-initialised);
-        TorchRec's ``from_float`` classmethod convention (``convert`` calls it)."""
-        tables = ebc.embedding_bag_configs()
-        dev = ebc.embedding_bags[tables[0].name].weight.device
-        out = cls(tables, config, frequencies, ebc.is_weighted(), dev)
+    def _copy_float_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Start from these fp32 tables (name -> ``[rows, dim]``); step sizes re-initialised."""
         with torch.no_grad():
-            for t in tables:
-                w = ebc.embedding_bags[t.name].weight
-                out.weights[t.name].copy_(w)
-                steps = [lsq_plus_init_step(w, b) for b in out._int_bits]
-                out.step_sizes[t.name].copy_(torch.tensor(steps))
-        return out
-
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self._tables
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
+            for t in self._tables:
+                w = weights[t.name]
+                self.weights[t.name].copy_(w)
+                steps = [lsq_plus_init_step(w, b) for b in self._int_bits]
+                self.step_sizes[t.name].copy_(torch.tensor(steps))
 
     def architecture_parameters(self) -> list[nn.Parameter]:
         """The bit-width logits (often trained with their own optimizer / learning rate)."""
@@ -159,38 +124,14 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Table -> expected bit width per group (a readable summary of the search state)."""
         return {n: (p @ self._bits).detach() for n, p in self.bit_probabilities().items()}
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = in_feature_order(features, self._features, self._is_weighted)
-        batch = features.stride()
-        per_key = features.to_dict()
-        outs = []
-        probs = self.bit_probabilities()
-        for t in self._tables:
-            w = self.weights[t.name]
-            for f in t.feature_names:
-                jt = per_key[f]
-                ids = jt.values().to(torch.int64)
-                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= t.num_embeddings):
-                    raise IndexError(
-                        f"feature {f!r} has an id outside [0, {t.num_embeddings}) of table {t.name!r}"
-                    )
-                rows = F.embedding(ids, w, sparse=self.config.sparse_weights)
-                emb = self._expected_rows(t.name, ids, rows, probs[t.name])
-                if self._is_weighted:
-                    emb = emb * jt.weights().float().unsqueeze(1)
-                lengths = jt.lengths()
-                bag = torch.repeat_interleave(
-                    torch.arange(batch, device=ids.device), lengths, output_size=ids.numel()
-                )
-                pooled = torch.zeros(batch, t.embedding_dim, device=w.device, dtype=w.dtype).index_add(
-                    0, bag, emb
-                )
-                if t.pooling == PoolingType.MEAN:
-                    pooled = bag_mean(pooled, lengths)
-                outs.append(pooled)
-        return KeyedTensor(
-            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1)
-        )
+    def _lookup(self, t: BaseEmbeddingConfig, f: str, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The expected quantized rows ``[n, dim]`` of ``ids`` (feature ``f``) in table ``t``
+        (``p``: the table's bit probabilities); ``IndexError`` for an id outside the table."""
+        ids = ids.to(torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= t.num_embeddings):
+            raise IndexError(f"feature {f!r} has an id outside [0, {t.num_embeddings}) of table {t.name!r}")
+        rows = F.embedding(ids, self.weights[t.name], sparse=self.config.sparse_weights)
+        return self._expected_rows(t.name, ids, rows, p)
 
     def _expected_rows(
         self, name: str, ids: torch.Tensor, rows: torch.Tensor, p: torch.Tensor
@@ -232,11 +173,102 @@ class MPESearchEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return PrecisionPlan(plan)
 
 
+class MPESearchEmbeddingBagCollection(MPESearchTables, EmbeddingBagCollectionInterface):
+    """Search-time collection: KJT -> KeyedTensor like ``torchrec.EmbeddingBagCollection``, with
+    every looked-up row replaced by its expected quantized value under the group's learned
+    bit-width distribution. Ids must be frequency-ranked (``data.remap_by_rank``).
+
+    Parameters: ``weights`` (fp32 tables), ``bit_logits`` (``[G, m]`` per table),
+    ``step_sizes`` (per table and integer width) and ``offsets`` (``[widths, D]`` per
+    table). Train all with the model's loss plus :meth:`regularization`; then
+    :meth:`select` gives the :class:`PrecisionPlan` to retrain with.
+
+    Args:
+        tables: TorchRec table configs (SUM or MEAN pooling).
+        config: :class:`MPESearchConfig`.
+        frequencies: feature name -> per-id lookup counts *indexed by frequency rank* or raw
+            id (only the sorted counts are used). A table without counts gets equal groups
+            and equal masses.
+        is_weighted: use KJT weights as per-sample weights.
+
+    Example::
+
+        search = MPESearchEmbeddingBagCollection(tables, MPESearchConfig(), counts)
+        loss = bce(model(batch)) + search.regularization()
+        plan = search.select()   # then MixedPrecisionEmbeddingBagCollection(tables, plan=plan)
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        config: MPESearchConfig | None = None,
+        frequencies: dict[str, torch.Tensor] | None = None,
+        is_weighted: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        for t in tables:
+            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
+        self._is_weighted = is_weighted
+        self._init_search(tables, config, frequencies, device)
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+
+    @classmethod
+    def from_float(
+        cls,
+        ebc: EmbeddingBagCollection,
+        config: MPESearchConfig | None = None,
+        frequencies: Mapping[str, torch.Tensor] | None = None,
+    ) -> MPESearchEmbeddingBagCollection:
+        """A search collection starting from ``ebc``'s weights (step sizes re-initialised);
+        TorchRec's ``from_float`` classmethod convention (``convert`` calls it)."""
+        tables = ebc.embedding_bag_configs()
+        dev = ebc.embedding_bags[tables[0].name].weight.device
+        out = cls(tables, config, frequencies, ebc.is_weighted(), dev)
+        out._copy_float_weights({t.name: ebc.embedding_bags[t.name].weight for t in tables})
+        return out
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = in_feature_order(features, self._features, self._is_weighted)
+        batch = features.stride()
+        per_key = features.to_dict()
+        outs = []
+        probs = self.bit_probabilities()
+        for t in self._tables:
+            w = self.weights[t.name]
+            for f in t.feature_names:
+                jt = per_key[f]
+                ids = jt.values()
+                emb = self._lookup(t, f, ids, probs[t.name])
+                if self._is_weighted:
+                    emb = emb * jt.weights().float().unsqueeze(1)
+                lengths = jt.lengths()
+                bag = torch.repeat_interleave(
+                    torch.arange(batch, device=ids.device), lengths, output_size=ids.numel()
+                )
+                pooled = torch.zeros(batch, t.embedding_dim, device=w.device, dtype=w.dtype).index_add(
+                    0, bag, emb
+                )
+                if t.pooling == PoolingType.MEAN:
+                    pooled = bag_mean(pooled, lengths)
+                outs.append(pooled)
+        return KeyedTensor(
+            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1)
+        )
+
+
 def mpe_search_(
     model: nn.Module,
     config: MPESearchConfig | None = None,
     frequencies: dict[str, torch.Tensor] | None = None,
-) -> list[MPESearchEmbeddingBagCollection]:
+) -> list[MPESearchTables]:
     """Deprecated (removed in 0.2): ``convert(model, MPESearchConfig(...), frequencies=counts)``,
     then :func:`search_collections` finds the new search collections.
     """
@@ -246,13 +278,12 @@ def mpe_search_(
     )
     before = {id(m) for m in model.modules()}
     out = convert(model, config or MPESearchConfig(), frequencies=frequencies)
-    return [
-        m for m in out.modules() if isinstance(m, MPESearchEmbeddingBagCollection) and id(m) not in before
-    ]
+    return [m for m in out.modules() if isinstance(m, MPESearchTables) and id(m) not in before]
 
 
-def search_collections(model: nn.Module) -> list[MPESearchEmbeddingBagCollection]:
-    """Every :class:`MPESearchEmbeddingBagCollection` in ``model`` (after ``convert``).
+def search_collections(model: nn.Module) -> list[MPESearchTables]:
+    """Every MPE search collection in ``model`` after ``convert`` (pooled and sequence:
+    :class:`MPESearchEmbeddingBagCollection`, ``MPESearchEmbeddingCollection``).
 
     Example::
 
@@ -261,7 +292,7 @@ def search_collections(model: nn.Module) -> list[MPESearchEmbeddingBagCollection
         ...  # train with loss + regularization(searches)
         plan = merge_plans([s.select() for s in searches])
     """
-    return [m for m in model.modules() if isinstance(m, MPESearchEmbeddingBagCollection)]
+    return [m for m in model.modules() if isinstance(m, MPESearchTables)]
 
 
 def merge_plans(plans: list[PrecisionPlan]) -> PrecisionPlan:
@@ -275,6 +306,6 @@ def merge_plans(plans: list[PrecisionPlan]) -> PrecisionPlan:
     return PrecisionPlan(out)
 
 
-def regularization(searches: list[MPESearchEmbeddingBagCollection]) -> torch.Tensor:
+def regularization(searches: list[MPESearchTables]) -> torch.Tensor:
     """The summed bit regulariser of several search collections."""
     return sum((s.regularization() for s in searches), torch.zeros(()))

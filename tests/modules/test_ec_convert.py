@@ -12,6 +12,7 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_lowprec as lp
+from torchrec_lowprec.modules import MixedPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.convert import to_float
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 from torchrec_lowprec.quant.layout import code_range
@@ -166,23 +167,16 @@ def test_messages_for_what_convert_cannot_do():
         UserWarning, match=r"EmbeddingCollection \(or subclass\).*LowPrecisionEmbeddingCollection at '0'"
     ):
         lp.convert(model, lp.LowPrecisionConfig(bits=8))
-    # Mixed precision has pooled collections only: the EC alone is named, beside an EBC it is
-    # left float with a warning saying so.
+    # Mixed precision converts sequence collections too (tests/modules/test_mixed_precision_ec.py):
+    # beside an EBC, both are swapped in one walk; a table the plan does not name stays whole.
     plan = PrecisionPlan({"b": TablePrecision(10, 4, (10,), (8,))})
-    with pytest.warns(
-        UserWarning, match=r"holds no torchrec.EmbeddingBagCollection.*EmbeddingCollection at '0'"
-    ):
-        lp.convert(nn.Sequential(_float_ec()), lp.MixedPrecisionConfig(plan))
     ebc = torchrec.EmbeddingBagCollection(
         [torchrec.EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=10, feature_names=["u"])]
     )
     both = nn.ModuleDict({"ebc": ebc, "ec": _float_ec()})
-    with pytest.warns(
-        UserWarning,
-        match=r"EmbeddingBagCollections only; the EmbeddingCollection\(s\) at \['ec'\] stay float",
-    ):
-        lp.convert(both, lp.MixedPrecisionConfig(plan))
-    assert type(both["ec"]) is torchrec.EmbeddingCollection
+    lp.convert(both, lp.MixedPrecisionConfig(plan))
+    assert isinstance(both["ec"], MixedPrecisionEmbeddingCollection)
+    assert all(len(tp.bits) == 1 for tp in both["ec"].plan.tables.values())
     # Wrong config types and widths a table cannot hold.
     with pytest.raises(TypeError, match="config is a dict"):
         lp.convert(nn.Sequential(_float_ec()), {"s0": lp.LowPrecisionConfig()})

@@ -137,11 +137,10 @@ def test_embedding_collection_is_converted_and_named_where_it_is_not():
     model = nn.Sequential(nn.Linear(2, 2), ec())
     assert lp.convert(model, lp.LowPrecisionConfig(bits=8)) is model
     assert isinstance(model[1], lp.LowPrecisionEmbeddingCollection)
-    # Pooled-only transforms (MPE search) name the EmbeddingCollection they cannot convert.
+    # The MPE search converts it too (tests/modules/test_mpe_search_ec.py).
     model = nn.Sequential(nn.Linear(2, 2), ec())
-    with pytest.warns(UserWarning, match=r"nothing converted.*EmbeddingCollection at '1'"):
-        out = lp.convert(model, lp.MPESearchConfig())
-    assert type(out[1]) is torchrec.EmbeddingCollection
+    out = lp.convert(model, lp.MPESearchConfig())
+    assert type(out[1]).__name__ == "MPESearchEmbeddingCollection"
 
 
 def test_no_collection_warns_and_a_converted_model_warns_again():

@@ -4,13 +4,13 @@
 Low precision (``None``, ``LowPrecisionConfig``, ``PerTableConfig``) converts both TorchRec
 collections: ``EmbeddingBagCollection`` -> :class:`LowPrecisionEmbeddingBagCollection` and
 ``EmbeddingCollection`` -> :class:`LowPrecisionEmbeddingCollection`, in one walk. Mixed
-precision and MPE search have pooled collections only (row groups, per-id widths), and say so
-when a model holds an ``EmbeddingCollection`` they leave in float."""
+precision and the MPE search do too: ``MixedPrecisionEmbeddingBagCollection`` /
+``MixedPrecisionEmbeddingCollection`` and ``MPESearchEmbeddingBagCollection`` /
+``MPESearchEmbeddingCollection``."""
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -23,7 +23,9 @@ from torchrec_lowprec.configs import LowPrecisionConfig, MixedPrecisionConfig, M
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.mixed_precision_ec import MixedPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.mpe_search import MPESearchEmbeddingBagCollection
+from torchrec_lowprec.modules.mpe_search_ec import MPESearchEmbeddingCollection
 from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.transform import convert, copy_in_backward_tags, register_transform
 
@@ -78,23 +80,23 @@ def _from_float(
     LowPrecisionEmbeddingBagCollection
     | LowPrecisionEmbeddingCollection
     | MixedPrecisionEmbeddingBagCollection
+    | MixedPrecisionEmbeddingCollection
 ):
-    """What the low-/mixed-precision handlers build from one float collection (an
-    ``EmbeddingCollection`` only without ``plan``): the tables quantized from the float weights,
-    the in-backward optimizer tags copied, the train/eval mode kept."""
+    """What the low-/mixed-precision handlers build from one float collection (pooled or
+    sequence; mixed with a ``plan``): the tables quantized from the float weights, the
+    in-backward optimizer tags copied (onto every row group's handle), the train/eval mode kept."""
     tables = _float_tables(ebc)
     device = _float_weight(ebc, tables[0].name).device
     if plan is not None:
-        out = MixedPrecisionEmbeddingBagCollection(
-            tables,
-            plan=plan,
-            config=config,
-            per_table_configs=per_table_configs,
-            is_weighted=ebc.is_weighted(),
-            device=device,
-            init_weights=False,
-            row_maps=row_maps,
-        )
+        mixed = dict(plan=plan, config=config, per_table_configs=per_table_configs, init_weights=False)
+        if isinstance(ebc, EmbeddingCollection):
+            out = MixedPrecisionEmbeddingCollection(
+                tables, device, ebc.need_indices(), row_maps=row_maps, **mixed
+            )
+        else:
+            out = MixedPrecisionEmbeddingBagCollection(
+                tables, ebc.is_weighted(), device, row_maps=row_maps, **mixed
+            )
         handles = {
             t.name: [out.row_groups.tables[p].handle for p in out.group_tables(t.name)] for t in tables
         }
@@ -159,34 +161,12 @@ def to_float(
     return out
 
 
-def _is_float_collection(module: nn.Module) -> bool:
-    """A ``torchrec.EmbeddingBagCollection``, or a subclass keeping its semantics (ours are not
-    subclasses of it: they implement ``EmbeddingBagCollectionInterface``)."""
-    return isinstance(module, EmbeddingBagCollection)
-
-
 def _is_float_table_collection(module: nn.Module) -> bool:
     """A ``torchrec.EmbeddingBagCollection`` or ``torchrec.EmbeddingCollection`` (or subclass)."""
     return isinstance(module, (EmbeddingBagCollection, EmbeddingCollection))
 
 
-_FLOAT = "torchrec.EmbeddingBagCollection (or subclass)"
 _FLOAT_ANY = "torchrec.EmbeddingBagCollection or torchrec.EmbeddingCollection (or subclass)"
-
-
-def _warn_sequence_left(model: nn.Module, config: object) -> None:
-    """``finish`` of the pooled-only transforms: name the ``EmbeddingCollection`` s left in float."""
-    left = [
-        fqn or "(the model itself)" for fqn, m in model.named_modules() if isinstance(m, EmbeddingCollection)
-    ]
-    if left:
-        warnings.warn(
-            f"convert({type(config).__name__}): converts EmbeddingBagCollections only; the "
-            f"EmbeddingCollection(s) at {left[:8]} stay float (convert them with LowPrecisionConfig "
-            "or PerTableConfig)",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 @register_transform(PerTableConfig, is_target=_is_float_table_collection, targets=_FLOAT_ANY)
@@ -200,18 +180,14 @@ def _to_low_precision(
 
 
 @register_transform(
-    MixedPrecisionConfig,
-    is_target=_is_float_collection,
-    targets=_FLOAT,
-    finish=_warn_sequence_left,
-    inputs=("row_maps",),
+    MixedPrecisionConfig, is_target=_is_float_table_collection, targets=_FLOAT_ANY, inputs=("row_maps",)
 )
 def _to_mixed_precision(
-    ebc: EmbeddingBagCollection,
+    ebc: EmbeddingBagCollection | EmbeddingCollection,
     config: MixedPrecisionConfig,
     fqn: str,
     row_maps: Mapping[str, torch.Tensor] | None = None,
-) -> MixedPrecisionEmbeddingBagCollection:
+) -> MixedPrecisionEmbeddingBagCollection | MixedPrecisionEmbeddingCollection:
     names = {t.name for t in _float_tables(ebc)}
     plan = PrecisionPlan({n: p for n, p in config.plan.tables.items() if n in names})
     maps = {n: m for n, m in (row_maps or {}).items() if n in names}
@@ -219,18 +195,16 @@ def _to_mixed_precision(
 
 
 @register_transform(
-    MPESearchConfig,
-    is_target=_is_float_collection,
-    targets=_FLOAT,
-    finish=_warn_sequence_left,
-    inputs=("frequencies",),
+    MPESearchConfig, is_target=_is_float_table_collection, targets=_FLOAT_ANY, inputs=("frequencies",)
 )
 def _to_mpe_search(
-    ebc: EmbeddingBagCollection,
+    ebc: EmbeddingBagCollection | EmbeddingCollection,
     config: MPESearchConfig,
     fqn: str,
     frequencies: Mapping[str, torch.Tensor] | None = None,
-) -> MPESearchEmbeddingBagCollection:
+) -> MPESearchEmbeddingBagCollection | MPESearchEmbeddingCollection:
+    if isinstance(ebc, EmbeddingCollection):
+        return MPESearchEmbeddingCollection.from_float(ebc, config, frequencies)
     return MPESearchEmbeddingBagCollection.from_float(ebc, config, frequencies)
 
 

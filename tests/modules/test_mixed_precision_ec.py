@@ -126,7 +126,9 @@ def test_dropped_ids_read_zero_rows_and_keep_positions():
     c = out["c"].values()
     assert torch.count_nonzero(c[feat_ids == 1000]) == 0
     assert torch.equal(c[feat_ids != 1000], good["c"].values()[feat_ids != 1000])
-    with pytest.raises(IndexError, match="id 1000 of feature 'a' is out of range for table 't0' with 60 rows"):
+    with pytest.raises(
+        IndexError, match="id 1000 of feature 'a' is out of range for table 't0' with 60 rows"
+    ):
         MixedPrecisionEmbeddingCollection(_tables(), plan=_plan())(bad)
 
 
@@ -300,3 +302,25 @@ def test_convert_swaps_collections_of_both_kinds_keeping_weights_and_optimizer_t
     assert torch.equal(model["pooled"].dequantized_weight("u")[8:], wu[8:])
     for name in mixed.group_tables("t0"):
         assert mixed.row_groups.tables[name].handle._optimizer_kwargs[0]["lr"] == 0.5
+
+
+def test_a_training_step_syncs_the_host_as_often_as_the_bag_collection():
+    from tests.modules.test_host_syncs import _count_syncs
+
+    ec = MixedPrecisionEmbeddingCollection(_tables(), plan=_plan())
+    bags = [
+        torchrec.EmbeddingBagConfig(name=t.name, embedding_dim=DIM, num_embeddings=t.num_embeddings,
+                                    feature_names=t.feature_names)
+        for t in _tables()
+    ]  # fmt: skip
+    ebc = MixedPrecisionEmbeddingBagCollection(bags, plan=_plan())
+    kjt = _kjt()
+
+    def ec_step():
+        sum(v.values().sum() for v in ec(kjt).values()).backward()
+
+    def ebc_step():
+        ebc(kjt).values().sum().backward()
+
+    ec_step(), ebc_step()  # first steps set up optimizer state
+    assert _count_syncs(ec_step) == _count_syncs(ebc_step)

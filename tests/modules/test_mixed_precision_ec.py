@@ -324,3 +324,11 @@ def test_a_training_step_syncs_the_host_as_often_as_the_bag_collection():
 
     ec_step(), ebc_step()  # first steps set up optimizer state
     assert _count_syncs(ec_step) == _count_syncs(ebc_step)
+
+
+def test_convert_finding_no_collection_names_both_kinds():
+    both = r"holds no torchrec.EmbeddingBagCollection or torchrec.EmbeddingCollection \(or subclass\)"
+    with pytest.warns(UserWarning, match=both):
+        lp.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), lp.MixedPrecisionConfig(_plan()))
+    with pytest.warns(UserWarning, match=both):
+        lp.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), lp.MPESearchConfig())

@@ -35,6 +35,7 @@ _LAZY = {
     "LowPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.embedding_bag",
     "LowPrecisionEmbeddingCollection": "torchrec_lowprec.modules.embedding_collection",
     "MixedPrecisionEmbeddingBagCollection": "torchrec_lowprec.modules.mixed_precision",
+    "MixedPrecisionEmbeddingCollection": "torchrec_lowprec.modules.mixed_precision_ec",
     "convert": "torchrec_lowprec.transform",
     "register_transform": "torchrec_lowprec.transform",
     "sharders": "torchrec_lowprec.distributed.sharder",

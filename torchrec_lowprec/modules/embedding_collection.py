@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.kernels.lookup import FeatureSlot, FusedPooledLookup
-from torchrec_lowprec.modules.bounds import check_ids, ordered_with_totals
+from torchrec_lowprec.modules.bounds import check_ids, in_range_mask, ordered_with_totals
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables, TableSpan
 from torchrec_lowprec.modules.table_layout import ShardOrigin, check_collection_args
 
@@ -173,15 +173,10 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInt
     def _masked(self, values, lengths, rows, lookup_ids, kept, kept_lengths, batch):
         """The in-range mask, ids safe to look up (bad ones read row 0, then zeroed) and the
         update's (ids, gradient offsets, per-slot counts) for the kept occurrences only."""
-        n_slots = len(rows)
-        per_slot = lengths.view(n_slots, batch).sum(dim=1)
-        limit = torch.repeat_interleave(
-            torch.tensor(rows, device=values.device), per_slot, output_size=values.numel()
-        )
-        mask = (values >= 0) & (values < limit)
+        mask = in_range_mask(values, lengths, rows, batch)
         safe = torch.where(mask, lookup_ids, torch.zeros_like(lookup_ids))
         goff = torch.nonzero(mask).flatten() * self._embedding_dim
-        kept_totals = kept_lengths.view(n_slots, batch).sum(dim=1).tolist()
+        kept_totals = kept_lengths.view(len(rows), batch).sum(dim=1).tolist()
         return mask.to(torch.float32), safe, (kept.to(lookup_ids.dtype), goff, kept_totals)
 
     # ----- backward: the fused update -----

@@ -111,7 +111,9 @@ def _weights() -> dict[str, torch.Tensor]:
 def _body(rank: int, world: int, kind: str) -> None:
     torch.manual_seed(0)
     tbls = tables()
-    unsharded = lp.LowPrecisionEmbeddingCollection(tbls, config=SR8, per_table_configs=PER_TABLE)
+    unsharded = lp.LowPrecisionEmbeddingCollection(
+        tbls, need_indices=kind == "tw", config=SR8, per_table_configs=PER_TABLE
+    )
     if kind == "rw":  # an in-backward tag wins over the table's config, sharded or not
         _apply_optimizer_in_backward(torch.optim.SGD, unsharded.tables["t2"].parameters(), {"lr": 0.4})
     ref = copy.deepcopy(unsharded)
@@ -146,6 +148,11 @@ def _body(rank: int, world: int, kind: str) -> None:
     sd = model.state_dict()
     assert _check_state_equal(sd, ref_state(), "ec.") > 0
     assert int(sd["ec.step"]) == STEPS
+    if kind == "tw":  # need_indices: each feature's ids come back as its JaggedTensor's weights
+        mine = rank_slice(global_batch(tbls, 0, world), rank)
+        with torch.no_grad():
+            out = model.module.ec(mine)
+            assert all(torch.equal(out[k].weights(), mine[k].values()) for k in mine.keys())
 
 
 def _column_blocks(unsharded: lp.LowPrecisionEmbeddingCollection):

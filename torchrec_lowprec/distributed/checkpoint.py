@@ -31,10 +31,12 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.distributed.embedding_collection import ShardedLowPrecisionEmbeddingCollection
 from torchrec_lowprec.distributed.state import TableMeta, convert_column_split
 from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.manifest import verify_manifest, write_manifest
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 
 __all__ = ["load", "save", "validate_sharded_checkpoint"]
 
@@ -106,7 +108,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _low_precision_modules(model: nn.Module) -> dict[str, nn.Module]:
-    kinds = (ShardedLowPrecisionEmbeddingBagCollection, LowPrecisionEmbeddingBagCollection)
+    kinds = (
+        ShardedLowPrecisionEmbeddingBagCollection,
+        ShardedLowPrecisionEmbeddingCollection,
+        LowPrecisionEmbeddingBagCollection,
+        LowPrecisionEmbeddingCollection,
+    )
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 

@@ -1,5 +1,6 @@
 """The per-rank lookup of a sharded low-precision collection: the shards this rank holds, for
-one sharding type, stored and trained by a local ``LowPrecisionEmbeddingBagCollection``."""
+one sharding type, stored and trained by a local ``LowPrecisionEmbeddingBagCollection``
+(pooled) or ``LowPrecisionEmbeddingCollection`` (sequence)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ import torch
 from torch import nn
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig, ShardedEmbeddingTable
 from torchrec.distributed.types import ShardingType
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import (
+    BaseEmbeddingConfig,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    PoolingType,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
+from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.table_layout import ShardOrigin
 
 # Row-wise shards return partial sums that TorchRec reduce-scatters and then divides for MEAN
@@ -35,11 +43,19 @@ class LocalShard:
     col_starts: tuple[int, ...]  # column offsets of all column shards of the table, sorted
 
 
+def collection_tables(module: LowPrecisionTables) -> list[BaseEmbeddingConfig]:
+    """The table configs of a low-precision collection, pooled (EBC) or sequence (EC)."""
+    if isinstance(module, LowPrecisionEmbeddingCollection):
+        return module.embedding_configs()
+    return module.embedding_bag_configs()
+
+
 def check_global_input(
     features: KeyedJaggedTensor,
-    tables: list[EmbeddingBagConfig],
+    tables: list[BaseEmbeddingConfig],
     configs: dict[str, LowPrecisionConfig],
     weighted: bool,
+    keep_positions: bool = False,
 ) -> KeyedJaggedTensor:
     """The KJT a rank feeds a sharded collection, checked before TorchRec's input dist.
 
@@ -48,7 +64,11 @@ def check_global_input(
     is shard-local (a row-wise shard sees ``id - row_offset``, and FBGEMM's bucketizer turns an
     id past the table into ``id // world_size``, ``-1`` into ``2**63 - 1``), so an error raised
     there would name an id the user never fed. Ids a table's ``bounds_check`` drops
-    (``"warn"`` / ``"ignore"``) are dropped here. Returns the KJT in table feature order.
+    (``"warn"`` / ``"ignore"``) are dropped here; with ``keep_positions`` (sequence
+    collections, whose outputs must keep one row per id) they are replaced by ``-1`` instead,
+    which is out of range on every shard after the input dist (TorchRec's bucketizer maps it to
+    ``2**63 - 1``), so the local lookup returns a zero row there and updates nothing, as the
+    unsharded collection does. Returns the KJT in table feature order.
     """
     order = [f for t in tables for f in t.feature_names]
     kjt = in_feature_order(features, order, weighted)
@@ -65,6 +85,16 @@ def check_global_input(
     )
     if values is kjt.values():
         return kjt
+    if keep_positions:
+        rows = torch.tensor([table_of[f].num_embeddings for f in order], device=kjt.values().device)
+        per_feature = kjt.lengths().view(len(order), kjt.stride()).sum(dim=1)
+        limit = torch.repeat_interleave(rows, per_feature, output_size=kjt.values().numel())
+        ids = kjt.values()
+        bad = (ids < 0) | (ids >= limit)
+        ids = torch.where(bad, torch.full_like(ids, -1), ids)
+        return KeyedJaggedTensor(
+            keys=order, values=ids, lengths=kjt.lengths(), weights=kjt.weights_or_none(), stride=kjt.stride()
+        )
     return KeyedJaggedTensor(keys=order, values=values, lengths=lengths, weights=weights, stride=kjt.stride())
 
 
@@ -75,12 +105,13 @@ def _col_starts(t: ShardedEmbeddingTable) -> tuple[int, ...]:
 
 
 class LowPrecisionShardLookup(nn.Module):
-    """Pooled lookup over this rank's shards of one sharding type (TorchRec's lookup slot).
+    """The lookup over this rank's shards of one sharding type (TorchRec's lookup slot).
 
     Takes the KJT TorchRec's input dist produces for this rank (features in grouped-config
-    order, a feature repeated once per column shard) and returns the pooled embeddings
-    ``[B, sum of local dims]`` in that order, as ``GroupedPooledEmbeddingsLookup`` does. The
-    backward pass runs the fused update on the local shards; rounding draws are keyed by the
+    order, a feature repeated once per column shard) and returns, in that order, the pooled
+    embeddings ``[B, sum of local dims]`` as ``GroupedPooledEmbeddingsLookup`` does, or with
+    ``sequence=True`` one row per id, ``[ids, local dim]``, as ``GroupedEmbeddingsLookup`` does.
+    The backward pass runs the fused update on the local shards; rounding draws are keyed by the
     global table, row and column, so a row's update does not depend on the plan.
 
     Example::
@@ -96,10 +127,12 @@ class LowPrecisionShardLookup(nn.Module):
         table_configs: dict[str, LowPrecisionConfig],
         device: torch.device,
         in_backward_tags: dict[str, tuple] | None = None,
+        sequence: bool = False,
     ) -> None:
         super().__init__()
         self.sharding_type = sharding_type
-        tables: list[EmbeddingBagConfig] = []
+        self.sequence = sequence
+        tables: list[BaseEmbeddingConfig] = []
         per_table: dict[str, LowPrecisionConfig] = {}
         origins: dict[str, ShardOrigin] = {}
         self.shards: list[LocalShard] = []
@@ -114,19 +147,24 @@ class LowPrecisionShardLookup(nn.Module):
                 local = t.name if k == 0 else f"{t.name}@{k}"
                 feats = [f"{local}:{f}" for f in t.feature_names]
                 off = t.local_metadata.shard_offsets if t.local_metadata is not None else [0, 0]
-                pooling = PoolingType.SUM if sharding_type in _SUM_LOCALLY else t.pooling
-                tables.append(
-                    EmbeddingBagConfig(
-                        name=local,
-                        embedding_dim=t.local_cols,
-                        num_embeddings=t.local_rows,
-                        feature_names=feats,
-                        pooling=pooling,
-                        weight_init_min=t.weight_init_min,
-                        weight_init_max=t.weight_init_max,
-                    )
+                common = dict(
+                    name=local,
+                    embedding_dim=t.local_cols,
+                    num_embeddings=t.local_rows,
+                    feature_names=feats,
+                    weight_init_min=t.weight_init_min,
+                    weight_init_max=t.weight_init_max,
                 )
-                per_table[local] = table_configs[t.name]
+                if sequence:
+                    tables.append(EmbeddingConfig(**common))
+                else:
+                    pooling = PoolingType.SUM if sharding_type in _SUM_LOCALLY else t.pooling
+                    tables.append(EmbeddingBagConfig(**common, pooling=pooling))
+                cfg = table_configs[t.name]
+                if sequence and cfg.bounds_check == "warn":
+                    # Warned on global ids before the input dist; bad ids arrive here as -1.
+                    cfg = cfg.replace(bounds_check="ignore")
+                per_table[local] = cfg
                 origins[local] = ShardOrigin(t.name, int(off[0]), int(off[1]))
                 self.shards.append(
                     LocalShard(
@@ -134,29 +172,38 @@ class LowPrecisionShardLookup(nn.Module):
                     )
                 )
                 self._keys.extend(feats)
-        self.ebc: LowPrecisionEmbeddingBagCollection | None = None
+        #: The local collection holding this rank's shards (None: this rank holds none).
+        self.local: LowPrecisionTables | None = None
         if tables:
-            self.ebc = LowPrecisionEmbeddingBagCollection(
-                tables,
+            kw = dict(
                 config=next(iter(per_table.values())),
                 per_table_configs=per_table,
-                is_weighted=is_weighted,
                 device=device,
                 init_weights=device.type != "meta",
                 shard_origins=origins,
             )
+            if sequence:
+                self.local = LowPrecisionEmbeddingCollection(tables, **kw)
+            else:
+                self.local = LowPrecisionEmbeddingBagCollection(tables, is_weighted=is_weighted, **kw)
             for s in self.shards:
-                handle = self.ebc.tables[s.local_name].handle
+                handle = self.local.tables[s.local_name].handle
                 for tag, value in (in_backward_tags or {}).get(s.table, {}).items():
                     setattr(handle, tag, value)
-            self.ebc._resolve_optimizers()
+            self.local._resolve_optimizers()
         self.register_buffer("_dummy", torch.empty(0, device=device), persistent=False)
 
+    @property
+    def ebc(self) -> LowPrecisionTables | None:
+        """The local collection (its name from when only EBCs were sharded)."""
+        return self.local
+
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        if self.ebc is None:
+        if self.local is None:
             # This rank holds no table of this sharding type. The output must still require
             # grad, or this rank would skip the all-to-all's backward that the others run.
-            return self._dummy.new_zeros(features.stride(), 0).requires_grad_(True)
+            shape = (0,) if self.sequence else (features.stride(), 0)
+            return self._dummy.new_zeros(shape).requires_grad_(True)
         kjt = KeyedJaggedTensor(
             keys=self._keys,
             values=features.values(),
@@ -164,4 +211,6 @@ class LowPrecisionShardLookup(nn.Module):
             weights=features.weights_or_none(),
             stride=features.stride(),
         )
-        return self.ebc(kjt).values()
+        if self.sequence:
+            return self.local._sequence_embeddings(kjt)[0]
+        return self.local(kjt).values()

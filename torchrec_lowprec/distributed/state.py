@@ -66,11 +66,11 @@ class TableMeta:
 
 def _local_pieces(meta: TableMeta, shard: LocalShard, lookup: LowPrecisionShardLookup) -> dict:
     """``key -> (local tensor view, global offsets)`` for one local shard."""
-    ebc = lookup.ebc
-    st = ebc.tables[shard.local_name]
+    local = lookup.local
+    st = local.tables[shard.local_name]
     k = meta.col_starts.index(shard.col_offset)
     row = shard.row_offset
-    out = {"qweight": (ebc.quantized_weight(shard.local_name), [row, meta.byte_offset(shard.col_offset)])}
+    out = {"qweight": (local.quantized_weight(shard.local_name), [row, meta.byte_offset(shard.col_offset)])}
 
     def per_row(t: torch.Tensor):
         return (t.view(-1, 1), [row, k]) if meta.column_sharded else (t, [row])

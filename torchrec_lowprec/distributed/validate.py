@@ -1,6 +1,6 @@
 """Checking a checkpoint's low-precision tables against a sharded collection, before loading.
 
-Imported by ``distributed/embedding_bag.py`` (the sharded module validates what it loads) and
+Imported by ``distributed/sharded_base.py`` (the sharded EBC and EC validate what they load) and
 re-exported by ``distributed/checkpoint.py``; it imports neither, so the two never import each
 other.
 """

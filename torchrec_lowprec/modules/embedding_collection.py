@@ -129,6 +129,23 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInt
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        out, features, totals = self._sequence_embeddings(features)
+        values, lengths = features.values(), features.lengths()
+        per_feature_lengths = lengths.view(len(totals), features.stride())
+        return {
+            name: JaggedTensor(
+                values=v, lengths=per_feature_lengths[i], weights=ids if self._need_indices else None
+            )
+            for i, (name, v, ids) in enumerate(
+                zip(self._embedding_names, out.split(totals), values.split(totals))
+            )
+        }
+
+    def _sequence_embeddings(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, KeyedJaggedTensor, list[int]]:
+        """The ``[ids, dim]`` rows of every id in lookup order (the sharded lookup's output),
+        the KJT in that order, and the number of ids of each of its features."""
         features, totals = ordered_with_totals(features, self._lookup_order)
         batch = features.stride()
         values, lengths = features.values(), features.lengths()
@@ -160,15 +177,7 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInt
             out = self._lookup(self._flat, lookup_ids, offsets, None)
         if mask is not None:
             out = out * mask.unsqueeze(1)
-        per_feature_lengths = lengths.view(len(totals), batch)
-        return {
-            name: JaggedTensor(
-                values=v, lengths=per_feature_lengths[i], weights=ids if self._need_indices else None
-            )
-            for i, (name, v, ids) in enumerate(
-                zip(self._embedding_names, out.split(totals), values.split(totals))
-            )
-        }
+        return out, features, totals
 
     def _masked(self, values, lengths, rows, lookup_ids, kept, kept_lengths, batch):
         """The in-range mask, ids safe to look up (bad ones read row 0, then zeroed) and the

@@ -22,9 +22,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec_lowprec.distributed.sharder import table_bytes
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
-from torchrec_lowprec.modules.table_layout import stored_bytes
-from torchrec_lowprec.optim.fused import resolve_optimizer
-from torchrec_lowprec.types import HBM_DEVICES, row_alignment
+from torchrec_lowprec.types import HBM_DEVICES
 
 #: The collections whose shards this estimator sizes.
 SIZED = (LowPrecisionEmbeddingBagCollection, LowPrecisionEmbeddingCollection)
@@ -45,13 +43,7 @@ def shard_bytes(
 
         shard_bytes(lp_ec, "t_hist", 1000, 64, "cuda")  # == lp_ec.memory_bytes(True)["t_hist"]["total"] on CUDA
     """
-    if isinstance(module, LowPrecisionEmbeddingBagCollection):
-        return table_bytes(module, table, compute_device, shard_rows, shard_cols)
-    cfg = module.table_config(table)
-    kind = resolve_optimizer(module.tables[table].handle, cfg).kind
-    return stored_bytes(
-        shard_rows, shard_cols, cfg.bits, kind, cfg.keeps_master_step_size, row_alignment(compute_device)
-    )
+    return table_bytes(module, table, compute_device, shard_rows, shard_cols)
 
 
 class LowPrecisionStorageEstimator(EmbeddingStorageEstimator):

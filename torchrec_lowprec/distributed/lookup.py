@@ -22,7 +22,7 @@ from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
+from torchrec_lowprec.modules.embedding_collection import ZEROED, LowPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.table_layout import ShardOrigin
 
 # Row-wise shards return partial sums that TorchRec reduce-scatters and then divides for MEAN
@@ -70,9 +70,15 @@ def check_global_input(
     ``2**63 - 1``), so the local lookup returns a zero row there and updates nothing, as the
     unsharded collection does. Returns the KJT in table feature order.
     """
-    order = [f for t in tables for f in t.feature_names]
+    # TorchRec's input dist takes each feature once, also one read by two tables: its ids are
+    # checked against the smallest of those tables (the error names it).
+    order = list(dict.fromkeys(f for t in tables for f in t.feature_names))
     kjt = in_feature_order(features, order, weighted)
-    table_of = {f: t for t in tables for f in t.feature_names}
+    table_of: dict[str, BaseEmbeddingConfig] = {}
+    for t in tables:
+        for f in t.feature_names:
+            if f not in table_of or t.num_embeddings < table_of[f].num_embeddings:
+                table_of[f] = t
     values, lengths, weights = check_ids(
         kjt.values(),
         kjt.lengths(),
@@ -82,6 +88,7 @@ def check_global_input(
         kjt.stride(),
         [configs[table_of[f].name].bounds_check for f in order],
         [table_of[f].name for f in order],
+        **({"dropped": ZEROED} if keep_positions else {}),
     )
     if values is kjt.values():
         return kjt

@@ -16,6 +16,9 @@ from torchrec_lowprec.modules.bounds import check_ids, in_range_mask, ordered_wi
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables, TableSpan
 from torchrec_lowprec.modules.table_layout import ShardOrigin, check_collection_args
 
+#: What a sequence collection does with an id its ``bounds_check`` drops (the warning's end).
+ZEROED = "their embeddings are zero (lengths kept) and no row is updated for them"
+
 
 class _SequenceLookupFunction(torch.autograd.Function):
     """Sequence lookup whose backward runs the fused optimizer instead of returning weight grads."""
@@ -160,6 +163,7 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInt
             batch,
             self._bounds_modes(self._lookup_tables),
             names,
+            dropped=ZEROED,
         )
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
         lookup_ids = values.to(offsets.dtype) if values.dtype != offsets.dtype else values

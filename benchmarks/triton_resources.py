@@ -51,7 +51,7 @@ def _other_triton(python: str) -> str:
             f"Triton of `{python}`: the cover did not compile: `{out.stderr.strip().splitlines()[-1][:200]}`"
         )
     *rows, version = (ast.literal_eval(x) for x in out.stdout.strip().splitlines()[-2:])
-    results = rows[0]
+    results = [r[1:] for r in rows[0]]  # (kernel, arch, cx, use, ops) -> (arch, cx, use, ops)
     failed = [r for r in results if r[2] == "error"]
     spilled = [r for r in results if r[2] != "error" and r[2]["local"]]
     regs = {

@@ -4,185 +4,80 @@ Usage (``make gpu-check`` runs it)::
 
     OUT=/path/to/out bash scripts/gpu_check.sh          # on a machine with one NVIDIA GPU
     GPU_CHECK_DRY=1 OUT=/tmp/o bash scripts/gpu_check.sh  # dry run on CPU (tested in `make test`)
+    GPU_CHECK_DRY=1 GPU_CHECK_HIDE=fbgemm_gpu,torchrec OUT=/tmp/o bash scripts/gpu_check.sh
+                                                        # ... as if those were not installed
 
-Phases, each timed and each with its own log under ``$OUT``:
+Phases, each timed, all logged to ``$OUT/gpu-check.log``. The first six need only torch and
+Triton; the last three need fbgemm_gpu and torchrec and are *skipped* (with the missing
+package named) where those are not importable, never failed:
 
-1. ``env``: GPU, driver, Python and the versions of torch / triton / fbgemm_gpu / torchrec.
-2. ``setup``: ``make setup`` (the CUDA stack is picked because ``nvidia-smi -L`` answers).
-   A machine that cannot reach a package index keeps the interpreter it has; later phases
-   that need a missing package (torchrec, fbgemm_gpu) say so and are skipped, not failed.
-3. ``kernels``: ``tests/kernels/test_triton_update.py`` compiled for the GPU and
-   ``tests/gpu/`` (Triton on the GPU == the CPU reference == the C++ kernel, every case;
-   FBGEMM's CUDA IntNBit forward on our buffer; export on CUDA).
-4. ``dmp``: ``examples/dlrm/train.py`` under torchrun, one process (nccl on the GPU), int8
-   and int4, then a checkpoint round trip (stop at half, resume, same final metrics).
-5. ``bench``: the CUDA section of ``benchmarks/embedding_step.py`` (forward and train step vs
-   FBGEMM's CUDA FP32/FP16 TBE, peak GPU memory per variant).
+1. ``env``: GPU, its arch, Python and the versions of torch / triton / fbgemm_gpu / torchrec.
+2. ``setup``: uses ``.venv`` if it exists; else ``make setup`` if a package index answers;
+   else (no network) skipped, keeping the interpreter it has.
+3. ``compile``: ``tests/kernels/test_triton_aot.py`` for the GPU's arch (every Triton kernel
+   of the package, the update's pairwise cover: compiles, no spills, IEEE-only fp32 PTX).
+4. ``triton-ref``: the compiled Triton update on the GPU == the CPU PyTorch reference (== the
+   C++ kernel where it builds), bit for bit: ``tests/kernels/test_triton_update.py`` and the
+   update cases of ``tests/gpu/test_cuda_paths.py`` (every case; the dry run a subset).
+5. ``speed``: ``benchmarks/triton_update_speed.py``: the Triton update vs a plain PyTorch
+   update, int8/int4, two realistic sizes (``--json``/``--md`` into ``$OUT``).
+6. ``memory``: the update's peak GPU memory from that run, against bounds (below).
+7. ``fbgemm``: FBGEMM's CUDA IntNBit forward on our buffer, export on CUDA (tests/gpu).
+8. ``dmp``: ``examples/dlrm/train.py`` under torchrun, one process, int8 and int4, then a
+   checkpoint round trip (stop at half, resume, same final metrics).
+9. ``bench``: the CUDA section of ``benchmarks/embedding_step.py`` (vs FBGEMM's TBE).
 
-The whole run stops itself before ``GPU_CHECK_BUDGET_S`` seconds (default 450: the device
-allows 10 minutes a command) and writes ``summary.md`` / ``summary.json`` after every
-phase, so a run cut short still reports what it did. The dry run (``GPU_CHECK_DRY=1``)
-runs the same phases on CPU stand-ins: Triton in its interpreter on a subset of cases,
-gloo instead of nccl, a few steps, the benchmark's ``--quick`` sizes.
+The whole run stops itself before ``GPU_CHECK_BUDGET_S`` seconds (default 540: the device
+allows 10 minutes a command) and writes ``summary.md`` / ``summary.json`` after every phase.
+The dry run (``GPU_CHECK_DRY=1``) runs the same phases on CPU stand-ins: Triton in its
+interpreter on a subset of cases and tiny sizes, gloo instead of nccl, a few steps.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
+import socket
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DRY = os.environ.get("GPU_CHECK_DRY", "0") not in ("", "0")
-BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "450"))
-#: Seconds kept back at the end for writing the summary.
-RESERVE_S = 10.0
+from gpu_check_lib import DRY, HIDDEN, ROOT, Phase, Run, probe, pytest_status
 
-
-@dataclass
-class Phase:
-    name: str
-    status: str = "not run"  # passed | failed | skipped | timed out | not run
-    seconds: float = 0.0
-    detail: str = ""
-    log: str = ""
-    commands: list[str] = field(default_factory=list)
-
-
-class Run:
-    """Runs the phases against one deadline and rewrites the summary after each."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.start = time.monotonic()
-        self.phases: list[Phase] = []
-        self.python = sys.executable
-        self.facts: dict[str, str] = {}
-
-    def left(self) -> float:
-        return BUDGET_S - RESERVE_S - (time.monotonic() - self.start)
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PATH"] = str(Path(self.python).parent) + os.pathsep + env.get("PATH", "")
-        env["TRITON_INTERPRET"] = "1" if DRY else "0"
-        if DRY:
-            env["GPU_CHECK_CASES"] = env.get("GPU_CHECK_CASES", "subset")
-            env.setdefault("OMP_NUM_THREADS", "1")
-        return env
-
-    def sh(self, phase: Phase, cmd: list[str], cap_s: float, env: dict | None = None) -> int | None:
-        """Run ``cmd`` into the phase's log; None when it ran out of time."""
-        phase.commands.append(" ".join(cmd))
-        timeout = min(cap_s, self.left())
-        if timeout <= 5:
-            return None
-        with open(self.out / phase.log, "a", encoding="utf-8") as log:
-            log.write(f"$ {' '.join(cmd)}  (timeout {timeout:.0f} s)\n")
-            log.flush()
-            try:
-                p = subprocess.run(
-                    cmd,
-                    cwd=ROOT,
-                    env=env or self.env(),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                )
-            except subprocess.TimeoutExpired:
-                log.write(f"\n[timed out after {timeout:.0f} s]\n")
-                return None
-            return p.returncode
-
-    def phase(self, name: str, fn) -> Phase:
-        ph = Phase(name, log=f"{len(self.phases) + 1}-{name}.log")
-        self.phases.append(ph)
-        t0 = time.monotonic()
-        if self.left() <= 5:
-            ph.status, ph.detail = "not run", "no time left in the budget"
-        else:
-            try:
-                fn(ph)
-            except Exception as e:  # noqa: BLE001 - a broken phase must not lose the others
-                ph.status, ph.detail = "failed", f"{type(e).__name__}: {e}"
-        ph.seconds = round(time.monotonic() - t0, 1)
-        print(f"[gpu-check] {name}: {ph.status} in {ph.seconds:.1f} s {ph.detail}", flush=True)
-        self.write_summary()
-        return ph
-
-    def tail(self, phase: Phase, n: int = 15) -> str:
-        try:
-            lines = (self.out / phase.log).read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
-
-    def write_summary(self) -> None:
-        doc = {
-            "dry_run": DRY,
-            "budget_s": BUDGET_S,
-            "elapsed_s": round(time.monotonic() - self.start, 1),
-            "facts": self.facts,
-            "phases": [asdict(p) for p in self.phases],
-        }
-        (self.out / "summary.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        lines = [
-            f"# GPU check ({'DRY RUN on CPU stand-ins' if DRY else 'CUDA'})",
-            "",
-            *(f"- {k}: {v}" for k, v in self.facts.items()),
-            "",
-            "| phase | status | seconds | detail | log |",
-            "|---|---|---:|---|---|",
-            *(f"| {p.name} | {p.status} | {p.seconds:.1f} | {p.detail} | {p.log} |" for p in self.phases),
-            "",
-        ]
-        bench = self.out / "embedding_step_cuda.md"
-        if bench.exists():
-            lines += ["## Benchmark", "", bench.read_text(encoding="utf-8")]
-        (self.out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _probe(python: str) -> dict[str, str]:
-    """Versions of the stack as ``python`` sees it (a package missing reads 'missing')."""
-    code = (
-        "import importlib, json, platform\n"
-        "out = {'python': platform.python_version()}\n"
-        "for m in ('torch', 'triton', 'fbgemm_gpu', 'torchrec'):\n"
-        "    try:\n"
-        "        out[m] = getattr(importlib.import_module(m), '__version__', 'present')\n"
-        "    except Exception as e:\n"
-        "        out[m] = 'missing (' + type(e).__name__ + ')'\n"
-        "import torch\n"
-        "out['cuda'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'\n"
-        "print(json.dumps(out))\n"
-    )
-    p = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        return {"probe": f"failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+STACK = ("fbgemm_gpu", "torchrec")
+#: The update may allocate at most this per occurrence (plus MEMORY_SLACK) beyond its inputs:
+#: the sort of the ids, segment starts/counts, flags (about 50 B) with allocator rounding.
+MEMORY_PER_OCC = 256
+MEMORY_SLACK = 4 << 20
 
 
 def phase_env(run: Run, ph: Phase) -> None:
+    import shutil
+    import subprocess
+
     smi = shutil.which("nvidia-smi")
     gpu = "none"
     if smi:
         p = subprocess.run([smi, "-L"], capture_output=True, text=True)
         gpu = p.stdout.strip() or p.stderr.strip()
     run.facts["nvidia-smi -L"] = gpu
-    run.facts.update(_probe(run.python))
-    (run.out / ph.log).write_text(json.dumps(run.facts, indent=1) + "\n", encoding="utf-8")
+    if HIDDEN:
+        run.facts["hidden (GPU_CHECK_HIDE)"] = ", ".join(HIDDEN)
+    run.facts.update(probe(run.python, run.env()))
+    run.log(json.dumps(run.facts, indent=1) + "\n")
     if not DRY and "no CUDA" in run.facts.get("cuda", "no CUDA"):
         ph.status, ph.detail = "failed", "torch sees no CUDA device (set GPU_CHECK_DRY=1 for the CPU dry run)"
         return
     ph.status = "passed"
+
+
+def _index_reachable(timeout: float = 3.0) -> bool:
+    host = os.environ.get("PIP_INDEX_HOST", "pypi.org")
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def phase_setup(run: Run, ph: Phase) -> None:
@@ -190,52 +85,119 @@ def phase_setup(run: Run, ph: Phase) -> None:
     if DRY or os.environ.get("GPU_CHECK_SETUP", "1") == "0":
         ph.status, ph.detail = "skipped", "dry run / GPU_CHECK_SETUP=0: using " + run.python
         return
+    if not venv_python.exists() and not _index_reachable():
+        ph.status, ph.detail = "skipped", f"no package index reachable (no network): using {run.python} as is"
+        return
     rc = run.sh(ph, ["make", "setup"], cap_s=240, env=dict(os.environ))
     if rc == 0 and venv_python.exists():
         run.python = str(venv_python)
-        run.facts.update({f"after setup: {k}": v for k, v in _probe(run.python).items()})
+        run.facts.update({k: v for k, v in probe(run.python, run.env()).items()})
         ph.status = "passed"
         return
     ph.status = "failed" if rc is not None else "timed out"
-    ph.detail = f"make setup did not finish (no package index?); continuing with {run.python}"
+    ph.detail = f"make setup did not finish; continuing with {run.python}"
 
 
-def _needs_stack(run: Run) -> str | None:
-    missing = [m for m in ("torchrec", "fbgemm_gpu") if run.facts.get(m, "").startswith("missing")]
-    missing += [
-        m for m in ("torchrec", "fbgemm_gpu") if run.facts.get(f"after setup: {m}", "").startswith("missing")
+def _arch(run: Run) -> str:
+    """The GPU's sm number (the dry run compiles for sm_90, the H100/H200 the check runs on)."""
+    sm = run.facts.get("sm", "none")
+    return "90" if DRY or not sm.isdigit() else sm
+
+
+def phase_compile(run: Run, ph: Phase) -> None:
+    env = {k: v for k, v in run.env().items() if k != "TRITON_INTERPRET"}
+    env["TRITON_AOT_ARCHS"] = _arch(run)
+    cmd = [
+        run.python,
+        "-m",
+        "pytest",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "tests/kernels/test_triton_aot.py",
     ]
-    return ", ".join(sorted(set(missing))) or None
+    pytest_status(ph, run.sh(ph, cmd, cap_s=180, env=env), run)
+    ph.detail = f"sm_{env['TRITON_AOT_ARCHS']}: {ph.detail}"
 
 
-def _pytest_status(ph: Phase, rc: int | None, run: Run) -> None:
-    if rc is None:
-        ph.status = "timed out"
-    elif rc in (0, 5):
-        ph.status = "passed"
-    else:
-        ph.status = "failed"
-    summary = [
-        ln for ln in run.tail(ph, 40).splitlines() if " passed" in ln or " failed" in ln or "error" in ln
-    ]
-    ph.detail = summary[-1].strip("= ") if summary else ph.detail
-
-
-def phase_kernels(run: Run, ph: Phase) -> None:
-    tests = ["tests/gpu/test_cuda_paths.py"]
-    if not DRY:  # the full Triton-vs-reference suite, compiled; the dry run keeps to the subset
+def phase_triton_ref(run: Run, ph: Phase) -> None:
+    # Build (or find) the C++ kernel first, so the comparison says whether it took part.
+    code = "from torchrec_lowprec.kernels import cpu_native as c; print('native:', c.is_available(), c.load_error())"
+    run.sh(ph, [run.python, "-c", code], cap_s=150)
+    native = "native: True" in run.tail(5)
+    tests = ["tests/gpu/test_cuda_paths.py", "-k", "update_device"]
+    if not DRY:  # the whole Triton-vs-reference suite, compiled; the dry run runs it in `make test`
         tests.insert(0, "tests/kernels/test_triton_update.py")
     env = run.env()
     if DRY:
         env["GPU_CHECK_DRY"] = "1"
-    rc = run.sh(
-        ph, [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests], cap_s=240, env=env
+    cmd = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests]
+    pytest_status(ph, run.sh(ph, cmd, cap_s=300, env=env), run)
+    ph.detail += (
+        "; vs the reference and the C++ kernel" if native else "; vs the reference (C++ kernel not built)"
     )
-    _pytest_status(ph, rc, run)
+
+
+def phase_speed(run: Run, ph: Phase) -> None:
+    res = run.out / "triton_update_speed.json"
+    cmd = [run.python, "benchmarks/triton_update_speed.py", "--json", str(res), "--md", str(run.out / "triton_update_speed.md")]  # fmt: skip
+    rc = run.sh(ph, cmd, cap_s=240)
+    if rc is None or not res.exists():
+        ph.status, ph.detail = ("timed out" if rc is None else "failed"), f"benchmark exited {rc}"
+        return
+    doc = json.loads(res.read_text())
+    ph.status = "passed" if rc == 0 and doc["ok"] else "failed"
+    best = {}
+    for r in doc["results"]:
+        if r["variant"].startswith("triton"):
+            key = f"{r['size']}/int{r['bits']}"
+            best[key] = max(best.get(key, 0.0), r["speedup"])
+    ph.detail = "best Triton speed-up vs torch: " + ", ".join(f"{k} {v:.3g}x" for k, v in best.items())
+    if not doc["ok"]:
+        ph.detail += "; torch and triton DISAGREE (see checks in summary.md)"
+
+
+def phase_memory(run: Run, ph: Phase) -> None:
+    res = run.out / "triton_update_speed.json"
+    if not res.exists():
+        ph.status, ph.detail = "failed", "no results from the speed phase"
+        return
+    rows = json.loads(res.read_text())["results"]
+    if all(r["extra_bytes"] is None for r in rows):
+        ph.status = "passed" if DRY else "failed"
+        ph.detail = f"no CUDA allocator: peak memory not measured ({len(rows)} variants ran)"
+        return
+    torch_extra = {(r["size"], r["bits"]): r["extra_bytes"] for r in rows if r["variant"] == "torch"}
+    bad, notes = [], []
+    for r in rows:
+        if not r["variant"].startswith("triton"):
+            continue
+        bound = MEMORY_PER_OCC * r["occurrences"] + MEMORY_SLACK
+        base = torch_extra.get((r["size"], r["bits"]))
+        key = f"{r['size']}/int{r['bits']}/{r['variant']}"
+        if r["extra_bytes"] > bound or (base is not None and r["extra_bytes"] >= base):
+            bad.append(f"{key} +{r['extra_bytes'] / 2**20:.1f} MiB (bound {bound / 2**20:.1f}, torch {base})")
+        if r["variant"] == "triton":
+            notes.append(f"{key} +{r['extra_bytes'] / 2**20:.1f} MiB vs torch +{(base or 0) / 2**20:.1f} MiB")
+    ph.status = "failed" if bad else "passed"
+    ph.detail = "; ".join(bad or notes)
+
+
+def phase_fbgemm(run: Run, ph: Phase) -> None:
+    missing = run.missing(*STACK)
+    if missing:
+        ph.status, ph.detail = "skipped", f"{missing} not importable on this machine"
+        return
+    env = run.env()
+    if DRY:
+        env["GPU_CHECK_DRY"] = "1"
+    cmd = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu/test_cuda_paths.py", "-k", "forward or export"]  # fmt: skip
+    pytest_status(ph, run.sh(ph, cmd, cap_s=150, env=env), run)
 
 
 def phase_dmp(run: Run, ph: Phase) -> None:
-    missing = _needs_stack(run)
+    missing = run.missing(*STACK)
     if missing:
         ph.status, ph.detail = "skipped", f"{missing} not importable on this machine"
         return
@@ -290,7 +252,7 @@ def _metric(summary: dict, name: str):
 
 
 def phase_bench(run: Run, ph: Phase) -> None:
-    missing = _needs_stack(run)
+    missing = run.missing(*STACK)
     if missing:
         ph.status, ph.detail = "skipped", f"{missing} not importable on this machine"
         return
@@ -310,20 +272,30 @@ def phase_bench(run: Run, ph: Phase) -> None:
     ph.status = "passed" if rc == 0 and md.exists() else ("timed out" if rc is None else "failed")
 
 
+PHASES = {
+    "setup": phase_setup,
+    "compile": phase_compile,
+    "triton-ref": phase_triton_ref,
+    "speed": phase_speed,
+    "memory": phase_memory,
+    "fbgemm": phase_fbgemm,
+    "dmp": phase_dmp,
+    "bench": phase_bench,
+}
+
+
 def main() -> int:
     out = Path(os.environ.get("OUT") or os.environ.get("GPU_CHECK_OUT") or ROOT / "runs" / "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out)
-    print(f"[gpu-check] {'dry run' if DRY else 'CUDA'}; budget {BUDGET_S:.0f} s; output in {out}", flush=True)
-    env_phase = run.phase("env", lambda ph: phase_env(run, ph))
-    if env_phase.status == "failed":
+    mode = "dry run" if DRY else "CUDA"
+    print(
+        f"[gpu-check] {mode}; budget {run.left() + 10:.0f} s; hidden {list(HIDDEN)}; output in {out}",
+        flush=True,
+    )
+    if run.phase("env", lambda ph: phase_env(run, ph)).status == "failed":
         return 1
-    for name, fn in (
-        ("setup", phase_setup),
-        ("kernels", phase_kernels),
-        ("dmp", phase_dmp),
-        ("bench", phase_bench),
-    ):
+    for name, fn in PHASES.items():
         run.phase(name, lambda ph, fn=fn: fn(run, ph))
     print((out / "summary.md").read_text(encoding="utf-8"), flush=True)
     return 0 if all(p.status in ("passed", "skipped") for p in run.phases) else 1

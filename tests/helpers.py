@@ -1,13 +1,18 @@
-"""Shared test helpers: small tables and random KJTs."""
+"""Shared test helpers: small tables and random KJTs.
+
+torchrec is imported inside the helpers that need it, so the kernel tests (which use only
+:func:`call_update`) import on a machine with torch and Triton alone (the GPU check's
+image: ``tests/scripts/test_gpu_check_hidden.py``).
+"""
 
 from __future__ import annotations
 
 import torch
-import torchrec
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def make_tables(dims=(8, 16), rows=(60, 40), features=(("a", "b"), ("c",)), pooling=None):
+    import torchrec
+
     out = []
     for i, (d, r, f) in enumerate(zip(dims, rows, features)):
         kw = {}
@@ -22,6 +27,8 @@ def make_tables(dims=(8, 16), rows=(60, 40), features=(("a", "b"), ("c",)), pool
 
 
 def random_kjt(tables, batch=6, max_len=4, weighted=False, gen=None, empty_prob=0.2):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
     gen = gen or torch.Generator().manual_seed(1)
     keys, lengths, values = [], [], []
     for t in tables:

@@ -29,13 +29,19 @@ def test_gpu_check_dry_run_passes_every_phase(tmp_path):
     assert status == {
         "env": "passed",
         "setup": "skipped",
-        "kernels": "passed",
+        "compile": "passed",
+        "triton-ref": "passed",
+        "speed": "passed",
+        "memory": "passed",
+        "fbgemm": "passed",
         "dmp": "passed",
         "bench": "passed",
     }
+    assert summary["elapsed_s"] <= summary["budget_s"]
     assert "identical" in next(ph["detail"] for ph in summary["phases"] if ph["name"] == "dmp")
     assert (tmp_path / "summary.md").read_text().startswith("# GPU check (DRY RUN")
     assert (tmp_path / "embedding_step_cuda.md").exists()
+    assert json.loads((tmp_path / "triton_update_speed.json").read_text())["ok"] is True
     for ph in summary["phases"]:
         assert (tmp_path / ph["log"]).exists() or ph["name"] == "setup"
     # files come back from the device only if few and shallow

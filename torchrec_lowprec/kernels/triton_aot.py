@@ -1,14 +1,17 @@
-"""Ahead-of-time compilation of the Triton update kernel for NVIDIA targets, without a GPU.
+"""Ahead-of-time compilation of the package's Triton kernels for NVIDIA targets, without a GPU.
 
-The launch in :mod:`.triton_update` specialises the kernel on its ``tl.constexpr`` flags; this
-module enumerates the specialisations that launch can produce, compiles any of them for a
-``GPUTarget`` (sm_80, sm_90: Triton ships ptxas, so no driver is needed) and reads the compiled
-kernel's registers, spills and shared memory from its cubin (Triton's bundled ``cuobjdump``).
+:data:`KERNELS` lists every launched ``@triton.jit`` kernel (the fused update and the draws
+helper of :mod:`.triton_kernels`; a test scans the sources so that a new one cannot be left
+out). The launch in :mod:`.triton_update` specialises the update kernel on its
+``tl.constexpr`` flags; this module enumerates the specialisations that launch can produce,
+compiles any of them for a ``GPUTarget`` (sm_80, sm_90: Triton ships ptxas, so no driver is
+needed) and reads the compiled kernel's registers, spills and shared memory from its cubin
+(Triton's bundled ``cuobjdump``). All launches take their options from :func:`launch_options`.
 ``tests/kernels/test_triton_aot.py`` compiles a covering set in ``make test``;
 ``benchmarks/triton_resources.py`` compiles every specialisation and writes the table.
 
 Neither torch nor triton is imported at module level: the launch reads :func:`block_for` and
-:func:`num_warps_for` from here, and compiling needs only triton (so another Triton version can
+:func:`launch_options` from here, and compiling needs only triton (so another Triton version can
 be checked in a venv without torch). Run with ``TRITON_INTERPRET`` unset: the interpreter's
 jitted functions cannot be compiled.
 
@@ -94,31 +97,79 @@ def num_warps_for(block: int) -> int:
     return 1 if block <= 256 else (2 if block <= 1024 else 4)
 
 
-def compile_update(cx: dict[str, Any], arch: int = 90) -> Any:
-    """The update kernel compiled for ``sm_<arch>`` with the constexprs ``cx`` (and the launch's
-    options: ``num_warps_for(BLOCK)`` warps, no FP fusion)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+#: Every launched ``@triton.jit`` kernel of the package (``module:function``) -> its argument
+#: types (pointer element types; unlisted ints are fp32 scalars). ``tests/kernels/test_triton_aot.py``
+#: scans the package's sources and fails if a jitted kernel is missing here.
+KERNELS = {
+    "torchrec_lowprec.kernels.triton_kernels:fused_update_kernel": None,  # types from _PTR/_I64_PTRS/_INTS
+    "torchrec_lowprec.kernels.triton_kernels:draws_kernel": {
+        "rows_ptr": "*i64", "h_ptr": "*i64", "u_ptr": "*fp32",
+        "D": "i32", "key_lo": "i32", "key_hi": "i32", "col_offset": "i32",
+    },
+}  # fmt: skip
+UPDATE = "torchrec_lowprec.kernels.triton_kernels:fused_update_kernel"
+DRAWS = "torchrec_lowprec.kernels.triton_kernels:draws_kernel"
 
-    from torchrec_lowprec.kernels import triton_kernels  # jitted at import: after the check below
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("compile_update needs TRITON_INTERPRET unset (the interpreter cannot compile)")
-    kern = triton_kernels.fused_update_kernel
+def launch_options(block: int) -> dict[str, Any]:
+    """The options every launch of the package's kernels passes (and the AOT compile uses):
+    :func:`num_warps_for` warps and no FMA contraction."""
+    return {"num_warps": num_warps_for(block), "enable_fp_fusion": False}
+
+
+def kernel_cover(kernel: str) -> list[dict[str, Any]]:
+    """The constexpr specialisations of ``kernel`` that ``make test`` compiles: the update's
+    pairwise cover, every row block of the draws helper."""
+    if kernel == UPDATE:
+        return covering_specialisations()
+    if kernel == DRAWS:
+        return [{"BLOCK": b} for b in BLOCKS]
+    raise KeyError(f"no cover for {kernel!r}: add it to triton_aot.KERNELS and kernel_cover")
+
+
+def _jitted(kernel: str) -> Any:
+    import importlib
+
+    module, name = kernel.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _signature(kernel: str, kern: Any, cx: dict[str, Any]) -> dict[str, str]:
+    types = KERNELS[kernel]
     sig = {}
     for name in kern.arg_names:
         if name in cx:
             sig[name] = "constexpr"
+        elif types is not None:
+            sig[name] = types.get(name, "fp32")
         elif name.endswith("_ptr"):
             sig[name] = _PTR.get(name, "*i64" if name in _I64_PTRS else "*fp32")
         else:
             sig[name] = "i32" if name in _INTS else "fp32"
+    return sig
+
+
+def compile_kernel(kernel: str, cx: dict[str, Any], arch: int = 90) -> Any:
+    """``kernel`` (a key of :data:`KERNELS`) compiled for ``sm_<arch>`` with the constexprs
+    ``cx`` and the launch's options (:func:`launch_options`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_kernel needs TRITON_INTERPRET unset (the interpreter cannot compile)")
+    kern = _jitted(kernel)  # jitted at import: after the check above
     return triton.compile(
-        ASTSource(kern, sig, constexprs=cx),
+        ASTSource(kern, _signature(kernel, kern, cx), constexprs=cx),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps_for(cx["BLOCK"]), "enable_fp_fusion": False},
+        options=launch_options(cx["BLOCK"]),
     )
+
+
+def compile_update(cx: dict[str, Any], arch: int = 90) -> Any:
+    """The update kernel compiled for ``sm_<arch>`` with the constexprs ``cx`` (and the launch's
+    options: ``num_warps_for(BLOCK)`` warps, no FP fusion)."""
+    return compile_kernel(UPDATE, cx, arch)
 
 
 def resource_usage(compiled: Any) -> dict[str, int]:
@@ -152,26 +203,33 @@ def non_ieee_ops(compiled: Any) -> dict[str, int]:
     return seen
 
 
-def compile_cover() -> list[tuple]:
-    """``(arch, constexprs, resource_usage or "error", non-IEEE ops or the error)`` for every
-    :func:`covering_specialisations` entry on every target in :data:`ARCHS`."""
+def compile_cover(archs: tuple[int, ...] = ARCHS) -> list[tuple]:
+    """``(kernel, arch, constexprs, resource_usage or "error", non-IEEE ops or the error)`` for
+    every :func:`kernel_cover` entry of every kernel in :data:`KERNELS`, on every target in
+    ``archs``."""
     out: list[tuple] = []
-    for cx in covering_specialisations():
-        for arch in ARCHS:
-            try:
-                c = compile_update(cx, arch)
-            except Exception as e:  # noqa: BLE001 - reported, the caller decides
-                out.append((arch, cx, "error", repr(e)[:300]))
-                continue
-            out.append((arch, cx, resource_usage(c), non_ieee_ops(c)))
+    for kernel in KERNELS:
+        for cx in kernel_cover(kernel):
+            for arch in archs:
+                try:
+                    c = compile_kernel(kernel, cx, arch)
+                except Exception as e:  # noqa: BLE001 - reported, the caller decides
+                    out.append((kernel, arch, cx, "error", repr(e)[:300]))
+                    continue
+                out.append((kernel, arch, cx, resource_usage(c), non_ieee_ops(c)))
     return out
 
 
 if __name__ == "__main__":
-    # `python -m torchrec_lowprec.kernels.triton_aot` in any interpreter with triton (another
-    # Triton version included, torch not needed): the cover's results, then the version.
+    # `python -m torchrec_lowprec.kernels.triton_aot [--archs 90]` in any interpreter with triton
+    # (another Triton version included, torch not needed): the cover's results, then the version.
+    import argparse
+
     import triton
 
+    p = argparse.ArgumentParser(description="compile the make-test cover of every Triton kernel")
+    p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma list of sm_ numbers")
+    args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    print(repr(compile_cover()))
+    print(repr(compile_cover(tuple(int(a) for a in args.archs.split(",")))))
     print(repr(triton.__version__))

@@ -65,7 +65,7 @@ import os
 import torch
 
 from torchrec_lowprec.kernels.spec import OPTIMIZER_CODES, TableUpdate
-from torchrec_lowprec.kernels.triton_aot import block_for, num_warps_for
+from torchrec_lowprec.kernels.triton_aot import block_for, launch_options
 from torchrec_lowprec.quant.layout import row_bytes
 from torchrec_lowprec.types import FLOAT_BITS, SUPPORTED_BITS
 
@@ -120,9 +120,10 @@ def counter_draws(
     if n == 0:
         return h, u
     lo, hi = _split_key(key)
+    block = block_for(dim)
     k["draws"][(n,)](
         global_rows.to(torch.int64).contiguous(), h, u, dim, lo, hi, col_offset,
-        BLOCK=block_for(dim),
+        BLOCK=block, **launch_options(block),
     )  # fmt: skip
     return h, u
 
@@ -249,7 +250,7 @@ def fused_update(
         lo, hi, spec.row_offset, spec.col_offset,
         BITS=bits, OPT=opt, STOCHASTIC=stochastic, LEARN=learn, GROW=bool(ints[8]),
         HAS_WD=f[1] != 0.0, HAS_W=has_w, TYPED=typed, EXACT_SUM=bool(exact_row_sums),
-        BLOCK=block, num_warps=num_warps_for(block), enable_fp_fusion=False,
+        BLOCK=block, **launch_options(block),
     )  # fmt: skip
     if bounded is not None:
         bounded[0] += (flags == 2).sum().to(bounded.device)

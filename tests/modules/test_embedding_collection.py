@@ -186,6 +186,10 @@ def test_lr_schedule_and_in_backward_tags_drive_the_update():
     assert tagged.tables["t0"].optimizer_kind.value == "sgd"
     assert tagged.fused_optimizer.param_groups[1]["lr"] == 0.1
     assert list(in_backward_optimizer_filter(tagged.named_parameters()))  # TorchRec sees the tag
+    # After a step, another optimizer would silently misread the state: refused, naming both.
+    _apply_optimizer_in_backward(torch.optim.Adam, [tagged.tables["t0"].handle], {"lr": 0.1})
+    with pytest.raises(RuntimeError, match="'t0' has trained with sgd and is now asked to use adam"):
+        sum(jt.values().sum() for jt in tagged(kjt).values()).backward()
 
 
 def test_frozen_table_is_not_updated_and_one_host_sync_per_step():

@@ -17,7 +17,7 @@ from dlrm_data import DataError, _vocab_sizes, add_data_args
 from dlrm_model import add_model_args
 
 from torchrec_lowprec.files import unwritable_reason
-from torchrec_lowprec.types import PLAN_BITS
+from torchrec_lowprec.types import PLAN_BITS, OptimizerType
 
 INF = math.inf
 
@@ -185,7 +185,11 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g = ap.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=1024, help="global batch (split evenly over ranks)")
     g.add_argument("--eval-batch-size", type=int, default=8192)
-    g.add_argument("--emb-lr", type=float, default=0.05, help="fused RowWiseAdagrad lr of the tables")
+    g.add_argument("--emb-lr", type=float, default=0.05, help="lr of the tables' fused optimizer")
+    g.add_argument(
+        "--emb-optimizer", default="rowwise_adagrad", choices=[o.value for o in OptimizerType],
+        help="the tables' fused optimizer (set as TorchRec does, by an in-backward tag)",
+    )  # fmt: skip
     g.add_argument("--dense-lr", type=float, default=2e-3, help="Adam lr of the MLPs")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")

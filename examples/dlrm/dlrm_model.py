@@ -97,6 +97,15 @@ def _sizes(spec: str) -> list[int]:
     return [int(v) for v in spec.split(",") if v.strip()]
 
 
+#: ``--emb-optimizer`` -> the optimizer class TorchRec users tag their tables with.
+IN_BACKWARD_CLASS = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": torchrec.optim.RowWiseAdagrad,
+    "adam": torch.optim.Adam,
+}
+
+
 def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
     """The LowPrecisionConfig the flags describe (fp32/fp16 run the same fused update unquantized).
 
@@ -105,7 +114,7 @@ def table_config(args: argparse.Namespace) -> lp.LowPrecisionConfig:
     "learning_rate": x}``), after which the sharded tables fall back to the config's lr.
     """
     return lp.LowPrecisionConfig(
-        optimizer="rowwise_adagrad",
+        optimizer=getattr(args, "emb_optimizer", "rowwise_adagrad"),
         learning_rate=args.emb_lr,
         bits=PRECISION_BITS.get(args.precision, 8),  # mpe: tables its plan does not split
         rounding=args.rounding,
@@ -143,13 +152,14 @@ def build_embedding_collection(
 
     All precision decisions live here: TorchRec's float collection is built (TorchRec's init,
     from the current torch seed, so every precision starts from the same weights), tagged with
-    a fused RowWiseAdagrad through ``_apply_optimizer_in_backward`` as TorchRec's DLRM examples
-    do, then swapped for a low-precision collection holding those weights quantized.
+    its fused optimizer (``--emb-optimizer``, RowWiseAdagrad by default) through
+    ``_apply_optimizer_in_backward`` as TorchRec's DLRM examples do, then swapped for a low-precision collection holding those weights quantized.
     ``data`` (the :class:`dlrm_data.DataSource`) is there for precision plans that need the
     training frequencies.
     """
     ebc = torchrec.EmbeddingBagCollection(tables, device=torch.device("cpu"))
-    _apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": args.emb_lr})
+    tag_class = IN_BACKWARD_CLASS[getattr(args, "emb_optimizer", "rowwise_adagrad")]
+    _apply_optimizer_in_backward(tag_class, ebc.parameters(), {"lr": args.emb_lr})
     plan = None
     if args.precision == "mpe":
         from dlrm_mpe import search_plan  # noqa: PLC0415 (the search needs the whole model)

@@ -304,6 +304,8 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "learn_step_size": args.learn_step_size,
             "grow_step_size": cfg.grow_step_size,
             "step_size_lr": cfg.step_size_lr,
+            "optimizer": cfg.optimizer.value,
+            "emb_lr": cfg.learning_rate,
             "embedding_dim": args.embedding_dim,
             "plan": _with_precision(plan_summary(model), _precision_plan_path(args)),
         },

@@ -205,3 +205,14 @@ def test_unset_alpt_flags_take_the_library_defaults():
     given = ["--step-size-lr", "1e-4", "--growth-threshold", "1.5", "--no-grow-step-size"]
     cfg = dlrm_model.table_config(train.parse_args(given))
     assert (cfg.step_size_lr, cfg.grow_step_size, cfg.growth_threshold) == (1e-4, False, 1.5)
+
+
+@pytest.mark.parametrize("optimizer,state_per_row", [("adam", 2 * 8 * 4), ("sgd", 0), ("adagrad", 8 * 4)])
+def test_emb_optimizer_runs_that_optimizer_on_every_table(optimizer, state_per_row):
+    """``--emb-optimizer``: the tables are tagged with it and run it (its state is what they hold)."""
+    s = train.main([*TINY, "--precision", "int8", "--emb-optimizer", optimizer, "--emb-lr", "0.01",
+                    "--train-rows", "4000", "--val-rows", "0", "--test-rows", "1000", "--batch-size", "256"])  # fmt: skip
+    assert s["model"]["optimizer"] == optimizer and s["model"]["emb_lr"] == 0.01
+    # int8 rows at dim 8: 8 codes + 4 B fp16 scale/bias, + 4 B fp32 master step, + the state
+    rows = sum(s["data"]["vocab_sizes"].values())
+    assert s["embedding_bytes"]["ours"] == rows * (12 + 4 + state_per_row)

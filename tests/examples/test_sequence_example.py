@@ -72,7 +72,10 @@ def test_padded_by_recency_puts_the_latest_item_first():
         (["--emb-lr", "nan"], "--emb-lr must be a finite number"),
         (["--decay", "0"], "--decay must be a finite number in (0, 1]"),
         (["--mlp", "64,x"], "--mlp '64,x'"),
-        (["--precision", "int4", "--collection", "torchrec"], "--collection torchrec stores fp32 tables only"),
+        (
+            ["--precision", "int4", "--collection", "torchrec"],
+            "--collection torchrec stores fp32 tables only",
+        ),
         (["--precision", "int3"], "argument --precision: invalid choice"),
     ],
 )

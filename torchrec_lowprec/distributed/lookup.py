@@ -218,6 +218,9 @@ class LowPrecisionShardLookup(nn.Module):
             weights=features.weights_or_none(),
             stride=features.stride(),
         )
+        # TorchRec's input dist output carries its ids per key on the host, and the global KJT
+        # was checked before it (check_global_input): no second check, no host sync here.
+        known = features.length_per_key_or_none()
         if self.sequence:
-            return self.local._sequence_embeddings(kjt)[0]
-        return self.local(kjt).values()
+            return self.local._sequence_embeddings(kjt, known)[0]
+        return self.local._pooled_forward(kjt, known).values()

@@ -159,9 +159,18 @@ def in_feature_order(
 
 
 def ordered_with_totals(
-    features: KeyedJaggedTensor, order: list[str], weighted: bool = False
+    features: KeyedJaggedTensor, order: list[str], weighted: bool = False, known: list[int] | None = None
 ) -> tuple[KeyedJaggedTensor, list[int]]:
-    """:func:`in_feature_order` and the number of ids of each entry of ``order``."""
+    """:func:`in_feature_order` and the number of ids of each entry of ``order``.
+
+    ``known``: those numbers, from a caller that already has them on the host for a KJT already
+    in ``order`` and built from a checked one (a sharded lookup's input: TorchRec's input dist
+    output carries its ``length_per_key``, and the global KJT was checked before it). The KJT is
+    then not checked again, and no host sync is made here."""
+    if known is not None:
+        if features.keys() != order or len(known) != len(order):
+            raise ValueError(f"known totals need a KJT keyed {order}, got {features.keys()}")
+        return features, list(known)
     totals = dict(zip(features.keys(), validate_kjt(features, weighted)))
     if features.keys() == order:
         return features, [totals[f] for f in order]

@@ -147,9 +147,14 @@ class LowPrecisionEmbeddingBagCollection(
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self._pooled_forward(features)
+
+    def _pooled_forward(self, features: KeyedJaggedTensor, known: list[int] | None = None) -> KeyedTensor:
+        """:meth:`forward`; ``known``: the ids per lookup slot, for a sharded lookup's input
+        (see :func:`~torchrec_lowprec.modules.bounds.ordered_with_totals`)."""
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
-        features, totals = ordered_with_totals(features, self._lookup_order, self._is_weighted)
+        features, totals = ordered_with_totals(features, self._lookup_order, self._is_weighted, known)
         batch = features.stride()
         values = features.values()
         lengths = features.lengths()

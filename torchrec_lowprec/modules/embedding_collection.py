@@ -145,11 +145,12 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInt
         }
 
     def _sequence_embeddings(
-        self, features: KeyedJaggedTensor
+        self, features: KeyedJaggedTensor, known: list[int] | None = None
     ) -> tuple[torch.Tensor, KeyedJaggedTensor, list[int]]:
         """The ``[ids, dim]`` rows of every id in lookup order (the sharded lookup's output),
-        the KJT in that order, and the number of ids of each of its features."""
-        features, totals = ordered_with_totals(features, self._lookup_order)
+        the KJT in that order, and the number of ids of each of its features. ``known``: those
+        numbers, for a sharded lookup's input (see ``bounds.ordered_with_totals``)."""
+        features, totals = ordered_with_totals(features, self._lookup_order, known=known)
         batch = features.stride()
         values, lengths = features.values(), features.lengths()
         names = [lay.name for lay in self._lookup_tables]

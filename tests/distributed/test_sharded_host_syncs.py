@@ -1,0 +1,85 @@
+"""Host synchronisations in a sharded training step (2 gloo ranks): torchrec_lowprec's code
+syncs once, in the input dist's check of the global KJT (where TorchRec's own input dist syncs
+too, and which TorchRec's pipelines run ahead of the step); the lookups, the pooled / sequence
+outputs and the fused update make none. Counted as tests/modules/test_host_syncs.py does, but
+only calls made directly by our code (TorchRec's own syncs under our frames are not ours)."""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torchrec
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+import torchrec_lowprec as lp
+from tests.distributed.multiprocess import run_multiprocess
+from tests.distributed.test_ec_sharding import Wrap as WrapEC
+from tests.distributed.test_sharding import Wrap as WrapEBC
+from tests.distributed.test_sharding import global_batch, rank_slice
+from tests.modules.test_host_syncs import SYNCING
+
+pytestmark = pytest.mark.slow
+
+
+def _direct_syncs(step) -> collections.Counter:
+    calls: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def wrap(name, orig):
+        def counted(self, *a, **k):
+            caller = traceback.extract_stack(limit=2)[0]
+            if "/torchrec_lowprec/" in caller.filename:
+                calls[(caller.filename.rsplit("torchrec_lowprec/", 1)[1], caller.name, name)] += 1
+            return orig(self, *a, **k)
+
+        return counted
+
+    try:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, wrap(name, orig))
+        step()
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+    return calls
+
+
+def _body(rank: int, world: int, kind: str, sharding: str) -> None:
+    cls_cfg = torchrec.EmbeddingConfig if kind == "ec" else torchrec.EmbeddingBagConfig
+    tables = [
+        cls_cfg(name="t0", embedding_dim=8, num_embeddings=40, feature_names=["f0", "f1"]),
+        cls_cfg(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["f2"]),
+    ]
+    cls = lp.LowPrecisionEmbeddingCollection if kind == "ec" else lp.LowPrecisionEmbeddingBagCollection
+    module = cls(tables, config=lp.LowPrecisionConfig(bits=4))
+    sharder = next(s for s in lp.sharders() if s.module_type is cls)
+    specs = {t.name: table_wise(rank=i) if sharding == "tw" else row_wise() for i, t in enumerate(tables)}
+    plan = construct_module_sharding_plan(
+        module, specs, local_size=world, world_size=world, device_type="cpu", sharder=sharder
+    )
+    key, wrap = ("ec", WrapEC) if kind == "ec" else ("ebc", WrapEBC)
+    dmp = DistributedModelParallel(
+        wrap(module), plan=ShardingPlan({key: plan}), sharders=lp.sharders(),
+        device=torch.device("cpu"), env=ShardingEnv.from_process_group(dist.group.WORLD),
+    )  # fmt: skip
+    ids = [
+        torchrec.EmbeddingBagConfig(name=f, embedding_dim=8, num_embeddings=30, feature_names=[f])
+        for f in ("f0", "f1", "f2")
+    ]
+    kjt = rank_slice(global_batch(ids, 0, world), rank)
+    sum(v.sum() for v in dmp(kjt).values()).backward()  # first step: state set up
+    calls = _direct_syncs(lambda: sum(v.sum() for v in dmp(kjt).values()).backward())
+    assert calls == collections.Counter({("modules/bounds.py", "validate_kjt", "tolist"): 1}), calls
+    assert int(dmp.state_dict()[f"{key}.step"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["ebc", "ec"])
+@pytest.mark.parametrize("sharding", ["tw", "rw"])
+def test_a_sharded_step_syncs_once_in_the_input_check(kind, sharding):
+    run_multiprocess(_body, kind, sharding)

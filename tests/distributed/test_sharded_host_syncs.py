@@ -7,7 +7,6 @@ only calls made directly by our code (TorchRec's own syncs under our frames are 
 from __future__ import annotations
 
 import collections
-import traceback
 
 import pytest
 import torch
@@ -22,32 +21,9 @@ from tests.distributed.multiprocess import run_multiprocess
 from tests.distributed.test_ec_sharding import Wrap as WrapEC
 from tests.distributed.test_sharding import Wrap as WrapEBC
 from tests.distributed.test_sharding import global_batch, rank_slice
-from tests.modules.test_host_syncs import SYNCING
+from tests.modules.test_host_syncs import _count_syncs
 
 pytestmark = pytest.mark.slow
-
-
-def _direct_syncs(step) -> collections.Counter:
-    calls: collections.Counter = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
-
-    def wrap(name, orig):
-        def counted(self, *a, **k):
-            caller = traceback.extract_stack(limit=2)[0]
-            if "/torchrec_lowprec/" in caller.filename:
-                calls[(caller.filename.rsplit("torchrec_lowprec/", 1)[1], caller.name, name)] += 1
-            return orig(self, *a, **k)
-
-        return counted
-
-    try:
-        for name, orig in originals.items():
-            setattr(torch.Tensor, name, wrap(name, orig))
-        step()
-    finally:
-        for name, orig in originals.items():
-            setattr(torch.Tensor, name, orig)
-    return calls
 
 
 def _body(rank: int, world: int, kind: str, sharding: str) -> None:
@@ -74,7 +50,7 @@ def _body(rank: int, world: int, kind: str, sharding: str) -> None:
     ]
     kjt = rank_slice(global_batch(ids, 0, world), rank)
     sum(v.sum() for v in dmp(kjt).values()).backward()  # first step: state set up
-    calls = _direct_syncs(lambda: sum(v.sum() for v in dmp(kjt).values()).backward())
+    calls = _count_syncs(direct=True, step=lambda: sum(v.sum() for v in dmp(kjt).values()).backward())
     assert calls == collections.Counter({("modules/bounds.py", "validate_kjt", "tolist"): 1}), calls
     assert int(dmp.state_dict()[f"{key}.step"]) == 2
 

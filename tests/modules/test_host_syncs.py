@@ -16,13 +16,17 @@ from tests.helpers import make_tables, random_kjt
 SYNCING = ("item", "tolist", "__bool__", "cpu", "__int__", "__float__", "__index__")
 
 
-def _count_syncs(step) -> collections.Counter:
+def _count_syncs(step, direct: bool = False) -> collections.Counter:
+    """Syncing calls made while ``step()`` runs, by (file, function, method) of the last
+    torchrec_lowprec frame on the stack; ``direct``: only calls made by our code itself (a
+    TorchRec sync under one of our frames is not counted)."""
     calls: collections.Counter = collections.Counter()
     originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
 
     def wrap(name, orig):
         def counted(self, *a, **k):
-            ours = [f for f in traceback.extract_stack()[:-1] if "/torchrec_lowprec/" in f.filename]
+            stack = traceback.extract_stack()[:-1]
+            ours = [f for f in (stack[-1:] if direct else stack) if "/torchrec_lowprec/" in f.filename]
             if ours:
                 calls[(ours[-1].filename.rsplit("torchrec_lowprec/", 1)[1], ours[-1].name, name)] += 1
             return orig(self, *a, **k)

@@ -14,7 +14,7 @@ from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.kernels.lookup import FeatureSlot, FusedPooledLookup
 from torchrec_lowprec.modules.bounds import check_ids, in_range_mask, ordered_with_totals
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables, TableSpan
-from torchrec_lowprec.modules.table_layout import ShardOrigin, check_collection_args
+from torchrec_lowprec.modules.table_layout import SequenceAccessors, ShardOrigin, check_collection_args
 
 #: What a sequence collection does with an id its ``bounds_check`` drops (the warning's end).
 ZEROED = "their embeddings are zero (lengths kept) and no row is updated for them"
@@ -36,7 +36,7 @@ class _SequenceLookupFunction(torch.autograd.Function):
         return (None,) * (4 + ctx.num_handles)
 
 
-class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInterface):
+class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, EmbeddingCollectionInterface):
     """An ``EmbeddingCollection`` with tables stored in low precision and trained in place.
 
     The output is TorchRec's: ``Dict[str, JaggedTensor]`` keyed by embedding name (the feature,
@@ -116,19 +116,6 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, EmbeddingCollectionInt
             self._row_alignment,
             self._flat.device,
         )
-
-    # ----- TorchRec's EmbeddingCollectionInterface -----
-    def embedding_configs(self) -> list[EmbeddingConfig]:
-        return self._embedding_configs
-
-    def need_indices(self) -> bool:
-        return self._need_indices
-
-    def embedding_dim(self) -> int:
-        return self._embedding_dim
-
-    def embedding_names_by_table(self) -> list[list[str]]:
-        return self._embedding_names_by_table
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:

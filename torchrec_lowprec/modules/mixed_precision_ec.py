@@ -20,11 +20,11 @@ from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules.bounds import check_ids, in_range_mask, ordered_with_totals
 from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.row_groups import RowGroupRouting
-from torchrec_lowprec.modules.table_layout import check_collection_args
+from torchrec_lowprec.modules.table_layout import SequenceAccessors, check_collection_args
 from torchrec_lowprec.planner.schema import PrecisionPlan
 
 
-class MixedPrecisionEmbeddingCollection(RowGroupRouting, EmbeddingCollectionInterface):
+class MixedPrecisionEmbeddingCollection(RowGroupRouting, SequenceAccessors, EmbeddingCollectionInterface):
     """A drop-in ``EmbeddingCollection`` whose tables hold row groups at different bit widths.
 
     Ids must be frequency-ranked (id 0 = most frequent; ``data.remap_by_rank``) so that a group
@@ -94,19 +94,6 @@ class MixedPrecisionEmbeddingCollection(RowGroupRouting, EmbeddingCollectionInte
         self._embedding_dim = tables[0].embedding_dim
         self._embedding_names_by_table = get_embedding_names_by_table(tables)
         self._init_row_maps(row_maps, device)
-
-    # ----- TorchRec's EmbeddingCollectionInterface -----
-    def embedding_configs(self) -> list[EmbeddingConfig]:
-        return self._embedding_configs
-
-    def need_indices(self) -> bool:
-        return self._need_indices
-
-    def embedding_dim(self) -> int:
-        return self._embedding_dim
-
-    def embedding_names_by_table(self) -> list[list[str]]:
-        return self._embedding_names_by_table
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:

@@ -18,9 +18,10 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.modules.bounds import in_feature_order
 from torchrec_lowprec.modules.mpe_search import MPESearchTables
+from torchrec_lowprec.modules.table_layout import SequenceAccessors
 
 
-class MPESearchEmbeddingCollection(MPESearchTables, EmbeddingCollectionInterface):
+class MPESearchEmbeddingCollection(MPESearchTables, SequenceAccessors, EmbeddingCollectionInterface):
     """Search-time collection: KJT -> ``Dict[str, JaggedTensor]`` like
     ``torchrec.EmbeddingCollection``, every id's row replaced by its expected quantized value
     ``sum_i p_gi * Q_bi(w)`` under its group's learned bit-width distribution. Ids must be
@@ -79,19 +80,6 @@ class MPESearchEmbeddingCollection(MPESearchTables, EmbeddingCollectionInterface
         out = cls(tables, config, frequencies, ec.need_indices(), dev)
         out._copy_float_weights({t.name: ec.embeddings[t.name].weight for t in tables})
         return out
-
-    # ----- TorchRec's EmbeddingCollectionInterface -----
-    def embedding_configs(self) -> list[EmbeddingConfig]:
-        return self._tables
-
-    def need_indices(self) -> bool:
-        return self._need_indices
-
-    def embedding_dim(self) -> int:
-        return self._tables[0].embedding_dim
-
-    def embedding_names_by_table(self) -> list[list[str]]:
-        return self._embedding_names_by_table
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         per_key = in_feature_order(features, self._features).to_dict()

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import (
+    BaseEmbeddingConfig,
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    PoolingType,
+)
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.quant.layout import RowFormat
@@ -193,3 +198,31 @@ class CollectionAccessors:
     def table_config(self, name: str) -> LowPrecisionConfig:
         """The :class:`LowPrecisionConfig` of table ``name``."""
         return self._configs[name]
+
+
+class SequenceAccessors:
+    """The ``EmbeddingCollectionInterface`` accessors every sequence collection (low-precision,
+    mixed-precision, MPE search) answers from ``_embedding_configs``, ``_need_indices``,
+    ``_embedding_dim`` and ``_embedding_names_by_table``.
+
+    Example::
+
+        ec.embedding_dim(), ec.need_indices(), ec.embedding_names_by_table()  # 64, False, [["history", "target"]]
+    """
+
+    _embedding_configs: list[EmbeddingConfig]
+    _need_indices: bool
+    _embedding_dim: int
+    _embedding_names_by_table: list[list[str]]
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        return self._embedding_configs
+
+    def need_indices(self) -> bool:
+        return self._need_indices
+
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
+
+    def embedding_names_by_table(self) -> list[list[str]]:
+        return self._embedding_names_by_table

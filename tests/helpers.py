@@ -46,11 +46,16 @@ def random_kjt(tables, batch=6, max_len=4, weighted=False, gen=None, empty_prob=
 
 def call_update(fn, rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad, spec, *rest, **kw):
     """``fn(TableUpdate(...), grad, *rest, **kw)`` for a backend's ``fused_update``, from the
-    kernel contract's tensors in their order (keeps the kernel tests short)."""
+    kernel contract's tensors in their order (keeps the kernel tests short). The skipped-row
+    count comes back as an int (the Triton update leaves it on the device as a 0-d tensor)."""
     from torchrec_lowprec.kernels.spec import TableUpdate
 
     update = TableUpdate(rows, step_size, state1, state2, ids, grad_offsets, occ_weights, spec)
-    return fn(update, grad, *rest, **kw)
+    out = fn(update, grad, *rest, **kw)
+    if isinstance(out, torch.Tensor):
+        assert out.dim() == 0 and out.dtype == torch.int64 and out.device == rows.device, out
+        return int(out)
+    return out
 
 
 def as_updates(items):

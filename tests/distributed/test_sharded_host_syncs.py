@@ -1,7 +1,7 @@
 """Host synchronisations in a sharded training step (2 gloo ranks): torchrec_lowprec's code
-syncs once, in the input dist's check of the global KJT (where TorchRec's own input dist syncs
-too, and which TorchRec's pipelines run ahead of the step); the lookups, the pooled / sequence
-outputs and the fused update make none. Counted as tests/modules/test_host_syncs.py does, but
+makes none: the input dist's check of the global KJT reads the host tensors in place, the
+lookups take their ids per key from TorchRec's input dist, and the pooled / sequence outputs
+and the fused update read nothing back. Counted as tests/modules/test_host_syncs.py does, but
 only calls made directly by our code (TorchRec's own syncs under our frames are not ours)."""
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def _body(rank: int, world: int, kind: str, sharding: str) -> None:
     kjt = rank_slice(global_batch(ids, 0, world), rank)
     sum(v.sum() for v in dmp(kjt).values()).backward()  # first step: state set up
     calls = _count_syncs(direct=True, step=lambda: sum(v.sum() for v in dmp(kjt).values()).backward())
-    assert calls == collections.Counter({("modules/bounds.py", "validate_kjt", "tolist"): 1}), calls
+    assert calls == collections.Counter(), calls
     assert int(dmp.state_dict()[f"{key}.step"]) == 2
 
 
 @pytest.mark.parametrize("kind", ["ebc", "ec"])
 @pytest.mark.parametrize("sharding", ["tw", "rw"])
-def test_a_sharded_step_syncs_once_in_the_input_check(kind, sharding):
+def test_a_sharded_step_makes_no_host_sync(kind, sharding):
     run_multiprocess(_body, kind, sharding)

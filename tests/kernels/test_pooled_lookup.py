@@ -125,6 +125,38 @@ def test_count_out_of_range(index_dtype):
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_kjt_length_stats_equals_the_torch_reductions(index_dtype):
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 7, (3 * 50,), generator=gen, dtype=index_dtype)
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+    per_key = lengths.view(3, 50).sum(dim=1).tolist()
+    total = int(lengths.sum())
+    assert cpu_native.kjt_length_stats(lengths, offsets, 3) == (
+        int(lengths.min()),
+        int(lengths.argmin()),
+        total,
+        0,
+        total,
+        per_key,
+    )
+    assert cpu_native.kjt_length_stats(lengths, None, 3)[2:] == (total, 0, total, per_key)
+    bad = lengths.clone()
+    bad[[7, 80]] = torch.tensor([-2, -5], dtype=index_dtype)
+    low, at, *_ = cpu_native.kjt_length_stats(bad, offsets[1:], 3)  # offsets from its 2nd entry
+    assert (low, at) == (-5, 80) and cpu_native.kjt_length_stats(bad, offsets[1:], 3)[3] == int(offsets[1])
+    assert cpu_native.kjt_length_stats(torch.empty(0, dtype=index_dtype), None, 3) == (
+        0,
+        0,
+        0,
+        0,
+        0,
+        [0, 0, 0],
+    )
+    with pytest.raises(RuntimeError, match="multiple of 3"):
+        cpu_native.kjt_length_stats(lengths[:-1], None, 3)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("widths", [(8,), (4, 2), (16, 32, 8, 4)])
 def test_sequence_lookup_equals_fbgemm_pooling_none(index_dtype, widths):
     """PoolingMode.NONE (an EmbeddingCollection's lookup): one row per id, bit for bit."""

@@ -192,7 +192,7 @@ def test_lr_schedule_and_in_backward_tags_drive_the_update():
         sum(jt.values().sum() for jt in tagged(kjt).values()).backward()
 
 
-def test_frozen_table_is_not_updated_and_one_host_sync_per_step():
+def test_frozen_table_is_not_updated_and_no_host_sync_per_step():
     tables = ec_tables()
     ec = lp.LowPrecisionEmbeddingCollection(tables, config=lp.LowPrecisionConfig(bits=8, learning_rate=0.5))
     ec.tables["t0"].handle.requires_grad_(False)
@@ -200,7 +200,7 @@ def test_frozen_table_is_not_updated_and_one_host_sync_per_step():
     before = ec.quantized_weight("t0").clone()
     sum(jt.values().sum() for jt in ec(kjt).values()).backward()
     calls = _count_syncs(lambda: sum(jt.values().sum() for jt in ec(kjt).values()).backward())
-    assert calls == collections.Counter({("modules/bounds.py", "validate_kjt", "tolist"): 1})
+    assert calls == collections.Counter()
     assert torch.equal(before, ec.quantized_weight("t0"))
     assert int(ec.step) == 2
 

@@ -96,6 +96,17 @@ def test_inconsistent_kjt_raises_value_error_and_changes_nothing(kind, train, ca
             out.values().sum().backward()
 
 
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_the_tensor_kjt_check_gives_the_native_checks_messages(case, monkeypatch):
+    from torchrec_lowprec.modules import bounds
+
+    # CUDA (and CPU without the C++ kernel) check with one torch reduction instead.
+    monkeypatch.setattr(bounds, "backend_for", lambda device: "reference")
+    _, make, weighted, msg = case
+    with pytest.raises(ValueError, match=msg):
+        _collection("lp", weighted)(make())
+
+
 def test_consistent_offsets_and_lengths_are_accepted():
     module = _collection("lp", False)
     by_lengths = _kjt([1, 2, 3, 4], [3, 0, 1, 0, 0, 0])

@@ -343,6 +343,19 @@ def count_out_of_range(values: torch.Tensor, lengths: torch.Tensor, rows: list[i
     return int(_load().count_out_of_range(values, lengths, rows, batch))
 
 
+def kjt_length_stats(
+    lengths: torch.Tensor, offsets: torch.Tensor | None, num_keys: int
+) -> tuple[int, int, int, int, int, list[int]]:
+    """A KJT's lengths (key-major, ``num_keys`` x batch) in one pass: ``(smallest length, its
+    first position, sum, offsets[0], offsets[-1], per-key sums)``; no ``offsets``: ``0`` and
+    the sum in their places. CPU tensors: read in place, no tensor-to-host copy."""
+    empty = torch.empty(0, dtype=torch.int64)
+    low, low_at, total, first, last, per_key = _load().kjt_length_stats(
+        lengths, offsets if offsets is not None else empty, num_keys
+    )
+    return low, low_at, total, first, last, list(per_key)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

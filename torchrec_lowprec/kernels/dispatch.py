@@ -61,8 +61,11 @@ def backend_for(device: torch.device) -> str:
     return "reference"
 
 
-def fused_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None) -> int:
-    """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads.
+def fused_update(
+    update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None
+) -> int | torch.Tensor:
+    """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads
+    (an int on CPU; on CUDA a 0-d tensor on the device, so that the step makes no host sync).
 
     ``bounded[0]`` (optional int64 tensor) is increased by the rows whose step size hit
     ``max_step_size(bits)`` (spec step 5c)."""
@@ -86,8 +89,9 @@ def fused_update_many(
     updates: list[TableUpdate],
     grad: torch.Tensor,
     bounded: torch.Tensor | None = None,
-) -> list[int]:
-    """Update many tables in place, all reading ``grad``; the skipped-row count per table.
+) -> list[int] | list[torch.Tensor]:
+    """Update many tables in place, all reading ``grad``; the skipped-row count per table
+    (ints, or device tensors from the Triton update, as :func:`fused_update`).
 
     Same result as calling :func:`fused_update` per update in order: on CPU with the native
     kernel, one batched call (one parallel region across all the tables); elsewhere (CUDA,

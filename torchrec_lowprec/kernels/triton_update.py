@@ -139,9 +139,10 @@ def fused_update(
     bounded: torch.Tensor | None = None,
     *,
     exact_row_sums: bool = True,
-) -> int:
+) -> torch.Tensor:
     """Apply one fused update in place (see :mod:`torchrec_lowprec.kernels.spec`); returns
-    the number of rows skipped for a non-finite gradient.
+    the number of rows skipped for a non-finite gradient, as a 0-d int64 tensor on the
+    update's device (an int would be a host sync per step).
 
     Same arguments and result as :func:`torchrec_lowprec.kernels.reference.reference_update`;
     all tensors on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``rows`` is a
@@ -153,7 +154,7 @@ def fused_update(
     rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad = update.tensors(grad)
     spec = update.spec
     if ids.numel() == 0:
-        return 0
+        return torch.zeros((), dtype=torch.int64, device=rows.device)
     k = _build()
     bits, dim = spec.bits, spec.dim
     _check(bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -254,4 +255,4 @@ def fused_update(
     )  # fmt: skip
     if bounded is not None:
         bounded[0] += (flags == 2).sum().to(bounded.device)
-    return int((flags == 1).sum())
+    return (flags == 1).sum()  # on the device: reading it here would stall the step

@@ -79,8 +79,9 @@ def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> list[in
 
     FBGEMM's kernels trust these sizes (``values=[]`` with ``lengths=[3, 3]`` reads past the
     end of ``values``), so every collection checks them first. Cost: O(1) size checks and one
-    reduction over the lengths (their min, sum and per-key sums: one host sync), no pass over
-    the values. ``weighted``: the collection reads per-sample weights, so the KJT must carry
+    pass over the lengths (their min, sum and per-key sums), no pass over the values: on CPU a
+    native pass that reads them in place (no host sync); elsewhere one reduction read back to
+    the host (one sync). ``weighted``: the collection reads per-sample weights, so the KJT must carry
     them. Returns the ids per key (the collections split the fused update by it, so the
     backward needs no sync of its own).
     """
@@ -124,21 +125,28 @@ def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> list[in
         if values.numel():
             raise ValueError(f"KJT has {values.numel()} values but no bags (empty lengths)")
         return [0] * len(keys)
-    stats = [lengths.min().to(torch.int64), lengths.sum(dtype=torch.int64)]
-    if offsets is not None:
-        stats += [offsets[0].to(torch.int64), offsets[-1].to(torch.int64)]
-    per_key = lengths.view(len(keys), batch).sum(dim=1, dtype=torch.int64)
-    low, total, *rest = torch.cat([torch.stack(stats), per_key]).tolist()
-    ends, per_key_totals = rest[: len(stats) - 2], rest[len(stats) - 2 :]
-    if low < 0:
-        bag = int(torch.nonzero(lengths < 0)[0])
-        raise ValueError(
-            f"KJT lengths has negative entries (first: {int(lengths[bag])} at key "
-            f"{keys[bag // batch]!r}, sample {bag % batch}); lengths count the ids of each bag"
+    if lengths.device.type == "cpu" and backend_for(lengths.device) == "cpu_native":
+        from torchrec_lowprec.kernels import cpu_native
+
+        # Read in place: host tensors need no copy, so the check makes no host sync.
+        low, low_at, total, first, last, per_key_totals = cpu_native.kjt_length_stats(
+            lengths, offsets, len(keys)
         )
-    if ends and (ends[0] != 0 or ends[1] != values.numel()):
+    else:  # one reduction read back: one host sync (docs/design.md, "Bad input")
+        stats = [lengths.min().to(torch.int64), lengths.sum(dtype=torch.int64)]
+        stats += [offsets[0].to(torch.int64), offsets[-1].to(torch.int64)] if offsets is not None else []
+        per_key = lengths.view(len(keys), batch).sum(dim=1, dtype=torch.int64)
+        low, total, *rest = torch.cat([torch.stack(stats), per_key]).tolist()
+        (first, last), per_key_totals = (rest[:2] if offsets is not None else (0, 0)), rest[-len(keys) :]
+        low_at = int(torch.nonzero(lengths == low)[0]) if low < 0 else 0
+    if low < 0:
         raise ValueError(
-            f"KJT offsets run from {ends[0]} to {ends[1]} but values holds {values.numel()} ids; offsets "
+            f"KJT lengths has negative entries (smallest: {low} at key {keys[low_at // batch]!r}, "
+            f"sample {low_at % batch}); lengths count the ids of each bag"
+        )
+    if offsets is not None and (first != 0 or last != values.numel()):
+        raise ValueError(
+            f"KJT offsets run from {first} to {last} but values holds {values.numel()} ids; offsets "
             "must start at 0 and end at values.numel()"
         )
     if total != values.numel():

@@ -108,6 +108,10 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
         self._lr_base: dict[str, float] = {}
         self._fused_optim: FusedTableOptimizer | None = None
         self._bounded_total = torch.zeros(len(names), dtype=torch.int64)  # per table, see step_bound_rows
+        # Skipped-row counts a device kernel (Triton) left on the device: read by
+        # nonfinite_rows_skipped() / a checkpoint, never in the step (no host sync).
+        self._nonfinite_pending = torch.zeros(len(names), dtype=torch.int64)
+        self._table_indices: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
         self._step_seen = (-1, -1, 0)  # (step buffer data_ptr, _version, value): see _host_step
         if init_weights and device.type != "meta":
             for lay in self._layouts:
@@ -167,12 +171,18 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
             # One call for all tables: one parallel region, rows of all tables in one work queue.
             # Counters stay on the device (no host sync per step): step_bound_rows() reads them.
             bounded = torch.zeros(len(items), dtype=torch.int64, device=dev)
-            for i, skipped in zip(idx, fused_update_many(items, grad, bounded)):
-                if skipped:
-                    self._report_nonfinite(self._layouts[i].name, skipped, step)
+            skipped = fused_update_many(items, grad, bounded)
             if self._bounded_total.device != dev:
                 self._bounded_total = self._bounded_total.to(dev)
-            self._bounded_total.index_add_(0, torch.tensor(idx, dtype=torch.int64, device=dev), bounded)
+                self._nonfinite_pending = self._nonfinite_pending.to(dev)
+            index = self._table_index_tensor(idx, dev)
+            self._bounded_total.index_add_(0, index, bounded)
+            if skipped and isinstance(skipped[0], torch.Tensor):  # counted on the device
+                self._nonfinite_pending.index_add_(0, index, torch.stack(skipped).to(torch.int64))
+            else:
+                for i, n in zip(idx, skipped):
+                    if n:
+                        self._report_nonfinite(self._layouts[i].name, n, f"at step {step}")
             self.step.fill_(step)
             self._step_seen = (self.step.data_ptr(), self.step._version, step)
 
@@ -204,15 +214,33 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
             rows, state.step_size, state.state1, state.state2, ids.to(torch.int64), goff, occ_w, spec
         )
 
-    def _report_nonfinite(self, name: str, skipped: int, step: int) -> None:
+    def _table_index_tensor(self, idx: list[int], dev: torch.device) -> torch.Tensor:
+        """``idx`` as a tensor on ``dev``, made once per set of tables (a host-to-device copy
+        of a new list waits for the device)."""
+        key = (dev, tuple(idx))
+        if key not in self._table_indices:
+            self._table_indices[key] = torch.tensor(idx, dtype=torch.int64, device=dev)
+        return self._table_indices[key]
+
+    def _report_nonfinite(self, name: str, skipped: int, when: str) -> None:
         if self._nonfinite_rows[name] == 0:
             warnings.warn(
-                f"table {name!r}: {skipped} row(s) got a NaN/Inf gradient at step {step}; their "
+                f"table {name!r}: {skipped} row(s) got a NaN/Inf gradient {when}; their "
                 "update was skipped (the rows are unchanged). See nonfinite_rows_skipped().",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         self._nonfinite_rows[name] += skipped
+
+    def _read_device_nonfinite(self) -> None:
+        """Fold the skipped-row counts a device kernel left on the device into the host
+        counts, warning for tables that had none (one host sync: outside the step)."""
+        counts = self._nonfinite_pending.tolist()
+        if any(counts):
+            self._nonfinite_pending.zero_()
+            for lay, n in zip(self._layouts, counts):
+                if n:
+                    self._report_nonfinite(lay.name, n, f"by step {self._host_step()}")
 
     def _resolve_optimizers(self) -> None:
         """Bring each table's optimizer state in line with its in-backward optimizer tag
@@ -223,7 +251,12 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
             state.ensure_optimizer(resolve_optimizer(state.handle, self._configs[lay.name]).kind, fresh)
 
     def nonfinite_rows_skipped(self) -> dict[str, int]:
-        """Per table, how many row updates were skipped because their gradient was NaN/Inf."""
+        """Per table, how many row updates were skipped because their gradient was NaN/Inf.
+
+        On CPU the first skip of a table warns in the step that made it; on CUDA the Triton
+        update counts on the device (reading the count would stall the step), so the warning
+        comes when this method, or a checkpoint save, reads the counts."""
+        self._read_device_nonfinite()
         return dict(self._nonfinite_rows)
 
     def step_bound_rows(self) -> dict[str, int]:
@@ -266,6 +299,7 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
 
     # ----- checkpoints -----
     def get_extra_state(self) -> dict[str, Any]:
+        self._read_device_nonfinite()
         return {
             "format": 1,
             "tables": {

@@ -1292,6 +1292,8 @@ torch::Tensor sequence_lookup(torch::Tensor weights, torch::Tensor indices, torc
                               std::vector<int64_t> table_offsets, std::vector<int64_t> bits,
                               std::vector<int64_t> dims, std::vector<int64_t> rows, int64_t row_alignment);
 int64_t count_out_of_range(torch::Tensor values, torch::Tensor lengths, std::vector<int64_t> rows, int64_t batch);
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>> kjt_length_stats(
+    torch::Tensor lengths, torch::Tensor offsets, int64_t num_keys);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooled_lookup", &pooled_lookup,
@@ -1308,6 +1310,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("count_out_of_range", &count_out_of_range,
         "How many ids fall outside [0, rows[t]) of their feature t (key-major lengths, one pass)",
         py::arg("values"), py::arg("lengths"), py::arg("rows"), py::arg("batch"));
+  m.def("kjt_length_stats", &kjt_length_stats,
+        "A KJT's lengths checked in one pass: (min, first position of the min, sum, offsets[0], "
+        "offsets[-1], per-key sums); empty offsets give 0 and the sum",
+        py::arg("lengths"), py::arg("offsets"), py::arg("num_keys"));
   m.def("fused_update", &fused_update,
         "Fused sparse update of low-precision embedding rows, in place; returns (rows skipped for a "
         "non-finite gradient, rows whose step hit max_step) (see torchrec_lowprec/kernels/spec.py)",

@@ -26,10 +26,9 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torchrec
@@ -42,6 +41,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fresh_process import add_worker_args, rows_label, run_fresh  # noqa: E402
 from report import contention, cpu_stat, machine_info, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
@@ -57,8 +57,7 @@ class Setup:
     ids_per_bag: int
 
     def label(self) -> str:
-        rows = f"{self.rows // 1000}k" if self.rows < 1_000_000 else f"{self.rows // 1_000_000}M"
-        return f"{self.tables} x {rows} x {self.dim}, batch {self.batch}, {self.ids_per_bag} ids/bag"
+        return f"{self.tables} x {rows_label(self.rows)} x {self.dim}, batch {self.batch}, {self.ids_per_bag} ids/bag"
 
 
 SETUPS = [Setup(8, 1_000_000, 64, 2048, 8), Setup(26, 200_000, 128, 1024, 4)]
@@ -237,24 +236,14 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
 
 def spawn_runs(s: Setup, dist: str, args, device: str) -> list[dict]:
     """``args.procs`` fresh processes, one after the other, each running :func:`run_one`."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if args.huge_pages:
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    results = []
-    for p in range(args.procs):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(s)), "--dist", dist,
-               "--rounds", str(args.rounds), "--iters", str(args.iters), "--device", device,
-               "--threads", str(args.threads), "--seed", str(p)]  # fmt: skip
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"benchmark process failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(r)
-        steps = ", ".join(
+
+    def steps(r: dict) -> str:
+        return "step ms " + ", ".join(
             f"{n.split()[-2] if 'lowprec' in n else n.split()[-1]} {v['step']:.1f}" for n, v in r.items()
         )
-        print(f"  {s.label()} | {dist} | process {p + 1}/{args.procs}: step ms {steps}", flush=True)
-    return results
+
+    env = {"THP_MEM_ALLOC_ENABLE": "1"} if args.huge_pages else None
+    return run_fresh(__file__, s, dist, args, extra=("--device", device), env=env, describe=steps)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -348,14 +337,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated, of {', '.join(DISTS)}")
     ap.add_argument("--procs", type=int, default=None, help="fresh processes per cell (default 5; quick 2)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants per process")
-    ap.add_argument("--iters", type=int, default=4, help="batches timed per variant per round")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="threads per process")
     ap.add_argument("--huge-pages", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every variant")
     ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--dist", help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:

@@ -25,19 +25,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
 
 import torch
 from fbgemm_gpu.split_embedding_configs import SparseType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from embedding_step import QUICK, SETUPS, Setup, bench_fbgemm, bench_lowprec, make_batches  # noqa: E402
+from fresh_process import add_worker_args, run_fresh  # noqa: E402
 from report import contention, cpu_stat, machine_info, write_section  # noqa: E402
 
+import torchrec_lowprec.modules.collection_base as base_mod  # noqa: E402
 import torchrec_lowprec.modules.embedding_bag as eb_mod  # noqa: E402
 from torchrec_lowprec.kernels import lookup as lookup_mod  # noqa: E402
 
@@ -66,10 +66,10 @@ def _wrap(owner, name: str, phase: str) -> None:
 
 
 def install() -> None:
-    _wrap(eb_mod, "in_feature_order", "KJT handling")
+    _wrap(eb_mod, "ordered_with_totals", "KJT handling")
     _wrap(eb_mod, "check_ids", "bounds check")
     _wrap(lookup_mod.FusedPooledLookup, "__call__", "lookup")
-    _wrap(eb_mod, "fused_update_many", "update kernel")
+    _wrap(base_mod, "fused_update_many", "update kernel")
     _wrap(eb_mod.LowPrecisionEmbeddingBagCollection, "_fused_backward", "backward total")
 
 
@@ -184,13 +184,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, one process (smoke run)")
     ap.add_argument("--dists", default="uniform,zipf1.05")
     ap.add_argument("--procs", type=int, default=None, help="fresh processes per cell (default 3; quick 1)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--write", metavar="MD")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--dist", help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
@@ -198,21 +193,11 @@ def main() -> None:
         print(json.dumps(r))
         return
     args.procs = args.procs or (1 if args.quick else 3)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     stat0, t0 = cpu_stat(), time.perf_counter()
     cells = []
     for s in QUICK if args.quick else SETUPS:
         for dist in args.dists.split(","):
-            runs = []
-            for p in range(args.procs):
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(s)), "--dist", dist,
-                       "--rounds", str(args.rounds), "--iters", str(args.iters), "--threads", str(args.threads),
-                       "--seed", str(p)]  # fmt: skip
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise SystemExit(f"profile process failed:\n{r.stderr[-3000:]}")
-                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-                print(f"  {s.label()} | {dist} | process {p + 1}/{args.procs} done", flush=True)
+            runs = run_fresh(__file__, s, dist, args)
             cells.append((s, dist, _median_cells(runs)))
     cmd = "python benchmarks/profile_step.py " + " ".join(a for a in sys.argv[1:] if not a.endswith(".md"))
     md = to_markdown(cells, cmd.replace(" --write", "").strip(), args, stat0, time.perf_counter() - t0)

@@ -17,6 +17,7 @@ from dlrm_data import DataError, _vocab_sizes, add_data_args
 from dlrm_model import add_model_args
 
 from torchrec_lowprec.files import unwritable_reason
+from torchrec_lowprec.flags import OneLineErrorParser, range_error
 from torchrec_lowprec.types import PLAN_BITS, OptimizerType
 
 INF = math.inf
@@ -33,15 +34,15 @@ INT_MIN = {
     "eval_rows": 0, "seed": 0, "threads": 0, "checkpoint_every": 0,
 }  # fmt: skip
 
-#: Real-valued flags: (low, high, low is excluded); NaN and infinities are always refused.
+#: Real-valued flags: (low, high, low excluded, high excluded); NaN and infinities are always refused.
 FLOAT_RANGE = {
-    "zipf": (0.0, INF, False),
-    "mpe_lambda": (0.0, INF, False),
-    "step_size_lr": (0.0, INF, False),
-    "growth_threshold": (1.0, INF, False),
-    "emb_lr": (0.0, INF, False),
-    "dense_lr": (0.0, INF, False),
-    "dist_timeout_s": (0.0, INF, True),
+    "zipf": (0.0, INF, False, False),
+    "mpe_lambda": (0.0, INF, False, False),
+    "step_size_lr": (0.0, INF, False, False),
+    "growth_threshold": (1.0, INF, False, False),
+    "emb_lr": (0.0, INF, False, False),
+    "dense_lr": (0.0, INF, False, False),
+    "dist_timeout_s": (0.0, INF, True, False),
 }
 
 #: What ``0`` means for flags where it is a setting rather than a count.
@@ -54,34 +55,6 @@ ZERO_MEANS = {
     "prefetch": "0: none",
     "parse_threads": "0: cores, at most 4",
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but an error is one ``error: ...`` line (exit 2) like every other error of the
-    script, not the usage block of some sixty flags followed by the message."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}\n")
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def _numbers(args: argparse.Namespace) -> str | None:
-    """The first numeric flag out of range, as the message to print (None: all fine)."""
-    for dest, lo in INT_MIN.items():
-        v = getattr(args, dest, None)
-        if v is not None and v < lo:
-            zero = f" ({ZERO_MEANS[dest]})" if dest in ZERO_MEANS else ""
-            return f"{_flag(dest)} must be >= {lo}{zero}, got {v}"
-    for dest, (lo, hi, open_lo) in FLOAT_RANGE.items():
-        v = getattr(args, dest, None)
-        if v is None:
-            continue
-        if not (math.isfinite(v) and (v > lo if open_lo else v >= lo) and v <= hi):
-            return f"{_flag(dest)} must be a finite number {'>' if open_lo else '>='} {lo:g}, got {v}"
-    return None
 
 
 def _sizes(flag: str, spec: str, allow_empty: bool) -> str | None:
@@ -161,7 +134,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--resume and --overwrite need --checkpoint-dir"
     if args.resume and args.overwrite:
         return "--resume continues from the checkpoints that --overwrite would delete: pass one of them"
-    if (msg := _numbers(args) or _lists(args)) is not None:
+    if (msg := range_error(args, INT_MIN, FLOAT_RANGE, ZERO_MEANS) or _lists(args)) is not None:
         return msg
     if (msg := data_cache_problem(args.data_cache)) is not None:
         return msg
@@ -178,8 +151,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def build_parser(description: str | None = None) -> ArgumentParser:
-    ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = None) -> OneLineErrorParser:
+    ap = OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(ap)
     add_model_args(ap)
     g = ap.add_argument_group("training")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from seq_model import PRECISION_BITS
 
 from torchrec_lowprec.files import unwritable_reason
+from torchrec_lowprec.flags import OneLineErrorParser, range_error
 
 INF = math.inf
 
@@ -38,29 +39,10 @@ FLOAT_RANGE = {
 }
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose error is one ``error: ...`` line (exit 2), not the usage block."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}\n")
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def check_args(args: argparse.Namespace) -> str | None:
     """The first unusable flag as a message, or None."""
-    for dest, lo in INT_MIN.items():
-        v = getattr(args, dest)
-        if v < lo:
-            return f"{_flag(dest)} must be >= {lo}{' (0: all cores)' if dest == 'threads' else ''}, got {v}"
-    for dest, (lo, hi, open_lo, open_hi) in FLOAT_RANGE.items():
-        v = getattr(args, dest)
-        ok = math.isfinite(v) and (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
-        if not ok:
-            bound = f"in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
-            return f"{_flag(dest)} must be a finite number {bound}, got {v}"
+    if (msg := range_error(args, INT_MIN, FLOAT_RANGE, {"threads": "0: all cores"})) is not None:
+        return msg
     try:
         hidden = [int(v) for v in args.mlp.split(",") if v.strip()]
     except ValueError:
@@ -80,8 +62,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def build_parser(description: str | None = None) -> ArgumentParser:
-    ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = None) -> OneLineErrorParser:
+    ap = OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("synthetic data (the planted model, see seq_data.py)")
     g.add_argument("--num-items", type=int, default=10_000, help="items in the catalogue (= table rows)")
     g.add_argument("--latent-dim", type=int, default=8, help="dimension of the true item vectors")

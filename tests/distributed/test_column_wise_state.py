@@ -16,6 +16,8 @@ from tests.distributed.test_checkpoint import _dmp
 from tests.distributed.test_sharding import ALPT_SR, Wrap, global_batch, loss_weights, tables
 from torchrec_lowprec.distributed import checkpoint
 from torchrec_lowprec.distributed.embedding_bag import ShardedLowPrecisionEmbeddingBagCollection
+from torchrec_lowprec.distributed.sharded_base import ShardedLowPrecisionMixin
+from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.quant.layout import dequantize_rows, row_bytes
 
 pytestmark = pytest.mark.slow
@@ -78,12 +80,14 @@ def _block_floats(entries: dict, dim: int, bits: int, widths: list[int]) -> torc
 
 
 def _local_tables(model, names):
-    """``(collection, local name, table, row offset, col offset, rows, cols)`` of what ``model`` holds."""
-    sharded = [m for m in model.modules() if isinstance(m, ShardedLowPrecisionEmbeddingBagCollection)]
+    """``(collection, local name, table, row offset, col offset, rows, cols)`` of what ``model``
+    holds (an EBC's or an EC's tables, sharded or not)."""
+    sharded = [m for m in model.modules() if isinstance(m, ShardedLowPrecisionMixin)]
     if not sharded:
+        inner = next(m for m in model.modules() if isinstance(m, LowPrecisionTables))
         for t in names:
-            rows, cols = model.ebc.quantized_weight(t).shape[0], model.ebc.dequantized_weight(t).shape[1]
-            yield model.ebc, t, t, 0, 0, rows, cols
+            rows, cols = inner.quantized_weight(t).shape[0], inner.dequantized_weight(t).shape[1]
+            yield inner, t, t, 0, 0, rows, cols
         return
     for lk in sharded[0]._lp_lookups():
         for s in lk.shards if lk.ebc is not None else []:

@@ -120,13 +120,17 @@ def fused_update_kernel(
     TYPED: tl.constexpr, EXACT_SUM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    # One program per occurrence slot; slots past the last touched row have no occurrences
+    # (the grid is not sized by the number of rows, which only the device knows).
+    count = tl.load(count_ptr + pid).to(tl.int64)
+    if count == 0:
+        return
     cols = tl.arange(0, BLOCK)
     cmask = cols < D
     row = tl.load(uniq_ptr + pid).to(tl.int64)
 
     # 1. summed gradient, occurrences in order
     start = tl.load(start_ptr + pid).to(tl.int64)
-    count = tl.load(count_ptr + pid).to(tl.int64)
     g = tl.full([BLOCK], 0.0, tl.float32)
     for k in range(start, start + count):
         occ = tl.load(perm_ptr + k).to(tl.int64)

@@ -1,8 +1,9 @@
 """The fused update (:mod:`torchrec_lowprec.kernels.spec`) as one Triton kernel: the CUDA path.
 
-One call groups the occurrences by row in torch (a stable sort of ``ids``, then
-``unique_consecutive``: segment starts and counts) and launches ONE kernel with one program
-per touched row. A program holds its row as a block of ``BLOCK >= D`` columns
+One call groups the occurrences by row in torch (a stable sort of ``ids``, then segment
+starts and counts by a scatter, with no data-dependent size) and launches ONE kernel with one
+program per occurrence slot: slot ``r`` updates the ``r``-th touched row, slots past the last
+one return at once. A program holds its row as a block of ``BLOCK >= D`` columns
 (``tl.arange`` with a column mask) and does, in the order of the contract:
 
 1. sums the row's occurrence gradients in occurrence order (a loop over its segment);
@@ -51,9 +52,10 @@ yields NaN, e.g. ``eps=0``) may differ between backends.
 
 Inputs as for the C++ kernel: ``ids`` and ``grad_offsets`` int64 (the reference's hash
 wraps in int32 for int32 ids), ids in ``[0, R)`` (not checked: an id out of range writes
-out of bounds), ``grad`` fp32. One call syncs with the host twice (``unique_consecutive``'s
-size and the returned count). A program sums its row's occurrences sequentially, so a very
-hot id (many occurrences in one call) is one long program.
+out of bounds), ``grad`` fp32. No step of a call waits for the device: the grouping has no
+data-dependent size (one program per occurrence slot, those past the last touched row return
+at once) and the skipped-row count is returned as a device tensor. A program sums its row's
+occurrences sequentially, so a very hot id (many occurrences in one call) is one long program.
 
 Import-safe without triton: the jitted kernels live in :mod:`.triton_kernels`, imported on first use.
 """
@@ -222,10 +224,18 @@ def fused_update(
         )
 
     # Group the occurrences by row: stable, so each segment lists its occurrences in order.
+    # Segment r starts at starts[r]; slots past the last segment get count 0. No op here has a
+    # data-dependent size (unique_consecutive's would make the host wait for the device).
     sorted_ids, perm = torch.sort(ids, stable=True)
-    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    n_rows = uniq.numel()
+    n_occ = ids.numel()
+    first = torch.ones(n_occ, dtype=torch.bool, device=dev)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    segment = torch.cumsum(first, 0) - 1
+    bounds = torch.full((n_occ + 1,), n_occ, dtype=torch.int64, device=dev)
+    bounds.scatter_reduce_(0, segment, torch.arange(n_occ, device=dev), reduce="amin")
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    uniq = sorted_ids[starts.clamp(max=n_occ - 1)]
+    n_rows = n_occ  # programs: one per slot, empty ones return at once
     flags = torch.zeros(n_rows, dtype=torch.int32, device=dev)
 
     flat = grad.reshape(-1)

@@ -213,7 +213,10 @@ class LowPrecisionEmbeddingBagCollection(
         grad = grad_out.contiguous().to(torch.float32)
         batch = lengths.numel() // len(self._lookup_order)
         dev = values.device
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
+        # output_size: without it the op reads sum(lengths) back from the device.
+        bag = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=dev), lengths, output_size=values.numel()
+        )
         feat = torch.div(bag, batch, rounding_mode="floor")
         goff = (bag - feat * batch) * self._total_dim + self._lookup_cols.to(dev)[feat]
         grad = self._mean_columns.divide(grad, lengths)

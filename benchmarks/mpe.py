@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -426,11 +427,19 @@ def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve
             ),
         ]
     return (
-        lines + equal_bytes_lines(by_name, mpe_names, args) + ablation_lines(by_name, mpe_names, fp32_serve)
+        lines
+        + equal_bytes_lines(by_name, mpe_names, args)
+        + ablation_lines(by_name, mpe_names, fp32_serve, chosen)
     )
 
 
-def ablation_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve: int) -> list[str]:
+def _setting(name: str) -> str:
+    """``{widths} at <budget>[ G=n]`` of an MPE or no-search setting name (what they share)."""
+    m = re.search(r"(\{[^}]*\} at \S+(?: bits/value|'s bytes))(?:.*?( G=\d+))?", name)
+    return (m.group(1) + (m.group(2) or "")) if m else name
+
+
+def ablation_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve: int, chosen: str) -> list[str]:  # fmt: skip
     """The no-search plans (descriptive: no choice is made from them)."""
     names = [m for m in mpe_names if by_name[m][0].get("no_search")]
     if not names:
@@ -454,6 +463,17 @@ def ablation_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_se
             f"| {m} | {_fmt(_diff(rs, base, 'val_auc'))} | {_fmt(_diff(rs, base, 'auc'))} | "
             f"{bits_mix(rs[0]['plan'])} | {comp} |"
         )
+    for m in names:
+        if _setting(m) == _setting(chosen):
+            rs, mine = by_name[m], by_name[chosen]
+            out += [
+                "",
+                f"The chosen setting minus {m} (the same widths and budget without the search), paired test AUC: "
+                f"{_fmt(_diff(mine, rs, 'auc'))} (per seed "
+                + ", ".join(f"{x['auc'] - y['auc']:+.5f}" for x, y in zip(mine, rs))
+                + f"); compression {sum(fp32_serve / r['serve'] for r in mine) / len(mine):.1f}x "
+                f"against {sum(fp32_serve / r['serve'] for r in rs) / len(rs):.1f}x.",
+            ]
     return out
 
 

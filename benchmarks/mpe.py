@@ -1,5 +1,5 @@
 """MPE on synthetic CTR data: compression (all metadata counted) against test AUC, next to the
-float model and uniform int8 / int4 ALPT, all trained the same way in one run.
+float model and uniform int8 / int4 / int2 ALPT, all trained the same way in one run.
 
 Pipeline (as a user would run it): count id frequencies on the *training* split, re-map ids to
 frequency rank (``data.remap_by_rank``), search bit widths per frequency group with
@@ -9,15 +9,25 @@ rounding) from scratch and evaluate on the test split.
 
     python benchmarks/mpe.py [--train-rows 500000] [--variants 0-2-4-8:1e-5,0-8:1e-5] [--write docs/benchmarks.md]
 
-Every choice (candidate widths, lambda) is made on a validation split; test AUC is reported for
-the uniform baselines and the chosen setting only. Finished runs are cached in ``--results``,
-keyed by the settings, the seed and a hash of the library sources.
+A variant is ``widths:lambda[:key=value...]``: the candidate widths joined by '-', lambda, and
+optionally ``budget=int4`` / ``int2`` / ``int8`` (a byte budget: the bytes of every table stored
+at that width, scale and bias included) or ``budget=<bits per value>`` (e.g. 0.8: 40x), where
+lambda is the start of its dual ascent (``MPESearchConfig.target_bits``); ``groups=<n>`` (frequency
+groups, default ``--groups``); ``blr=<rate>`` (``budget_lr``); ``search=off`` (with a budget:
+the ablation without a search, the budget rule's planner-cost lowering from the widest
+candidate). ``0-2-4-8:1e-2:budget=int4`` is MPE at int4's bytes; the section sets it beside
+uniform int4 ALPT at the same bytes.
+
+Every choice (candidate widths, lambda, budget settings) is made on a validation split; test AUC is
+reported for the uniform baselines and the chosen settings only. Finished runs are cached in
+``--results``, keyed by the settings, the seed and a hash of the library sources.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -39,12 +49,24 @@ from torchrec_lowprec.data import (
     log_loss_terms,
     remap_by_rank,
 )
-from torchrec_lowprec.modules.mpe_search import merge_plans, regularization, search_collections
+from torchrec_lowprec.modules.mpe_search import (
+    MPESearchEmbeddingBagCollection,
+    budget_step,
+    merge_plans,
+    plan_bits,
+    regularization,
+    search_collections,
+    uniform_bits,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import ResultCache, describe_code, machine_info, publish  # noqa: E402
 
 VOCABS = (200_000, 100_000, 50_000, 20_000, 5_000, 1_000, 200, 20)
+#: ``budget=`` names: the bytes of every table stored at this width.
+BUDGET_WIDTHS = {"int8": 8, "int4": 4, "int2": 2}
+#: Uniform ALPT baselines run beside MPE (each also the reference at its own bytes).
+UNIFORM = (("int8 ALPT", 8), ("int4 ALPT", 4), ("int2 ALPT", 2))
 
 
 class RankedData:
@@ -70,7 +92,7 @@ def sparse_of(model: DLRMTrain):
     return model.model.sparse_arch.embedding_bag_collection
 
 
-def train_epoch(model, rd: RankedData, opt, extra_loss=None) -> float:
+def train_epoch(model, rd: RankedData, opt, extra_loss=None, after_step=None) -> float:
     model.train()
     seen, t0 = 0, time.perf_counter()
     for batch in rd.batches("train"):
@@ -80,6 +102,8 @@ def train_epoch(model, rd: RankedData, opt, extra_loss=None) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
         seen += batch.labels.numel()
     return seen / (time.perf_counter() - t0)
 
@@ -137,11 +161,78 @@ class _Both:
             o.step()
 
 
-def mpe_run(candidates: tuple[int, ...], lam: float, rd: RankedData, args) -> tuple[dict, dict]:
-    model = build_dlrm(rd.data, args.dim, args.seed)
-    scfg = MPESearchConfig(
-        candidate_bits=candidates, num_groups=args.groups, reg_lambda=lam, sparse_weights=True
+def parse_variant(v: str, tables: list) -> tuple[tuple[int, ...], float, dict]:
+    """``widths:lambda[:budget=...][:groups=...][:blr=...]`` -> (widths, lambda, options);
+    ``SystemExit`` naming the variant for anything else (checked before any run; the search
+    collection's own check of the budget against ``tables`` is repeated by each run)."""
+    parts = v.split(":")
+    try:
+        cand, lam = tuple(int(b) for b in parts[0].split("-")), float(parts[1])
+        opts: dict = {}
+        for kv in parts[2:]:
+            key, _, val = kv.partition("=")
+            if key == "budget":
+                opts["budget"] = val if val in BUDGET_WIDTHS else float(val)
+            elif key == "groups":
+                opts["groups"] = int(val)
+            elif key == "blr":
+                opts["budget_lr"] = float(val)
+            elif key == "search" and val == "off":
+                opts["no_search"] = True
+            else:
+                raise ValueError(f"unknown key {key!r}")
+        if opts.get("no_search") and "budget" not in opts:
+            raise ValueError("search=off needs a budget")
+        search_config(cand, lam, 32, opts, tables)  # the config's own checks
+    except (ValueError, IndexError) as e:
+        raise SystemExit(
+            f"--variants {v!r}: {e} (widths:lambda[:budget=int4|int2|int8|<bits>][:groups=n][:blr=r][:search=off])"
+        ) from None
+    return cand, lam, opts
+
+
+def search_config(
+    cand: tuple[int, ...], lam: float, groups: int, opts: dict, tables: list
+) -> MPESearchConfig:
+    budget = opts.get("budget")
+    extra = {}
+    if budget is not None:
+        extra["target_bits"] = (
+            uniform_bits(tables, BUDGET_WIDTHS[budget]) if isinstance(budget, str) else budget
+        )
+        if "budget_lr" in opts:
+            extra["budget_lr"] = opts["budget_lr"]
+    return MPESearchConfig(
+        candidate_bits=cand,
+        num_groups=opts.get("groups", groups),
+        reg_lambda=lam,
+        sparse_weights=True,
+        **extra,
     )
+
+
+def variant_name(cand: tuple[int, ...], lam: float, opts: dict) -> str:
+    if opts.get("no_search"):
+        b = opts["budget"]
+        at = f"at {b}'s bytes" if isinstance(b, str) else f"at {b:g} bits/value"
+        g = f" G={opts['groups']}" if "groups" in opts else ""
+        return f"no search (planner greedy) {{{', '.join(map(str, cand))}}} {at}{g}"
+    name = f"MPE {{{', '.join(map(str, cand))}}}"
+    if "budget" in opts:
+        b = opts["budget"]
+        name += f" at {b}'s bytes" if isinstance(b, str) else f" at {b:g} bits/value"
+        name += f" (λ from {lam:g}" + (f", rate {opts['budget_lr']:g}" if "budget_lr" in opts else "") + ")"
+    else:
+        name += f" λ={lam:g}"
+    return name + (f" G={opts['groups']}" if "groups" in opts else "")
+
+
+def mpe_run(candidates: tuple[int, ...], lam: float, rd: RankedData, args, opts: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
+    opts = opts or {}
+    model = build_dlrm(rd.data, args.dim, args.seed)
+    scfg = search_config(candidates, lam, args.groups, opts, sparse_of(model).embedding_bag_configs())
+    if opts.get("no_search"):
+        return greedy_run(candidates, scfg, rd, args, opts), {}
     lp.convert(model, scfg, frequencies=rd.counts)
     searches = search_collections(model)
     arch = [p for s in searches for p in s.architecture_parameters()]
@@ -155,14 +246,44 @@ def mpe_run(candidates: tuple[int, ...], lam: float, rd: RankedData, args) -> tu
     # RowWiseAdagrad of the other runs does).
     opt = _Both(dense_opt, torch.optim.Adagrad(weights, lr=args.emb_lr))
     t0 = time.perf_counter()
-    train_epoch(model, rd, opt, lambda: regularization(searches))
+    # with a budget, one dual-ascent step of lambda after every step (tensor ops, no host sync)
+    train_epoch(model, rd, opt, lambda: regularization(searches), lambda: budget_step(searches))
     search_s = time.perf_counter() - t0
     plan = merge_plans([s.select() for s in searches])
-    name = f"MPE {{{', '.join(map(str, candidates))}}} λ={lam:g}"
-    run = low_precision_run(name, rd, args, lp.LowPrecisionConfig(), plan)
+    run = low_precision_run(variant_name(candidates, lam, opts), rd, args, lp.LowPrecisionConfig(), plan)
     run["search_s"] = search_s
     run["plan"] = plan.to_dict()
+    run["plan_bits"] = plan_bits(plan)
+    if scfg.target_bits is not None:
+        (s,) = searches
+        if run["plan_bits"] > scfg.target_bits:
+            raise AssertionError(
+                f"plan at {run['plan_bits']} bits/value exceeds the budget {scfg.target_bits}"
+            )
+        run["budget"] = opts["budget"]
+        run["target_bits"] = scfg.target_bits
+        run["lambda_end"] = float(s.current_lambda())
+        run["expected_bits_end"] = float(s.expected_serving_bits())
     return run, run["plan"]
+
+
+def greedy_run(candidates: tuple[int, ...], scfg: MPESearchConfig, rd: RankedData, args, opts: dict) -> dict:
+    """The ablation of the search at a budget: no search epoch; every group starts at the widest
+    candidate and ``select`` lowers groups where the precision planner's cost (lookup share x
+    error growth per byte saved) is least until the plan fits; then the same retrain."""
+    tables = rd.data.embedding_bag_configs(args.dim)
+    s = MPESearchEmbeddingBagCollection(tables, scfg, rd.counts)
+    with torch.no_grad():
+        for a in s.bit_logits.values():
+            a.fill_(-30.0)
+            a[:, -1] = 0.0  # the widest candidate certain: the budget rule starts from it
+    plan = s.select()
+    run = low_precision_run(variant_name(candidates, 0.0, opts), rd, args, lp.LowPrecisionConfig(), plan)
+    run.update(plan=plan.to_dict(), plan_bits=plan_bits(plan), budget=opts["budget"], no_search=True)
+    run["target_bits"] = scfg.target_bits
+    if run["plan_bits"] > scfg.target_bits:
+        raise AssertionError(f"plan at {run['plan_bits']} bits/value exceeds the budget {scfg.target_bits}")
+    return run
 
 
 def bits_mix(plan: dict) -> str:
@@ -225,8 +346,12 @@ def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve
         f"AUC {sum(bayes) / n:.4f}; {n} seed(s) ({args.seeds}: the seed draws the data, the init and the "
         f"rounding). TorchRec DLRM; tables trained by the fused RowWiseAdagrad (lr {args.emb_lr}), ALPT with the "
         f"library defaults. MPE: the candidate widths and lambda in each setting's name, {args.groups} frequency "
-        "groups per table (counted on train), one search epoch, selection rule 1/(2m), retrain from scratch "
-        "(ALPT). Code: " + describe_code([r for rs in by_name.values() for r in rs]) + ".",
+        "groups per table (counted on train) unless G= says otherwise, one search epoch, selection rule 1/(2m), "
+        "retrain from scratch (ALPT). A setting *at a budget* (`MPESearchConfig(target_bits=...)`) searches with "
+        "the budget's Lagrangian term lambda x E[stored bits per value], lambda starting where its name says and "
+        "following dual ascent toward the budget every step (rate 0.1 unless named), and selects with the same "
+        "rule, monotone in frequency within a table, at the smallest threshold whose plan fits the budget (each "
+        "plan is checked to fit). Code: " + describe_code([r for rs in by_name.values() for r in rs]) + ".",
         "",
         "Compression = fp32 table bytes / serving bytes (codes + fp16 scale/bias per stored row + id maps; "
         "pruned rows cost nothing), per seed (each seed's search selects its own widths). Differences are per "
@@ -237,12 +362,13 @@ def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve
         "| model | val AUC vs fp32 (paired) | bits, seed 0 (share of rows) | compression per seed |",
         "|---|---:|---|---:|",
     ]
-    for name in ["int8 ALPT", "int4 ALPT", *mpe_names]:
+    for name in [*(n for n, _ in UNIFORM), *mpe_names]:
         mix = bits_mix(by_name[name][0]["plan"]) if "plan" in by_name[name][0] else name.split()[0]
         lines.append(
             f"| {name} | {_fmt(_diff(by_name[name], base, 'val_auc'))} | {mix} | {comp_text(name)} |"
         )
-    chosen, rule = choose(by_name, mpe_names, fp32_serve)
+    searched = [m for m in mpe_names if not by_name[m][0].get("no_search")]
+    chosen, rule = choose(by_name, searched, fp32_serve)
     lines += [
         "",
         f"Chosen on validation ({rule}): **{chosen}**.",
@@ -253,7 +379,7 @@ def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve
         "training bytes, seed 0 | examples/s (indicative: shared machine) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ["fp32", "int8 ALPT", "int4 ALPT", chosen]:
+    for name in ["fp32", *(n for n, _ in UNIFORM), chosen]:
         rs = by_name[name]
         diff = "" if name == "fp32" else _fmt(_diff(rs, base, "auc"))
         lines.append(
@@ -268,13 +394,13 @@ def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve
         for s, x, r, b in zip(seeds, c, by_name[chosen], base)
     )
     mean_c = sum(c) / n
-    met = mean_c >= 25 and min(c) >= 15 and d[0] >= -0.001
+    met = mean_c >= 40 and min(c) >= 25 and d[0] >= -0.001
     lines += [
         "",
         f"Chosen setting per seed (compression, test AUC vs fp32): {per_seed}; mean {mean_c:.1f}x "
         f"(range {min(c):.1f}-{max(c):.1f}x) at {_fmt(d)} AUC.",
         "",
-        f"Target (>= 25x compression, every seed >= 15x, at mean paired test AUC >= fp32 - 0.001): "
+        f"Target (>= 40x compression, every seed >= 25x, at mean paired test AUC >= fp32 - 0.001): "
         f"**{'met' if met else 'not met'}** ({mean_c:.1f}x, seeds {min(c):.1f}-{max(c):.1f}x, {_fmt(d)}).",
     ]
     if not met:
@@ -300,7 +426,108 @@ def table_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve
                 else "."
             ),
         ]
-    return lines
+    return (
+        lines
+        + equal_bytes_lines(by_name, mpe_names, args)
+        + ablation_lines(by_name, mpe_names, fp32_serve, chosen)
+    )
+
+
+def _setting(name: str) -> str:
+    """``{widths} at <budget>[ G=n]`` of an MPE or no-search setting name (what they share)."""
+    m = re.search(r"(\{[^}]*\} at \S+(?: bits/value|'s bytes))(?:.*?( G=\d+))?", name)
+    return (m.group(1) + (m.group(2) or "")) if m else name
+
+
+def ablation_lines(by_name: dict[str, list[dict]], mpe_names: list[str], fp32_serve: int, chosen: str) -> list[str]:  # fmt: skip
+    """The no-search plans (descriptive: no choice is made from them)."""
+    names = [m for m in mpe_names if by_name[m][0].get("no_search")]
+    if not names:
+        return []
+    base = by_name["fp32"]
+    out = [
+        "",
+        "**Ablation: the budget without the search** (descriptive, no choice is made from these): every "
+        "group starts at the widest candidate and the budget rule's fallback lowers the groups where the "
+        "precision planner's cost (lookup share x error growth per byte saved) is least until the plan fits; "
+        "the same retrain. Set it beside the MPE settings at the same budget above.",
+        "",
+        "| setting | val AUC vs fp32 (paired) | test AUC vs fp32 (paired) | bits, seed 0 (share of rows) | "
+        "compression per seed |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for m in names:
+        rs = by_name[m]
+        comp = " / ".join(f"{fp32_serve / r['serve']:.1f}x" for r in rs)
+        out.append(
+            f"| {m} | {_fmt(_diff(rs, base, 'val_auc'))} | {_fmt(_diff(rs, base, 'auc'))} | "
+            f"{bits_mix(rs[0]['plan'])} | {comp} |"
+        )
+    for m in names:
+        if _setting(m) == _setting(chosen):
+            rs, mine = by_name[m], by_name[chosen]
+            out += [
+                "",
+                f"The chosen setting minus {m} (the same widths and budget without the search), paired test AUC: "
+                f"{_fmt(_diff(mine, rs, 'auc'))} (per seed "
+                + ", ".join(f"{x['auc'] - y['auc']:+.5f}" for x, y in zip(mine, rs))
+                + f"); compression {sum(fp32_serve / r['serve'] for r in mine) / len(mine):.1f}x "
+                f"against {sum(fp32_serve / r['serve'] for r in rs) / len(rs):.1f}x.",
+            ]
+    return out
+
+
+def choose_at_budget(by_name: dict[str, list[dict]], names: list[str]) -> str:
+    """The validation rule at one budget: the setting with the best mean paired validation AUC
+    (every setting there stores at most the same bytes)."""
+    return max(names, key=lambda n: _diff(by_name[n], by_name["fp32"], "val_auc")[0])
+
+
+def equal_bytes_lines(by_name: dict[str, list[dict]], mpe_names: list[str], args) -> list[str]:
+    """MPE at int4's / int2's / int8's bytes beside uniform ALPT at those bytes (test AUC of the
+    setting chosen on validation at each budget only)."""
+    base, values = by_name["fp32"], sum(VOCABS) * args.dim
+    rows, notes = [], []
+    for budget in BUDGET_WIDTHS:
+        names = [
+            n
+            for n in mpe_names
+            if by_name[n][0].get("budget") == budget and not by_name[n][0].get("no_search")
+        ]
+        if not names or f"{budget} ALPT" not in by_name:
+            continue
+        chosen, uniform = choose_at_budget(by_name, names), by_name[f"{budget} ALPT"]
+        for name in (f"{budget} ALPT", chosen):
+            rs = by_name[name]
+            bits = " / ".join(f"{8 * r['serve'] / values:.3f}" for r in rs)
+            comp = " / ".join(f"{values * 4 / r['serve']:.1f}x" for r in rs)
+            vs = "" if name == f"{budget} ALPT" else _fmt(_diff(rs, uniform, "auc"))
+            mix = bits_mix(rs[0]["plan"]) if "plan" in rs[0] else "uniform"
+            rows.append(
+                f"| {budget}'s | {name} | {_fmt(_diff(rs, base, 'val_auc'))} | {_fmt(_diff(rs, base, 'auc'))} | "
+                f"{vs} | {bits} | {comp} | {mix} |"
+            )
+        d = [r["auc"] - u["auc"] for r, u in zip(by_name[chosen], uniform)]
+        notes.append(
+            f"at {budget}'s bytes **{chosen}** (of {len(names)}), test AUC minus uniform {budget} per seed "
+            + ", ".join(f"{x:+.4f}" for x in d)
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "**At equal bytes** (MPE with a byte budget of a uniform table's bytes, beside that uniform table; "
+        "stored bits per value = serving bytes x 8 / values, the fp16 scale and bias of every row included, "
+        "per seed; every MPE plan is at or under its budget):",
+        "",
+        "| budget | model | val AUC vs fp32 (paired) | test AUC vs fp32 (paired) | test AUC vs the uniform "
+        "table (paired) | stored bits/value per seed | compression per seed | bits, seed 0 (share of rows) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+        *rows,
+        "",
+        "Chosen on validation at each budget (the best mean paired validation AUC among the settings at that "
+        "budget; test AUC is shown for the chosen one only): " + "; ".join(notes) + ".",
+    ]
 
 
 def main() -> None:
@@ -317,7 +544,8 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="0-8:1e-5,0-8:1e-4,0-4-8:1e-5,0-2-4-8:1e-4,0-2-4-8:1e-3",
-        help="MPE settings to choose from: candidate widths joined by '-', ':' lambda; comma-separated",
+        help="MPE settings to choose from: candidate widths joined by '-', ':' lambda, optional "
+        "':budget=int4' (or int2, int8, bits per value), ':groups=n', ':blr=rate', ':search=off'; comma-separated",
     )
     ap.add_argument(
         "--seeds", default="0,1,2", help="comma-separated; each seed draws data, init and rounding"
@@ -328,6 +556,9 @@ def main() -> None:
     )
     ap.add_argument("--write", help="write the results section into this markdown file")
     args = ap.parse_args()
+    shapes = [torchrec.EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=v, feature_names=[f"f{i}"])
+              for i, v in enumerate(VOCABS)]  # fmt: skip
+    variants = [(v, *parse_variant(v, shapes)) for v in args.variants.split(",")]
     torch.set_num_threads(args.threads)
     fp32_serve = sum(v * args.dim * 4 for v in VOCABS)
     cache = ResultCache(args.results)
@@ -345,8 +576,8 @@ def main() -> None:
         data = SyntheticCTR(cfg)
         rd = RankedData(data, args.batch_size)
         bayes.append(data.bayes_metrics("test")["auc"])
-        for name, c in (("fp32", lp.LowPrecisionConfig(bits=32)), ("int8 ALPT", lp.LowPrecisionConfig(bits=8)),
-                        ("int4 ALPT", lp.LowPrecisionConfig(bits=4))):  # fmt: skip
+        for name, c in (("fp32", lp.LowPrecisionConfig(bits=32)),
+                        *((n, lp.LowPrecisionConfig(bits=b)) for n, b in UNIFORM)):  # fmt: skip
             r = cache.get(
                 [setup, name, seed],
                 lambda name=name, rd=rd, c=c: low_precision_run(name, rd, args, c),
@@ -355,12 +586,10 @@ def main() -> None:
             )
             by_name.setdefault(name, []).append(r)
             print(f"seed {seed} {name}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f})", flush=True)
-        for v in args.variants.split(","):
-            cands, lam = v.split(":")
-            cand = tuple(int(b) for b in cands.split("-"))
+        for v, cand, lam, opts in variants:
             r = cache.get(
                 [setup, v, seed],
-                lambda cand=cand, lam=lam, rd=rd: mpe_run(cand, float(lam), rd, args)[0],
+                lambda cand=cand, lam=lam, opts=opts, rd=rd: mpe_run(cand, lam, rd, args, opts)[0],
                 name=v,
                 seed=seed,
             )
@@ -369,7 +598,13 @@ def main() -> None:
                 mpe_names.append(r["name"])
             print(
                 f"seed {seed} {r['name']}: AUC {r['auc']:.4f} (val {r['val_auc']:.4f}) {bits_mix(r['plan'])} "
-                f"{fp32_serve / r['serve']:.1f}x",
+                f"{fp32_serve / r['serve']:.1f}x"
+                + (
+                    f" ({r['plan_bits']:.3f} of {r['target_bits']:.3f} bits/value; search ended at "
+                    f"E[bits] {r['expected_bits_end']:.3f}, λ {r['lambda_end']:.3g})"
+                    if "lambda_end" in r
+                    else ""
+                ),
                 flush=True,
             )
     lines = [machine_info(args.threads)[0], "", *table_lines(by_name, mpe_names, fp32_serve, bayes, args)]

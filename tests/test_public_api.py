@@ -67,6 +67,7 @@ PLAN = PrecisionPlan({"t": TablePrecision(100, 8, (10, 100), (8, 4))})
         lp.PerTableConfig({"a": lp.LowPrecisionConfig(bits=2)}, lp.LowPrecisionConfig(bits=16)),
         lp.MixedPrecisionConfig(PLAN, lp.LowPrecisionConfig(bits=8), {"t": lp.LowPrecisionConfig(seed=1)}),
         lp.MPESearchConfig(candidate_bits=(0, 2, 8, 32), num_groups=4),
+        lp.MPESearchConfig(candidate_bits=(0, 2, 4, 8), target_bits=5.0, budget_lr=0.2),
         lp.CodebookConfig(num_subspaces=2, codebook_size=16),
         lp.InferenceConfig(output_dtype=torch.float16, register_tbes=True),
     ],

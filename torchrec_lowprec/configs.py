@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from torchrec_lowprec._deprecation import warn_deprecated
-from torchrec_lowprec.types import FORMATS, SEARCH_BITS, SUPPORTED_BITS, OptimizerType
+from torchrec_lowprec.types import FORMATS, SEARCH_BITS, SUPPORTED_BITS, OptimizerType, storable_bits
 
 ROUNDING_MODES = ("stochastic", "nearest")
 STEP_SIZE_INITS = ("lsq", "absmax")
@@ -320,10 +320,22 @@ class MPESearchConfig(TransformConfig):
         sparse_weights: the tables' gradients are sparse (``torch.optim.SparseAdam`` /
             ``Adagrad`` / ``SGD`` then update only the looked-up rows; a dense optimizer over a
             large table costs a full pass per step).
+        target_bits: a byte budget: the average *stored* bits per embedding value of each
+            search collection's selection, metadata included as a served table holds it
+            (``TablePrecision.serving_bytes``: codes plus the fp16 scale and bias of every
+            integer row; pruned rows 0). ``mpe_search.uniform_bits(tables, 4)`` is int4's bytes
+            (5.0 at dim 32); ``32 / 40`` is 40x compression. The regulariser is then
+            ``lambda * E[stored bits per value]`` (the budget's Lagrangian term, in place of the
+            paper's ``b / c_g``), ``lambda`` starts at ``reg_lambda`` (e.g. 1e-2) and follows
+            dual ascent toward the target (``budget_step``), and ``select`` never exceeds the
+            budget. ``None``: the paper's fixed ``lambda``.
+        budget_lr: dual-ascent rate of ``log lambda`` per ``budget_step`` call, on the relative
+            gap ``(expected bits - target) / target``.
 
     Example::
 
         MPESearchConfig(candidate_bits=(0, 2, 4, 8), num_groups=64, reg_lambda=1e-4)
+        MPESearchConfig(candidate_bits=(0, 2, 4, 8), target_bits=5.0)  # int4's bytes at dim 32
     """
 
     candidate_bits: tuple[int, ...] = (0, 2, 4, 8)
@@ -332,6 +344,8 @@ class MPESearchConfig(TransformConfig):
     temperature: float = 1.0
     reg_lambda: float = 1e-4
     sparse_weights: bool = False
+    target_bits: float | None = None
+    budget_lr: float = 0.1
 
     def __post_init__(self) -> None:
         try:
@@ -351,6 +365,32 @@ class MPESearchConfig(TransformConfig):
             raise ValueError(
                 f"MPESearchConfig.temperature={self.temperature!r} must be finite and > 0 and "
                 f"reg_lambda={self.reg_lambda!r} finite and >= 0"
+            )
+        if not _is_number(self.budget_lr) or not 0 < self.budget_lr < math.inf:
+            raise ValueError(f"MPESearchConfig.budget_lr={self.budget_lr!r} must be finite and > 0")
+        if self.target_bits is not None:
+            self._check_target(bits)
+
+    def _check_target(self, bits: tuple[int, ...]) -> None:
+        """A budget no selection can meet (or one that constrains nothing) is refused here;
+        the per-table bounds (metadata depends on dim) are checked by the search collection."""
+        t = self.target_bits
+        if not _is_number(t) or not 0 < t <= 32:
+            raise ValueError(
+                f"MPESearchConfig.target_bits={t!r}: expected stored bits per value in (0, 32] "
+                "(32: fp32 rows; 0 would prune everything)"
+            )
+        narrowest = storable_bits(bits[0])
+        if t < narrowest:
+            raise ValueError(
+                f"MPESearchConfig.target_bits={t!r} is below the narrowest candidate width "
+                f"({bits[0]} bits, stored at {narrowest}, plus per-row metadata): no selection fits; "
+                "add 0 (pruning) to candidate_bits or raise target_bits"
+            )
+        if self.reg_lambda <= 0:
+            raise ValueError(
+                "MPESearchConfig.reg_lambda must be > 0 with target_bits (it is where the dual "
+                "ascent of lambda starts)"
             )
 
 

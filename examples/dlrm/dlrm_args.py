@@ -16,6 +16,7 @@ import dlrm_checkpoint
 from dlrm_data import DataError, _vocab_sizes, add_data_args
 from dlrm_model import add_model_args
 
+from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.files import unwritable_reason
 from torchrec_lowprec.flags import OneLineErrorParser, range_error
 from torchrec_lowprec.types import PLAN_BITS, OptimizerType
@@ -44,6 +45,9 @@ FLOAT_RANGE = {
     "dense_lr": (0.0, INF, False, False),
     "dist_timeout_s": (0.0, INF, True, False),
 }
+
+#: ``--mpe-target-bits`` names: the bytes of every table stored at this width.
+BUDGET_WIDTHS = {"int8": 8, "int4": 4, "int2": 2}
 
 #: What ``0`` means for flags where it is a setting rather than a count.
 ZERO_MEANS = {
@@ -85,6 +89,8 @@ def _lists(args: argparse.Namespace) -> str | None:
         bits = None
     if not bits or any(b not in PLAN_BITS for b in bits):
         return f"--mpe-bits {args.mpe_bits!r}: expected comma-separated widths from {list(PLAN_BITS)}"
+    if (msg := _mpe_target(args, bits)) is not None:
+        return msg
     init = args.step_size_init
     if init not in ("lsq", "absmax"):
         try:
@@ -93,6 +99,28 @@ def _lists(args: argparse.Namespace) -> str | None:
             ok = False
         if not ok:
             return f"--step-size-init {init!r}: expected lsq, absmax or a finite number > 0"
+    return None
+
+
+def _mpe_target(args: argparse.Namespace, bits: list[int]) -> str | None:
+    """``--mpe-target-bits``: a number or a width name, for ``--precision mpe``, that the
+    candidate widths can meet (the per-table check, which needs the tables, runs before the
+    search's first step)."""
+    spec = args.mpe_target_bits
+    if spec is None:
+        return None
+    if args.precision != "mpe":
+        return f"--mpe-target-bits {spec} needs --precision mpe"
+    try:
+        target = float(BUDGET_WIDTHS.get(spec, spec))
+    except ValueError:
+        return f"--mpe-target-bits {spec!r}: expected stored bits per value in (0, 32] or one of {list(BUDGET_WIDTHS)}"
+    if not args.mpe_lambda > 0:
+        return f"--mpe-target-bits needs --mpe-lambda > 0 (where lambda's dual ascent starts), got {args.mpe_lambda}"
+    try:
+        MPESearchConfig(candidate_bits=tuple(bits), target_bits=target, reg_lambda=args.mpe_lambda)
+    except ValueError as e:
+        return f"--mpe-target-bits {spec}: {str(e).removeprefix('MPESearchConfig.')}"
     return None
 
 

@@ -37,6 +37,13 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--mpe-lambda", type=float, default=1e-5, help="MPE bit regulariser weight")
     g.add_argument("--mpe-groups", type=int, default=32, help="MPE frequency groups per table")
     g.add_argument(
+        "--mpe-target-bits",
+        default=None,
+        help="MPE at a byte budget: the plan's stored bits per value, scale/bias included (a number "
+        "in (0, 32], e.g. 0.8 for 40x), or int8/int4/int2 for the bytes of every table at that width; "
+        "--mpe-lambda is then where lambda's dual ascent starts (e.g. 1e-2)",
+    )
+    g.add_argument(
         "--mpe-plan-out", default="runs/mpe_plan.json", help="where --precision mpe writes its plan"
     )
     g.add_argument(

@@ -12,13 +12,21 @@ import os
 
 import torch
 import torchrec
+from dlrm_args import BUDGET_WIDTHS
 from dlrm_model import build_model, training_ranks
 from torchrec.datasets.utils import Batch
 
 import torchrec_lowprec as lp
 from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.data import remap_by_rank
-from torchrec_lowprec.modules.mpe_search import merge_plans, regularization, search_collections
+from torchrec_lowprec.modules.mpe_search import (
+    budget_step,
+    merge_plans,
+    plan_bits,
+    regularization,
+    search_collections,
+    uniform_bits,
+)
 from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.progress import progress
 
@@ -57,11 +65,16 @@ def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConf
             c = torch.zeros_like(counts[f])
             c[table_ranks[t.name]] = counts[f]
             ranked_counts[f] = c
+    target = None
+    if args.mpe_target_bits is not None:  # checked by parse_args; a width name needs the tables
+        spec = args.mpe_target_bits
+        target = uniform_bits(tables, BUDGET_WIDTHS[spec]) if spec in BUDGET_WIDTHS else float(spec)
     cfg = MPESearchConfig(
         candidate_bits=tuple(int(b) for b in args.mpe_bits.split(",")),
         num_groups=args.mpe_groups,
         reg_lambda=args.mpe_lambda,
         sparse_weights=True,
+        target_bits=target,
     )
     model = build_model(args, tables, data.num_dense_in, data, ebc=torchrec.EmbeddingBagCollection(tables))
     lp.convert(model, cfg, frequencies=ranked_counts)
@@ -77,8 +90,9 @@ def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConf
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     per_epoch = data.split_rows("train")
     steps = -(-per_epoch // args.batch_size) if per_epoch is not None else None
+    budget = "" if target is None else f" (start of its dual ascent to {target:.4g} stored bits per value)"
     say(f"MPE search: one epoch{f' ({steps} steps)' if steps else ''}, candidate bits {cfg.candidate_bits}, "
-        f"{cfg.num_groups} frequency groups per table, lambda {cfg.reg_lambda:g}")  # fmt: skip
+        f"{cfg.num_groups} frequency groups per table, lambda {cfg.reg_lambda:g}{budget}")  # fmt: skip
     model.train()
     batches = data.train_batches(args.batch_size, 0, 1)
     show = not (args.quiet or args.no_progress)
@@ -91,10 +105,13 @@ def search_plan(args: argparse.Namespace, tables: list[torchrec.EmbeddingBagConf
         loss.backward()
         for o in opts:
             o.step()
+        budget_step(searches)  # with --mpe-target-bits: lambda's dual ascent (no host sync)
     plan = merge_plans([s.select() for s in searches])
     os.makedirs(os.path.dirname(os.path.abspath(args.mpe_plan_out)), exist_ok=True)
     plan.save(args.mpe_plan_out)
     say(f"MPE plan written to {args.mpe_plan_out}:")
     for line in describe_plan(plan):
         say(line)
+    if target is not None:
+        say(f"  stored bits per value: {plan_bits(plan):.4f} (budget {target:.4f})")
     return plan

@@ -64,6 +64,30 @@ def test_mpe_chooses_on_validation_not_on_test():
     assert name == "b" and "best validation AUC" in rule
 
 
+def test_mpe_at_a_budget_is_chosen_on_validation_and_set_beside_the_uniform_table():
+    fp32 = [_run(0.70, 0.70, 1000)] * 2
+    plan = {"tables": {"t": {"group_ends": [10], "bits": [4]}}}
+
+    def at(val, test, budget="int4"):
+        return [{**_run(val, test, 200), "budget": budget, "plan": plan}] * 2
+
+    # "a" is better on validation, "b" on test: the rule takes "a"
+    by_name = {
+        "fp32": fp32,
+        "int4 ALPT": [_run(0.69, 0.69, 200)] * 2,
+        "a": at(0.699, 0.690),
+        "b": at(0.695, 0.70),
+    }
+    assert mpe.choose_at_budget(by_name, ["a", "b"]) == "a"
+
+    class Args:
+        dim = 1
+
+    text = "\n".join(mpe.equal_bytes_lines(by_name, ["a", "b"], Args))
+    assert "at int4's bytes **a** (of 2), test AUC minus uniform int4 per seed +0.0000, +0.0000" in text
+    assert "| int4's | a |" in text and "| int4's | b |" not in text and "| int4's | int4 ALPT |" in text
+
+
 def test_compression_reports_test_auc_only_for_the_setting_chosen_on_validation():
     def seed(mec_small_val, mec_small_test):
         return {

@@ -66,6 +66,20 @@ def test_precision_plan_errors_exit_2_with_one_line(tmp_path, what):
 
 
 @pytest.mark.slow
+def test_mpe_at_int4_bytes_writes_a_plan_within_them(tmp_path, capsys):
+    from torchrec_lowprec.modules.mpe_search import plan_bits
+
+    out_plan = tmp_path / "mpe.json"
+    train.main([*SMALL, "--precision", "mpe", "--mpe-bits", "0,2,4,8", "--mpe-lambda", "1e-2",
+                "--mpe-target-bits", "int4", "--mpe-groups", "4", "--mpe-plan-out", str(out_plan)])  # fmt: skip
+    out = capsys.readouterr().out
+    # int4 rows at dim 8: 4 B of codes + 4 B of fp16 scale/bias = 8 bits per value
+    assert "lambda 0.01 (start of its dual ascent to 8 stored bits per value)" in out
+    plan = PrecisionPlan.load(str(out_plan))
+    assert plan_bits(plan) <= 8.0
+    assert f"  stored bits per value: {plan_bits(plan):.4f} (budget 8.0000)" in out
+
+
 def test_mpe_under_torchrun_one_error_line_per_rank(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     p = _run([torchrun, "--nproc-per-node", "2", "--max-restarts", "0", "--tee", "3",

@@ -152,3 +152,17 @@ def test_bad_search_inputs():
     bad = KeyedJaggedTensor(keys=["hist"], values=torch.tensor([3, 512]), lengths=torch.tensor([2]))
     with pytest.raises(IndexError, match=r"feature 'hist' has an id outside \[0, 512\) of table 't'"):
         m(bad)
+
+
+def test_sequence_search_at_a_byte_budget_selects_within_it():
+    from torchrec_lowprec.modules.mpe_search import plan_bits, uniform_bits
+
+    target = uniform_bits(_ec_tables(), 4)
+    cfg = MPESearchConfig(num_groups=8, min_rows_per_group=1, target_bits=target)
+    m = MPESearchEmbeddingCollection(_ec_tables(), cfg, {"hist": (1000 * ZIPF).long()})
+    with torch.no_grad():
+        m.bit_logits["t"].copy_(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    m.regularization().backward()
+    m.budget_step()
+    plan = m.select()
+    assert plan.tables["t"].serving_bytes() <= m.budget_bytes and plan_bits(plan) <= target

@@ -49,14 +49,13 @@ from torchrec_lowprec.data import (
     log_loss_terms,
     remap_by_rank,
 )
+from torchrec_lowprec.modules.mpe_budget import plan_bits, uniform_bits
 from torchrec_lowprec.modules.mpe_search import (
     MPESearchEmbeddingBagCollection,
     budget_step,
     merge_plans,
-    plan_bits,
     regularization,
     search_collections,
-    uniform_bits,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

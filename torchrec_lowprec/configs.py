@@ -323,7 +323,7 @@ class MPESearchConfig(TransformConfig):
         target_bits: a byte budget: the average *stored* bits per embedding value of each
             search collection's selection, metadata included as a served table holds it
             (``TablePrecision.serving_bytes``: codes plus the fp16 scale and bias of every
-            integer row; pruned rows 0). ``mpe_search.uniform_bits(tables, 4)`` is int4's bytes
+            integer row; pruned rows 0). ``mpe_budget.uniform_bits(tables, 4)`` is int4's bytes
             (5.0 at dim 32); ``32 / 40`` is 40x compression. The regulariser is then
             ``lambda * E[stored bits per value]`` (the budget's Lagrangian term, in place of the
             paper's ``b / c_g``), ``lambda`` starts at ``reg_lambda`` (e.g. 1e-2) and follows

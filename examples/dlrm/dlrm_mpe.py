@@ -19,13 +19,12 @@ from torchrec.datasets.utils import Batch
 import torchrec_lowprec as lp
 from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.data import remap_by_rank
+from torchrec_lowprec.modules.mpe_budget import plan_bits, uniform_bits
 from torchrec_lowprec.modules.mpe_search import (
     budget_step,
     merge_plans,
-    plan_bits,
     regularization,
     search_collections,
-    uniform_bits,
 )
 from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.progress import progress

@@ -67,7 +67,7 @@ def test_precision_plan_errors_exit_2_with_one_line(tmp_path, what):
 
 @pytest.mark.slow
 def test_mpe_at_int4_bytes_writes_a_plan_within_them(tmp_path, capsys):
-    from torchrec_lowprec.modules.mpe_search import plan_bits
+    from torchrec_lowprec.modules.mpe_budget import plan_bits
 
     out_plan = tmp_path / "mpe.json"
     train.main([*SMALL, "--precision", "mpe", "--mpe-bits", "0,2,4,8", "--mpe-lambda", "1e-2",

@@ -9,12 +9,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 import torchrec_lowprec as lp
 from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
+from torchrec_lowprec.modules.mpe_budget import plan_bits, uniform_bits
 from torchrec_lowprec.modules.mpe_search import (
     MPESearchEmbeddingBagCollection,
     budget_step,
-    plan_bits,
     search_collections,
-    uniform_bits,
 )
 from torchrec_lowprec.planner.schema import PrecisionPlan
 
@@ -75,9 +74,13 @@ def test_selection_rule_highest_width_above_one_over_2m():
     assert m.select().tables["t0"].bits == (8, 4, 0, 2)
 
 
-def _train_search(reg_lambda: float, steps: int = 150) -> MPESearchEmbeddingBagCollection:
+def _train_search(
+    reg_lambda: float, steps: int = 150, groups: int = 8, **budget
+) -> MPESearchEmbeddingBagCollection:
+    """A search fitting random targets; ``budget``: ``target_bits`` / ``budget_lr`` (then a
+    dual-ascent step after every optimizer step)."""
     torch.manual_seed(0)
-    cfg = MPESearchConfig(num_groups=8, min_rows_per_group=1, reg_lambda=reg_lambda)
+    cfg = MPESearchConfig(num_groups=groups, min_rows_per_group=1, reg_lambda=reg_lambda, **budget)
     m = MPESearchEmbeddingBagCollection(_tables(), cfg, _zipf_counts())
     target = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
@@ -89,6 +92,7 @@ def _train_search(reg_lambda: float, steps: int = 150) -> MPESearchEmbeddingBagC
         opt.zero_grad()
         loss.backward()
         opt.step()
+        m.budget_step()  # a no-op without target_bits
     return m
 
 
@@ -141,27 +145,7 @@ def test_bad_search_config():
 
 
 def _budget_search(target_bits, steps=300, groups=32, reg_lambda=1e-4, budget_lr=0.2):
-    torch.manual_seed(0)
-    cfg = MPESearchConfig(
-        num_groups=groups,
-        min_rows_per_group=1,
-        reg_lambda=reg_lambda,
-        target_bits=target_bits,
-        budget_lr=budget_lr,
-    )
-    m = MPESearchEmbeddingBagCollection(_tables(), cfg, _zipf_counts())
-    target = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.Adam(m.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        ids = torch.randint(0, ROWS, (128,), generator=g)
-        kjt = KeyedJaggedTensor(keys=["f0"], values=ids, lengths=torch.ones(128, dtype=torch.long))
-        loss = ((m(kjt).values() - target[ids]) ** 2).mean() + m.regularization()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.budget_step()
-    return m
+    return _train_search(reg_lambda, steps, groups, target_bits=target_bits, budget_lr=budget_lr)
 
 
 def test_uniform_bits_counts_scale_and_bias_like_the_stored_rows():

@@ -155,7 +155,7 @@ def test_bad_search_inputs():
 
 
 def test_sequence_search_at_a_byte_budget_selects_within_it():
-    from torchrec_lowprec.modules.mpe_search import plan_bits, uniform_bits
+    from torchrec_lowprec.modules.mpe_budget import plan_bits, uniform_bits
 
     target = uniform_bits(_ec_tables(), 4)
     cfg = MPESearchConfig(num_groups=8, min_rows_per_group=1, target_bits=target)

@@ -14,7 +14,11 @@ data, model, scale and seeds, choosing on validation and reporting on test, pair
    step is 4 of int4's 20 B/row (of int2's 16). ``--no-learn-step-size`` (the step is then set at
    init and only grows, spec step 5b) frees them, and a precision plan spends them, and the
    +5%, on 8-bit (int2: also 4-bit) rows for the hottest rows of every table.
-3. **The paper's optimizer**: ALPT's paper trains with Adam (lr 1e-3, and 1e-2 here, each width
+3. **Dithered rounding** (``rounding="dithered"``): the same stochastic rounding, but an
+   element's draws over steps follow a golden-ratio sequence instead of being fresh, so a row
+   updated at many consecutive steps rounds up in the share of steps its updates ask for and
+   its rounding errors partly cancel (no bytes); alone and on the chosen fixed-step recipes.
+4. **The paper's optimizer**: ALPT's paper trains with Adam (lr 1e-3, and 1e-2 here, each width
    choosing its lr on validation); Adam's two moments per
    element cost far more bytes than RowWiseAdagrad's one float a row, so it is reported for the
    accuracy question only.
@@ -66,6 +70,12 @@ FIXED_RECIPES = {
     2: [("hot 25% at 8b", [(0.25, 8)]), ("hot 38% at 8b", [(0.38, 8)]),
         ("hot 20% at 8b + 50% at 4b", [(0.2, 8), (0.5, 4)])],
 }  # fmt: skip
+#: Variants also run with ``--rounding dithered`` (golden-ratio draws over steps instead of
+#: fresh ones: an element's rounding errors partly cancel over consecutive updates; no bytes).
+DITHERED = {
+    4: ("default", "fixed step hot 60% at 8b"),
+    2: ("default", "fixed step hot 20% at 8b + 50% at 4b"),
+}
 ADAM_LRS = (1e-3, 1e-2)  # the ALPT paper's, and x10
 
 
@@ -103,6 +113,12 @@ def recipe_variants(tables, plan_dir: str) -> list[tuple[str, int, tuple[str, ..
             path = group_plan(tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json"))
             out.append((f"int{bits} fixed step {suffix}", bits,
                         ("--precision", f"int{bits}", *FIXED_STEP, "--precision-plan", path)))  # fmt: skip
+    by_name = {n: (b, f) for n, b, f in out}
+    for bits, bases in DITHERED.items():
+        for base in bases:
+            b, f = by_name[f"int{bits} {base}"]
+            name = f"int{bits} dithered" if base == "default" else f"int{bits} {base} dithered"
+            out.append((name, b, (*f, "--rounding", "dithered")))
     for lr in ADAM_LRS:
         adam = ("--emb-optimizer", "adam", "--emb-lr", f"{lr:g}")
         out += [(f"{p} adam lr {lr:g}", b, ("--precision", p, *adam)) for p, b in (("fp32", 32), ("int4", 4))]

@@ -9,7 +9,16 @@ data, model, scale and seeds, choosing on validation and reporting on test, pair
    frequent rows of every table stored at fp32 -- no rounding at all where the noise hurts --
    through a precision plan (``MixedPrecisionEmbeddingBagCollection``), alone or with the next
    few percent at 8 bits.
-2. **The paper's optimizer**: ALPT's paper trains with Adam (lr 1e-3, and 1e-2 here, each width
+2. **Fixed step, bytes spent on hot rows**: the low-bit section found that learning the step
+   (ALPT) does not move AUC at these widths (step lr 1e-4 and 1e-2 agree), yet its fp32 master
+   step is 4 of int4's 20 B/row (of int2's 16). ``--no-learn-step-size`` (the step is then set at
+   init and only grows, spec step 5b) frees them, and a precision plan spends them, and the
+   +5%, on 8-bit (int2: also 4-bit) rows for the hottest rows of every table.
+3. **Dithered rounding** (``rounding="dithered"``): the same stochastic rounding, but an
+   element's draws over steps follow a golden-ratio sequence instead of being fresh, so a row
+   updated at many consecutive steps rounds up in the share of steps its updates ask for and
+   its rounding errors partly cancel (no bytes); alone and on the chosen fixed-step recipes.
+4. **The paper's optimizer**: ALPT's paper trains with Adam (lr 1e-3, and 1e-2 here, each width
    choosing its lr on validation); Adam's two moments per
    element cost far more bytes than RowWiseAdagrad's one float a row, so it is reported for the
    accuracy question only.
@@ -51,6 +60,22 @@ HOT_RECIPES = {
     2: [("hot 1% at 32b", [(0.01, 32)]), ("hot 5% at 8b", [(0.05, 8)]),
         ("hot 0.5% at 32b + 2% at 8b", [(0.005, 32), (0.02, 8)]), ("hot 2% at 16b + 3% at 8b", [(0.02, 16), (0.03, 8)])],
 }  # fmt: skip
+#: Fixed-step recipes: ``--no-learn-step-size`` drops the fp32 master step (4 B/row) that the
+#: low-bit section found does not move AUC (step lr 1e-4 vs 1e-2), and the bytes it frees buy
+#: 8-bit (and, at int2, 4-bit) rows for the hottest rows of every table. Shares are chosen so
+#: that the ranked bytes stay within +5% of the width's default (learned-step) bytes.
+FIXED_STEP = ("--no-learn-step-size",)
+FIXED_RECIPES = {
+    4: [("hot 25% at 8b", [(0.25, 8)]), ("hot 50% at 8b", [(0.5, 8)]), ("hot 60% at 8b", [(0.6, 8)])],
+    2: [("hot 25% at 8b", [(0.25, 8)]), ("hot 38% at 8b", [(0.38, 8)]),
+        ("hot 20% at 8b + 50% at 4b", [(0.2, 8), (0.5, 4)])],
+}  # fmt: skip
+#: Variants also run with ``--rounding dithered`` (golden-ratio draws over steps instead of
+#: fresh ones: an element's rounding errors partly cancel over consecutive updates; no bytes).
+DITHERED = {
+    4: ("default", "fixed step hot 60% at 8b"),
+    2: ("default", "fixed step hot 20% at 8b + 50% at 4b"),
+}
 ADAM_LRS = (1e-3, 1e-2)  # the ALPT paper's, and x10
 
 
@@ -82,6 +107,18 @@ def recipe_variants(tables, plan_dir: str) -> list[tuple[str, int, tuple[str, ..
             slug = suffix.replace(" ", "").replace("%", "pct").replace("+", "_")
             path = group_plan(tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json"))
             out.append((f"int{bits} {suffix}", bits, ("--precision", f"int{bits}", "--precision-plan", path)))
+        out.append((f"int{bits} fixed step", bits, ("--precision", f"int{bits}", *FIXED_STEP)))
+        for suffix, groups in FIXED_RECIPES[bits]:
+            slug = suffix.replace(" ", "").replace("%", "pct").replace("+", "_")
+            path = group_plan(tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json"))
+            out.append((f"int{bits} fixed step {suffix}", bits,
+                        ("--precision", f"int{bits}", *FIXED_STEP, "--precision-plan", path)))  # fmt: skip
+    by_name = {n: (b, f) for n, b, f in out}
+    for bits, bases in DITHERED.items():
+        for base in bases:
+            b, f = by_name[f"int{bits} {base}"]
+            name = f"int{bits} dithered" if base == "default" else f"int{bits} {base} dithered"
+            out.append((name, b, (*f, "--rounding", "dithered")))
     for lr in ADAM_LRS:
         adam = ("--emb-optimizer", "adam", "--emb-lr", f"{lr:g}")
         out += [(f"{p} adam lr {lr:g}", b, ("--precision", p, *adam)) for p, b in (("fp32", 32), ("int4", 4))]
@@ -96,7 +133,33 @@ def ranked_bytes(row: dict, flags: tuple[str, ...]) -> int:
     return row["bytes"] - sum(4 * tp.rows for tp in plan.tables.values() if tp.num_groups > 1)
 
 
-def verdict_lines(rows: dict[str, list[dict]], names) -> list[str]:
+def serving_bytes(flags: tuple[str, ...], tables, bits: int) -> int:
+    """Bytes of the stored rows alone (what inference holds: codes + fp16 scale/bias, or fp16 /
+    fp32 values; no master step, optimizer state or id map), from the plan's widths (CPU rows are
+    not padded)."""
+
+    def row(b: int, dim: int) -> int:
+        return dim * b // 8 if b >= 16 else 4 + dim * b // 8
+
+    plan = (
+        PrecisionPlan.load(flags[flags.index("--precision-plan") + 1])
+        if "--precision-plan" in flags
+        else None
+    )
+    total = 0
+    for t in tables:
+        tp = plan.tables.get(t.name) if plan is not None else None
+        if tp is None:
+            total += t.num_embeddings * row(bits, t.embedding_dim)
+            continue
+        start = 0
+        for end, b in zip(tp.group_ends, tp.bits):
+            total += (end - start) * row(b, t.embedding_dim)
+            start = end
+    return total
+
+
+def verdict_lines(rows: dict[str, list[dict]], names, tables=None) -> list[str]:
     flags = {n: f for n, _, f in names}
     out = []
     for bits, target in TARGETS.items():
@@ -112,9 +175,13 @@ def verdict_lines(rows: dict[str, list[dict]], names) -> list[str]:
         dt = accuracy.paired(rows, best, "fp32")
         extra = ranked_bytes(rows[best][0], flags[best]) / ranked_bytes(rows[base][0], flags[base]) - 1
         gap = accuracy.paired(rows, base, "fp32")[0]
+        serving = ""
+        if tables is not None:
+            sb = serving_bytes(flags[best], tables, bits) / serving_bytes(flags[base], tables, bits) - 1
+            serving = f", serving rows {sb:+.1%}"
         out.append(
             f"- int{bits}, same bytes (within +{BYTES_SLACK:.0%} of int{bits} default's ranked bytes): chosen on "
-            f"validation **{best}** ({extra:+.1%} bytes); test {dt[0]:+.4f} ± {dt[1]:.4f} vs fp32 "
+            f"validation **{best}** ({extra:+.1%} bytes{serving}); test {dt[0]:+.4f} ± {dt[1]:.4f} vs fp32 "
             f"(int{bits} default {gap:+.4f}); target >= -{target}: **{'met' if dt[0] >= -target else 'not met'}**."
         )
     adam = {p: [n for n in rows if n.startswith(f"{p} adam")] for p in ("fp32", "int4")}
@@ -170,16 +237,20 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *lowbit.summarize(rows, names),
         "",
-        "| variant | ranked bytes | vs its width's default |",
-        "|---|---:|---:|",
+        "| variant | ranked bytes | vs its width's default | serving bytes (rows only) | vs its width's default |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, bits, _ in names:
         if name in rows and bits in TARGETS:
             base = f"int{bits} default"
             rb = ranked_bytes(rows[name][0], flags[name])
             ratio = rb / ranked_bytes(rows[base][0], flags[base]) if base in rows else float("nan")
-            lines.append(f"| {name} | {rb / 2**20:.2f} MiB | {ratio:.3f}x |")
-    lines += ["", "**Chosen on validation, reported on test:**", "", *verdict_lines(rows, names)]
+            sb = serving_bytes(flags[name], tables, bits)
+            sratio = sb / serving_bytes(flags[base], tables, bits)
+            lines.append(
+                f"| {name} | {rb / 2**20:.2f} MiB | {ratio:.3f}x | {sb / 2**20:.2f} MiB | {sratio:.3f}x |"
+            )
+    lines += ["", "**Chosen on validation, reported on test:**", "", *verdict_lines(rows, names, tables)]
     md = "\n".join(lines)
     print(md)
     if args.write:

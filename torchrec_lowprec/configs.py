@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.types import FORMATS, SEARCH_BITS, SUPPORTED_BITS, OptimizerType, storable_bits
 
-ROUNDING_MODES = ("stochastic", "nearest")
+ROUNDING_MODES = ("stochastic", "nearest", "dithered")
 STEP_SIZE_INITS = ("lsq", "absmax")
 BOUNDS_CHECK_MODES = ("raise", "warn", "ignore")
 
@@ -146,6 +146,11 @@ class LowPrecisionConfig(TransformConfig):
             FBGEMM's IntNBit row layout) or 16 / 32 (plain fp16 / fp32 rows).
         rounding: how updated rows are written back: ``"stochastic"`` (LPT-SR / ALPT;
             unbiased) or ``"nearest"`` (LPT-DR). For 16 bits, stochastic rounding to fp16.
+            ``"dithered"``: stochastic rounding whose draw for an element is not fresh each
+            step but ``frac(c + step * 0.618...)`` (``c`` the element's hash; a golden-ratio,
+            low-discrepancy sequence): still unbiased over elements, but an element updated at
+            many steps in a row rounds up in the share of steps its updates ask for, so its
+            rounding errors partly cancel instead of adding up as a random walk.
         learn_step_size: ALPT: learn each row's step size with the LSQ gradient (an fp32
             master step of 4 bytes per row is then kept). ``False`` is LPT (fixed step).
         step_size_lr: learning rate of the step size (plain SGD on the LSQ gradient). The

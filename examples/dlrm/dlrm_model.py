@@ -49,10 +49,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rounding",
         default="stochastic",
-        choices=["stochastic", "nearest"],
+        choices=["stochastic", "nearest", "dithered"],
         help="write-back rounding (the papers' LPT-DR = nearest + --no-learn-step-size, LPT-SR = "
         "stochastic + --no-learn-step-size, ALPT = stochastic + --learn-step-size, each with "
-        "--no-grow-step-size)",
+        "--no-grow-step-size; dithered: stochastic with golden-ratio draws over steps)",
     )
     g.add_argument(
         "--learn-step-size",

@@ -164,3 +164,19 @@ def test_result_cache_keys_a_precision_plan_by_its_content(tmp_path, monkeypatch
     assert key(a) == key(b)  # the same plan written elsewhere
     b.write_text('{"t": 2}')
     assert key(a) != key(b)  # other rows at the same path: not the same run
+
+
+def test_lowbit_recipes_serving_bytes_count_rows_by_plan_width(tmp_path):
+    from types import SimpleNamespace
+
+    import lowbit_recipes
+
+    from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
+
+    tables = [SimpleNamespace(name="a", num_embeddings=100, embedding_dim=16)]
+    # int4 rows: 4 B of fp16 scale/bias + 8 B of codes; no master step, state or id map
+    assert lowbit_recipes.serving_bytes(("--precision", "int4"), tables, 4) == 100 * 12
+    path = str(tmp_path / "plan.json")
+    PrecisionPlan({"a": TablePrecision(100, 16, (10, 30, 100), (32, 8, 2))}).save(path)
+    flags = ("--precision", "int2", "--precision-plan", path)
+    assert lowbit_recipes.serving_bytes(flags, tables, 2) == 10 * 64 + 20 * 20 + 70 * 8

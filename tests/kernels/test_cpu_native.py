@@ -6,6 +6,7 @@ bytes), the step sizes and the optimizer states with ``torch.equal``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -17,6 +18,7 @@ from torchrec_lowprec.kernels.reference import reference_update
 from torchrec_lowprec.kernels.spec import OptimizerParams, UpdateSpec
 from torchrec_lowprec.quant.layout import code_range, quantize_rows, row_bytes, unpack_codes
 from torchrec_lowprec.quant.lsq import init_step_size
+from torchrec_lowprec.quant.rounding import dither_offset
 from torchrec_lowprec.types import OptimizerType
 
 if not cpu_native.is_available():
@@ -130,6 +132,33 @@ def test_matches_reference(bits, opt, stochastic, learn):
             k_nat = call_update(cpu_native.fused_update, *nat, *batch, spec)
             assert_same((k_ref, ref), (k_nat, nat))
         assert any(not torch.equal(a, b) for a, b in zip(nat, table))  # something was updated
+
+
+@pytest.mark.parametrize("opt", [OptimizerType.ROWWISE_ADAGRAD, OptimizerType.ADAM], ids=["rowwise", "adam"])
+@pytest.mark.parametrize("bits", BITS)
+def test_dithered_draws_match_reference(bits, opt):
+    # rounding="dithered": a key fixed over steps and a 24-bit golden-ratio offset per step
+    # (spec step 6), including offsets whose sum with the hash wraps modulo 2**24.
+    dim = 16
+    seed = 77 * bits + OPTIMIZERS.index(opt)
+    table = make_table(bits, 50, dim, opt, seed)
+    ref, nat = [t.clone() for t in table], [t.clone() for t in table]
+    for step in (1, 2, 3, 1000):
+        batch = make_batch(50, dim, seed + step)
+        spec = dataclasses.replace(
+            make_spec(bits, dim, opt, True, True, step=step, lr=0.2, key=seed, ro=3, co=2, grow=True),
+            dither=dither_offset(step) if step != 1000 else 0xFFFFFF,
+        )
+        k_ref = call_update(reference_update, *ref, *batch, spec)
+        k_nat = call_update(cpu_native.fused_update, *nat, *batch, spec)
+        assert_same((k_ref, ref), (k_nat, nat))
+    if bits <= 16:  # the offset changes the draws (offset 0: plain stochastic rounding)
+        a, b = [t.clone() for t in table], [t.clone() for t in table]
+        batch = make_batch(50, dim, seed)
+        spec = make_spec(bits, dim, opt, True, True, lr=0.2, key=seed)
+        call_update(cpu_native.fused_update, *a, *batch, spec)
+        call_update(cpu_native.fused_update, *b, *batch, dataclasses.replace(spec, dither=1 << 23))
+        assert not torch.equal(a[0], b[0])
 
 
 @pytest.mark.parametrize("bits", BITS)

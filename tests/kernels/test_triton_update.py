@@ -33,7 +33,7 @@ from torchrec_lowprec.quant.layout import (  # noqa: E402
     split_row,
 )
 from torchrec_lowprec.quant.lsq import init_step_size, lsq_grad_scale  # noqa: E402
-from torchrec_lowprec.quant.rounding import MASK32, mix32, row_keys, uniform_from_counter  # noqa: E402
+from torchrec_lowprec.quant.rounding import MASK32, dither_offset, mix32, row_keys, uniform_from_counter  # noqa: E402
 from torchrec_lowprec.types import OptimizerType
 
 # numpy's warnings from the interpreter evaluating masked-off lanes / skipped rows (inf - inf,
@@ -199,6 +199,27 @@ def test_matches_reference_bit_for_bit(bits, kind, stochastic, learn):
         assert ref[0] == 0
         tensors = tuple(ref[1])
     assert not torch.equal(tensors[0], rows)  # the update did something
+
+
+@pytest.mark.parametrize("bits,learn", [(8, True), (4, False), (2, True), (16, False)])
+def test_dithered_draws_match_reference_bit_for_bit(bits, learn):
+    # rounding="dithered": a fixed key and a 24-bit golden-ratio offset per step (spec step 6),
+    # the last one wrapping modulo 2**24
+    dim = 16
+    rows, s = _table(bits, dim, seed=bits)
+    st1, st2 = _states(OptimizerType.ROWWISE_ADAGRAD, dim, seed=bits)
+    tensors = (rows, s, st1, st2)
+    opt = OptimizerParams(OptimizerType.ROWWISE_ADAGRAD, lr=0.2)
+    for step in (1, 2, 3):
+        ids, goff, w, grad = _batch(dim, seed=10 * bits + step)
+        spec = UpdateSpec(
+            bits, dim, opt, step, True, learn, 0.05, key=4242, grow_step=True,
+            dither=dither_offset(step) if step < 3 else 0xFFFFFF,
+        )  # fmt: skip
+        ref, got = _run_both(tensors, ids, goff, w, grad, spec)
+        _assert_same(ref, got)
+        tensors = tuple(ref[1])
+    assert not torch.equal(tensors[0], rows)
 
 
 @pytest.mark.parametrize(

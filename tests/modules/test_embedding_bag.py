@@ -172,6 +172,22 @@ def test_training_is_reproducible_and_seeded(bits):
     assert int(a.step) == 3
 
 
+@pytest.mark.parametrize("bits", [4, 16])
+def test_dithered_rounding_is_reproducible_and_draws_differ_from_stochastic(bits):
+    tables = make_tables()
+    a, b, c = (
+        lp.LowPrecisionEmbeddingBagCollection(tables, config=lp.LowPrecisionConfig(bits=bits, rounding=r))
+        for r in ("dithered", "dithered", "stochastic")
+    )
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    for m in (a, b, c):
+        _train(m, tables)
+    assert torch.equal(a.quantized_weight("t0"), b.quantized_weight("t0"))
+    assert not torch.equal(a.quantized_weight("t0"), c.quantized_weight("t0"))
+    assert lp.LowPrecisionConfig.from_dict(a._configs["t0"].to_dict()).rounding == "dithered"
+
+
 def test_update_touches_only_batch_rows_and_moves_loss():
     tables = make_tables()
     ebc = lp.LowPrecisionEmbeddingBagCollection(

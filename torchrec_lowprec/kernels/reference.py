@@ -92,10 +92,11 @@ def _zero_where(den: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(den == 0.0, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
-def _fp16_stochastic(x: torch.Tensor, noise_bits: torch.Tensor) -> torch.Tensor:
-    """fp32 -> fp16 by adding random bits below fp16's mantissa and truncating them."""
+def _fp16_stochastic(x: torch.Tensor, noise_bits: torch.Tensor, dither: int = 0) -> torch.Tensor:
+    """fp32 -> fp16 by adding random bits below fp16's mantissa and truncating them
+    (``dither``: the spec's 24-bit offset; its top 13 bits shift the random bits)."""
     bits = x.view(torch.int32).to(torch.int64) & MASK32
-    bits = (bits + (noise_bits & 0x1FFF)) & 0xFFFFE000
+    bits = (bits + (((noise_bits & 0x1FFF) + (dither >> 11)) & 0x1FFF)) & 0xFFFFE000
     trunc = bits.to(torch.int32).view(torch.float32)
     finite = torch.isfinite(x)
     return torch.where(finite, trunc, x).to(torch.float16)
@@ -139,7 +140,7 @@ def reference_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Ten
             from torchrec_lowprec.quant.rounding import mix32
 
             h = mix32((keys + gcols * 0x9E3779B9) & MASK32)
-            x16 = _fp16_stochastic(x, h)
+            x16 = _fp16_stochastic(x, h, spec.dither)
         else:
             x16 = x.to(torch.float16)
         rows[uniq, :nbytes] = x16.contiguous().view(torch.uint8)
@@ -161,7 +162,7 @@ def reference_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Ten
     if bounded is not None and (spec.learn_step_size or spec.grow_step):
         bounded[0] += int((s >= f[12]).sum())
     s16 = s.to(torch.float16).to(torch.float32)
-    noise = uniform_from_counter(keys, gcols) if need_noise else None
+    noise = uniform_from_counter(keys, gcols, spec.dither) if need_noise else None
     q = round_to_grid(x * (1.0 / s16)[:, None], qmin, qmax, noise)
     rows[uniq, :nbytes] = encode_rows(q, s16, bits)
     return skipped

@@ -33,6 +33,9 @@ to the gradient of row ``ids[i]``; a row's contributions are summed in occurrenc
    for nearest; the row gets ``s16``, ``bias = -2^(b-1) * s16`` and the packed codes.
    16-bit rows: fp16 by stochastic rounding (random low 13 mantissa bits added, then
    truncated; exact for values in fp16's normal range) or nearest; 32-bit rows as is.
+   Dithered draws (``dither`` != 0, ``rounding="dithered"``): ``u = ((h >> 8) + dither) mod
+   2^24 * 2^-24`` for b-bit rows and random bits ``((h & 0x1FFF) + (dither >> 11)) & 0x1FFF``
+   for 16-bit rows, ``h`` the element's 32-bit hash; ``dither = 0`` is plain stochastic.
 
 Sums over ``d`` (row-wise Adagrad, LSQ) are sequential from column 0, square roots are
 correctly rounded (IEEE), divisions are IEEE, and nothing is fused into an FMA, so the
@@ -80,6 +83,9 @@ class UpdateSpec:
     col_offset: int = 0
     grow_step: bool = False
     growth_threshold: float = 2.0
+    #: 24-bit offset added to the stochastic-rounding draws (``quant.rounding.dither_offset``;
+    #: 0: plain stochastic rounding)
+    dither: int = 0
 
     @property
     def bias_corrections(self) -> tuple[float, float]:
@@ -103,11 +109,11 @@ class UpdateSpec:
 
     def int_args(self) -> list[int]:
         """``[bits, dim, optimizer code, stochastic, learn_step_size, key, row_offset, col_offset,
-        grow_step]``."""
+        grow_step, dither]``."""
         return [
             self.bits, self.dim, OPTIMIZER_CODES[self.optimizer.kind], int(self.stochastic),
             int(self.learn_step_size and self.bits in INT_BITS), self.key, self.row_offset, self.col_offset,
-            int(self.grow_step and self.bits in INT_BITS),
+            int(self.grow_step and self.bits in INT_BITS), int(self.dither) & 0xFFFFFF,
         ]  # fmt: skip
 
 

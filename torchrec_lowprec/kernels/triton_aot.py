@@ -41,7 +41,7 @@ ARCHS = (80, 90)
 
 _PTR = {"rows_ptr": "*u8", "flag_ptr": "*i32"}
 _I64_PTRS = {"uniq_ptr", "start_ptr", "count_ptr", "perm_ptr", "goff_ptr"}
-_INTS = {"row_stride", "step_stride", "s1_stride", "s2_stride", "D", "key_lo", "key_hi", "row_offset", "col_offset"}  # fmt: skip
+_INTS = {"row_stride", "step_stride", "s1_stride", "s2_stride", "D", "key_lo", "key_hi", "row_offset", "col_offset", "dither"}  # fmt: skip
 
 
 def launchable_specialisations(

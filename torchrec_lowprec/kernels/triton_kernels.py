@@ -73,6 +73,12 @@ def _uniform(h):
 
 
 @triton.jit
+def _uniform_dithered(h, dither):
+    # (((h >> 8) + dither) mod 2**24) * 2**-24 (spec step 6; dither 0: _uniform)
+    return (((h >> 8) + dither.to(tl.uint32)) & 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
 def _floor(y):
     # IEEE floor. On NVIDIA tl.floor is cvt.rmi.ftz.f32: it flushes a negative subnormal
     # to -0 (floor -0) where IEEE gives -1; the compares below are exact (no ftz).
@@ -104,7 +110,7 @@ def _grown_step(s, x, cmask, qmin, qmax, max_s, thr):
     return tl.where(need > thr * s, tl.where(need > max_s, max_s, need), s)
 
 
-@triton.jit(do_not_specialize=["key_lo", "key_hi", "row_offset", "col_offset"])
+@triton.jit(do_not_specialize=["key_lo", "key_hi", "row_offset", "col_offset", "dither"])
 def fused_update_kernel(
     rows_ptr, row_stride,
     step_ptr, step_stride,
@@ -114,7 +120,7 @@ def fused_update_kernel(
     goff_ptr, occw_ptr, grad_ptr, flag_ptr,
     D, dim_f,
     lr, wd, eps, b1, omb1, b2, omb2, bc1, bc2, step_lr, lsq_scale, min_s, max_s, grow_thr,
-    key_lo, key_hi, row_offset, col_offset,
+    key_lo, key_hi, row_offset, col_offset, dither,
     BITS: tl.constexpr, OPT: tl.constexpr, STOCHASTIC: tl.constexpr,
     LEARN: tl.constexpr, GROW: tl.constexpr, HAS_WD: tl.constexpr, HAS_W: tl.constexpr,
     TYPED: tl.constexpr, EXACT_SUM: tl.constexpr, BLOCK: tl.constexpr,
@@ -221,7 +227,7 @@ def fused_update_kernel(
             rk = _row_key(row + row_offset, key_lo, key_hi)
             hsh = _element_hash(rk, cols + col_offset)
             xb = x.to(tl.uint32, bitcast=True)
-            tb = (xb + (hsh & 0x1FFF)) & 0xFFFFE000
+            tb = (xb + (((hsh & 0x1FFF) + (dither.to(tl.uint32) >> 11)) & 0x1FFF)) & 0xFFFFE000
             fin = (xb & 0x7F800000) != 0x7F800000
             x = tl.where(fin, tb, xb).to(tl.float32, bitcast=True)
         y = x.to(tl.float16)
@@ -260,7 +266,7 @@ def fused_update_kernel(
         vq = x * tl.div_rn(1.0, s16)
         if STOCHASTIC:
             rk = _row_key(row + row_offset, key_lo, key_hi)
-            t = _floor(vq + _uniform(_element_hash(rk, cols + col_offset)))
+            t = _floor(vq + _uniform_dithered(_element_hash(rk, cols + col_offset), dither))
         else:
             t = _floor(vq + 0.5)
         t = tl.where(t < QMIN, QMIN * 1.0, t)

@@ -258,7 +258,7 @@ def fused_update(
         grad_offsets, occw, flat, flags,
         dim, float(dim),
         *f,
-        lo, hi, spec.row_offset, spec.col_offset,
+        lo, hi, spec.row_offset, spec.col_offset, ints[9],
         BITS=bits, OPT=opt, STOCHASTIC=stochastic, LEARN=learn, GROW=bool(ints[8]),
         HAS_WD=f[1] != 0.0, HAS_W=has_w, TYPED=typed, EXACT_SUM=bool(exact_row_sums),
         BLOCK=block, **launch_options(block),

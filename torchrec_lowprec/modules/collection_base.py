@@ -35,7 +35,7 @@ from torchrec_lowprec.modules.table_layout import (
 from torchrec_lowprec.modules.table_state import TableState
 from torchrec_lowprec.optim.fused import resolve_optimizer
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
-from torchrec_lowprec.quant.rounding import hash_key, table_hash
+from torchrec_lowprec.quant.rounding import dither_offset, hash_key, table_hash
 
 
 @dataclass(frozen=True)
@@ -202,12 +202,14 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
         cfg = self._configs[lay.name]
         opt = self._table_optimizer(lay.name)
         state.ensure_optimizer(opt.kind, fresh=step == 1)
+        dithered = cfg.rounding == "dithered"  # a key fixed over steps, a golden-ratio offset per step
         spec = UpdateSpec(
-            bits=lay.bits, dim=lay.dim, optimizer=opt, step=step, stochastic=cfg.rounding == "stochastic",
+            bits=lay.bits, dim=lay.dim, optimizer=opt, step=step, stochastic=cfg.rounding != "nearest",
             learn_step_size=cfg.keeps_master_step_size, step_size_lr=cfg.step_size_lr,
-            key=hash_key(cfg.seed, table_hash(lay.origin.table), step),
+            key=hash_key(cfg.seed, table_hash(lay.origin.table), 0 if dithered else step),
             row_offset=lay.origin.row_offset, col_offset=lay.origin.col_offset,
             grow_step=cfg.grow_step_size, growth_threshold=cfg.growth_threshold,
+            dither=dither_offset(step) if dithered else 0,
         )  # fmt: skip
         rows = self._rows_of(lay.name)
         return TableUpdate(

@@ -18,6 +18,9 @@ _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
 _GOLDEN = 0x9E3779B9
 TWO_POW_M24 = 1.0 / (1 << 24)
+#: round(2**24 * (sqrt(5) - 1) / 2): the golden-ratio increment of the dithered draws (24 bits)
+WEYL_24 = 10368890
+MASK24 = 0xFFFFFF
 
 
 def mix32_int(x: int) -> int:
@@ -62,13 +65,22 @@ def row_keys(key: int, global_rows: torch.Tensor) -> torch.Tensor:
     return mix32(mix32(lo ^ key) ^ hi)
 
 
-def uniform_from_counter(row_key: torch.Tensor, global_cols: torch.Tensor) -> torch.Tensor:
+def dither_offset(step: int) -> int:
+    """The 24-bit offset ``rounding="dithered"`` adds to every draw at ``step``:
+    ``step * WEYL_24 mod 2**24``, the golden-ratio (Weyl) sequence ``frac(step * 0.618...)``."""
+    return (int(step) * WEYL_24) & MASK24
+
+
+def uniform_from_counter(row_key: torch.Tensor, global_cols: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Uniform draws in ``[0, 1)`` with 24 random bits, one per (row, column).
 
     ``row_key`` is ``[U, 1]`` and ``global_cols`` is ``[D]``; the result is ``[U, D]`` fp32.
+    ``offset`` (24 bits, :func:`dither_offset`) is added modulo 2**24: with a key that does not
+    change with the step, an element's draws over steps are ``frac(c + step * 0.618...)``, a
+    low-discrepancy sequence (``rounding="dithered"``); 0 leaves the draws as they were.
     """
     h = mix32((row_key + global_cols * _GOLDEN) & MASK32)
-    return (h >> 8).to(torch.float32) * TWO_POW_M24
+    return (((h >> 8) + offset) & MASK24).to(torch.float32) * TWO_POW_M24
 
 
 def round_to_grid(v: torch.Tensor, qmin: int, qmax: int, noise: torch.Tensor | None) -> torch.Tensor:

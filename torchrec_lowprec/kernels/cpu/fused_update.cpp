@@ -146,6 +146,7 @@ struct Params {
   bool stochastic;
   bool learn;
   bool grow;  // grow a row's step when the updated row leaves its grid (spec step 5b)
+  uint32_t dither;  // 24-bit offset added to the stochastic draws (spec step 6; 0: plain SR)
   int64_t key;
   int64_t row_offset;
   int64_t col_offset;
@@ -371,7 +372,7 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
         uint32_t b;
         std::memcpy(&b, x + d, 4);
         const bool fin = (b & 0x7F800000u) != 0x7F800000u;
-        uint32_t t = (b + (h[d] & 0x1FFFu)) & 0xFFFFE000u;
+        uint32_t t = (b + (((h[d] & 0x1FFFu) + (P.dither >> 11)) & 0x1FFFu)) & 0xFFFFE000u;
         t = fin ? t : b;
         std::memcpy(y + d, &t, 4);
       }
@@ -392,7 +393,7 @@ inline void write_row(uint8_t* row, const float* x, float s16, int64_t grow, con
       element_hash(row_key(P.key, grow), P, h);
       const float two_m24 = 1.0f / 16777216.0f;
       for (int64_t d = 0; d < D; ++d) {
-        const float u = static_cast<float>(static_cast<int32_t>(h[d] >> 8)) * two_m24;
+        const float u = static_cast<float>(static_cast<int32_t>(((h[d] >> 8) + P.dither) & 0xFFFFFFu)) * two_m24;
         const float v = x[d] * inv;
         float t = std::floor(v + u);
         t = t < qmin ? qmin : t;
@@ -863,8 +864,8 @@ void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_si
   TORCH_CHECK(float_args.size() == 14, who, ": float_args must have 14 values "
               "[lr, wd, eps, b1, 1-b1, b2, 1-b2, bc1, bc2, step_lr, lsq_scale, min_s, max_s, growth_threshold], got ",
               float_args.size());
-  TORCH_CHECK(int_args.size() == 9, who, ": int_args must have 9 values "
-              "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset, grow_step], got ",
+  TORCH_CHECK(int_args.size() == 9 || int_args.size() == 10, who, ": int_args must have 9 or 10 values "
+              "[bits, dim, optimizer, stochastic, learn_step_size, key, row_offset, col_offset, grow_step, (dither)], got ",
               int_args.size());
   Params& P = J.P;
   P.bits = static_cast<int>(int_args[0]);
@@ -876,6 +877,7 @@ void prepare_job(Job& J, const torch::Tensor& rows, const torch::Tensor& step_si
   P.row_offset = int_args[6];
   P.col_offset = int_args[7];
   P.grow = int_args[8] != 0 && P.bits <= 8;
+  P.dither = int_args.size() > 9 ? static_cast<uint32_t>(int_args[9] & 0xFFFFFF) : 0u;
   P.lr = static_cast<float>(float_args[0]);
   P.wd = static_cast<float>(float_args[1]);
   P.has_wd = float_args[1] != 0.0;

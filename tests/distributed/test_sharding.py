@@ -258,6 +258,14 @@ def test_sharded_equals_unsharded_stochastic_mixed_bits(plan_kind):
     run_multiprocess(_body, plan_kind, ALPT_SR, per, "SUM", True)
 
 
+def test_sharded_equals_unsharded_dithered_rounding():
+    # The dithered draws are keyed by global row and column like the stochastic ones.
+    dith = ALPT_SR.replace(rounding="dithered")
+    run_multiprocess(
+        _body, "rw", dith, {"t1": dith.replace(bits=4), "t2": dith.replace(bits=16)}, "SUM", True
+    )
+
+
 def test_row_wise_mean_pooling():
     # TorchRec divides row-wise MEAN bags after its reduce-scatter (its mean-pooling callback);
     # the codes stay bit-identical, the fp32 optimizer state agrees to a few ulp.

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             rb = ranked_bytes(rows[name][0], flags[name])
             ratio = rb / ranked_bytes(rows[base][0], flags[base]) if base in rows else float("nan")
             sb = serving_bytes(flags[name], tables, bits)
-            sratio = sb / serving_bytes(flags[base], tables, bits)
+            sratio = sb / serving_bytes(flags[base], tables, bits) if base in rows else float("nan")
             lines.append(
                 f"| {name} | {rb / 2**20:.2f} MiB | {ratio:.3f}x | {sb / 2**20:.2f} MiB | {sratio:.3f}x |"
             )

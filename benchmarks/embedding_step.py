@@ -45,6 +45,7 @@ from fresh_process import add_worker_args, rows_label, run_fresh  # noqa: E402
 from report import contention, cpu_stat, machine_info, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
+from torchrec_lowprec.kernels.cpu_native import cpu_vector_class  # noqa: E402
 from torchrec_lowprec.kernels.dispatch import backend_for  # noqa: E402
 
 
@@ -364,8 +365,13 @@ def main() -> None:
     md = to_markdown(results, cmd, args, args.device, stat0, time.perf_counter() - t0)
     print(md)
     if args.write:
-        key = "embedding_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
-        title = f"Embedding train step vs FBGEMM ({args.device.upper()}{', quick' if args.quick else ''})"
+        # One section per machine kind: the AVX-512 section keeps the historical key.
+        kind = "" if args.device == "cuda" or cpu_vector_class() == "avx512" else f"_{cpu_vector_class()}"
+        key = (
+            "embedding_step" + ("_cuda" if args.device == "cuda" else kind) + ("_quick" if args.quick else "")
+        )
+        where = args.device.upper() + {"": "", "_avx2": ", AVX2 only", "_other": ", no AVX2"}[kind]
+        title = f"Embedding train step vs FBGEMM ({where}{', quick' if args.quick else ''})"
         write_section(args.write, key, title, md)
 
 

@@ -83,6 +83,26 @@ def test_native_lookup_equals_fbgemm(specs, mode, weighted, index_dtype, monkeyp
     assert torch.equal(out_n, out_f), (out_n - out_f).abs().max()
 
 
+@pytest.mark.parametrize("mode", [PoolingMode.SUM, PoolingMode.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_int8_lookup_in_register_blocks_equals_fbgemm(mode, weighted, monkeypatch):
+    # int8 bags are pooled 64 / 16 columns at a time over up to 32 rows per pass: dims with
+    # a 16-column and a scalar tail (88 = 64 + 16 + 8, 40 = 16 + 16 + 8, 7) and bags of up to
+    # 70 ids (three passes) must still give FBGEMM's bits.
+    gen = torch.Generator().manual_seed(11 + mode + 2 * weighted)
+    flat, slots = _buffer([(8, 400, 88), (8, 300, 40), (8, 50, 7), (8, 90, 128)], gen)
+    values, offsets = _ids(slots, batch=23, max_len=70, gen=gen, hot=True)
+    psw = torch.rand(values.numel(), generator=gen) * 2 - 0.5 if weighted else None
+    native = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
+    monkeypatch.setenv("TORCHREC_LOWPREC_LOOKUP", "fbgemm")
+    fbgemm = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
+    out_f = fbgemm(flat, values, offsets, psw)
+    monkeypatch.delenv("TORCHREC_LOWPREC_LOOKUP")
+    out_n = native(flat, values, offsets, psw)
+    assert native.backend == "cpu_native" and int(offsets.diff().max()) > 64
+    assert torch.equal(out_n, out_f), (out_n - out_f).abs().max()
+
+
 def test_native_lookup_threads_give_the_same_bits():
     gen = torch.Generator().manual_seed(7)
     flat, slots = _buffer([(8, 5000, 64), (4, 3000, 32)], gen)

@@ -70,6 +70,16 @@ VECTOR_EXTENSIONS = (("AVX2", "avx2"), ("AVX-512F", "avx512f"), ("AVX-512-BF16",
                      ("AVX-512-FP16", "avx512_fp16"), ("AMX", "amx_tile"), ("F16C", "f16c"))  # fmt: skip
 
 
+def cpu_vector_class() -> str:
+    """``"avx512"``, ``"avx2"`` or ``"other"``: the widest x86 vector extension this CPU has
+    (``-march=native`` builds, and the benchmark sections keyed by machine kind, differ by it)."""
+    flags: set[str] = set()
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
 def cpu_description() -> str:
     """The machine a measurement came from, e.g. ``Intel(R) Xeon(R) Processor; vector
     extensions: AVX2, F16C; 2 logical cores (2 usable)`` (benchmark sections, the demo table)."""

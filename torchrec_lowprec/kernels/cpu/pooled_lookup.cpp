@@ -164,7 +164,14 @@ inline void accumulate_row(const uint8_t* row, int64_t D, float w, float* __rest
     const float bias = w * h2f(sb[1]);
     const uint8_t* c = row + 4;
     if constexpr (BITS == 8) {
-      accumulate_codes(c, D, scale, bias, out);
+      int64_t start = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      // GCC's auto-vectorised byte loop widens through 16-bit lanes; this is ~1.5x faster.
+      const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+      for (; start + 16 <= D; start += 16)
+        fma16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + start)), vs, vb, out + start);
+#endif
+      accumulate_codes(c + start, D - start, scale, bias, out + start);
     } else {
       constexpr int kPerByte = 8 / BITS;
       int64_t start = 0;  // codes done by the AVX2 loop
@@ -188,6 +195,41 @@ struct Slot {
   int64_t rows, dim, row_bytes, col, bits;
 };
 
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int kRowsPerPass = 32;
+
+// `COLS` (a multiple of 8) int8 columns of `n` rows into o[0:COLS), the accumulator held in
+// registers across the rows: the same fma and add per element, in the same row order, as
+// accumulate_row, so the same bits, without a load and a store of `o` per row.
+template <int COLS>
+inline void int8_columns(const uint8_t* const* codes, const float* scale, const float* bias, int n, int64_t j,
+                         float* o) {
+  constexpr int kRegs = COLS / 8;
+  __m256 acc[kRegs];
+  for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_loadu_ps(o + j + 8 * i);
+  for (int r = 0; r < n; ++r) {
+    const __m256 vs = _mm256_set1_ps(scale[r]), vb = _mm256_set1_ps(bias[r]);
+    const uint8_t* c = codes[r] + j;
+    for (int i = 0; i < kRegs; ++i) {
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * i));
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
+      acc[i] = _mm256_fmadd_ps(vs, q, _mm256_add_ps(acc[i], vb));
+    }
+  }
+  for (int i = 0; i < kRegs; ++i) _mm256_storeu_ps(o + j + 8 * i, acc[i]);
+}
+
+// Rows `codes[0:n)` (their int8 codes, scaled by `scale`, shifted by `bias`) added into o[0:D).
+inline void int8_rows(const uint8_t* const* codes, const float* scale, const float* bias, int n, int64_t D,
+                      float* o) {
+  int64_t j = 0;
+  for (; j + 64 <= D; j += 64) int8_columns<64>(codes, scale, bias, n, j, o);
+  for (; j + 16 <= D; j += 16) int8_columns<16>(codes, scale, bias, n, j, o);
+  if (j < D)
+    for (int r = 0; r < n; ++r) accumulate_codes(codes[r] + j, D - j, scale[r], bias[r], o + j);
+}
+#endif
+
 // Bags [begin, end) of the flattened (feature, sample) grid; returns whether every id was in range.
 template <typename index_t, int BITS>
 bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, const index_t* idx,
@@ -198,6 +240,42 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
     float* o = out + (k % B) * total_D + s.col;
     std::fill(o, o + s.dim, 0.0f);
     const int64_t p0 = off[k], p1 = off[k + 1];
+#if defined(__AVX2__) && defined(__FMA__)
+    if constexpr (BITS == 8) {
+      // Up to kRowsPerPass rows' pointers and scales first, then their columns in registers.
+      const uint8_t* codes[kRowsPerPass];
+      float scale[kRowsPerPass], bias[kRowsPerPass];
+      for (int64_t q0 = p0; q0 < p1; q0 += kRowsPerPass) {
+        const int64_t q1 = std::min<int64_t>(p1, q0 + kRowsPerPass);
+        int n = 0;
+        for (int64_t p = q0; p < q1; ++p) {
+          const int64_t ahead = p + kPrefetchAhead;
+          if (ahead < end_pos) {
+            const int64_t r = static_cast<int64_t>(idx[ahead]);
+            if (r >= 0 && r < s.rows) prefetch_row(s.table + r * s.row_bytes, s.row_bytes);
+          }
+          const int64_t r = static_cast<int64_t>(idx[p]);
+          if (r < 0 || r >= s.rows) {
+            ok = false;
+            continue;
+          }
+          const uint8_t* row = s.table + r * s.row_bytes;
+          uint16_t sb[2];
+          std::memcpy(sb, row, 4);
+          const float w = psw ? psw[p] : 1.0f;
+          scale[n] = w * h2f(sb[0]);
+          bias[n] = w * h2f(sb[1]);
+          codes[n++] = row + 4;
+        }
+        int8_rows(codes, scale, bias, n, s.dim, o);
+      }
+      if (mean && p1 > p0) {
+        const float inv = 1.f / static_cast<float>(p1 - p0);
+        for (int64_t j = 0; j < s.dim; ++j) o[j] *= inv;
+      }
+      continue;
+    }
+#endif
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t ahead = p + kPrefetchAhead;
       if (ahead < end_pos) {

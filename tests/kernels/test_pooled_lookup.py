@@ -85,12 +85,14 @@ def test_native_lookup_equals_fbgemm(specs, mode, weighted, index_dtype, monkeyp
 
 @pytest.mark.parametrize("mode", [PoolingMode.SUM, PoolingMode.MEAN])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_native_int8_lookup_in_register_blocks_equals_fbgemm(mode, weighted, monkeypatch):
-    # int8 bags are pooled 64 / 16 columns at a time over up to 32 rows per pass: dims with
-    # a 16-column and a scalar tail (88 = 64 + 16 + 8, 40 = 16 + 16 + 8, 7) and bags of up to
-    # 70 ids (three passes) must still give FBGEMM's bits.
+def test_native_lookup_in_register_blocks_equals_fbgemm(mode, weighted, monkeypatch):
+    # int8/int4/int2 bags are pooled 64 columns (int8: then 16) at a time over up to 32 rows
+    # per pass: dims with a 16-column and a scalar tail (int8 88 = 64 + 16 + 8, 40, 7; int4 88
+    # = 64 + 24; int2 136 = 128 + 8) and bags of up to 70 ids (three passes) must still give
+    # FBGEMM's bits.
     gen = torch.Generator().manual_seed(11 + mode + 2 * weighted)
-    flat, slots = _buffer([(8, 400, 88), (8, 300, 40), (8, 50, 7), (8, 90, 128)], gen)
+    specs = [(8, 400, 88), (8, 300, 40), (8, 50, 7), (8, 90, 128), (4, 200, 88), (4, 60, 64), (2, 150, 136)]
+    flat, slots = _buffer(specs, gen)
     values, offsets = _ids(slots, batch=23, max_len=70, gen=gen, hot=True)
     psw = torch.rand(values.numel(), generator=gen) * 2 - 0.5 if weighted else None
     native = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))

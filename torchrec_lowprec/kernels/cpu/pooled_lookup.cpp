@@ -148,6 +148,34 @@ inline int64_t accumulate_packed_avx2(const uint8_t* c, int64_t D, float scale, 
 }
 #endif
 
+// `D` codes of width BITS (8 / 4 / 2; `c` at a whole byte) into out[0:D), as FBGEMM rounds.
+template <int BITS>
+inline void accumulate_code_run(const uint8_t* c, int64_t D, float scale, float bias, float* __restrict out) {
+  int64_t start = 0;  // codes done by the AVX2 loop
+  if constexpr (BITS == 8) {
+#if defined(__AVX2__) && defined(__FMA__)
+    // GCC's auto-vectorised byte loop widens through 16-bit lanes; this is ~1.5x faster.
+    const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
+    for (; start + 16 <= D; start += 16)
+      fma16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + start)), vs, vb, out + start);
+#endif
+    accumulate_codes(c + start, D - start, scale, bias, out + start);
+  } else {
+    constexpr int kPerByte = 8 / BITS;
+#if defined(__AVX2__) && defined(__FMA__)
+    start = accumulate_packed_avx2<BITS>(c, D, scale, bias, out);
+#endif
+    // Packed codes -> one byte per code (low bits first, FBGEMM's order), then the int8 loop.
+    uint8_t q[kUnpackChunk];
+    for (int64_t j0 = start; j0 < D; j0 += kUnpackChunk) {
+      const int64_t n = std::min<int64_t>(kUnpackChunk, D - j0);
+      const uint8_t* cc = c + j0 / kPerByte;  // start and kUnpackChunk are whole bytes of codes
+      unpack_codes<BITS>(cc, (n + kPerByte - 1) / kPerByte, q);
+      accumulate_codes(q, n, scale, bias, out + j0);
+    }
+  }
+}
+
 // One row into the bag's accumulator `out[0:D)`, weighted by `w`.
 template <int BITS>
 inline void accumulate_row(const uint8_t* row, int64_t D, float w, float* __restrict out) {
@@ -160,33 +188,7 @@ inline void accumulate_row(const uint8_t* row, int64_t D, float w, float* __rest
   } else {
     uint16_t sb[2];
     std::memcpy(sb, row, 4);
-    const float scale = w * h2f(sb[0]);
-    const float bias = w * h2f(sb[1]);
-    const uint8_t* c = row + 4;
-    if constexpr (BITS == 8) {
-      int64_t start = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-      // GCC's auto-vectorised byte loop widens through 16-bit lanes; this is ~1.5x faster.
-      const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias);
-      for (; start + 16 <= D; start += 16)
-        fma16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + start)), vs, vb, out + start);
-#endif
-      accumulate_codes(c + start, D - start, scale, bias, out + start);
-    } else {
-      constexpr int kPerByte = 8 / BITS;
-      int64_t start = 0;  // codes done by the AVX2 loop
-#if defined(__AVX2__) && defined(__FMA__)
-      start = accumulate_packed_avx2<BITS>(c, D, scale, bias, out);
-#endif
-      // Packed codes -> one byte per code (low bits first, FBGEMM's order), then the int8 loop.
-      uint8_t q[kUnpackChunk];
-      for (int64_t j0 = start; j0 < D; j0 += kUnpackChunk) {
-        const int64_t n = std::min<int64_t>(kUnpackChunk, D - j0);
-        const uint8_t* cc = c + j0 / kPerByte;  // start and kUnpackChunk are whole bytes of codes
-        unpack_codes<BITS>(cc, (n + kPerByte - 1) / kPerByte, q);
-        accumulate_codes(q, n, scale, bias, out + j0);
-      }
-    }
+    accumulate_code_run<BITS>(row + 4, D, w * h2f(sb[0]), w * h2f(sb[1]), out);
   }
 }
 
@@ -198,35 +200,58 @@ struct Slot {
 #if defined(__AVX2__) && defined(__FMA__)
 constexpr int kRowsPerPass = 32;
 
-// `COLS` (a multiple of 8) int8 columns of `n` rows into o[0:COLS), the accumulator held in
-// registers across the rows: the same fma and add per element, in the same row order, as
-// accumulate_row, so the same bits, without a load and a store of `o` per row.
-template <int COLS>
-inline void int8_columns(const uint8_t* const* codes, const float* scale, const float* bias, int n, int64_t j,
-                         float* o) {
+// 64 codes of width BITS starting at `c` (a whole byte) as 4 vectors of 16, one code a byte.
+template <int BITS>
+inline void load64(const uint8_t* c, __m128i* q) {
+  if constexpr (BITS == 8) {
+    for (int i = 0; i < 4; ++i) q[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * i));
+  } else if constexpr (BITS == 4) {
+    split_codes<4>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), q);
+    split_codes<4>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)), q + 2);
+  } else {
+    split_codes<2>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), q);
+  }
+}
+
+// Columns [j, j + COLS) of `n` rows (their codes, scaled by `scale`, shifted by `bias`) into
+// o[j:j + COLS), the accumulator held in registers across the rows: the same fma and add per
+// element, in the same row order, as accumulate_row, so the same bits, without a load and a
+// store of `o` per row. COLS is 64 (any width) or 16 (int8).
+template <int BITS, int COLS>
+inline void block_columns(const uint8_t* const* codes, const float* scale, const float* bias, int n, int64_t j,
+                          float* o) {
   constexpr int kRegs = COLS / 8;
   __m256 acc[kRegs];
   for (int i = 0; i < kRegs; ++i) acc[i] = _mm256_loadu_ps(o + j + 8 * i);
   for (int r = 0; r < n; ++r) {
     const __m256 vs = _mm256_set1_ps(scale[r]), vb = _mm256_set1_ps(bias[r]);
-    const uint8_t* c = codes[r] + j;
-    for (int i = 0; i < kRegs; ++i) {
-      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * i));
-      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
-      acc[i] = _mm256_fmadd_ps(vs, q, _mm256_add_ps(acc[i], vb));
+    __m128i q[4];
+    if constexpr (COLS == 64) {
+      load64<BITS>(codes[r] + j * BITS / 8, q);
+    } else {
+      static_assert(BITS == 8 && COLS == 16, "16-column blocks are int8's");
+      q[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes[r] + j));
+    }
+    for (int i = 0; i < kRegs / 2; ++i) {
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[i]));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q[i], 8)));
+      acc[2 * i] = _mm256_fmadd_ps(vs, lo, _mm256_add_ps(acc[2 * i], vb));
+      acc[2 * i + 1] = _mm256_fmadd_ps(vs, hi, _mm256_add_ps(acc[2 * i + 1], vb));
     }
   }
   for (int i = 0; i < kRegs; ++i) _mm256_storeu_ps(o + j + 8 * i, acc[i]);
 }
 
-// Rows `codes[0:n)` (their int8 codes, scaled by `scale`, shifted by `bias`) added into o[0:D).
-inline void int8_rows(const uint8_t* const* codes, const float* scale, const float* bias, int n, int64_t D,
-                      float* o) {
+// Rows `codes[0:n)` added into o[0:D): register blocks, then each row's remaining columns.
+template <int BITS>
+inline void blocked_rows(const uint8_t* const* codes, const float* scale, const float* bias, int n, int64_t D,
+                         float* o) {
   int64_t j = 0;
-  for (; j + 64 <= D; j += 64) int8_columns<64>(codes, scale, bias, n, j, o);
-  for (; j + 16 <= D; j += 16) int8_columns<16>(codes, scale, bias, n, j, o);
+  for (; j + 64 <= D; j += 64) block_columns<BITS, 64>(codes, scale, bias, n, j, o);
+  if constexpr (BITS == 8)
+    for (; j + 16 <= D; j += 16) block_columns<8, 16>(codes, scale, bias, n, j, o);
   if (j < D)
-    for (int r = 0; r < n; ++r) accumulate_codes(codes[r] + j, D - j, scale[r], bias[r], o + j);
+    for (int r = 0; r < n; ++r) accumulate_code_run<BITS>(codes[r] + j * BITS / 8, D - j, scale[r], bias[r], o + j);
 }
 #endif
 
@@ -241,7 +266,7 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
     std::fill(o, o + s.dim, 0.0f);
     const int64_t p0 = off[k], p1 = off[k + 1];
 #if defined(__AVX2__) && defined(__FMA__)
-    if constexpr (BITS == 8) {
+    if constexpr (BITS <= 8) {
       // Up to kRowsPerPass rows' pointers and scales first, then their columns in registers.
       const uint8_t* codes[kRowsPerPass];
       float scale[kRowsPerPass], bias[kRowsPerPass];
@@ -267,7 +292,7 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
           bias[n] = w * h2f(sb[1]);
           codes[n++] = row + 4;
         }
-        int8_rows(codes, scale, bias, n, s.dim, o);
+        blocked_rows<BITS>(codes, scale, bias, n, s.dim, o);
       }
       if (mean && p1 > p0) {
         const float inv = 1.f / static_cast<float>(p1 - p0);

@@ -53,6 +53,18 @@ def _ids(slots, batch, max_len, gen, hot: bool):
     return torch.cat(values), offsets
 
 
+def _native_and_fbgemm(slots, mode, flat, values, offsets, psw, monkeypatch):
+    """The pooled output of our native lookup and of FBGEMM's op on the same buffer and ids."""
+    native = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
+    monkeypatch.setenv("TORCHREC_LOWPREC_LOOKUP", "fbgemm")
+    fbgemm = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
+    out_f = fbgemm(flat, values, offsets, psw)
+    monkeypatch.delenv("TORCHREC_LOWPREC_LOOKUP")
+    out_n = native(flat, values, offsets, psw)  # the backend is chosen at the first call
+    assert (native.backend, fbgemm.backend) == ("cpu_native", "fbgemm")
+    return out_n, out_f
+
+
 @pytest.mark.parametrize("mode", [PoolingMode.SUM, PoolingMode.MEAN])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
@@ -72,13 +84,7 @@ def test_native_lookup_equals_fbgemm(specs, mode, weighted, index_dtype, monkeyp
     values, offsets = values.to(index_dtype), offsets.to(index_dtype)
     psw = torch.rand(values.numel(), generator=gen) * 2 - 0.5 if weighted else None
 
-    native = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
-    monkeypatch.setenv("TORCHREC_LOWPREC_LOOKUP", "fbgemm")
-    fbgemm = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
-    out_f = fbgemm(flat, values, offsets, psw)
-    monkeypatch.delenv("TORCHREC_LOWPREC_LOOKUP")
-    out_n = native(flat, values, offsets, psw)
-    assert (native.backend, fbgemm.backend) == ("cpu_native", "fbgemm")
+    out_n, out_f = _native_and_fbgemm(slots, mode, flat, values, offsets, psw, monkeypatch)
     assert out_n.shape == out_f.shape == (37, sum(s.dim for s in slots))
     assert torch.equal(out_n, out_f), (out_n - out_f).abs().max()
 
@@ -95,13 +101,8 @@ def test_native_lookup_in_register_blocks_equals_fbgemm(mode, weighted, monkeypa
     flat, slots = _buffer(specs, gen)
     values, offsets = _ids(slots, batch=23, max_len=70, gen=gen, hot=True)
     psw = torch.rand(values.numel(), generator=gen) * 2 - 0.5 if weighted else None
-    native = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
-    monkeypatch.setenv("TORCHREC_LOWPREC_LOOKUP", "fbgemm")
-    fbgemm = FusedPooledLookup(slots, mode, 1, torch.device("cpu"))
-    out_f = fbgemm(flat, values, offsets, psw)
-    monkeypatch.delenv("TORCHREC_LOWPREC_LOOKUP")
-    out_n = native(flat, values, offsets, psw)
-    assert native.backend == "cpu_native" and int(offsets.diff().max()) > 64
+    out_n, out_f = _native_and_fbgemm(slots, mode, flat, values, offsets, psw, monkeypatch)
+    assert int(offsets.diff().max()) > 64
     assert torch.equal(out_n, out_f), (out_n - out_f).abs().max()
 
 

@@ -255,6 +255,19 @@ inline void blocked_rows(const uint8_t* const* codes, const float* scale, const 
 }
 #endif
 
+// Row p's bytes (null: its id is outside the table), after prefetching the row
+// kPrefetchAhead ids ahead if that position is before `end`.
+template <typename index_t>
+inline const uint8_t* row_at(const Slot& s, const index_t* idx, int64_t p, int64_t end) {
+  const int64_t ahead = p + kPrefetchAhead;
+  if (ahead < end) {
+    const int64_t r = static_cast<int64_t>(idx[ahead]);
+    if (r >= 0 && r < s.rows) prefetch_row(s.table + r * s.row_bytes, s.row_bytes);
+  }
+  const int64_t r = static_cast<int64_t>(idx[p]);
+  return r >= 0 && r < s.rows ? s.table + r * s.row_bytes : nullptr;
+}
+
 // Bags [begin, end) of the flattened (feature, sample) grid; returns whether every id was in range.
 template <typename index_t, int BITS>
 bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, const index_t* idx,
@@ -266,7 +279,12 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
     std::fill(o, o + s.dim, 0.0f);
     const int64_t p0 = off[k], p1 = off[k + 1];
 #if defined(__AVX2__) && defined(__FMA__)
-    if constexpr (BITS <= 8) {
+    constexpr bool kBlocked = BITS <= 8;
+#else
+    constexpr bool kBlocked = false;
+#endif
+    if constexpr (kBlocked) {
+#if defined(__AVX2__) && defined(__FMA__)
       // Up to kRowsPerPass rows' pointers and scales first, then their columns in registers.
       const uint8_t* codes[kRowsPerPass];
       float scale[kRowsPerPass], bias[kRowsPerPass];
@@ -274,17 +292,11 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
         const int64_t q1 = std::min<int64_t>(p1, q0 + kRowsPerPass);
         int n = 0;
         for (int64_t p = q0; p < q1; ++p) {
-          const int64_t ahead = p + kPrefetchAhead;
-          if (ahead < end_pos) {
-            const int64_t r = static_cast<int64_t>(idx[ahead]);
-            if (r >= 0 && r < s.rows) prefetch_row(s.table + r * s.row_bytes, s.row_bytes);
-          }
-          const int64_t r = static_cast<int64_t>(idx[p]);
-          if (r < 0 || r >= s.rows) {
+          const uint8_t* row = row_at(s, idx, p, end_pos);
+          if (row == nullptr) {
             ok = false;
             continue;
           }
-          const uint8_t* row = s.table + r * s.row_bytes;
           uint16_t sb[2];
           std::memcpy(sb, row, 4);
           const float w = psw ? psw[p] : 1.0f;
@@ -294,25 +306,16 @@ bool pool_bags(const Slot& s, int64_t first_bag, int64_t last_bag, int64_t B, co
         }
         blocked_rows<BITS>(codes, scale, bias, n, s.dim, o);
       }
-      if (mean && p1 > p0) {
-        const float inv = 1.f / static_cast<float>(p1 - p0);
-        for (int64_t j = 0; j < s.dim; ++j) o[j] *= inv;
-      }
-      continue;
-    }
 #endif
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t ahead = p + kPrefetchAhead;
-      if (ahead < end_pos) {
-        const int64_t r = static_cast<int64_t>(idx[ahead]);
-        if (r >= 0 && r < s.rows) prefetch_row(s.table + r * s.row_bytes, s.row_bytes);
+    } else {
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* row = row_at(s, idx, p, end_pos);
+        if (row == nullptr) {
+          ok = false;
+          continue;
+        }
+        accumulate_row<BITS>(row, s.dim, psw ? psw[p] : 1.0f, o);
       }
-      const int64_t r = static_cast<int64_t>(idx[p]);
-      if (r < 0 || r >= s.rows) {
-        ok = false;
-        continue;
-      }
-      accumulate_row<BITS>(s.table + r * s.row_bytes, s.dim, psw ? psw[p] : 1.0f, o);
     }
     if (mean && p1 > p0) {
       const float inv = 1.f / static_cast<float>(p1 - p0);
@@ -351,19 +354,14 @@ bool gather_bags(const Slot& s, int64_t first_bag, int64_t last_bag, const index
   bool ok = true;
   const int64_t p_begin = off[first_bag], p_end = off[last_bag];
   for (int64_t p = p_begin; p < p_end; ++p) {
-    const int64_t ahead = p + kPrefetchAhead;
-    if (ahead < p_end) {
-      const int64_t r = static_cast<int64_t>(idx[ahead]);
-      if (r >= 0 && r < s.rows) prefetch_row(s.table + r * s.row_bytes, s.row_bytes);
-    }
     float* o = out + p * s.dim;
     std::fill(o, o + s.dim, 0.0f);
-    const int64_t r = static_cast<int64_t>(idx[p]);
-    if (r < 0 || r >= s.rows) {
+    const uint8_t* row = row_at(s, idx, p, p_end);
+    if (row == nullptr) {
       ok = false;
       continue;
     }
-    accumulate_row<BITS>(s.table + r * s.row_bytes, s.dim, 1.0f, o);
+    accumulate_row<BITS>(row, s.dim, 1.0f, o);
   }
   return ok;
 }

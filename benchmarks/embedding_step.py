@@ -186,6 +186,13 @@ def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
     return {"fwd": fwd, "step": step, "bytes": ebc.memory_bytes()}
 
 
+#: machine kind (``cpu_native.cpu_vector_class()``, or cuda) -> (section key suffix, title).
+SECTION_OF_KIND = {
+    "cuda": ("_cuda", "CUDA"),
+    "avx512": ("", "CPU"),
+    "avx2": ("_avx2", "CPU, AVX2 only"),
+    "other": ("_other", "CPU, no AVX2"),
+}
 VARIANTS = ("FBGEMM FP32", "FBGEMM FP16", "lowprec int8 (ALPT)", "lowprec int4 (ALPT)", "lowprec int2 (ALPT)")
 
 
@@ -366,11 +373,8 @@ def main() -> None:
     print(md)
     if args.write:
         # One section per machine kind: the AVX-512 section keeps the historical key.
-        kind = "" if args.device == "cuda" or cpu_vector_class() == "avx512" else f"_{cpu_vector_class()}"
-        key = (
-            "embedding_step" + ("_cuda" if args.device == "cuda" else kind) + ("_quick" if args.quick else "")
-        )
-        where = args.device.upper() + {"": "", "_avx2": ", AVX2 only", "_other": ", no AVX2"}[kind]
+        suffix, where = SECTION_OF_KIND["cuda" if args.device == "cuda" else cpu_vector_class()]
+        key = "embedding_step" + suffix + ("_quick" if args.quick else "")
         title = f"Embedding train step vs FBGEMM ({where}{', quick' if args.quick else ''})"
         write_section(args.write, key, title, md)
 

@@ -571,3 +571,6 @@ def test_cpu_description_names_the_cpu_its_extensions_and_cores():
     flags = set(flag_lines[0].split(":", 1)[1].split()) if flag_lines else set()
     expected = [name for name, flag in cpu_native.VECTOR_EXTENSIONS if flag in flags]
     assert extensions == "vector extensions: " + (", ".join(expected) or "none of AVX2/AVX-512/AMX")
+    # The machine kind the benchmark sections are keyed by agrees with the extensions named.
+    kind = cpu_native.cpu_vector_class()
+    assert kind == ("avx512" if "AVX-512F" in expected else "avx2" if "AVX2" in expected else "other")

@@ -70,25 +70,28 @@ VECTOR_EXTENSIONS = (("AVX2", "avx2"), ("AVX-512F", "avx512f"), ("AVX-512-BF16",
                      ("AVX-512-FP16", "avx512_fp16"), ("AMX", "amx_tile"), ("F16C", "f16c"))  # fmt: skip
 
 
-def cpu_vector_class() -> str:
-    """``"avx512"``, ``"avx2"`` or ``"other"``: the widest x86 vector extension this CPU has
-    (``-march=native`` builds, and the benchmark sections keyed by machine kind, differ by it)."""
-    flags: set[str] = set()
-    for line in _cpuinfo().splitlines():
-        if line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
-
-
-def cpu_description() -> str:
-    """The machine a measurement came from, e.g. ``Intel(R) Xeon(R) Processor; vector
-    extensions: AVX2, F16C; 2 logical cores (2 usable)`` (benchmark sections, the demo table)."""
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The first CPU's model name and feature flags (from /proc/cpuinfo where there is one)."""
     model, flags = platform.processor() or platform.machine(), set()
     for line in _cpuinfo().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
         elif line.startswith(("flags", "Features")):
             flags = set(line.split(":", 1)[1].split())
+    return model, flags
+
+
+def cpu_vector_class() -> str:
+    """``"avx512"``, ``"avx2"`` or ``"other"``: the widest x86 vector extension this CPU has
+    (``-march=native`` builds, and the benchmark sections keyed by machine kind, differ by it)."""
+    flags = _cpu_model_and_flags()[1]
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
+def cpu_description() -> str:
+    """The machine a measurement came from, e.g. ``Intel(R) Xeon(R) Processor; vector
+    extensions: AVX2, F16C; 2 logical cores (2 usable)`` (benchmark sections, the demo table)."""
+    model, flags = _cpu_model_and_flags()
     ext = [name for name, flag in VECTOR_EXTENSIONS if flag in flags]
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores

@@ -93,6 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------- eval
 def evaluate(model, data: DataSource, split: str, args, env: Env, max_rows: int | None = None) -> dict:
     """AUC and mean log-loss over ``split`` (every rank's rows, gathered)."""
+    for m in model.modules():  # a bad training batch checked on the GPU is raised by now at the latest
+        if callable(getattr(m, "check_inputs", None)):
+            m.check_inputs()
     model.eval()
     logits, labels = [], []
     with torch.no_grad():

@@ -292,6 +292,15 @@ class ShardedLowPrecisionMixin:
                     out[s.table] = out.get(s.table, 0) + lk.local.nonfinite_rows_skipped()[s.local_name]
         return out
 
+    def check_inputs(self) -> None:
+        """Raise the error of any batch this rank's lookups checked on the device and found
+        bad (see ``LowPrecisionTables.check_inputs``); waits for the device. The global ids
+        are checked on the host before TorchRec's input dist, so this reports only what that
+        check cannot see."""
+        for lk in self._lp_lookups():
+            if lk.local is not None:
+                lk.local.check_inputs()
+
 
 def _tagged(tags: dict) -> torch.Tensor:
     t = torch.empty(0)

@@ -62,14 +62,25 @@ def backend_for(device: torch.device) -> str:
 
 
 def fused_update(
-    update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None
+    update: TableUpdate,
+    grad: torch.Tensor,
+    bounded: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> int | torch.Tensor:
     """Update one table in place (see :mod:`.spec`); returns rows skipped for non-finite grads
     (an int on CPU; on CUDA a 0-d tensor on the device, so that the step makes no host sync).
 
-    ``bounded[0]`` (optional int64 tensor) is increased by the rows whose step size hit
-    ``max_step_size(bits)`` (spec step 5c)."""
-    return _backend_function(backend_for(update.rows.device))(update, grad, bounded)
+    ``bounded[0]`` (optional int64 tensor) is increased by the rows whose step hit
+    ``max_step_size(bits)`` (spec step 5c). ``skip`` (optional 0-d bool tensor, a device-side
+    input check's verdict, ``modules/input_check.py``): when true nothing is updated; the
+    Triton update and the reference read it on the device, the C++ kernel's caller on the host
+    (a CPU tensor: no device to wait for)."""
+    backend = backend_for(update.rows.device)
+    if skip is None:
+        return _backend_function(backend)(update, grad, bounded)
+    if backend == "cpu_native":
+        return 0 if bool(skip) else _backend_function(backend)(update, grad, bounded)
+    return _backend_function(backend)(update, grad, bounded, skip)
 
 
 def _backend_function(backend: str):
@@ -89,6 +100,7 @@ def fused_update_many(
     updates: list[TableUpdate],
     grad: torch.Tensor,
     bounded: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> list[int] | list[torch.Tensor]:
     """Update many tables in place, all reading ``grad``; the skipped-row count per table
     (ints, or device tensors from the Triton update, as :func:`fused_update`).
@@ -97,14 +109,17 @@ def fused_update_many(
     kernel, one batched call (one parallel region across all the tables); elsewhere (CUDA,
     the reference), one call per update. Tables must not share the memory they write.
     ``bounded[i]`` (optional int64 tensor ``[len(updates)]``) is increased by table ``i``'s
-    rows whose step hit ``max_step_size(bits)``.
+    rows whose step hit ``max_step_size(bits)``. ``skip``: as :func:`fused_update`.
     """
     if not updates:
         return []
     if backend_for(grad.device) == "cpu_native" and all(u.rows.device.type == "cpu" for u in updates):
         from torchrec_lowprec.kernels import cpu_native
 
+        if skip is not None and bool(skip):  # a CPU tensor: no device to wait for
+            return [0] * len(updates)
         return cpu_native.fused_update_many(updates, grad, bounded)
     return [
-        fused_update(u, grad, None if bounded is None else bounded[i : i + 1]) for i, u in enumerate(updates)
+        fused_update(u, grad, None if bounded is None else bounded[i : i + 1], skip)
+        for i, u in enumerate(updates)
     ]

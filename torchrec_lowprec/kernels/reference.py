@@ -102,11 +102,17 @@ def _fp16_stochastic(x: torch.Tensor, noise_bits: torch.Tensor, dither: int = 0)
     return torch.where(finite, trunc, x).to(torch.float16)
 
 
-def reference_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Tensor | None = None) -> int:
+def reference_update(
+    update: TableUpdate,
+    grad: torch.Tensor,
+    bounded: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
+) -> int:
     """Apply one fused update in place; returns the number of rows skipped (non-finite grad).
 
     ``bounded`` (optional, an int64 tensor): ``bounded[0]`` is increased by the number of rows
-    whose step size hit ``max_step_size(bits)`` (spec step 5c).
+    whose step size hit ``max_step_size(bits)`` (spec step 5c). ``skip`` (optional 0-d bool
+    tensor): when true, no row is touched.
     """
     rows, step_size, state1, state2, ids, grad_offsets, occ_weights, grad = update.tensors(grad)
     spec = update.spec
@@ -117,6 +123,8 @@ def reference_update(update: TableUpdate, grad: torch.Tensor, bounded: torch.Ten
     uniq, g = aggregate_row_grads(ids, grad_offsets, occ_weights, grad, dim)
     finite = torch.isfinite(g).all(dim=1)
     skipped = int((~finite).sum())
+    if skip is not None:
+        finite = finite & ~skip
     uniq, g = uniq[finite], g[finite]
     if uniq.numel() == 0:
         return skipped

@@ -139,6 +139,7 @@ def fused_update(
     update: TableUpdate,
     grad: torch.Tensor,
     bounded: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
     *,
     exact_row_sums: bool = True,
 ) -> torch.Tensor:
@@ -150,6 +151,8 @@ def fused_update(
     all tensors on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``rows`` is a
     2-D uint8 tensor ``[R, >= row_bytes]`` with unit stride along a row (any row stride).
     ``bounded[0]`` (optional) counts the rows whose step hit ``max_step_size(bits)``.
+    ``skip`` (optional 0-d bool tensor on the device): when true, no row is touched (every
+    program finds an empty slot), without the host reading it.
     ``exact_row_sums=False`` uses a tree reduction for the two sums over ``d`` (faster,
     last-bit differences, see the module docstring).
     """
@@ -234,6 +237,8 @@ def fused_update(
     bounds = torch.full((n_occ + 1,), n_occ, dtype=torch.int64, device=dev)
     bounds.scatter_reduce_(0, segment, torch.arange(n_occ, device=dev), reduce="amin")
     starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+    if skip is not None:  # a batch the device-side input check refused: every slot empty
+        counts = torch.where(skip, torch.zeros_like(counts), counts)
     uniq = sorted_ids[starts.clamp(max=n_occ - 1)]
     n_rows = n_occ  # programs: one per slot, empty ones return at once
     flags = torch.zeros(n_rows, dtype=torch.int32, device=dev)

@@ -8,6 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.kernels.dispatch import backend_for
+from torchrec_lowprec.modules.input_check import kjt_report
 
 
 def check_ids(
@@ -73,18 +74,9 @@ def in_range_mask(values: torch.Tensor, lengths: torch.Tensor, rows: list[int], 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> list[int]:
-    """Raise ``ValueError`` saying what is inconsistent if ``features``' lengths / offsets /
-    values / weights do not describe one another, before any kernel reads them.
-
-    FBGEMM's kernels trust these sizes (``values=[]`` with ``lengths=[3, 3]`` reads past the
-    end of ``values``), so every collection checks them first. Cost: O(1) size checks and one
-    pass over the lengths (their min, sum and per-key sums), no pass over the values: on CPU a
-    native pass that reads them in place (no host sync); elsewhere one reduction read back to
-    the host (one sync). ``weighted``: the collection reads per-sample weights, so the KJT must carry
-    them. Returns the ids per key (the collections split the fused update by it, so the
-    backward needs no sync of its own).
-    """
+def _check_sizes(features: KeyedJaggedTensor, weighted: bool) -> bool:
+    """The O(1) checks of :func:`validate_kjt` (keys, dtypes, shapes); ``True`` if the KJT has
+    no bags (nothing more to check)."""
     keys = features.keys()
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -124,7 +116,26 @@ def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> list[in
     if lengths.numel() == 0:
         if values.numel():
             raise ValueError(f"KJT has {values.numel()} values but no bags (empty lengths)")
+        return True
+    return False
+
+
+def validate_kjt(features: KeyedJaggedTensor, weighted: bool = False) -> list[int]:
+    """Raise ``ValueError`` saying what is inconsistent if ``features``' lengths / offsets /
+    values / weights do not describe one another, before any kernel reads them.
+
+    FBGEMM's kernels trust these sizes (``values=[]`` with ``lengths=[3, 3]`` reads past the
+    end of ``values``), so every collection checks them first. Cost: O(1) size checks and one
+    pass over the lengths (their min, sum and per-key sums), no pass over the values: on CPU a
+    native pass that reads them in place (no host sync); elsewhere one reduction read back to
+    the host (one sync). ``weighted``: the collection reads per-sample weights, so the KJT must carry
+    them. Returns the ids per key (the collections split the fused update by it, so the
+    backward needs no sync of its own).
+    """
+    keys, batch = features.keys(), features.stride()
+    if _check_sizes(features, weighted):
         return [0] * len(keys)
+    values, offsets, lengths = features.values(), features.offsets_or_none(), features.lengths()
     if lengths.device.type == "cpu" and backend_for(lengths.device) == "cpu_native":
         from torchrec_lowprec.kernels import cpu_native
 
@@ -179,7 +190,30 @@ def ordered_with_totals(
         if features.keys() != order or len(known) != len(order):
             raise ValueError(f"known totals need a KJT keyed {order}, got {features.keys()}")
         return features, list(known)
-    totals = dict(zip(features.keys(), validate_kjt(features, weighted)))
+    return _in_order(features, order, validate_kjt(features, weighted))
+
+
+def ordered_on_device(
+    features: KeyedJaggedTensor, order: list[str], weighted: bool = False
+) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor | None]:
+    """:func:`ordered_with_totals` for a batch whose checks run on the device
+    (``input_check.checks_on_device``): the lengths pass is made there when the KJT carries its
+    ``length_per_key`` (no sync; a bad KJT gets safe lengths and a report, see
+    :func:`input_check.kjt_report`), and the report is returned; without ``length_per_key`` the
+    check reads its numbers back as :func:`validate_kjt` does (one sync) and the report is
+    ``None``."""
+    if not _check_sizes(features, weighted):
+        checked = kjt_report(features)
+        if checked is not None:
+            kjt, totals, report = checked
+            return (*_in_order(kjt, order, totals), report)
+    return (*ordered_with_totals(features, order, weighted), None)
+
+
+def _in_order(
+    features: KeyedJaggedTensor, order: list[str], per_key: list[int]
+) -> tuple[KeyedJaggedTensor, list[int]]:
+    totals = dict(zip(features.keys(), per_key))
     if features.keys() == order:
         return features, [totals[f] for f in order]
     missing = list(dict.fromkeys(f for f in order if f not in features.keys()))  # once each

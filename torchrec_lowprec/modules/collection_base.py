@@ -16,15 +16,25 @@ from typing import Any
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.kernels.dispatch import fused_update_many
 from torchrec_lowprec.kernels.lookup import row_alignment_for, table_buffer
 from torchrec_lowprec.kernels.spec import TableUpdate, UpdateSpec
+from torchrec_lowprec.modules.bounds import ordered_on_device, ordered_with_totals
 from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint, validate_values
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.guards import refuse_dtype_cast, update_lock
+from torchrec_lowprec.modules.input_check import (
+    REPORT_OK,
+    DeferredInputErrors,
+    checks_on_device,
+    combined,
+    describe_report,
+    id_report,
+)
 from torchrec_lowprec.modules.table_layout import (
     ShardOrigin,
     TableLayout,
@@ -113,6 +123,7 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
         self._nonfinite_pending = torch.zeros(len(names), dtype=torch.int64)
         self._table_indices: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
         self._step_seen = (-1, -1, 0)  # (step buffer data_ptr, _version, value): see _host_step
+        self._input_errors = DeferredInputErrors()  # reports of device-side input checks
         if init_weights and device.type != "meta":
             for lay in self._layouts:
                 self.tables[lay.name].init_rows(self._rows_of(lay.name), tables[self._table_index[lay.name]])
@@ -145,6 +156,47 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
     def _bounds_modes(self, layouts: list[TableLayout]) -> list[str]:
         return [self._configs[lay.name].bounds_check for lay in layouts]
 
+    # ----- input checks on the device -----
+    def _checked_on_device(
+        self, features: KeyedJaggedTensor, weighted: bool, known: list[int] | None
+    ) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor, torch.Tensor | None] | None:
+        """``(KJT in lookup order, ids per slot, ids safe to look up, skip)`` for a batch
+        whose checks run on the device (``input_check.checks_on_device``, every table's
+        ``bounds_check`` ``"raise"``), or ``None`` (the caller checks on the host). ``skip``:
+        the device verdict the fused update reads (the batch updates nothing when it is bad);
+        the report is queued and raised by a later forward or :meth:`check_inputs`. An
+        earlier batch's error is raised here."""
+        lookup_tables = self._lookup_tables
+        if not checks_on_device(self.device) or any(m != "raise" for m in self._bounds_modes(lookup_tables)):
+            return None
+        self._input_errors.poll()
+        kjt_keys = features.keys()
+        if known is not None:  # a sharded lookup's input: checked before TorchRec's input dist
+            features, totals = ordered_with_totals(features, self._lookup_order, weighted, known)
+            report = None
+        else:
+            features, totals, report = ordered_on_device(features, self._lookup_order, weighted)
+        values = features.values()
+        if values.numel():
+            rows = [lay.rows for lay in lookup_tables]
+            values, ids = id_report(values, features.lengths(), rows, features.stride())
+            report = combined(report, ids)
+        if report is None:
+            return features, totals, values, None
+        names = [lay.name for lay in lookup_tables]
+        describe = describe_report(
+            kjt_keys, self._lookup_order, names, [lay.rows for lay in lookup_tables], self.device
+        )
+        self._input_errors.record(report, self._host_step() + 1, describe)
+        return features, totals, values, report[0] != REPORT_OK
+
+    def check_inputs(self) -> None:
+        """Raise the error of any batch whose inputs were checked on the device and found bad
+        (on CUDA, ``bounds_check="raise"``: see ``modules/input_check.py``); waits for the
+        device. The forward raises it too, a step or more after the batch, without waiting.
+        On CPU the checks raise in the step itself and this does nothing."""
+        self._input_errors.flush()
+
     # ----- backward: the fused update -----
     def _fused_backward(
         self,
@@ -153,10 +205,12 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
         goff: torch.Tensor,
         occ_w: torch.Tensor,
         spans: list[TableSpan],
+        skip: torch.Tensor | None = None,
     ) -> None:
         """One fused update of every table that has occurrences: ``ids[s.start:s.end]`` of
         table ``s.layout`` read their gradient row (``dim`` floats) at ``grad.view(-1)[goff]``,
-        scaled by ``occ_w`` (empty: 1)."""
+        scaled by ``occ_w`` (empty: 1). ``skip``: a device-side input check's verdict (true:
+        nothing is updated; the step still counts)."""
         with update_lock(self):  # concurrent backward passes: serialised, no step lost
             step = self._host_step() + 1
             dev = ids.device
@@ -171,7 +225,7 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
             # One call for all tables: one parallel region, rows of all tables in one work queue.
             # Counters stay on the device (no host sync per step): step_bound_rows() reads them.
             bounded = torch.zeros(len(items), dtype=torch.int64, device=dev)
-            skipped = fused_update_many(items, grad, bounded)
+            skipped = fused_update_many(items, grad, bounded, skip)
             if self._bounded_total.device != dev:
                 self._bounded_total = self._bounded_total.to(dev)
                 self._nonfinite_pending = self._nonfinite_pending.to(dev)

@@ -22,9 +22,10 @@ class _FusedLookupFunction(torch.autograd.Function):
     """Pooled lookup whose backward runs the fused optimizer instead of returning weight grads."""
 
     @staticmethod
-    def forward(ctx, module, totals, values, offsets, lengths, weights, *handles):  # type: ignore[override]
+    def forward(ctx, module, totals, values, offsets, lengths, weights, skip, *handles):  # type: ignore[override]
         ctx.module = module
         ctx.totals = totals
+        ctx.skip = skip
         ctx.num_handles = len(handles)
         ctx.save_for_backward(values, lengths, weights)
         return module._pooled(values, offsets, weights)
@@ -32,8 +33,8 @@ class _FusedLookupFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         values, lengths, weights = ctx.saved_tensors
-        ctx.module._pooled_backward(grad_out, values, lengths, weights, ctx.totals)
-        return (None,) * (6 + ctx.num_handles)
+        ctx.module._pooled_backward(grad_out, values, lengths, weights, ctx.totals, ctx.skip)
+        return (None,) * (7 + ctx.num_handles)
 
 
 class LowPrecisionEmbeddingBagCollection(
@@ -154,6 +155,30 @@ class LowPrecisionEmbeddingBagCollection(
         (see :func:`~torchrec_lowprec.modules.bounds.ordered_with_totals`)."""
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
+        on_device = self._checked_on_device(features, self._is_weighted, known)
+        if on_device is not None:  # checked on the device: reported later, never waited for
+            features, totals, values, skip = on_device
+            lengths = features.lengths()
+            weights = features.weights().float() if self._is_weighted else None
+        else:
+            features, totals, values, lengths, weights = self._checked_on_host(features, known)
+            skip = None
+        batch = features.stride()
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+        values = values.to(offsets.dtype) if values.dtype != offsets.dtype else values
+        handles = [h for h in self._handles() if h.requires_grad]
+        if torch.is_grad_enabled() and handles:
+            out = _FusedLookupFunction.apply(self, totals, values, offsets, lengths, weights, skip, *handles)
+        else:
+            out = self._pooled(values, offsets, weights)
+        out = out.view(batch, self._total_dim) if out.numel() else out.reshape(batch, self._total_dim)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=out)
+
+    def _checked_on_host(
+        self, features: KeyedJaggedTensor, known: list[int] | None
+    ) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(KJT in lookup order, ids per slot, values, lengths, weights)`` checked on the host
+        (``bounds_check`` "warn" / "ignore" drop out-of-range ids here)."""
         features, totals = ordered_with_totals(features, self._lookup_order, self._is_weighted, known)
         batch = features.stride()
         values = features.values()
@@ -172,15 +197,7 @@ class LowPrecisionEmbeddingBagCollection(
         )
         if lengths is not features.lengths():  # ids were dropped (bounds_check warn/ignore)
             totals = lengths.view(len(totals), batch).sum(dim=1).tolist()
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-        values = values.to(offsets.dtype) if values.dtype != offsets.dtype else values
-        handles = [h for h in self._handles() if h.requires_grad]
-        if torch.is_grad_enabled() and handles:
-            out = _FusedLookupFunction.apply(self, totals, values, offsets, lengths, weights, *handles)
-        else:
-            out = self._pooled(values, offsets, weights)
-        out = out.view(batch, self._total_dim) if out.numel() else out.reshape(batch, self._total_dim)
-        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=out)
+        return features, totals, values, lengths, weights
 
     def _pooled(
         self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None
@@ -207,9 +224,11 @@ class LowPrecisionEmbeddingBagCollection(
         lengths: torch.Tensor,
         weights: torch.Tensor | None,
         per_feature: list[int],
+        skip: torch.Tensor | None = None,
     ) -> None:
         """The fused update from the pooled output's gradient: every id of a bag reads the bag's
-        gradient columns (divided by the bag length for MEAN), scaled by its weight."""
+        gradient columns (divided by the bag length for MEAN), scaled by its weight (``skip``:
+        see :meth:`_fused_backward`)."""
         grad = grad_out.contiguous().to(torch.float32)
         batch = lengths.numel() // len(self._lookup_order)
         dev = values.device
@@ -228,4 +247,4 @@ class LowPrecisionEmbeddingBagCollection(
                 end = start + sum(per_feature[f : f + nf])
                 spans.append(TableSpan(lay, start, end))
                 f, start = f + nf, end
-        self._fused_backward(grad, values, goff, occ_w, spans)
+        self._fused_backward(grad, values, goff, occ_w, spans, skip)

@@ -137,6 +137,28 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, Emb
         """The ``[ids, dim]`` rows of every id in lookup order (the sharded lookup's output),
         the KJT in that order, and the number of ids of each of its features. ``known``: those
         numbers, for a sharded lookup's input (see ``bounds.ordered_with_totals``)."""
+        on_device = self._checked_on_device(features, False, known)
+        mask = None
+        if on_device is not None:  # checked on the device: reported later, never waited for
+            features, totals, safe, skip = on_device
+            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(features.lengths())
+            lookup_ids = safe.to(offsets.dtype) if safe.dtype != offsets.dtype else safe
+            update = (lookup_ids, None, totals, skip)
+        else:
+            features, totals, lookup_ids, offsets, mask, update = self._checked_on_host(features, known)
+        handles = [h for h in self._handles() if h.requires_grad]
+        if torch.is_grad_enabled() and handles:
+            out = _SequenceLookupFunction.apply(self, update, lookup_ids, offsets, *handles)
+        else:
+            out = self._lookup(self._flat, lookup_ids, offsets, None)
+        if mask is not None:
+            out = out * mask.unsqueeze(1)
+        return out, features, totals
+
+    def _checked_on_host(self, features: KeyedJaggedTensor, known: list[int] | None):
+        """The KJT in lookup order, ids per slot, ids to look up, offsets, the in-range mask
+        (``None``: all kept) and the update's arguments, checked on the host (``bounds_check``
+        "warn" / "ignore" zero the rows of out-of-range ids here)."""
         features, totals = ordered_with_totals(features, self._lookup_order, known=known)
         batch = features.stride()
         values, lengths = features.values(), features.lengths()
@@ -161,15 +183,8 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, Emb
                 values, lengths, rows, lookup_ids, kept, kept_lengths, batch
             )
         else:
-            update = (lookup_ids, None, totals)
-        handles = [h for h in self._handles() if h.requires_grad]
-        if torch.is_grad_enabled() and handles:
-            out = _SequenceLookupFunction.apply(self, update, lookup_ids, offsets, *handles)
-        else:
-            out = self._lookup(self._flat, lookup_ids, offsets, None)
-        if mask is not None:
-            out = out * mask.unsqueeze(1)
-        return out, features, totals
+            update = (lookup_ids, None, totals, None)
+        return features, totals, lookup_ids, offsets, mask, update
 
     def _masked(self, values, lengths, rows, lookup_ids, kept, kept_lengths, batch):
         """The in-range mask, ids safe to look up (bad ones read row 0, then zeroed) and the
@@ -178,14 +193,20 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, Emb
         safe = torch.where(mask, lookup_ids, torch.zeros_like(lookup_ids))
         goff = torch.nonzero(mask).flatten() * self._embedding_dim
         kept_totals = kept_lengths.view(len(rows), batch).sum(dim=1).tolist()
-        return mask.to(torch.float32), safe, (kept.to(lookup_ids.dtype), goff, kept_totals)
+        return mask.to(torch.float32), safe, (kept.to(lookup_ids.dtype), goff, kept_totals, None)
 
     # ----- backward: the fused update -----
     def _sequence_backward(
-        self, grad_out: torch.Tensor, ids: torch.Tensor, goff: torch.Tensor | None, per_slot: list[int]
+        self,
+        grad_out: torch.Tensor,
+        ids: torch.Tensor,
+        goff: torch.Tensor | None,
+        per_slot: list[int],
+        skip: torch.Tensor | None,
     ) -> None:
         """The fused update from the gradient of the ``[N, dim]`` output: occurrence ``p`` reads
-        gradient row ``p``; an id's occurrences are summed into one row update."""
+        gradient row ``p``; an id's occurrences are summed into one row update (``skip``: see
+        :meth:`_fused_backward`)."""
         grad = grad_out.contiguous().to(torch.float32)
         if goff is None:
             goff = torch.arange(ids.numel(), device=ids.device, dtype=torch.int64) * self._embedding_dim
@@ -195,4 +216,4 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, Emb
             end = start + sum(per_slot[f : f + nf])
             spans.append(TableSpan(lay, start, end))
             f, start = f + nf, end
-        self._fused_backward(grad, ids, goff, torch.empty(0, device=ids.device), spans)
+        self._fused_backward(grad, ids, goff, torch.empty(0, device=ids.device), spans, skip)

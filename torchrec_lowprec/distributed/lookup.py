@@ -19,7 +19,7 @@ from torchrec.modules.embedding_configs import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
-from torchrec_lowprec.modules.bounds import check_ids, in_feature_order
+from torchrec_lowprec.modules.bounds import check_ids, in_feature_order, in_range_mask
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
 from torchrec_lowprec.modules.embedding_collection import ZEROED, LowPrecisionEmbeddingCollection
@@ -93,12 +93,9 @@ def check_global_input(
     if values is kjt.values():
         return kjt
     if keep_positions:
-        rows = torch.tensor([table_of[f].num_embeddings for f in order], device=kjt.values().device)
-        per_feature = kjt.lengths().view(len(order), kjt.stride()).sum(dim=1)
-        limit = torch.repeat_interleave(rows, per_feature, output_size=kjt.values().numel())
         ids = kjt.values()
-        bad = (ids < 0) | (ids >= limit)
-        ids = torch.where(bad, torch.full_like(ids, -1), ids)
+        kept = in_range_mask(ids, kjt.lengths(), [table_of[f].num_embeddings for f in order], kjt.stride())
+        ids = torch.where(kept, ids, torch.full_like(ids, -1))
         return KeyedJaggedTensor(
             keys=order, values=ids, lengths=kjt.lengths(), weights=kjt.weights_or_none(), stride=kjt.stride()
         )

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.kernels.dispatch import backend_for
-from torchrec_lowprec.modules.input_check import kjt_report
+from torchrec_lowprec.modules.input_check import REPORT_BAD_IDS, REPORT_BAD_KJT, REPORT_OK
+
+
+def _limits(
+    values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids of each feature and each id's table size (``lengths`` key-major, ``len(rows)``
+    features x ``batch``)."""
+    per_feature = lengths.view(len(rows), batch).sum(dim=1)
+    limit = torch.repeat_interleave(
+        torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()
+    )
+    return per_feature, limit
+
+
+def _out_of_range(value: int, feature: str, table: str, rows: int, count: int, where: str) -> str:
+    return (
+        f"id {value} of feature {feature!r} is out of range for table {table!r} with {rows} rows "
+        f"({count} bad id(s){where})"
+    )
+
+
+_FIX_IDS = "; fix the ids, or set bounds_check='warn' / 'ignore' to drop them"
 
 
 def check_ids(
@@ -36,23 +59,20 @@ def check_ids(
         # One native pass; the tensor version below only runs to report or drop bad ids.
         if cpu_native.count_out_of_range(values, lengths, rows, batch) == 0:
             return values, lengths, weights
-    per_feature = lengths.view(len(features), batch).sum(dim=1)
-    limit = torch.repeat_interleave(
-        torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()
-    )
+    per_feature, limit = _limits(values, lengths, rows, batch)
     bad = (values < 0) | (values >= limit)
     if not bool(bad.any()):
         return values, lengths, weights
     bad_pos = torch.nonzero(bad).flatten()
     first = int(bad_pos[0])
     f_of_first = int(torch.searchsorted(torch.cumsum(per_feature, 0), first, right=True))
-    msg = (
-        f"id {int(values[first])} of feature {features[f_of_first]!r} is out of range for table "
-        f"{tables[f_of_first]!r} with {rows[f_of_first]} rows ({bad_pos.numel()} bad id(s) in this batch)"
+    f = f_of_first
+    msg = _out_of_range(
+        int(values[first]), features[f], tables[f], rows[f], bad_pos.numel(), " in this batch"
     )
     f_bad = torch.searchsorted(torch.cumsum(per_feature, 0), bad_pos, right=True)
     if any(modes[int(f)] == "raise" for f in torch.unique(f_bad)):
-        raise IndexError(msg + "; fix the ids, or set bounds_check='warn' / 'ignore' to drop them")
+        raise IndexError(msg + _FIX_IDS)
     if any(modes[int(f)] == "warn" for f in torch.unique(f_bad)):
         warnings.warn(f"{msg}; {dropped}", RuntimeWarning, stacklevel=3)
     keep = ~bad
@@ -64,10 +84,7 @@ def check_ids(
 def in_range_mask(values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int) -> torch.Tensor:
     """Per id, whether it lies in ``[0, rows[f])`` of its feature ``f`` (lengths key-major):
     the ids :func:`check_ids` keeps, for a sequence collection that keeps their positions."""
-    per_feature = lengths.view(len(rows), batch).sum(dim=1)
-    limit = torch.repeat_interleave(
-        torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()
-    )
+    _, limit = _limits(values, lengths, rows, batch)
     return (values >= 0) & (values < limit)
 
 
@@ -199,7 +216,7 @@ def ordered_on_device(
     """:func:`ordered_with_totals` for a batch whose checks run on the device
     (``input_check.checks_on_device``): the lengths pass is made there when the KJT carries its
     ``length_per_key`` (no sync; a bad KJT gets safe lengths and a report, see
-    :func:`input_check.kjt_report`), and the report is returned; without ``length_per_key`` the
+    :func:`kjt_report`), and the report is returned; without ``length_per_key`` the
     check reads its numbers back as :func:`validate_kjt` does (one sync) and the report is
     ``None``."""
     if not _check_sizes(features, weighted):
@@ -220,3 +237,84 @@ def _in_order(
     if missing:
         raise ValueError(f"KJT lacks feature(s) {missing} of this collection; it has {features.keys()}")
     return features.permute([features.keys().index(f) for f in order]), [totals[f] for f in order]
+
+
+# ----- the same checks on the device (modules/input_check.py) -----
+def id_report(
+    values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids safe to look up, report)`` of the id bounds check, on the device: ids outside
+    ``[0, rows[f])`` of their feature ``f`` read row 0; the report counts them and names the
+    first (``lengths`` key-major, ``len(rows)`` keys x ``batch``)."""
+    per_feature, limit = _limits(values, lengths, rows, batch)
+    bad = (values < 0) | (values >= limit)
+    count = bad.sum(dtype=torch.int64)
+    first = torch.argmax(bad.to(torch.uint8))  # the first maximum: the first bad id
+    feature = torch.searchsorted(torch.cumsum(per_feature, 0), first, right=True)
+    kind = torch.where(count > 0, REPORT_BAD_IDS, REPORT_OK)
+    report = torch.stack([kind, count, values[first].to(torch.int64), feature.to(torch.int64)])
+    return torch.where(bad, torch.zeros_like(values), values), report
+
+
+def kjt_report(features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor] | None:
+    """``(features with safe lengths, ids per key, report)`` of the KJT consistency check, on
+    the device, for a KJT that carries its ``length_per_key`` on the host (TorchRec's input
+    pipelines and ``KeyedJaggedTensor.to()`` keep it); ``None`` if it carries none (the caller
+    then checks on the host). The sizes the host knows are checked at once (``ValueError``)."""
+    known = features.length_per_key_or_none()
+    keys, values, batch = features.keys(), features.values(), features.stride()
+    if known is None or len(known) != len(keys):
+        return None
+    if sum(known) != values.numel():
+        raise ValueError(
+            f"KJT length_per_key sums to {sum(known)} but values holds {values.numel()} ids; they "
+            "must agree (and with sum(lengths))"
+        )
+    lengths, offsets = features.lengths(), features.offsets_or_none()
+    dev = lengths.device
+    expected = torch.tensor(known, dtype=torch.int64, device=dev)
+    per_key = lengths.view(len(keys), batch).sum(dim=1, dtype=torch.int64)
+    mismatch = per_key != expected
+    bad = (lengths < 0).any() | mismatch.any()
+    if offsets is not None:
+        bad = bad | (offsets[0] != 0) | (offsets[-1] != values.numel())
+    # Consistent stand-in lengths (each key's ids in its first bag): no kernel reads past values.
+    safe = torch.zeros_like(lengths).index_put_(
+        (torch.arange(len(keys), device=dev) * batch,), expected.to(lengths.dtype)
+    )
+    checked = KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        weights=features.weights_or_none(),
+        lengths=torch.where(bad, safe, lengths),
+        stride=batch,
+        length_per_key=known,
+    )
+    key_at = torch.argmax(mismatch.to(torch.uint8))
+    kind = torch.where(bad, REPORT_BAD_KJT, REPORT_OK)
+    report = torch.stack([kind, per_key[key_at], expected[key_at], key_at]).to(torch.int64)
+    return checked, list(known), report
+
+
+def describe_report(
+    kjt_keys: list[str], features: list[str], tables: list[str], rows: list[int], device: torch.device
+) -> Callable[[list[int], int], Exception]:
+    """The function that turns a report into its exception: KJT reports name a key of
+    ``kjt_keys`` (the fed KJT's), id reports a lookup slot (its feature, table and rows)."""
+
+    def describe(numbers: list[int], step: int) -> Exception:
+        kind, count, a, b = numbers
+        later = (
+            f" in the batch of step {step} (checked on {device.type} without waiting for it, so "
+            "raised a step or more later; that batch updated no table)"
+        )
+        if kind == REPORT_BAD_KJT:
+            return ValueError(
+                f"KJT lengths disagree with its length_per_key or offsets "
+                f"(key {kjt_keys[b]!r}: lengths sum to {count}, length_per_key says {a}; or a "
+                f"negative length, or offsets not running from 0 to values.numel()){later}; build "
+                "the KJT from consistent lengths/offsets"
+            )
+        return IndexError(_out_of_range(a, features[b], tables[b], rows[b], count, "") + later + _FIX_IDS)
+
+    return describe

@@ -22,19 +22,12 @@ from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.kernels.dispatch import fused_update_many
 from torchrec_lowprec.kernels.lookup import row_alignment_for, table_buffer
 from torchrec_lowprec.kernels.spec import TableUpdate, UpdateSpec
-from torchrec_lowprec.modules.bounds import ordered_on_device, ordered_with_totals
+from torchrec_lowprec.modules.bounds import describe_report, id_report, ordered_on_device, ordered_with_totals
 from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint, validate_values
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.guards import refuse_dtype_cast, update_lock
-from torchrec_lowprec.modules.input_check import (
-    REPORT_OK,
-    DeferredInputErrors,
-    checks_on_device,
-    combined,
-    describe_report,
-    id_report,
-)
+from torchrec_lowprec.modules.input_check import REPORT_OK, DeferredInputErrors, checks_on_device, combined
 from torchrec_lowprec.modules.table_layout import (
     ShardOrigin,
     TableLayout,
@@ -177,16 +170,14 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
         else:
             features, totals, report = ordered_on_device(features, self._lookup_order, weighted)
         values = features.values()
+        rows = [lay.rows for lay in lookup_tables]
         if values.numel():
-            rows = [lay.rows for lay in lookup_tables]
             values, ids = id_report(values, features.lengths(), rows, features.stride())
             report = combined(report, ids)
         if report is None:
             return features, totals, values, None
         names = [lay.name for lay in lookup_tables]
-        describe = describe_report(
-            kjt_keys, self._lookup_order, names, [lay.rows for lay in lookup_tables], self.device
-        )
+        describe = describe_report(kjt_keys, self._lookup_order, names, rows, self.device)
         self._input_errors.record(report, self._host_step() + 1, describe)
         return features, totals, values, report[0] != REPORT_OK
 

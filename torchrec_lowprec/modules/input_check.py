@@ -1,4 +1,5 @@
-"""Input checks that run on the device and report later, so that a training step never waits.
+"""Input checks that run on the device and report later, so that a training step never waits:
+the report queue (the checks themselves are in ``modules/bounds.py``, beside their host forms).
 
 On CPU the KJT check and the id bounds check read the host tensors in place and raise in the
 step that fed the bad input (``modules/bounds.py``). On CUDA reading a verdict back is a host
@@ -28,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 #: Report kinds (``report[0]``); ``report`` is int64 ``[kind, count, first id, feature index]``.
 REPORT_OK, REPORT_BAD_IDS, REPORT_BAD_KJT = 0, 1, 2
@@ -110,93 +110,6 @@ class DeferredInputErrors:
             numbers = [int(x) for x in p.host.numpy()]
             if numbers[0] != REPORT_OK:
                 raise p.describe(numbers, p.step)
-
-
-def id_report(
-    values: torch.Tensor, lengths: torch.Tensor, rows: list[int], batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids safe to look up, report)`` of the id bounds check, on the device: ids outside
-    ``[0, rows[f])`` of their feature ``f`` read row 0; the report counts them and names the
-    first (``lengths`` key-major, ``len(rows)`` keys x ``batch``)."""
-    per_feature = lengths.view(len(rows), batch).sum(dim=1)
-    limit = torch.repeat_interleave(
-        torch.tensor(rows, device=values.device), per_feature, output_size=values.numel()
-    )
-    bad = (values < 0) | (values >= limit)
-    count = bad.sum(dtype=torch.int64)
-    first = torch.argmax(bad.to(torch.uint8))  # the first maximum: the first bad id
-    feature = torch.searchsorted(torch.cumsum(per_feature, 0), first, right=True)
-    kind = torch.where(count > 0, REPORT_BAD_IDS, REPORT_OK)
-    report = torch.stack([kind, count, values[first].to(torch.int64), feature.to(torch.int64)])
-    return torch.where(bad, torch.zeros_like(values), values), report
-
-
-def kjt_report(features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor] | None:
-    """``(features with safe lengths, ids per key, report)`` of the KJT consistency check, on
-    the device, for a KJT that carries its ``length_per_key`` on the host (TorchRec's input
-    pipelines and ``KeyedJaggedTensor.to()`` keep it); ``None`` if it carries none (the caller
-    then checks on the host). The sizes the host knows are checked at once (``ValueError``)."""
-    known = features.length_per_key_or_none()
-    keys, values, batch = features.keys(), features.values(), features.stride()
-    if known is None or len(known) != len(keys):
-        return None
-    if sum(known) != values.numel():
-        raise ValueError(
-            f"KJT length_per_key sums to {sum(known)} but values holds {values.numel()} ids; they "
-            "must agree (and with sum(lengths))"
-        )
-    lengths, offsets = features.lengths(), features.offsets_or_none()
-    dev = lengths.device
-    expected = torch.tensor(known, dtype=torch.int64, device=dev)
-    per_key = lengths.view(len(keys), batch).sum(dim=1, dtype=torch.int64)
-    mismatch = per_key != expected
-    bad = (lengths < 0).any() | mismatch.any()
-    if offsets is not None:
-        bad = bad | (offsets[0] != 0) | (offsets[-1] != values.numel())
-    # Consistent stand-in lengths (each key's ids in its first bag): no kernel reads past values.
-    safe = torch.zeros_like(lengths).index_put_(
-        (torch.arange(len(keys), device=dev) * batch,), expected.to(lengths.dtype)
-    )
-    checked = KeyedJaggedTensor(
-        keys=keys,
-        values=values,
-        weights=features.weights_or_none(),
-        lengths=torch.where(bad, safe, lengths),
-        stride=batch,
-        length_per_key=known,
-    )
-    key_at = torch.argmax(mismatch.to(torch.uint8))
-    kind = torch.where(bad, REPORT_BAD_KJT, REPORT_OK)
-    report = torch.stack([kind, per_key[key_at], expected[key_at], key_at]).to(torch.int64)
-    return checked, list(known), report
-
-
-def describe_report(
-    kjt_keys: list[str], features: list[str], tables: list[str], rows: list[int], device: torch.device
-) -> Callable[[list[int], int], Exception]:
-    """The function that turns a report into its exception: KJT reports name a key of
-    ``kjt_keys`` (the fed KJT's), id reports a lookup slot (its feature, table and rows)."""
-
-    def describe(numbers: list[int], step: int) -> Exception:
-        kind, count, a, b = numbers
-        later = (
-            f" in the batch of step {step} (checked on {device.type} without waiting for it, so "
-            "raised a step or more later; that batch updated no table)"
-        )
-        if kind == REPORT_BAD_KJT:
-            return ValueError(
-                f"KJT lengths disagree with its length_per_key or offsets "
-                f"(key {kjt_keys[b]!r}: lengths sum to {count}, length_per_key says {a}; or a "
-                f"negative length, or offsets not running from 0 to values.numel()){later}; build "
-                "the KJT from consistent lengths/offsets"
-            )
-        return IndexError(
-            f"id {a} of feature {features[b]!r} is out of range for table {tables[b]!r} with "
-            f"{rows[b]} rows ({count} bad id(s)){later}; fix the ids, or set "
-            "bounds_check='warn' / 'ignore' to drop them"
-        )
-
-    return describe
 
 
 def combined(first: torch.Tensor | None, second: torch.Tensor) -> torch.Tensor:

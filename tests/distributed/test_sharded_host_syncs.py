@@ -26,7 +26,9 @@ from tests.modules.test_host_syncs import _count_syncs
 pytestmark = pytest.mark.slow
 
 
-def _body(rank: int, world: int, kind: str, sharding: str) -> None:
+def sharded_model(rank: int, world: int, kind: str, sharding: str):
+    """``(DMP, its module key, this rank's batch)``: tables t0 (40 rows, features f0, f1) and t1
+    (30 rows, f2) at 4 bits, both table-wise (``"tw"``, t0 on rank 0) or row-wise (``"rw"``)."""
     cls_cfg = torchrec.EmbeddingConfig if kind == "ec" else torchrec.EmbeddingBagConfig
     tables = [
         cls_cfg(name="t0", embedding_dim=8, num_embeddings=40, feature_names=["f0", "f1"]),
@@ -48,7 +50,11 @@ def _body(rank: int, world: int, kind: str, sharding: str) -> None:
         torchrec.EmbeddingBagConfig(name=f, embedding_dim=8, num_embeddings=30, feature_names=[f])
         for f in ("f0", "f1", "f2")
     ]
-    kjt = rank_slice(global_batch(ids, 0, world), rank)
+    return dmp, key, rank_slice(global_batch(ids, 0, world), rank)
+
+
+def _body(rank: int, world: int, kind: str, sharding: str) -> None:
+    dmp, key, kjt = sharded_model(rank, world, kind, sharding)
     sum(v.sum() for v in dmp(kjt).values()).backward()  # first step: state set up
     calls = _count_syncs(direct=True, step=lambda: sum(v.sum() for v in dmp(kjt).values()).backward())
     assert calls == collections.Counter(), calls

@@ -1,5 +1,5 @@
 """Input checks made on the device (the CUDA path, ``modules/input_check.py``), run here on CPU:
-``collection_base.checks_on_device`` is made true, so the collections take the device path
+``input_check.checks_on_device`` is made true, so the collections take the device path
 with CPU tensors; the fused update runs on the Triton interpreter, the PyTorch reference or
 the C++ kernel. A bad batch must update nothing and be raised by the next forward (or by
 ``check_inputs()``), and a good batch must train exactly as the host-checked path does."""
@@ -15,14 +15,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 import torchrec_lowprec as lp
 from tests.helpers import make_tables, random_kjt
 from tests.modules.test_host_syncs import _count_syncs, _ec_tables
-from torchrec_lowprec.modules import collection_base, input_check
+from torchrec_lowprec.modules import input_check
 
 BACKENDS = ["cpu_native", "reference", "triton"]
 
 
 @pytest.fixture
 def on_device(monkeypatch):
-    monkeypatch.setattr(collection_base, "checks_on_device", lambda device: True)
+    monkeypatch.setattr(input_check, "checks_on_device", lambda device: True)
 
 
 def _use_backend(monkeypatch, backend):
@@ -78,7 +78,7 @@ def test_a_device_checked_step_makes_no_host_sync_and_trains_as_the_host_checked
     _train(checked_here, kjt)
     assert _count_syncs(lambda: _train(checked_here, kjt), direct=True) == collections.Counter()
 
-    monkeypatch.setattr(collection_base, "checks_on_device", lambda device: False)
+    monkeypatch.setattr(input_check, "checks_on_device", lambda device: False)
     checked_on_host, _ = _module(kind)
     _train(checked_on_host, kjt)
     _train(checked_on_host, kjt)

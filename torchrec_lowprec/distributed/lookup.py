@@ -19,10 +19,9 @@ from torchrec.modules.embedding_configs import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
-from torchrec_lowprec.modules.bounds import check_ids, in_feature_order, in_range_mask
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.modules.embedding_bag import LowPrecisionEmbeddingBagCollection
-from torchrec_lowprec.modules.embedding_collection import ZEROED, LowPrecisionEmbeddingCollection
+from torchrec_lowprec.modules.embedding_collection import LowPrecisionEmbeddingCollection
 from torchrec_lowprec.modules.table_layout import ShardOrigin
 
 # Row-wise shards return partial sums that TorchRec reduce-scatters and then divides for MEAN
@@ -48,58 +47,6 @@ def collection_tables(module: LowPrecisionTables) -> list[BaseEmbeddingConfig]:
     if isinstance(module, LowPrecisionEmbeddingCollection):
         return module.embedding_configs()
     return module.embedding_bag_configs()
-
-
-def check_global_input(
-    features: KeyedJaggedTensor,
-    tables: list[BaseEmbeddingConfig],
-    configs: dict[str, LowPrecisionConfig],
-    weighted: bool,
-    keep_positions: bool = False,
-) -> KeyedJaggedTensor:
-    """The KJT a rank feeds a sharded collection, checked before TorchRec's input dist.
-
-    Consistency (:func:`~torchrec_lowprec.modules.bounds.validate_kjt`) and id bounds are
-    checked here, on *global* ids against each table's full size: after the input dist an id
-    is shard-local (a row-wise shard sees ``id - row_offset``, and FBGEMM's bucketizer turns an
-    id past the table into ``id // world_size``, ``-1`` into ``2**63 - 1``), so an error raised
-    there would name an id the user never fed. Ids a table's ``bounds_check`` drops
-    (``"warn"`` / ``"ignore"``) are dropped here; with ``keep_positions`` (sequence
-    collections, whose outputs must keep one row per id) they are replaced by ``-1`` instead,
-    which is out of range on every shard after the input dist (TorchRec's bucketizer maps it to
-    ``2**63 - 1``), so the local lookup returns a zero row there and updates nothing, as the
-    unsharded collection does. Returns the KJT in table feature order.
-    """
-    # TorchRec's input dist takes each feature once, also one read by two tables: its ids are
-    # checked against the smallest of those tables (the error names it).
-    order = list(dict.fromkeys(f for t in tables for f in t.feature_names))
-    kjt = in_feature_order(features, order, weighted)
-    table_of: dict[str, BaseEmbeddingConfig] = {}
-    for t in tables:
-        for f in t.feature_names:
-            if f not in table_of or t.num_embeddings < table_of[f].num_embeddings:
-                table_of[f] = t
-    values, lengths, weights = check_ids(
-        kjt.values(),
-        kjt.lengths(),
-        kjt.weights_or_none(),
-        order,
-        [table_of[f].num_embeddings for f in order],
-        kjt.stride(),
-        [configs[table_of[f].name].bounds_check for f in order],
-        [table_of[f].name for f in order],
-        **({"dropped": ZEROED} if keep_positions else {}),
-    )
-    if values is kjt.values():
-        return kjt
-    if keep_positions:
-        ids = kjt.values()
-        kept = in_range_mask(ids, kjt.lengths(), [table_of[f].num_embeddings for f in order], kjt.stride())
-        ids = torch.where(kept, ids, torch.full_like(ids, -1))
-        return KeyedJaggedTensor(
-            keys=order, values=ids, lengths=kjt.lengths(), weights=kjt.weights_or_none(), stride=kjt.stride()
-        )
-    return KeyedJaggedTensor(keys=order, values=values, lengths=lengths, weights=weights, stride=kjt.stride())
 
 
 def _col_starts(t: ShardedEmbeddingTable) -> tuple[int, ...]:
@@ -196,6 +143,9 @@ class LowPrecisionShardLookup(nn.Module):
                     setattr(handle, tag, value)
             self.local._resolve_optimizers()
         self.register_buffer("_dummy", torch.empty(0, device=device), persistent=False)
+        #: Set by the sharded module while it runs the lookups of a batch checked on the device:
+        #: the verdict all ranks agreed on (true: no shard is updated by this batch).
+        self.input_skip: torch.Tensor | None = None
 
     @property
     def ebc(self) -> LowPrecisionTables | None:
@@ -216,8 +166,8 @@ class LowPrecisionShardLookup(nn.Module):
             stride=features.stride(),
         )
         # TorchRec's input dist output carries its ids per key on the host, and the global KJT
-        # was checked before it (check_global_input): no second check, no host sync here.
+        # was checked before it (distributed/global_input.py): no second check, no host sync here.
         known = features.length_per_key_or_none()
         if self.sequence:
-            return self.local._sequence_embeddings(kjt, known)[0]
-        return self.local._pooled_forward(kjt, known).values()
+            return self.local._sequence_embeddings(kjt, known, self.input_skip)[0]
+        return self.local._pooled_forward(kjt, known, self.input_skip).values()

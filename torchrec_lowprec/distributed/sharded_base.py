@@ -9,6 +9,7 @@ put :class:`ShardedLowPrecisionMixin` before TorchRec's ``ShardedEmbeddingBagCol
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +22,12 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup, check_global_input, collection_tables
+from torchrec_lowprec.distributed.global_input import AgreedCheck, check_global_input, check_global_on_device
+from torchrec_lowprec.distributed.lookup import LowPrecisionShardLookup, collection_tables
 from torchrec_lowprec.distributed.state import TableMeta, build_sharded_state, load_into_shards
 from torchrec_lowprec.distributed.validate import validate_sharded_checkpoint
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables
+from torchrec_lowprec.modules.input_check import DeferredInputErrors
 from torchrec_lowprec.optim.fused import OPTIMIZER_STATE_NAMES, config_with_fused_params, resolve_optimizer
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
 from torchrec_lowprec.transform import copy_in_backward_tags, in_backward_tags
@@ -120,6 +123,7 @@ class ShardedLowPrecisionMixin:
         self._lp_configs = {n: config_with_fused_params(module.table_config(n), fused_params) for n in names}
         self._lp_tags = {n: in_backward_tags(module.tables[n].handle) for n in names}
         self._lp_device = device or torch.device("cpu")
+        self._lp_input_errors = DeferredInputErrors()  # the global checks made on the device
 
     def _lp_finish(self, module: LowPrecisionTables, env: ShardingEnv) -> None:
         self._lp_metas = self._table_metas()
@@ -175,10 +179,48 @@ class ShardedLowPrecisionMixin:
         # Checked here, on global ids, before TorchRec buckets them into shard-local ids.
         if isinstance(features, KeyedJaggedTensor):
             weighted = bool(getattr(self, "_is_weighted", False))
-            features = check_global_input(
-                features, self._lp_tables(), self._lp_configs, weighted, keep_positions=self._lp_sequence
+            self._lp_input_errors.poll()  # an earlier batch's device-side verdict, if read back
+            on_device = check_global_on_device(
+                features, self._lp_tables(), self._lp_configs, weighted, self._lp_pg
             )
+            if on_device is not None:
+                features, ctx._lp_input_check = on_device
+            else:
+                features = check_global_input(
+                    features, self._lp_tables(), self._lp_configs, weighted, keep_positions=self._lp_sequence
+                )
         return super().input_dist(ctx, features)  # type: ignore[misc]
+
+    # TorchRec runs the lookups from either (a pipeline calls compute_and_output_dist).
+    def compute(self, ctx, dist_input):  # type: ignore[override]
+        with self._lp_agreed_skip(ctx):
+            return super().compute(ctx, dist_input)  # type: ignore[misc]
+
+    def compute_and_output_dist(self, ctx, input):  # type: ignore[override]
+        with self._lp_agreed_skip(ctx):
+            return super().compute_and_output_dist(ctx, input)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def _lp_agreed_skip(self, ctx):
+        """While the lookups run: every lookup reads the verdict all ranks agreed on for the
+        batch of ``ctx`` (a batch checked on the device, see ``distributed/global_input.py``).
+        The verdict travels with TorchRec's per-batch context, so a pipeline that runs the input
+        dist of the next batch before this batch's lookups keeps each batch's own."""
+        check: AgreedCheck | None = getattr(ctx, "_lp_input_check", None)
+        if check is None:
+            yield
+            return
+        ctx._lp_input_check = None  # read once (compute_and_output_dist may call compute)
+        lookups = self._lp_lookups()
+        steps = [lk.local._host_step() for lk in lookups if lk.local is not None]
+        skip = check.skip(self._lp_input_errors, max(steps, default=0) + 1)
+        for lk in lookups:
+            lk.input_skip = skip
+        try:
+            yield
+        finally:
+            for lk in lookups:
+                lk.input_skip = None
 
     def init_data_parallel(self) -> None:
         pass
@@ -293,10 +335,10 @@ class ShardedLowPrecisionMixin:
         return out
 
     def check_inputs(self) -> None:
-        """Raise the error of any batch this rank's lookups checked on the device and found
-        bad (see ``LowPrecisionTables.check_inputs``); waits for the device. The global ids
-        are checked on the host before TorchRec's input dist, so this reports only what that
-        check cannot see."""
+        """Raise the error of any batch checked on the device and found bad, by this rank or
+        (named so) by another rank of the step (see ``distributed/global_input.py``), then of
+        this rank's lookups (see ``LowPrecisionTables.check_inputs``); waits for the device."""
+        self._lp_input_errors.flush()
         for lk in self._lp_lookups():
             if lk.local is not None:
                 lk.local.check_inputs()

@@ -22,12 +22,13 @@ from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.kernels.dispatch import fused_update_many
 from torchrec_lowprec.kernels.lookup import row_alignment_for, table_buffer
 from torchrec_lowprec.kernels.spec import TableUpdate, UpdateSpec
+from torchrec_lowprec.modules import input_check
 from torchrec_lowprec.modules.bounds import describe_report, id_report, ordered_on_device, ordered_with_totals
 from torchrec_lowprec.modules.checkpoint import validate_all_entries, validate_checkpoint, validate_values
 from torchrec_lowprec.modules.data_type import config_from_data_type, with_data_type
 from torchrec_lowprec.modules.fused_optimizer import FusedOptimizerMixin
 from torchrec_lowprec.modules.guards import refuse_dtype_cast, update_lock
-from torchrec_lowprec.modules.input_check import REPORT_OK, DeferredInputErrors, checks_on_device, combined
+from torchrec_lowprec.modules.input_check import REPORT_OK, DeferredInputErrors, combined
 from torchrec_lowprec.modules.table_layout import (
     ShardOrigin,
     TableLayout,
@@ -151,16 +152,23 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
 
     # ----- input checks on the device -----
     def _checked_on_device(
-        self, features: KeyedJaggedTensor, weighted: bool, known: list[int] | None
+        self,
+        features: KeyedJaggedTensor,
+        weighted: bool,
+        known: list[int] | None,
+        skip: torch.Tensor | None = None,
     ) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor, torch.Tensor | None] | None:
         """``(KJT in lookup order, ids per slot, ids safe to look up, skip)`` for a batch
         whose checks run on the device (``input_check.checks_on_device``, every table's
         ``bounds_check`` ``"raise"``), or ``None`` (the caller checks on the host). ``skip``:
         the device verdict the fused update reads (the batch updates nothing when it is bad);
         the report is queued and raised by a later forward or :meth:`check_inputs`. An
-        earlier batch's error is raised here."""
+        earlier batch's error is raised here. ``skip`` given: a verdict reached before (a
+        sharded lookup's: every rank's global check), or-ed into this one."""
         lookup_tables = self._lookup_tables
-        if not checks_on_device(self.device) or any(m != "raise" for m in self._bounds_modes(lookup_tables)):
+        if not input_check.checks_on_device(self.device) or any(
+            m != "raise" for m in self._bounds_modes(lookup_tables)
+        ):
             return None
         self._input_errors.poll()
         kjt_keys = features.keys()
@@ -175,11 +183,12 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
             values, ids = id_report(values, features.lengths(), rows, features.stride())
             report = combined(report, ids)
         if report is None:
-            return features, totals, values, None
+            return features, totals, values, skip
         names = [lay.name for lay in lookup_tables]
         describe = describe_report(kjt_keys, self._lookup_order, names, rows, self.device)
         self._input_errors.record(report, self._host_step() + 1, describe)
-        return features, totals, values, report[0] != REPORT_OK
+        bad = report[0] != REPORT_OK
+        return features, totals, values, bad if skip is None else bad | skip
 
     def check_inputs(self) -> None:
         """Raise the error of any batch whose inputs were checked on the device and found bad

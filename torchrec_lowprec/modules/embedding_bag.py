@@ -150,19 +150,21 @@ class LowPrecisionEmbeddingBagCollection(
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self._pooled_forward(features)
 
-    def _pooled_forward(self, features: KeyedJaggedTensor, known: list[int] | None = None) -> KeyedTensor:
+    def _pooled_forward(
+        self, features: KeyedJaggedTensor, known: list[int] | None = None, skip: torch.Tensor | None = None
+    ) -> KeyedTensor:
         """:meth:`forward`; ``known``: the ids per lookup slot, for a sharded lookup's input
-        (see :func:`~torchrec_lowprec.modules.bounds.ordered_with_totals`)."""
+        (see :func:`~torchrec_lowprec.modules.bounds.ordered_with_totals`); ``skip``: its
+        device verdict (true: the update changes nothing)."""
         if features.variable_stride_per_key():
             raise ValueError("variable batch size per feature (VBE) KJTs are not supported")
-        on_device = self._checked_on_device(features, self._is_weighted, known)
+        on_device = self._checked_on_device(features, self._is_weighted, known, skip)
         if on_device is not None:  # checked on the device: reported later, never waited for
             features, totals, values, skip = on_device
             lengths = features.lengths()
             weights = features.weights().float() if self._is_weighted else None
         else:
             features, totals, values, lengths, weights = self._checked_on_host(features, known)
-            skip = None
         batch = features.stride()
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
         values = values.to(offsets.dtype) if values.dtype != offsets.dtype else values

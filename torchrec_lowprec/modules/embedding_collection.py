@@ -132,12 +132,13 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, Emb
         }
 
     def _sequence_embeddings(
-        self, features: KeyedJaggedTensor, known: list[int] | None = None
+        self, features: KeyedJaggedTensor, known: list[int] | None = None, skip: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, KeyedJaggedTensor, list[int]]:
         """The ``[ids, dim]`` rows of every id in lookup order (the sharded lookup's output),
         the KJT in that order, and the number of ids of each of its features. ``known``: those
-        numbers, for a sharded lookup's input (see ``bounds.ordered_with_totals``)."""
-        on_device = self._checked_on_device(features, False, known)
+        numbers, for a sharded lookup's input (see ``bounds.ordered_with_totals``); ``skip``:
+        its device verdict (true: the update changes nothing)."""
+        on_device = self._checked_on_device(features, False, known, skip)
         mask = None
         if on_device is not None:  # checked on the device: reported later, never waited for
             features, totals, safe, skip = on_device
@@ -146,6 +147,7 @@ class LowPrecisionEmbeddingCollection(LowPrecisionTables, SequenceAccessors, Emb
             update = (lookup_ids, None, totals, skip)
         else:
             features, totals, lookup_ids, offsets, mask, update = self._checked_on_host(features, known)
+            update = update if skip is None else (*update[:3], skip)
         handles = [h for h in self._handles() if h.requires_grad]
         if torch.is_grad_enabled() and handles:
             out = _SequenceLookupFunction.apply(self, update, lookup_ids, offsets, *handles)

@@ -15,7 +15,7 @@ synchronisation that stalls TorchRec's pipelined training, so there (for tables 
 - a four-number report (kind, count, first bad id, its feature) is copied to pinned host memory
   behind a CUDA event. The collection's next forward raises the error once that event has
   passed (without waiting for it), naming the id, feature, table and the step that fed it;
-  :func:`DeferredInputErrors.flush` (``check_inputs()``, a checkpoint save) waits for it.
+  :func:`DeferredInputErrors.flush` (``check_inputs()``) waits for it.
 
 What the user gives up: the exception arrives one step (or as many as the device lags) after
 the batch that caused it, and that batch's forward output read row 0 for the bad ids (its dense
@@ -30,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-#: Report kinds (``report[0]``); ``report`` is int64 ``[kind, count, first id, feature index]``.
-REPORT_OK, REPORT_BAD_IDS, REPORT_BAD_KJT = 0, 1, 2
+#: Report kinds (``report[0]``); ``report`` is int64 ``[kind, count, first id, feature index]``,
+#: or for ``REPORT_BAD_ELSEWHERE`` (another rank of a sharded step fed the bad batch)
+#: ``[kind, that rank's kind, that rank, 0]``.
+REPORT_OK, REPORT_BAD_IDS, REPORT_BAD_KJT, REPORT_BAD_ELSEWHERE = 0, 1, 2, 3
 #: Reports kept waiting for the device before the oldest is waited for (bounds host memory).
 MAX_PENDING = 64
 

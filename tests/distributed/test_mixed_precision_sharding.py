@@ -1,8 +1,10 @@
-"""Mixed-precision collections sharded over 2 gloo ranks: equal to unsharded, and the planner's
-per-rank bytes equal the bytes the sharded model actually allocates."""
+"""Mixed-precision collections sharded over 2 gloo ranks: equal to unsharded (input checks on the
+host, and on the device as on CUDA), and the planner's per-rank bytes equal the bytes the
+sharded model actually allocates."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 
@@ -24,8 +26,10 @@ from tests.distributed.test_sharding import (
     loss_weights,
     rank_slice,
 )
+from tests.modules.test_host_syncs import _count_syncs
 from torchrec_lowprec.distributed.sharder import LowPrecisionEmbeddingBagCollectionSharder
-from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection
+from torchrec_lowprec.kernels import dispatch
+from torchrec_lowprec.modules import MixedPrecisionEmbeddingBagCollection, input_check
 from torchrec_lowprec.planner import plan_precision, planned_bytes_per_rank
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 
@@ -51,7 +55,13 @@ PLAN = PrecisionPlan(
 CFG = lp.LowPrecisionConfig(rounding="stochastic", learning_rate=0.05, step_size_lr=1e-3)
 
 
-def _equal_body(rank: int, world: int, kind: str) -> None:
+def _equal_body(rank: int, world: int, kind: str, checks: str = "host") -> None:
+    if checks == "device":
+        # The CUDA path (a spawned process: switched for the whole body): the id checks and
+        # the group counts in one read, the sharded row groups' global check on the device and
+        # its all-reduced verdict; the update on Triton (its interpreter).
+        input_check.checks_on_device = lambda device: True
+        dispatch.backend_for = lambda device: "triton"
     torch.manual_seed(0)
     tbls = _tables()
     unsharded = MixedPrecisionEmbeddingBagCollection(tbls, plan=PLAN, config=CFG)
@@ -71,17 +81,25 @@ def _equal_body(rank: int, world: int, kind: str) -> None:
         env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
     )
     W = loss_weights(tbls)
+    outs = []
     for step in range(STEPS):
         gkjt = global_batch(tbls, step, world)
-        out = model(rank_slice(gkjt, rank))
+        kjt = rank_slice(gkjt, rank)
+        calls = _count_syncs(lambda kjt=kjt: outs.append(model(kjt)), direct=True)
+        out = outs.pop()
+        if checks == "device" and step:  # (the first step reads the copied step counter once)
+            one_read = collections.Counter({("modules/row_groups.py", "_routed_on_device", "tolist"): 1})
+            assert calls == one_read, calls
         check_and_backward(out, Wrap(ref)(gkjt), W, rank, world)
     checked = _check_state_equal(model.state_dict(), ref.row_groups.state_dict(), "ebc.row_groups.")
     assert checked >= 5
 
 
-@pytest.mark.parametrize("kind", ["tw", "rw"])
-def test_mixed_precision_sharded_equals_unsharded(kind):
-    run_multiprocess(_equal_body, kind)
+@pytest.mark.parametrize("kind,checks", [("tw", "host"), ("rw", "host"), ("rw", "device")])
+def test_mixed_precision_sharded_equals_unsharded(kind, checks):
+    if checks == "device":
+        pytest.importorskip("triton")
+    run_multiprocess(_equal_body, kind, checks)
 
 
 def _bytes_body(rank: int, world: int) -> None:

@@ -297,24 +297,33 @@ def kjt_report(features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int
 
 
 def describe_report(
-    kjt_keys: list[str], features: list[str], tables: list[str], rows: list[int], device: torch.device
+    kjt_keys: list[str],
+    features: list[str],
+    tables: list[str],
+    rows: list[int],
+    device: torch.device,
+    later: bool = True,
 ) -> Callable[[list[int], int], Exception]:
     """The function that turns a report into its exception: KJT reports name a key of
-    ``kjt_keys`` (the fed KJT's), id reports a lookup slot (its feature, table and rows)."""
+    ``kjt_keys`` (the fed KJT's), id reports a lookup slot (its feature, table and rows).
+    ``later=False``: for a report read back in the step that fed the batch (the message says
+    so, not "raised a step or more later")."""
 
     def describe(numbers: list[int], step: int) -> Exception:
         kind, count, a, b = numbers
-        later = (
+        when = (
             f" in the batch of step {step} (checked on {device.type} without waiting for it, so "
             "raised a step or more later; that batch updated no table)"
+            if later
+            else " in this batch"
         )
         if kind == REPORT_BAD_KJT:
             return ValueError(
                 f"KJT lengths disagree with its length_per_key or offsets "
                 f"(key {kjt_keys[b]!r}: lengths sum to {count}, length_per_key says {a}; or a "
-                f"negative length, or offsets not running from 0 to values.numel()){later}; build "
+                f"negative length, or offsets not running from 0 to values.numel()){when}; build "
                 "the KJT from consistent lengths/offsets"
             )
-        return IndexError(_out_of_range(a, features[b], tables[b], rows[b], count, "") + later + _FIX_IDS)
+        return IndexError(_out_of_range(a, features[b], tables[b], rows[b], count, "") + when + _FIX_IDS)
 
     return describe

@@ -103,17 +103,23 @@ class MixedPrecisionEmbeddingBagCollection(
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = in_feature_order(features, self._features, self._is_weighted)
+        routed = self._routed_on_device(features, self._is_weighted)
+        if routed is not None:  # CUDA: one read per step (see RowGroupRouting._routed_on_device)
+            features, _, inner, _ = routed
+            lengths = features.lengths()
+        else:
+            features = in_feature_order(features, self._features, self._is_weighted)
+            values, lengths = features.values(), features.lengths()
+            weights = features.weights().float() if self._is_weighted else None
+            modes = [self._configs[t].bounds_check for t in self._table_of_feature]
+            values, lengths, weights = check_ids(
+                values, lengths, weights, self._features, self._rows, features.stride(), modes,
+                self._table_of_feature,
+            )  # fmt: skip
+            inner, _ = self._route(values.to(torch.int64), lengths, weights, features.stride())
         batch = features.stride()
-        values, lengths = features.values(), features.lengths()
-        weights = features.weights().float() if self._is_weighted else None
-        modes = [self._configs[t].bounds_check for t in self._table_of_feature]
-        values, lengths, weights = check_ids(
-            values, lengths, weights, self._features, self._rows, batch, modes, self._table_of_feature
-        )
-        inner, _ = self._route(values.to(torch.int64), lengths, weights, batch)
         pooled = self.row_groups(inner)
-        out = torch.zeros(batch, self._total_dim, dtype=torch.float32, device=values.device)
+        out = torch.zeros(batch, self._total_dim, dtype=torch.float32, device=lengths.device)
         out = out.index_add(
             1, self._col_map(pooled.keys(), pooled.length_per_key(), out.device), pooled.values()
         )

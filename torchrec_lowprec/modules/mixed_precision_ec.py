@@ -97,16 +97,21 @@ class MixedPrecisionEmbeddingCollection(RowGroupRouting, SequenceAccessors, Embe
 
     # ----- forward -----
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        features, totals = ordered_with_totals(features, self._features)
-        batch = features.stride()
-        values, lengths = features.values(), features.lengths()
-        modes = [self._configs[t].bounds_check for t in self._table_of_feature]
-        _, kept_lengths, _ = check_ids(
-            values, lengths, None, self._features, self._rows, batch, modes, self._table_of_feature
-        )
-        # warn/ignore dropped ids: route them nowhere, so their positions read zero rows
-        valid = None if kept_lengths is lengths else in_range_mask(values, lengths, self._rows, batch)
-        inner, pos = self._route(values.to(torch.int64), lengths, None, batch, valid)
+        routed = self._routed_on_device(features, False)
+        if routed is not None:  # CUDA: one read per step (see RowGroupRouting._routed_on_device)
+            features, totals, inner, pos = routed
+            batch, values, lengths = features.stride(), features.values(), features.lengths()
+        else:
+            features, totals = ordered_with_totals(features, self._features)
+            batch = features.stride()
+            values, lengths = features.values(), features.lengths()
+            modes = [self._configs[t].bounds_check for t in self._table_of_feature]
+            _, kept_lengths, _ = check_ids(
+                values, lengths, None, self._features, self._rows, batch, modes, self._table_of_feature
+            )
+            # warn/ignore dropped ids: route them nowhere, so their positions read zero rows
+            valid = None if kept_lengths is lengths else in_range_mask(values, lengths, self._rows, batch)
+            inner, pos = self._route(values.to(torch.int64), lengths, None, batch, valid)
         looked_up = self.row_groups(inner)
         rows = torch.cat([looked_up[k].values() for k in self._inner_keys])
         out = torch.zeros(values.numel(), self._embedding_dim, dtype=torch.float32, device=values.device)

@@ -31,11 +31,13 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.configs import MPESearchConfig
-from torchrec_lowprec.modules.bounds import in_feature_order
+from torchrec_lowprec.modules import input_check
+from torchrec_lowprec.modules.bounds import describe_report, id_report, ordered_on_device, ordered_with_totals
+from torchrec_lowprec.modules.input_check import DeferredInputErrors
 from torchrec_lowprec.modules.mpe_budget import MPEBudget
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
 from torchrec_lowprec.quant.fake_quant import (
@@ -51,6 +53,18 @@ from torchrec_lowprec.types import storable_bits
 
 #: Keeps c_g finite for groups never looked up (masses are fractions of a table's lookups).
 MASS_FLOOR = 1e-6
+
+
+def _slots(kjt: KeyedJaggedTensor, totals: list[int]) -> list[JaggedTensor]:
+    """``kjt``'s entries in order as ``JaggedTensor`` s, a key repeated where it repeats (a
+    feature two tables read: ``to_dict()`` would keep one); ``totals``: ids per entry."""
+    lengths = kjt.lengths().view(len(totals), kjt.stride())
+    weights = kjt.weights_or_none()
+    split_weights = weights.split(totals) if weights is not None else [None] * len(totals)
+    return [
+        JaggedTensor(values=v, lengths=lengths[i], weights=w)
+        for i, (v, w) in enumerate(zip(kjt.values().split(totals), split_weights))
+    ]
 
 
 class MPESearchTables(MPEBudget, nn.Module):
@@ -105,6 +119,8 @@ class MPESearchTables(MPEBudget, nn.Module):
         # output keys as TorchRec names them (feature@table for a feature two tables read)
         self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
         self.register_buffer("_bits", torch.tensor(bits, dtype=torch.float32, device=device))
+        self._input_errors = DeferredInputErrors()  # batches checked on the device (CUDA)
+        self._forwards = 0  # names the batch of a deferred input error
         self.budget_bytes: int | None = None
         if self.config.target_bits is not None:
             self._init_budget(device)
@@ -143,14 +159,55 @@ class MPESearchTables(MPEBudget, nn.Module):
         """Table -> expected bit width per group (a readable summary of the search state)."""
         return {n: (p @ self._bits).detach() for n, p in self.bit_probabilities().items()}
 
-    def _lookup(self, t: BaseEmbeddingConfig, f: str, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def _checked_features(
+        self, features: KeyedJaggedTensor, weighted: bool = False
+    ) -> list[tuple[JaggedTensor, torch.Tensor | None]]:
+        """Per lookup slot (each table's features in order), its ids as a ``JaggedTensor`` and,
+        where the checks run on the device (``input_check.checks_on_device``, as the
+        low-precision collections' ``bounds_check="raise"``), the mask of its in-range ids: a
+        bad id reads row 0, its row is multiplied by 0 (no output, no gradient), and the report
+        is raised by a later forward or :meth:`check_inputs`. ``None``: checked on the host, in
+        :meth:`_lookup`."""
+        device = self.weights[self._tables[0].name].device
+        self._forwards += 1
+        if not input_check.checks_on_device(device):
+            kjt, totals = ordered_with_totals(features, self._features, weighted)
+            return [(jt, None) for jt in _slots(kjt, totals)]
+        self._input_errors.poll()
+        kjt, totals, report = ordered_on_device(features, self._features, weighted)
+        rows = [t.num_embeddings for t in self._tables for _ in t.feature_names]
+        values = kjt.values()
+        safe, ids = id_report(values, kjt.lengths(), rows, kjt.stride())
+        report = input_check.combined(report, ids)
+        tables = [t.name for t in self._tables for _ in t.feature_names]
+        describe = describe_report(features.keys(), self._features, tables, rows, device)
+        self._input_errors.record(report, self._forwards, describe)
+        kjt = KeyedJaggedTensor(
+            keys=self._features, values=safe, lengths=kjt.lengths(),
+            weights=kjt.weights_or_none(), stride=kjt.stride(), length_per_key=totals,
+        )  # fmt: skip
+        # A bad id is never 0 (row 0 always exists), so it is exactly where safe differs.
+        return list(zip(_slots(kjt, totals), (safe == values).split(totals)))
+
+    def check_inputs(self) -> None:
+        """Raise the error of any batch whose ids were checked on the device and found bad
+        (see :meth:`_checked_features`); waits for the device. On CPU the forward raises at
+        once and this does nothing."""
+        self._input_errors.flush()
+
+    def _lookup(
+        self, t: BaseEmbeddingConfig, f: str, ids: torch.Tensor, p: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
         """The expected quantized rows ``[n, dim]`` of ``ids`` (feature ``f``) in table ``t``
-        (``p``: the table's bit probabilities); ``IndexError`` for an id outside the table."""
+        (``p``: the table's bit probabilities); ``keep``: the in-range mask of ids checked on the
+        device (their bad ids read zeros), or ``None``: ``IndexError`` for an id outside the
+        table (a host check)."""
         ids = ids.to(torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= t.num_embeddings):
+        if keep is None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= t.num_embeddings):
             raise IndexError(f"feature {f!r} has an id outside [0, {t.num_embeddings}) of table {t.name!r}")
         rows = F.embedding(ids, self.weights[t.name], sparse=self.config.sparse_weights)
-        return self._expected_rows(t.name, ids, rows, p)
+        out = self._expected_rows(t.name, ids, rows, p)
+        return out if keep is None else out * keep.unsqueeze(1)
 
     def _expected_rows(
         self, name: str, ids: torch.Tensor, rows: torch.Tensor, p: torch.Tensor
@@ -264,17 +321,16 @@ class MPESearchEmbeddingBagCollection(MPESearchTables, EmbeddingBagCollectionInt
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = in_feature_order(features, self._features, self._is_weighted)
+        slots = iter(self._checked_features(features, self._is_weighted))
         batch = features.stride()
-        per_key = features.to_dict()
         outs = []
         probs = self.bit_probabilities()
         for t in self._tables:
             w = self.weights[t.name]
             for f in t.feature_names:
-                jt = per_key[f]
+                jt, keep = next(slots)
                 ids = jt.values()
-                emb = self._lookup(t, f, ids, probs[t.name])
+                emb = self._lookup(t, f, ids, probs[t.name], keep)
                 if self._is_weighted:
                     emb = emb * jt.weights().float().unsqueeze(1)
                 lengths = jt.lengths()

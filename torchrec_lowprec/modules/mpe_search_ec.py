@@ -16,7 +16,6 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_lowprec.configs import MPESearchConfig
-from torchrec_lowprec.modules.bounds import in_feature_order
 from torchrec_lowprec.modules.mpe_search import MPESearchTables
 from torchrec_lowprec.modules.table_layout import SequenceAccessors
 
@@ -82,15 +81,15 @@ class MPESearchEmbeddingCollection(MPESearchTables, SequenceAccessors, Embedding
         return out
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        per_key = in_feature_order(features, self._features).to_dict()
+        slots = iter(self._checked_features(features))
         probs = self.bit_probabilities()
         out: dict[str, JaggedTensor] = {}
         names = iter(self._embedding_names)
         for t in self._tables:
             for f in t.feature_names:
-                jt = per_key[f]
+                jt, keep = next(slots)
                 out[next(names)] = JaggedTensor(
-                    values=self._lookup(t, f, jt.values(), probs[t.name]),
+                    values=self._lookup(t, f, jt.values(), probs[t.name], keep),
                     lengths=jt.lengths(),
                     weights=jt.values() if self._need_indices else None,
                 )

@@ -14,7 +14,6 @@ forward (how routed ids come back as its output).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,100 +23,21 @@ from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
+from torchrec_lowprec.modules import input_check
+from torchrec_lowprec.modules.bounds import describe_report, id_report, ordered_on_device
 from torchrec_lowprec.modules.checkpoint import validate_all_entries
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables
-from torchrec_lowprec.modules.data_type import config_from_data_type
-from torchrec_lowprec.modules.table_state import has_default_init
+from torchrec_lowprec.modules.row_group_plan import (  # noqa: F401  (re-exported: the names' old home)
+    GROUP_FEATURE_SEP,
+    GROUP_TABLE_SEP,
+    PhysicalTable,
+    _default_config,
+    check_row_map,
+    physical_name,
+    table_precision,
+)
 from torchrec_lowprec.optim.keyed import FusedTableOptimizer
-from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
-
-#: Physical table ``<table>__g<first group>`` holds a run of groups; its features are
-#: ``<feature>@g<first group>``. A table kept in one piece keeps its own names.
-GROUP_TABLE_SEP = "__g"
-GROUP_FEATURE_SEP = "@g"
-
-
-def physical_name(table: str, first_group: int, whole: bool) -> str:
-    return table if whole else f"{table}{GROUP_TABLE_SEP}{first_group}"
-
-
-def table_precision(table: BaseEmbeddingConfig, plan: PrecisionPlan, default_bits: int) -> TablePrecision:
-    """The plan's entry for ``table`` (checked against its shape), or one group at ``default_bits``."""
-    tp = plan.tables.get(table.name)
-    if tp is None:
-        return TablePrecision(
-            table.num_embeddings, table.embedding_dim, (table.num_embeddings,), (default_bits,)
-        )
-    if (tp.rows, tp.dim) != (table.num_embeddings, table.embedding_dim):
-        raise ValueError(
-            f"precision plan for table {table.name!r} is for {tp.rows} x {tp.dim} rows but the table is "
-            f"{table.num_embeddings} x {table.embedding_dim}; re-run the search/planner for this model"
-        )
-    return tp
-
-
-def check_row_map(table: str, row_map: torch.Tensor, rows: int) -> torch.Tensor:
-    """``row_map`` if it is a valid raw id -> rank map of ``table`` (``rows`` entries, integer,
-    each rank in ``[0, rows)`` exactly once), else ``ValueError`` naming the table. A map
-    pointing outside the table would read another table's rows (the forward routes ranks by
-    their position in all tables); a rank missing from it would leave a row unreachable."""
-    if not isinstance(row_map, torch.Tensor) or row_map.is_floating_point() or row_map.is_complex():
-        raise ValueError(
-            f"row_maps[{table!r}] must be an integer tensor (raw id -> rank), got {row_map!r:.80}"
-        )
-    if row_map.dtype == torch.bool or tuple(row_map.shape) != (rows,):
-        raise ValueError(
-            f"row_maps[{table!r}] has shape {tuple(row_map.shape)} and dtype {row_map.dtype}, expected "
-            f"({rows},) integers: one rank per raw id of table {table!r}"
-        )
-    if row_map.device.type == "meta" or rows == 0:
-        return row_map
-    low, high = int(row_map.min()), int(row_map.max())
-    if low < 0 or high >= rows:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"row_maps[{table!r}] maps raw id {int(torch.nonzero(row_map == bad)[0])} to rank {bad}, "
-            f"outside [0, {rows}) of table {table!r}"
-        )
-    seen = torch.bincount(row_map.to(torch.int64), minlength=rows)
-    if bool((seen != 1).any()):
-        rank = int(torch.nonzero(seen != 1)[0])
-        raise ValueError(
-            f"row_maps[{table!r}] is not a permutation of [0, {rows}): rank {rank} is given to "
-            f"{int(seen[rank])} raw ids; give each rank to exactly one raw id"
-        )
-    return row_map
-
-
-def _default_config(table: BaseEmbeddingConfig, plan: PrecisionPlan, config: LowPrecisionConfig | None):
-    """A table's config when ``per_table_configs`` does not name it (the low-precision
-    collection's rule: with no config, a whole table is stored at its ``data_type``)."""
-    if config is not None:
-        return config
-    return LowPrecisionConfig() if table.name in plan.tables else config_from_data_type(table)
-
-
-@dataclass(frozen=True)
-class PhysicalTable:
-    """One stored run of groups of ``table``: rows ``[start, end)`` at ``bits``, read by ``features``."""
-
-    table: BaseEmbeddingConfig
-    name: str
-    start: int
-    end: int
-    features: tuple[str, ...]
-    config: LowPrecisionConfig
-
-    def torchrec_config(self, cls: type, **extra: Any) -> BaseEmbeddingConfig:
-        """This run as a TorchRec table config of type ``cls`` (``EmbeddingBagConfig`` or
-        ``EmbeddingConfig``), keeping the logical table's init (applied to each row group)."""
-        t = self.table
-        return cls(
-            num_embeddings=self.end - self.start, embedding_dim=t.embedding_dim, name=self.name,
-            feature_names=list(self.features), weight_init_min=t.get_weight_init_min(),
-            weight_init_max=t.get_weight_init_max(), init_fn=None if has_default_init(t) else t.init_fn,
-            **extra,
-        )  # fmt: skip
+from torchrec_lowprec.planner.schema import PrecisionPlan
 
 
 class RowGroupRouting(nn.Module):
@@ -268,6 +188,13 @@ class RowGroupRouting(nn.Module):
         """The inner KJT (each id moved to its group's physical feature, as a row of that table)
         and, per inner value, the position of its occurrence in ``values``. Ids of pruned groups,
         and those ``valid`` marks False, go nowhere."""
+        return self._inner_kjt(self._destinations(values, lengths, batch, valid), weights, batch)
+
+    def _destinations(
+        self, values: torch.Tensor, lengths: torch.Tensor, batch: int, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per id: its row in its physical table, its inner bag (``-1``: routed nowhere), and
+        whether it is routed; and the number of ids routed to each inner key (on the device)."""
         dev = values.device
         nf = len(self._features)
         bag = torch.repeat_interleave(
@@ -286,19 +213,65 @@ class RowGroupRouting(nn.Module):
         local = values - (seg_start[seg] - base)
         dest = self._seg_dest.to(dev)[seg]
         keep = dest >= 0 if valid is None else (dest >= 0) & valid
-        kept = torch.nonzero(keep).flatten()
-        dest_bag = (dest * batch + (bag - feat * batch))[kept]
+        per_key = torch.zeros(len(self._inner_keys), dtype=torch.int64, device=dev)
+        per_key.index_add_(0, dest.clamp(min=0), keep.to(torch.int64))
+        return local, torch.where(keep, dest * batch + (bag - feat * batch), -1), keep, per_key
+
+    def _inner_kjt(
+        self,
+        routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        weights: torch.Tensor | None,
+        batch: int,
+        per_key: list[int] | None = None,
+    ) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+        """:meth:`_route`'s result from :meth:`_destinations`'; ``per_key``: its counts, read back
+        (the inner KJT then carries them, and nothing here waits for the device)."""
+        local, dest_bag, keep, _ = routed
+        if per_key is None:
+            kept = torch.nonzero(keep).flatten()
+        else:
+            kept = torch.nonzero_static(keep, size=sum(per_key)).flatten()
+        dest_bag = dest_bag[kept]
         pos = kept[torch.argsort(dest_bag, stable=True)]
-        n_keys = len(self._inner_keys)
-        new_lengths = torch.bincount(dest_bag, minlength=n_keys * batch).to(lengths.dtype)
+        n_bags = len(self._inner_keys) * batch
+        new_lengths = torch.zeros(n_bags, dtype=torch.int64, device=local.device)
+        new_lengths.index_add_(0, dest_bag, torch.ones_like(dest_bag))
         inner = KeyedJaggedTensor(
             keys=self._inner_keys,
             values=local[pos],
             lengths=new_lengths,
             weights=weights[pos] if weights is not None else None,
             stride=batch,
+            length_per_key=per_key,
         )
         return inner, pos
+
+    def _routed_on_device(
+        self, features: KeyedJaggedTensor, weighted: bool
+    ) -> tuple[KeyedJaggedTensor, list[int], KeyedJaggedTensor, torch.Tensor] | None:
+        """``(KJT in slot order, ids per slot, inner KJT, positions)`` for a batch on a device
+        whose input checks run there (``input_check.checks_on_device``; every table's
+        ``bounds_check`` ``"raise"``), or ``None`` (the caller checks on the host). The routing
+        needs the number of ids each row group gets on the host, so the KJT check, the id check
+        and those counts come back in one read (the step's one host sync), and a bad batch
+        raises here, in its own step, updating nothing."""
+        device = features.values().device  # (a sharded row_groups has no single device)
+        if not input_check.checks_on_device(device):
+            return None
+        if any(self._configs[t].bounds_check != "raise" for t in self._table_of_feature):
+            return None
+        kjt, totals, report = ordered_on_device(features, self._features, weighted)
+        values, lengths, batch = kjt.values(), kjt.lengths(), kjt.stride()
+        safe, ids = id_report(values, lengths, self._rows, batch)
+        report = input_check.combined(report, ids)
+        routed = self._destinations(safe.to(torch.int64), lengths, batch)
+        numbers = torch.cat([report, routed[3]]).tolist()  # the one read
+        if numbers[0] != input_check.REPORT_OK:
+            raise describe_report(
+                features.keys(), self._features, self._table_of_feature, self._rows, device, later=False
+            )(numbers[:4], 0)
+        weights = kjt.weights().float() if weighted else None
+        return (kjt, totals, *self._inner_kjt(routed, weights, batch, numbers[4:]))
 
     # ----- weights and accounting -----
     def dequantized_weight(self, name: str) -> torch.Tensor:

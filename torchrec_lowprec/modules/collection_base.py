@@ -170,12 +170,14 @@ class LowPrecisionTables(FusedOptimizerMixin, nn.Module):
             m != "raise" for m in self._bounds_modes(lookup_tables)
         ):
             return None
-        self._input_errors.poll()
         kjt_keys = features.keys()
         if known is not None:  # a sharded lookup's input: checked before TorchRec's input dist
             features, totals = ordered_with_totals(features, self._lookup_order, weighted, known)
+            if skip is not None:  # on the device, agreed by every rank: bad ids went out as row 0
+                return features, totals, features.values(), skip
             report = None
-        else:
+        self._input_errors.poll()
+        if known is None:
             features, totals, report = ordered_on_device(features, self._lookup_order, weighted)
         values = features.values()
         rows = [lay.rows for lay in lookup_tables]

@@ -105,3 +105,18 @@ def test_warn_tables_keep_the_host_check(monkeypatch):
     module, kjt = _module("ebc", bounds_check="warn")
     with pytest.warns(RuntimeWarning, match="id 60 of feature 'a' is out of range"):
         _train(module, _with_id(kjt, 0, 60))
+
+
+@pytest.mark.parametrize("kind", ["ebc", "ec"])
+def test_a_batch_without_ids_takes_the_device_path(kind, monkeypatch):
+    _on_device(monkeypatch)
+    module, kjt = _module(kind)
+    keys, stride = kjt.keys(), kjt.stride()
+    empty = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.zeros(0, dtype=torch.int64),
+        lengths=torch.zeros(len(keys) * stride, dtype=torch.int64),
+    )
+    out = _train(module, empty)
+    values = out.values() if not isinstance(out, dict) else torch.cat([jt.values() for jt in out.values()])
+    assert not values.any()

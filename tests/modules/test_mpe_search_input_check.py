@@ -103,3 +103,15 @@ def test_check_inputs_raises_a_pending_search_error(kind, monkeypatch):
     with pytest.raises(IndexError, match="id 1000 of feature 'c'.*in the batch of step 1"):
         search.check_inputs()
     search.check_inputs()  # nothing left
+
+
+@pytest.mark.parametrize("kind", ["ebc", "ec"])
+def test_a_search_batch_without_ids_takes_the_device_path(kind, monkeypatch):
+    monkeypatch.setattr(input_check, "checks_on_device", lambda device: True)
+    search, tables = _search(kind)
+    kjt = random_kjt(tables)
+    empty = KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(), values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros_like(kjt.lengths())
+    )
+    assert not _step(search, empty).any()
+    search.check_inputs()

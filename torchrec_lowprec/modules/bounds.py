@@ -246,6 +246,8 @@ def id_report(
     """``(ids safe to look up, report)`` of the id bounds check, on the device: ids outside
     ``[0, rows[f])`` of their feature ``f`` read row 0; the report counts them and names the
     first (``lengths`` key-major, ``len(rows)`` keys x ``batch``)."""
+    if values.numel() == 0:  # (argmax has no first element to name)
+        return values, torch.zeros(4, dtype=torch.int64, device=values.device)
     per_feature, limit = _limits(values, lengths, rows, batch)
     bad = (values < 0) | (values >= limit)
     count = bad.sum(dtype=torch.int64)

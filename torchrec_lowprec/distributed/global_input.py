@@ -31,10 +31,9 @@ from torchrec_lowprec.modules import input_check
 from torchrec_lowprec.modules.bounds import (
     check_ids,
     describe_report,
-    id_report,
+    ids_checked_on_device,
     in_feature_order,
     in_range_mask,
-    ordered_on_device,
 )
 from torchrec_lowprec.modules.embedding_collection import ZEROED
 from torchrec_lowprec.modules.input_check import (
@@ -155,21 +154,8 @@ def check_global_on_device(
     if any(configs[t.name].bounds_check != "raise" for t in tables):
         return None
     order, table_of = _global_slots(tables)
-    kjt, totals, report = ordered_on_device(features, order, weighted)
     rows = [table_of[f].num_embeddings for f in order]
-    if kjt.values().numel():
-        safe, ids = id_report(kjt.values(), kjt.lengths(), rows, kjt.stride())
-        report = combined(report, ids)
-        kjt = KeyedJaggedTensor(
-            keys=order,
-            values=safe,
-            lengths=kjt.lengths(),
-            weights=kjt.weights_or_none(),
-            stride=kjt.stride(),
-            length_per_key=totals,
-        )
-    if report is None:
-        report = torch.zeros(4, dtype=torch.int64, device=values.device)
+    kjt, _, report, _ = ids_checked_on_device(features, order, rows, weighted)
     rank = dist.get_rank(group)
     flag = torch.where(report[0] != REPORT_OK, (report[0] << _RANK_BITS) | (rank + 1), 0).reshape(1)
     work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)

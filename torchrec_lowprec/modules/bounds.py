@@ -9,7 +9,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.kernels.dispatch import backend_for
-from torchrec_lowprec.modules.input_check import REPORT_BAD_IDS, REPORT_BAD_KJT, REPORT_OK
+from torchrec_lowprec.modules.input_check import REPORT_BAD_IDS, REPORT_BAD_KJT, REPORT_OK, combined
 
 
 def _limits(
@@ -256,6 +256,23 @@ def id_report(
     kind = torch.where(count > 0, REPORT_BAD_IDS, REPORT_OK)
     report = torch.stack([kind, count, values[first].to(torch.int64), feature.to(torch.int64)])
     return torch.where(bad, torch.zeros_like(values), values), report
+
+
+def ids_checked_on_device(
+    features: KeyedJaggedTensor, order: list[str], rows: list[int], weighted: bool = False
+) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor, torch.Tensor]:
+    """:func:`ordered_on_device` then :func:`id_report` (``rows``: each entry of ``order``'s
+    table size): the KJT in ``order`` whose bad ids read row 0, carrying its ``length_per_key``
+    (nothing after it syncs for it), the ids per entry, the combined report, and the ids as
+    fed (in ``order``)."""
+    kjt, totals, report = ordered_on_device(features, order, weighted)
+    fed = kjt.values()
+    safe, ids = id_report(fed, kjt.lengths(), rows, kjt.stride())
+    checked = KeyedJaggedTensor(
+        keys=order, values=safe, lengths=kjt.lengths(), weights=kjt.weights_or_none(),
+        stride=kjt.stride(), length_per_key=totals,
+    )  # fmt: skip
+    return checked, totals, combined(report, ids), fed
 
 
 def kjt_report(features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int], torch.Tensor] | None:

@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec_lowprec._deprecation import warn_deprecated
 from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.modules import input_check
-from torchrec_lowprec.modules.bounds import describe_report, id_report, ordered_on_device, ordered_with_totals
+from torchrec_lowprec.modules.bounds import describe_report, ids_checked_on_device, ordered_with_totals
 from torchrec_lowprec.modules.input_check import DeferredInputErrors
 from torchrec_lowprec.modules.mpe_budget import MPEBudget
 from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision
@@ -174,20 +174,13 @@ class MPESearchTables(MPEBudget, nn.Module):
             kjt, totals = ordered_with_totals(features, self._features, weighted)
             return [(jt, None) for jt in _slots(kjt, totals)]
         self._input_errors.poll()
-        kjt, totals, report = ordered_on_device(features, self._features, weighted)
         rows = [t.num_embeddings for t in self._tables for _ in t.feature_names]
-        values = kjt.values()
-        safe, ids = id_report(values, kjt.lengths(), rows, kjt.stride())
-        report = input_check.combined(report, ids)
+        kjt, totals, report, fed = ids_checked_on_device(features, self._features, rows, weighted)
         tables = [t.name for t in self._tables for _ in t.feature_names]
         describe = describe_report(features.keys(), self._features, tables, rows, device)
         self._input_errors.record(report, self._forwards, describe)
-        kjt = KeyedJaggedTensor(
-            keys=self._features, values=safe, lengths=kjt.lengths(),
-            weights=kjt.weights_or_none(), stride=kjt.stride(), length_per_key=totals,
-        )  # fmt: skip
-        # A bad id is never 0 (row 0 always exists), so it is exactly where safe differs.
-        return list(zip(_slots(kjt, totals), (safe == values).split(totals)))
+        # A bad id is never 0 (row 0 always exists), so it is exactly where the ids changed.
+        return list(zip(_slots(kjt, totals), (kjt.values() == fed).split(totals)))
 
     def check_inputs(self) -> None:
         """Raise the error of any batch whose ids were checked on the device and found bad

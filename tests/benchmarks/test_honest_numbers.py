@@ -180,3 +180,29 @@ def test_lowbit_recipes_serving_bytes_count_rows_by_plan_width(tmp_path):
     PrecisionPlan({"a": TablePrecision(100, 16, (10, 30, 100), (32, 8, 2))}).save(path)
     flags = ("--precision", "int2", "--precision-plan", path)
     assert lowbit_recipes.serving_bytes(flags, tables, 2) == 10 * 64 + 20 * 20 + 70 * 8
+
+
+def test_commit_label_marks_code_changes_not_documentation(tmp_path):
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("a\n")
+    (tmp_path / "README.md").write_text("a\n")
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert report.commit_label(str(tmp_path)) == head
+    (tmp_path / "docs" / "benchmarks.md").write_text("b\n")  # a benchmark wrote its section
+    (tmp_path / "README.md").write_text("b\n")
+    assert report.commit_label(str(tmp_path)) == head
+    (tmp_path / "kernel.py").write_text("x = 2\n")
+    assert report.commit_label(str(tmp_path)) == head + "+uncommitted"
+    assert report.commit_label(str(tmp_path / "docs")) == head + "+uncommitted"  # from a subfolder
+    assert report.commit_label("/") == "n/a"

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).resolve().parent / "cpu" / "fused_update.cpp"
 #: Every C++ source of the extension (``SOURCE`` holds the Python bindings).
 SOURCES = (SOURCE, SOURCE.parent / "pooled_lookup.cpp")
 #: Headers they include (part of the build hash; not compiled on their own).
-HEADERS = (SOURCE.parent / "half.h",)
+HEADERS = (SOURCE.parent / "half.h", SOURCE.parent / "prefetch.h")
 #: ``-ffp-contract=off`` and no fast-math: every fp32 op must round like PyTorch's
 #: (``-fno-trapping-math`` changes no value; it lets GCC vectorise the clamp/select loops).
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-march=native", "-fopenmp")

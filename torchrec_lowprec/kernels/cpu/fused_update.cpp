@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include "half.h"
+#include "prefetch.h"
 
 #include <algorithm>
 #include <atomic>
@@ -618,19 +619,13 @@ Counts run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* 
   // its bytes, its step size, its optimizer state. A lambda forced inline: GCC drops calls to
   // an out-of-line function that only prefetches (it is side-effect free).
   auto prefetch_row = [&](int64_t row) __attribute__((always_inline)) {
-    const char* base = reinterpret_cast<const char*>(T.rows + row * T.row_stride);
-    for (int64_t b = 0; b < T.row_bytes; b += 64) __builtin_prefetch(base + b, 0, 3);
-    __builtin_prefetch(base + T.row_bytes - 1, 0, 3);
+    torchrec_lowprec::prefetch_lines(T.rows + row * T.row_stride, T.row_bytes);
     if (P.learn) __builtin_prefetch(T.step + row * T.step_stride, 0, 3);
     if constexpr (OPT == 2) {
       __builtin_prefetch(T.s1 + row * T.s1_stride, 0, 3);
     } else if constexpr (OPT == 1 || OPT == 3) {
-      const char* a = reinterpret_cast<const char*>(T.s1 + row * T.s1_stride);
-      for (int64_t b = 0; b < gbytes; b += 64) __builtin_prefetch(a + b, 0, 3);
-      if constexpr (OPT == 3) {
-        const char* c = reinterpret_cast<const char*>(T.s2 + row * T.s2_stride);
-        for (int64_t b = 0; b < gbytes; b += 64) __builtin_prefetch(c + b, 0, 3);
-      }
+      torchrec_lowprec::prefetch_lines(T.s1 + row * T.s1_stride, gbytes);
+      if constexpr (OPT == 3) torchrec_lowprec::prefetch_lines(T.s2 + row * T.s2_stride, gbytes);
     }
   };
   for (int64_t u = u0; u < std::min<int64_t>(u1, u0 + kPrefetchAhead); ++u) prefetch_row(uniq[u]);
@@ -638,9 +633,7 @@ Counts run_segments(int64_t u0, int64_t u1, const int64_t* uniq, const int64_t* 
     if (u + kPrefetchAhead < u1) prefetch_row(uniq[u + kPrefetchAhead]);
     if (u + kGradAhead < u1) {
       for (int64_t k = seg[u + kGradAhead]; k < seg[u + kGradAhead + 1]; ++k) {
-        const char* src = reinterpret_cast<const char*>(T.grad + T.goff[k]);
-        for (int64_t b = 0; b < gbytes; b += 64) __builtin_prefetch(src + b, 0, 3);
-        __builtin_prefetch(src + gbytes - 1, 0, 3);
+        torchrec_lowprec::prefetch_lines(T.grad + T.goff[k], gbytes);
       }
     }
     float* g = S.g.data() + nb * D;

@@ -42,10 +42,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fresh_process import add_worker_args, rows_label, run_fresh  # noqa: E402
-from report import contention, cpu_stat, machine_info, write_section  # noqa: E402
+from report import contention, cpu_stat, machine_info, machine_section, write_section  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
-from torchrec_lowprec.kernels.cpu_native import cpu_vector_class  # noqa: E402
 from torchrec_lowprec.kernels.dispatch import backend_for  # noqa: E402
 
 
@@ -186,13 +185,6 @@ def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
     return {"fwd": fwd, "step": step, "bytes": ebc.memory_bytes()}
 
 
-#: machine kind (``cpu_native.cpu_vector_class()``, or cuda) -> (section key suffix, title).
-SECTION_OF_KIND = {
-    "cuda": ("_cuda", "CUDA"),
-    "avx512": ("", "CPU"),
-    "avx2": ("_avx2", "CPU, AVX2 only"),
-    "other": ("_other", "CPU, no AVX2"),
-}
 VARIANTS = ("FBGEMM FP32", "FBGEMM FP16", "lowprec int8 (ALPT)", "lowprec int4 (ALPT)", "lowprec int2 (ALPT)")
 
 
@@ -372,10 +364,9 @@ def main() -> None:
     md = to_markdown(results, cmd, args, args.device, stat0, time.perf_counter() - t0)
     print(md)
     if args.write:
-        # One section per machine kind: the AVX-512 section keeps the historical key.
-        suffix, where = SECTION_OF_KIND["cuda" if args.device == "cuda" else cpu_vector_class()]
-        key = "embedding_step" + suffix + ("_quick" if args.quick else "")
-        title = f"Embedding train step vs FBGEMM ({where}{', quick' if args.quick else ''})"
+        key, title = machine_section(
+            "embedding_step", "Embedding train step vs FBGEMM", args.device, args.quick
+        )
         write_section(args.write, key, title, md)
 
 

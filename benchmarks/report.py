@@ -43,6 +43,24 @@ def publish(
 
 # ----- the machine a figure comes from (printed in every generated section) -----
 
+#: Machine kind (``cpu_native.cpu_vector_class()``, or ``"cuda"``) -> (section key suffix, title
+#: words): a timing benchmark keeps one section per kind, so a run on one machine kind never
+#: replaces another's figures. The AVX-512 section keeps the historical key.
+SECTION_OF_KIND = {
+    "cuda": ("_cuda", "CUDA"),
+    "avx512": ("", "CPU"),
+    "avx2": ("_avx2", "CPU, AVX2 only"),
+    "other": ("_other", "CPU, no AVX2"),
+}
+
+
+def machine_section(key: str, title: str, device: str = "cpu", quick: bool = False) -> tuple[str, str]:
+    """``(key, title)`` of a timing benchmark's section for the machine kind this runs on."""
+    from torchrec_lowprec.kernels.cpu_native import cpu_vector_class
+
+    suffix, where = SECTION_OF_KIND["cuda" if device == "cuda" else cpu_vector_class()]
+    return key + suffix + ("_quick" if quick else ""), f"{title} ({where}{', quick' if quick else ''})"
+
 
 def _read(path: str) -> str:
     try:

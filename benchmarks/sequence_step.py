@@ -49,7 +49,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from embedding_step import DISTS, _fmt, draw_ids, timed  # noqa: E402
 from fresh_process import add_worker_args, rows_label, run_fresh  # noqa: E402
-from report import contention, cpu_stat, machine_info, publish  # noqa: E402
+from report import contention, cpu_stat, machine_info, machine_section, publish  # noqa: E402
 
 import torchrec_lowprec as lp  # noqa: E402
 
@@ -327,8 +327,10 @@ def main() -> None:
     ]
     lines = section(results, args, stat0, time.perf_counter() - t0)
     argv = [shlex.quote(a) for a in sys.argv[1:] if not a.endswith(".md") and a != "--write"]
-    publish(args.write, "sequence_step", "Sequence (EmbeddingCollection) train step vs TorchRec/FBGEMM (CPU)",
-            "benchmarks/sequence_step.py", argv, lines)  # fmt: skip
+    key, title = machine_section(
+        "sequence_step", "Sequence (EmbeddingCollection) train step vs TorchRec/FBGEMM"
+    )
+    publish(args.write, key, title, "benchmarks/sequence_step.py", argv, lines)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,21 @@ def test_commit_label_marks_code_changes_not_documentation(tmp_path):
     assert report.commit_label(str(tmp_path)) == head + "+uncommitted"
     assert report.commit_label(str(tmp_path / "docs")) == head + "+uncommitted"  # from a subfolder
     assert report.commit_label("/") == "n/a"
+
+
+def test_each_machine_kind_writes_its_own_timing_section(monkeypatch):
+    from torchrec_lowprec.kernels import cpu_native
+
+    title = "Embedding train step vs FBGEMM"
+    monkeypatch.setattr(cpu_native, "cpu_vector_class", lambda: "avx512")
+    assert report.machine_section("embedding_step", title) == ("embedding_step", f"{title} (CPU)")
+    monkeypatch.setattr(cpu_native, "cpu_vector_class", lambda: "avx2")
+    assert report.machine_section("embedding_step", title) == (
+        "embedding_step_avx2",
+        f"{title} (CPU, AVX2 only)",
+    )
+    assert report.machine_section("embedding_step", title, quick=True) == (
+        "embedding_step_avx2_quick",
+        f"{title} (CPU, AVX2 only, quick)",
+    )
+    assert report.machine_section("sequence_step", "S", device="cuda") == ("sequence_step_cuda", "S (CUDA)")

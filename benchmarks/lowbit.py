@@ -43,7 +43,7 @@ import train as dlrm_train  # noqa: E402
 from report import machine_info, write_section  # noqa: E402
 
 from torchrec_lowprec.configs import LowPrecisionConfig  # noqa: E402
-from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision  # noqa: E402
+from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
 from torchrec_lowprec.quant.groups import table_counts  # noqa: E402
 from torchrec_lowprec.quant.layout import code_range, dequantize_rows, split_row  # noqa: E402
 
@@ -64,17 +64,10 @@ HOT_SHARES = (0.01, 0.05, 0.1, 0.25)  # share of each table's rows (most frequen
 
 def hot_plan(tables, share: float, bits: int, path: str) -> str:
     """A precision plan: per table, the ``share`` most frequent rows at 8 bits, the rest at ``bits``."""
-    out = {}
-    for t in tables:
-        hot = max(1, round(share * t.num_embeddings))
-        if hot >= t.num_embeddings:
-            out[t.name] = TablePrecision(t.num_embeddings, t.embedding_dim, (t.num_embeddings,), (8,))
-        else:
-            out[t.name] = TablePrecision(
-                t.num_embeddings, t.embedding_dim, (hot, t.num_embeddings), (8, bits)
-            )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    PrecisionPlan(out).save(path)
+    PrecisionPlan.hot_rows(
+        {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}, bits, [(share, 8)]
+    ).save(path)
     return path
 
 

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import train as dlrm_train  # noqa: E402
 from report import machine_info, write_section  # noqa: E402
 
-from torchrec_lowprec.planner.schema import PrecisionPlan, TablePrecision  # noqa: E402
+from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
 
 TARGETS = {4: 0.004, 2: 0.015}  # issue 21: test AUC >= fp32 - target at <= +5% bytes
 BYTES_SLACK = 0.05
@@ -81,21 +81,10 @@ ADAM_LRS = (1e-3, 1e-2)  # the ALPT paper's, and x10
 
 def group_plan(tables, groups: list[tuple[float, int]], bits: int, path: str) -> str:
     """Per table: the hottest rows in ``groups`` (share, bits), the rest at ``bits``."""
-    out = {}
-    for t in tables:
-        ends, widths, start = [], [], 0
-        for share, b in groups:
-            end = min(t.num_embeddings, start + max(1, round(share * t.num_embeddings)))
-            if end > start:
-                ends.append(end)
-                widths.append(b)
-            start = end
-        if start < t.num_embeddings:
-            ends.append(t.num_embeddings)
-            widths.append(bits)
-        out[t.name] = TablePrecision(t.num_embeddings, t.embedding_dim, tuple(ends), tuple(widths))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    PrecisionPlan(out).save(path)
+    PrecisionPlan.hot_rows({t.name: (t.num_embeddings, t.embedding_dim) for t in tables}, bits, groups).save(
+        path
+    )
     return path
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from torchrec_lowprec.flags import OneLineErrorParser, range_error
+from torchrec_lowprec.flags import OneLineErrorParser, parse_hot_rows, range_error
 
 INTS = {"batch_size": 1, "threads": 0}
 FLOATS = {"lr": (0.0, math.inf, True, False), "decay": (0.0, 1.0, True, False), "offset": (-math.inf, math.inf, True, True)}  # fmt: skip
@@ -43,3 +43,35 @@ def test_a_parse_error_is_one_line(capsys):
         ap.parse_args(["--n", "x"])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: argument --n: invalid int value: 'x'\n"
+
+
+@pytest.mark.parametrize(
+    "spec, base, want",
+    [
+        ("0.6:8", 4, [(0.6, 8)]),
+        (" 0.2:8 , 0.5:4", 2, [(0.2, 8), (0.5, 4)]),
+        ("1:32", 16, [(1.0, 32)]),
+    ],
+)
+def test_parse_hot_rows(spec, base, want):
+    assert parse_hot_rows(spec, base) == want
+
+
+@pytest.mark.parametrize(
+    "spec, base, msg",
+    [
+        ("0.6", 4, "'0.6' is not SHARE:BITS"),
+        ("x:8", 4, "'x:8' is not SHARE:BITS"),
+        ("nan:8", 4, "'nan:8' is not SHARE:BITS"),
+        ("0.6:3", 4, "width 3 is not one of 2, 4, 8, 16, 32"),
+        ("0.6:0", 4, "width 0 is not one of"),
+        ("0.6:4", 4, "hot rows at 4 bits are not wider than the tables' 4"),
+        ("0.7:8,0.5:4", 2, "the hot shares add up to 1.2 of the rows; at most 1"),
+        ("0:8", 4, "share 0.0 of the rows at 8 bits must be in (0, 1]"),
+        (",".join(["0.1:8"] * 9), 4, "at most 8 groups"),
+    ],
+)
+def test_parse_hot_rows_refuses(spec, base, msg):
+    with pytest.raises(ValueError) as e:
+        parse_hot_rows(spec, base)
+    assert str(e.value).startswith("--hot-rows ") and msg in str(e.value)

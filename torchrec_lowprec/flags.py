@@ -58,3 +58,53 @@ def range_error(
             bound = f" in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
         return f"{flag_name(dest)} must be a finite number{bound}, got {v}"
     return None
+
+
+#: Longest ``--hot-rows`` list accepted (a plan has a handful of groups; bounds the parse).
+MAX_HOT_GROUPS = 8
+
+
+def parse_hot_rows(spec: str, base_bits: int) -> list[tuple[float, int]]:
+    """``"0.2:8,0.5:4"`` -> ``[(0.2, 8), (0.5, 4)]``: shares of each table's rows (hottest group
+    first) and their widths, for :meth:`PrecisionPlan.hot_rows` over tables at ``base_bits``.
+
+    Raises ``ValueError`` with a one-line message naming ``--hot-rows`` when a share is not in
+    (0, 1], the shares add up to more than 1, a width is not a plan width, or a hot group is
+    not wider than ``base_bits`` (the rest of the table).
+
+    Example::
+
+        parse_hot_rows("0.6:8", base_bits=4)   # [(0.6, 8)]: int4 tables, hottest 60% at 8 bits
+    """
+    from torchrec_lowprec.planner.schema import PrecisionPlan
+    from torchrec_lowprec.types import PLAN_BITS
+
+    parts = spec.split(",")
+    if len(parts) > MAX_HOT_GROUPS:
+        raise ValueError(f"--hot-rows {spec[:80]!r}: at most {MAX_HOT_GROUPS} groups")
+    widths = ", ".join(str(b) for b in PLAN_BITS if b > 0)
+    out: list[tuple[float, int]] = []
+    for part in parts:
+        share_s, sep, bits_s = part.strip().partition(":")
+        try:
+            share, bits = float(share_s), int(bits_s)
+        except ValueError:
+            share, bits = math.nan, -1
+        if not sep or not math.isfinite(share) or bits < 0:
+            raise ValueError(
+                f"--hot-rows {spec!r}: {part.strip()!r} is not SHARE:BITS (e.g. 0.6:8: the hottest 60% of "
+                "each table's rows at 8 bits)"
+            )
+        if bits not in PLAN_BITS or bits == 0:
+            raise ValueError(f"--hot-rows {spec!r}: width {bits} is not one of {widths}")
+        if bits <= base_bits:
+            raise ValueError(
+                f"--hot-rows {spec!r}: hot rows at {bits} bits are not wider than the tables' {base_bits}; "
+                "give a wider width or a narrower --precision"
+            )
+        out.append((share, bits))
+    try:
+        PrecisionPlan.hot_rows({}, base_bits, out)  # the shares' checks, in one place
+    except ValueError as e:
+        raise ValueError(f"--hot-rows {spec!r}: {str(e).removeprefix('hot_rows: ')}") from None
+    return out

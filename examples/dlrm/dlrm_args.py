@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import dlrm_checkpoint
 from dlrm_data import DataError, _vocab_sizes, add_data_args
-from dlrm_model import add_model_args
+from dlrm_model import PRECISION_BITS, add_model_args
 
 from torchrec_lowprec.configs import MPESearchConfig
 from torchrec_lowprec.files import unwritable_reason
-from torchrec_lowprec.flags import OneLineErrorParser, range_error
+from torchrec_lowprec.flags import OneLineErrorParser, parse_hot_rows, range_error
 from torchrec_lowprec.types import PLAN_BITS, OptimizerType
 
 INF = math.inf
@@ -156,6 +156,18 @@ def data_cache_problem(spec: str) -> str | None:
     return None
 
 
+def hot_rows_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--hot-rows`` cannot be used with the other flags, or None."""
+    if args.precision_plan or args.precision == "mpe":
+        other = "--precision-plan" if args.precision_plan else "--precision mpe"
+        return f"--hot-rows and {other} both set the tables' widths: pass one of them"
+    try:
+        parse_hot_rows(args.hot_rows, PRECISION_BITS[args.precision])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """Every flag of :func:`parse_args` at once: the first problem as a message, or None."""
     if (args.resume or args.overwrite) and not args.checkpoint_dir:
@@ -168,6 +180,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return msg
     if args.precision_plan and not os.path.isfile(args.precision_plan):
         return f"--precision-plan {args.precision_plan} does not exist (or is not a file)"
+    if args.hot_rows is not None and (msg := hot_rows_problem(args)) is not None:
+        return msg
     outputs = [("--summary", args.summary), ("--plot", args.plot)]
     if args.precision == "mpe":
         outputs.append(("--mpe-plan-out", args.mpe_plan_out))

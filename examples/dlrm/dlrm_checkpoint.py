@@ -291,7 +291,7 @@ SHAPE_FLAGS = {
     "precision": "--precision", "embedding_dim": "--embedding-dim",
     "vocab_sizes": "vocabulary (--data / --vocab-sizes / --min-count)", "num_dense": "dense features (--data / --num-dense)",
     "dense_arch": "--dense-arch", "over_arch": "--over-arch", "dcn": "--dcn", "dcn_layers": "--dcn-layers",
-    "dcn_rank": "--dcn-rank",
+    "dcn_rank": "--dcn-rank", "hot_rows": "--hot-rows",
 }  # fmt: skip
 
 
@@ -308,13 +308,14 @@ def model_config(args, tables, num_dense: int) -> dict:
         "dcn": bool(args.dcn),
         "dcn_layers": args.dcn_layers if args.dcn else None,
         "dcn_rank": args.dcn_rank if args.dcn else None,
+        "hot_rows": getattr(args, "hot_rows", None),
     }
 
 
 def _show(key: str, v) -> str:
     if isinstance(v, list):
         return ",".join(map(str, v)) or "(none)"
-    return str(v)
+    return "(none)" if v is None else str(v)
 
 
 def _mismatch(path: str, saved: dict, given: dict) -> str | None:

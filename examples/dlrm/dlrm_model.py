@@ -18,6 +18,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
 import torchrec_lowprec as lp
 from torchrec_lowprec.data import count_frequencies, frequency_rank
+from torchrec_lowprec.flags import parse_hot_rows
 from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.quant.groups import table_counts
 
@@ -89,6 +90,14 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         help="a PrecisionPlan JSON (MPE's selection, benchmarks/mpe.py) or a `torchrec-lowprec plan` output: "
         "per-table / per-frequency-group bit widths (the tables become MixedPrecisionEmbeddingBagCollection; "
         "--precision is then the width of tables the plan does not name)",
+    )
+    g.add_argument(
+        "--hot-rows",
+        default=None,
+        metavar="SHARE:BITS[,SHARE:BITS]",
+        help="each table's most frequent rows stored wider, hottest group first, the rest at --precision: "
+        "e.g. 0.6:8 (the hottest 60%% of rows at 8 bits); with --no-learn-step-size the low-bit recipes "
+        "of docs/precision.md",
     )
     g.add_argument("--embedding-dim", type=int, default=32, help="every table's dim (= last dense layer)")
     g.add_argument(
@@ -174,10 +183,19 @@ def build_embedding_collection(
         plan = search_plan(args, tables, data)
     elif getattr(args, "precision_plan", None):
         plan = PrecisionPlan.load(args.precision_plan)
+    elif getattr(args, "hot_rows", None):
+        plan = hot_rows_plan(args, tables)
     if plan is not None:
         plan, row_maps = with_id_maps(plan, tables, data)
         return lp.convert(ebc, lp.MixedPrecisionConfig(plan, table_config(args)), row_maps=row_maps)
     return lp.convert(ebc, table_config(args))
+
+
+def hot_rows_plan(args: argparse.Namespace, tables: list[EmbeddingBagConfig]) -> PrecisionPlan:
+    """The plan ``--hot-rows`` describes: every table at ``--precision``, its hottest rows wider."""
+    bits = PRECISION_BITS[args.precision]
+    shapes = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
+    return PrecisionPlan.hot_rows(shapes, bits, parse_hot_rows(args.hot_rows, bits))
 
 
 def training_ranks(tables: list[EmbeddingBagConfig], data, names: set[str]) -> tuple[dict, dict]:

@@ -43,6 +43,7 @@ from dlrm_model import (  # noqa: E402
     Env,
     build_model,
     float_equivalent_bytes,
+    hot_rows_plan,
     init_env,
     plan_summary,
     shard,
@@ -170,6 +171,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     say(
         f"{data.name} data, {len(tables)} tables, dim {args.embedding_dim}, "
         f"{'plan ' + args.precision_plan + ', else ' if args.precision_plan else ''}{args.precision} "
+        f"{'with hot rows ' + args.hot_rows + ' ' if getattr(args, 'hot_rows', None) else ''}"
         f"({args.rounding}, {'learned' if args.learn_step_size else 'fixed'} step"
         f"{', clipped' if args.grow_step_size is False else ''}), world {env.world}: "
         f"embeddings {sum(ours_per_rank) / 2**20:.2f} MiB vs fp32 {fp32_bytes / 2**20:.2f} MiB"
@@ -310,7 +312,7 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
             "optimizer": cfg.optimizer.value,
             "emb_lr": cfg.learning_rate,
             "embedding_dim": args.embedding_dim,
-            "plan": _with_precision(plan_summary(model), _precision_plan_path(args)),
+            "plan": _with_precision(plan_summary(model), _precision_plan(args, tables)),
         },
         "versions": versions(),
         "train": {
@@ -338,20 +340,26 @@ def train(args: argparse.Namespace, env: Env, data: DataSource | None = None) ->
     return summary
 
 
-def _precision_plan_path(args: argparse.Namespace) -> str | None:
+def _precision_plan(args: argparse.Namespace, tables) -> tuple[str, PrecisionPlan] | None:
+    """Where the tables' precision plan came from (a path, or the ``--hot-rows`` flag) and the plan."""
     if args.precision == "mpe":
-        return args.mpe_plan_out
-    return getattr(args, "precision_plan", None)
+        return args.mpe_plan_out, PrecisionPlan.load(args.mpe_plan_out)
+    if getattr(args, "precision_plan", None):
+        return args.precision_plan, PrecisionPlan.load(args.precision_plan)
+    if getattr(args, "hot_rows", None):
+        return f"--hot-rows {args.hot_rows}", hot_rows_plan(args, tables)
+    return None
 
 
-def _with_precision(plan: dict, path: str | None) -> dict:
+def _with_precision(plan: dict, source: tuple[str, PrecisionPlan] | None) -> dict:
     """The sharding plan (table -> sharding, ranks) plus each planned table's group ends and bits."""
-    if not path:
+    if source is None:
         return plan
+    where, precision = source
     out = {k: dict(v) for k, v in plan.items()}
-    for name, tp in PrecisionPlan.load(path).tables.items():
+    for name, tp in precision.tables.items():
         out.setdefault(name, {}).update(
-            {"precision_plan": path, "group_ends": list(tp.group_ends), "bits": list(tp.bits)}
+            {"precision_plan": where, "group_ends": list(tp.group_ends), "bits": list(tp.bits)}
         )
     return out
 

@@ -64,6 +64,11 @@ def test_resume_under_other_model_flags_names_the_mismatch(saved, capsys, flag, 
     assert {p.name: p.read_bytes() for p in (saved / "step_000000005").iterdir()} == before
 
 
+def test_resume_with_other_hot_rows_names_the_mismatch(saved, capsys):
+    line = exit_2(capsys, [*TINY, "--hot-rows", "0.25:8", "--checkpoint-dir", str(saved), "--resume"])
+    assert "was written by a different model (--hot-rows saved (none), given 0.25:8)" in line, line
+
+
 def test_an_older_checkpoint_without_flags_is_still_refused_in_one_line(tmp_path, capsys):
     ck = tmp_path / "ck"
     train.main([*TINY, "--checkpoint-dir", str(ck), "--max-steps", "3"])

@@ -36,6 +36,12 @@ BAD = [
     (["--zipf", "-1"], "--zipf"),
     (["--zipf", "inf"], "--zipf"),
     (["--embedding-dim", "0"], "--embedding-dim"),
+    (["--hot-rows", "0.6"], "--hot-rows"),
+    (["--hot-rows", "0.6:3"], "--hot-rows"),
+    (["--hot-rows", "0.6:4", "--precision", "int4"], "--hot-rows"),  # not wider than the rest
+    (["--hot-rows", "0.7:8,0.5:4", "--precision", "int2"], "--hot-rows"),  # shares add up to 1.2
+    (["--hot-rows", "0:8", "--precision", "int4"], "--hot-rows"),
+    (["--hot-rows", "0.6:8", "--precision", "mpe"], "--hot-rows"),
     (["--over-arch", "abc"], "--over-arch"),
     (["--over-arch", "64,0"], "--over-arch"),
     (["--dense-arch", "1.5"], "--dense-arch"),

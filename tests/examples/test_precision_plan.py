@@ -52,3 +52,38 @@ def test_precision_mpe_searches_then_trains(tmp_path):
     s = json.loads(summary.read_text())
     assert s["test"]["auc"] > 0.6
     assert s["embedding_bytes"]["ours"] < 0.35 * s["embedding_bytes"]["fp32_rowwise_adagrad"]
+
+
+def test_hot_rows_recipe_trains_the_plan_it_describes(tmp_path):
+    # docs/precision.md's int4 recipe: fixed step, each table's hottest 60% of rows at 8 bits
+    summary = tmp_path / "s.json"
+    cmd = [
+        sys.executable, str(ROOT / "examples/dlrm/train.py"), "--vocab-sizes", "1000,100", "--embedding-dim", "16",
+        "--train-rows", "20000", "--test-rows", "4000", "--val-rows", "2000", "--batch-size", "512",
+        "--precision", "int4", "--no-learn-step-size", "--hot-rows", "0.6:8", "--summary", str(summary),
+        "--no-progress",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(summary.read_text())
+    assert s["test"]["auc"] > 0.6
+    plan = s["model"]["plan"]
+    assert plan["t_cat_0"]["group_ends"] == [600, 1000] and plan["t_cat_0"]["bits"] == [8, 4]
+    assert plan["t_cat_1"]["group_ends"] == [60, 100] and plan["t_cat_1"]["bits"] == [8, 4]
+    assert plan["t_cat_0"]["precision_plan"] == "--hot-rows 0.6:8"
+    # int8 rows 20 B, int4 rows 12 B, RowWiseAdagrad 4 B/row, no master step, 4 B/row id map
+    want = sum(round(0.6 * n) * (20 + 4) + (n - round(0.6 * n)) * (12 + 4) + 4 * n for n in (1000, 100))
+    assert s["embedding_bytes"]["ours"] == want
+
+
+def test_hot_rows_and_a_precision_plan_are_one_choice(tmp_path):
+    PrecisionPlan.uniform({"t_cat_0": (1000, 16)}, 8).save(str(tmp_path / "plan.json"))
+    cmd = [
+        sys.executable, str(ROOT / "examples/dlrm/train.py"), "--vocab-sizes", "1000,100",
+        "--hot-rows", "0.6:16", "--precision-plan", str(tmp_path / "plan.json"),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --hot-rows and --precision-plan both set the tables' widths: pass one of them"
+    ]

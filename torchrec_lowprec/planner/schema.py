@@ -8,8 +8,10 @@ planning code (``planner/__init__`` resolves its names lazily).
 
 from __future__ import annotations
 
+import math
 import operator
 import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torchrec_lowprec.files import read_json, write_json
@@ -128,6 +130,55 @@ class PrecisionPlan:
     def uniform(shapes: dict[str, tuple[int, int]], bits: int) -> PrecisionPlan:
         """Every table (name -> (rows, dim)) in one group at ``bits``."""
         return PrecisionPlan({n: TablePrecision(r, d, (r,), (bits,)) for n, (r, d) in shapes.items()})
+
+    @staticmethod
+    def hot_rows(
+        shapes: dict[str, tuple[int, int]], bits: int, hot: Sequence[tuple[float, int]]
+    ) -> PrecisionPlan:
+        """Every table (name -> (rows, dim)) at ``bits``, except its most frequent rows: ``hot`` is
+        ``[(share of the table's rows, bits), ...]``, hottest first (each group at least one row).
+
+        The low-bit recipes of docs/precision.md: int4 with a fixed step and its hottest 60% of
+        rows at 8 bits is ``hot_rows(shapes, 4, [(0.6, 8)])`` with ``learn_step_size=False``.
+        Groups are ranges of frequency-ranked ids, as in every plan.
+
+        Example::
+
+            PrecisionPlan.hot_rows({"t_user": (1000, 64)}, 2, [(0.2, 8), (0.5, 4)])
+            # t_user: rows [0, 200) at 8 bits, [200, 700) at 4, [700, 1000) at 2
+        """
+        widths = ", ".join(map(str, PLAN_BITS))
+        if bits not in PLAN_BITS:
+            raise ValueError(f"hot_rows: the tables' width {bits!r} is not one of {widths}")
+        hot = list(hot)
+        if not hot:
+            raise ValueError("hot_rows: no hot groups given: use PrecisionPlan.uniform for one width")
+        for share, width in hot:
+            if width not in PLAN_BITS or width == 0:
+                raise ValueError(f"hot_rows: hot width {width!r} is not one of {widths} (0 prunes; not hot)")
+            if isinstance(share, bool) or not (
+                isinstance(share, (int, float)) and math.isfinite(share) and 0 < share <= 1
+            ):
+                raise ValueError(f"hot_rows: share {share!r} of the rows at {width} bits must be in (0, 1]")
+        total = sum(share for share, _ in hot)
+        if total > 1 + 1e-9:
+            raise ValueError(f"hot_rows: the hot shares add up to {total:g} of the rows; at most 1")
+        out = {}
+        for name, (rows, dim) in shapes.items():
+            ends: list[int] = []
+            group_bits: list[int] = []
+            start = 0
+            for share, width in hot:
+                end = min(rows, start + max(1, round(share * rows)))
+                if end > start:
+                    ends.append(end)
+                    group_bits.append(width)
+                start = end
+            if start < rows:
+                ends.append(rows)
+                group_bits.append(bits)
+            out[name] = TablePrecision(rows, dim, tuple(ends), tuple(group_bits))
+        return PrecisionPlan(out)
 
     def to_dict(self) -> dict:
         return {

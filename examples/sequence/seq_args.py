@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from seq_model import PRECISION_BITS
 
 from torchrec_lowprec.files import unwritable_reason
-from torchrec_lowprec.flags import OneLineErrorParser, range_error
+from torchrec_lowprec.flags import OneLineErrorParser, parse_hot_rows, range_error
 
 INF = math.inf
 
@@ -54,6 +54,13 @@ def check_args(args: argparse.Namespace) -> str | None:
             f"--collection torchrec stores fp32 tables only, got --precision {args.precision}: "
             "use --collection lowprec for fp16/int8/int4/int2"
         )
+    if args.hot_rows is not None:
+        if args.collection == "torchrec":
+            return "--hot-rows needs --collection lowprec (TorchRec's collection stores one fp32 table)"
+        try:
+            parse_hot_rows(args.hot_rows, PRECISION_BITS[args.precision])
+        except ValueError as e:
+            return str(e)
     if args.summary:
         if os.path.isdir(args.summary):
             return f"--summary {args.summary} is a directory; give a file path, e.g. {os.path.join(args.summary, 'out.json')}"
@@ -89,7 +96,24 @@ def build_parser(description: str | None = None) -> OneLineErrorParser:
         "+ in-backward RowWiseAdagrad (fp32 only, the reference)",
     )
     g.add_argument(
-        "--rounding", default="stochastic", choices=["stochastic", "nearest"], help="write-back rounding"
+        "--rounding",
+        default="stochastic",
+        choices=["stochastic", "nearest", "dithered"],
+        help="write-back rounding (dithered: stochastic with golden-ratio draws over steps)",
+    )
+    g.add_argument(
+        "--learn-step-size",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ALPT: learn each row's step size (int8/4/2; --no-learn-step-size: a fixed step, the papers' LPT)",
+    )
+    g.add_argument(
+        "--hot-rows",
+        default=None,
+        metavar="SHARE:BITS[,SHARE:BITS]",
+        help="the item table's most frequent rows (counted on the training split) stored wider, hottest "
+        "group first, the rest at --precision: e.g. 0.6:8; with --no-learn-step-size the low-bit recipes "
+        "of docs/precision.md",
     )
     g.add_argument("--embedding-dim", type=int, default=16)
     g.add_argument("--pooling", default="attention", choices=["attention", "mean"], help="history pooling")

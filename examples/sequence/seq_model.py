@@ -5,7 +5,8 @@ target-attention (or mean) pooling over the history followed by an MLP.
 
 - ``--collection lowprec`` (default): :class:`torchrec_lowprec.LowPrecisionEmbeddingCollection`
   at ``--precision`` bits (32 and 16 run the same fused update, unquantized), trained by its
-  fused RowWiseAdagrad in the backward;
+  fused RowWiseAdagrad in the backward; with ``--hot-rows`` a
+  :class:`torchrec_lowprec.MixedPrecisionEmbeddingCollection` whose most frequent rows are wider;
 - ``--collection torchrec`` (fp32 only): TorchRec's unsharded ``torchrec.EmbeddingCollection``
   tagged with ``torchrec.optim.RowWiseAdagrad`` through ``_apply_optimizer_in_backward``, as
   TorchRec's examples do (the optimizer runs in the backward, on the table's dense gradient).
@@ -17,6 +18,7 @@ starts from the same weights (quantized for int8/4/2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -27,6 +29,10 @@ from torchrec import EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_lowprec as lp
+from torchrec_lowprec.data import count_frequencies, frequency_rank
+from torchrec_lowprec.flags import parse_hot_rows
+from torchrec_lowprec.planner.schema import PrecisionPlan
+from torchrec_lowprec.quant.groups import table_counts
 
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 TABLE = "t_item"
@@ -40,8 +46,10 @@ def item_table(num_items: int, dim: int) -> EmbeddingConfig:
     )
 
 
-def build_collection(args: argparse.Namespace, num_items: int) -> nn.Module:
-    """The embedding collection the flags describe, initialised by TorchRec from ``--seed``."""
+def build_collection(args: argparse.Namespace, num_items: int, data=None) -> nn.Module:
+    """The embedding collection the flags describe, initialised by TorchRec from ``--seed``.
+    ``data`` (a ``SequenceData``): the training split whose item counts rank the rows for
+    ``--hot-rows``."""
     torch.manual_seed(args.seed)
     table = item_table(num_items, args.embedding_dim)
     ec = torchrec.EmbeddingCollection([table], device=torch.device("cpu"))
@@ -56,17 +64,38 @@ def build_collection(args: argparse.Namespace, num_items: int) -> nn.Module:
         learning_rate=args.emb_lr,
         eps=EPS,
         rounding=args.rounding,
+        learn_step_size=getattr(args, "learn_step_size", True),
         seed=args.seed,
     )
+    if getattr(args, "hot_rows", None):
+        return _with_hot_rows(ec, table, cfg, args, data)
     ours = lp.LowPrecisionEmbeddingCollection([table], config=cfg, init_weights=False)
     ours.load_float_weight(TABLE, ec.embeddings[TABLE].weight.detach())
     return ours
 
 
+def _with_hot_rows(ec, table: EmbeddingConfig, cfg, args: argparse.Namespace, data) -> nn.Module:
+    """``ec`` as a MixedPrecisionEmbeddingCollection: the item table at ``--precision`` with its
+    ``--hot-rows`` wider. Item ids are not popularity-ranked, so the table keeps a raw id ->
+    rank map (4 B/row, counted) from the training split's counts of both features."""
+    if data is None:
+        raise ValueError("--hot-rows ranks the rows by the training split's counts: the data are needed")
+    bits = PRECISION_BITS[args.precision]
+    plan = PrecisionPlan.hot_rows(
+        {TABLE: (table.num_embeddings, table.embedding_dim)}, bits, parse_hot_rows(args.hot_rows, bits)
+    )
+    plan = PrecisionPlan({TABLE: dataclasses.replace(plan.tables[TABLE], remapped=True)})
+    gen = torch.Generator().manual_seed(0)  # the order of the batches does not change the counts
+    feats = dict.fromkeys(table.feature_names, table.num_embeddings)
+    counts = count_frequencies((kjt for kjt, _ in data.train_batches(65536, gen)), feats)
+    maps = {TABLE: frequency_rank(table_counts(table, counts))}
+    return lp.convert(ec, lp.MixedPrecisionConfig(plan, cfg), row_maps=maps)
+
+
 def table_bytes(ec: nn.Module) -> int:
     """Bytes of the table's state: ours from ``memory_bytes()`` (codes, scales, optimizer
     state), TorchRec's as fp32 rows + RowWiseAdagrad's one fp32 per row."""
-    if isinstance(ec, lp.LowPrecisionEmbeddingCollection):
+    if isinstance(ec, (lp.LowPrecisionEmbeddingCollection, lp.MixedPrecisionEmbeddingCollection)):
         return int(ec.memory_bytes())
     return fp32_bytes(ec.embedding_configs())
 
@@ -129,10 +158,10 @@ class SequenceModel(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("ec.")]
 
 
-def build_model(args: argparse.Namespace, num_items: int) -> SequenceModel:
+def build_model(args: argparse.Namespace, num_items: int, data=None) -> SequenceModel:
     """The model of the flags: its collection (:func:`build_collection`), then the dense part,
     initialised from ``--seed`` too."""
-    ec = build_collection(args, num_items)
+    ec = build_collection(args, num_items, data)
     torch.manual_seed(args.seed + 1)
     hidden = [int(v) for v in args.mlp.split(",") if v.strip()]
     return SequenceModel(ec, args.embedding_dim, args.hist_max, hidden, args.pooling)

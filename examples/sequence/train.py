@@ -3,6 +3,7 @@ int4 / int2, on synthetic user histories with a planted click model (a known AUC
 
     python examples/sequence/train.py --precision int4 --summary runs/seq_int4.json
     python examples/sequence/train.py --precision fp32 --collection torchrec   # TorchRec's EC, the reference
+    python examples/sequence/train.py --precision int4 --no-learn-step-size --hot-rows 0.6:8   # a low-bit recipe
 
 One item table (``t_item``) is read by two features, ``history`` (the user's last items) and
 ``target`` (the item to score), through an ``EmbeddingCollection`` (one row per id):
@@ -74,7 +75,7 @@ def train(args, data: SequenceData | None = None) -> dict:
         data = SequenceData(spec)
     elif data.spec != spec:
         raise ValueError(f"the data given were generated from {data.spec}, the flags describe {spec}")
-    model = build_model(args, spec.num_items)
+    model = build_model(args, spec.num_items, data)
     dense = torch.optim.Adam(model.dense_parameters(), lr=args.dense_lr)
     gen = torch.Generator().manual_seed(args.seed)
     history: list[tuple[int, float]] = []

@@ -44,6 +44,37 @@ def test_trains_and_beats_random_at_int8_and_int4(tmp_path):
     assert written["test"]["auc"] == s8["test"]["auc"] and written["model"]["precision"] == "int8"
 
 
+def test_hot_rows_recipe_trains_a_mixed_precision_item_table():
+    # docs/precision.md's int4 recipe on the sequence example: fixed step, hottest 60% at 8 bits
+    s = seq_train.main([*TINY, "--precision", "int4", "--no-learn-step-size", "--hot-rows", "0.6:8"])
+    assert s["model"]["collection"].endswith("MixedPrecisionEmbeddingCollection")
+    assert s["test"]["auc"] > 0.6, s["test"]
+    # 300 rows at int8 (8 codes + 4 B scale/bias), 200 at int4 (4 + 4), RowWiseAdagrad 4 B/row,
+    # no master step, and the raw item id -> rank map 4 B/row
+    assert s["table_bytes"]["ours"] == 300 * (12 + 4) + 200 * (8 + 4) + 500 * 4
+
+
+def test_hot_rows_rank_by_training_counts():
+    import seq_data
+    import seq_model
+
+    from torchrec_lowprec.data import count_frequencies
+
+    args = seq_train.parse_args([*TINY, "--precision", "int4", "--hot-rows", "0.1:8"])
+    data = seq_data.SequenceData(seq_train.data_spec(args))
+    ec = seq_model.build_collection(args, args.num_items, data)
+    rank = getattr(ec, f"row_map_{seq_model.TABLE}").long()  # raw item id -> frequency rank
+    assert sorted(rank.tolist()) == list(range(args.num_items))
+    counts = count_frequencies(
+        (kjt for kjt, _ in data.train_batches(4096, torch.Generator().manual_seed(1))),
+        {"history": args.num_items, "target": args.num_items},
+    )
+    total = counts["history"] + counts["target"]
+    # the 50 rows at 8 bits are the 50 items seen most often in training, history and target together
+    hot = set(torch.nonzero(rank < 50).flatten().tolist())
+    assert total[list(hot)].min() >= total[[i for i in range(args.num_items) if i not in hot]].max()
+
+
 def test_fp32_lowprec_collection_matches_torchrec_embedding_collection():
     """bits=32 with the fused RowWiseAdagrad and TorchRec's EC with in-backward RowWiseAdagrad
     train the same model (up to float summation order)."""
@@ -77,8 +108,11 @@ def test_padded_by_recency_puts_the_latest_item_first():
             "--collection torchrec stores fp32 tables only",
         ),
         (["--precision", "int3"], "argument --precision: invalid choice"),
+        (["--precision", "int4", "--hot-rows", "0.6:4"], "--hot-rows '0.6:4': hot rows at 4 bits are not wider"),
+        (["--precision", "int2", "--hot-rows", "0.8:8,0.5:4"], "the hot shares add up to 1.3"),
+        (["--precision", "fp32", "--collection", "torchrec", "--hot-rows", "0.1:32"], "--hot-rows needs --collection lowprec"),
     ],
-)
+)  # fmt: skip
 def test_bad_flag_exits_2_with_one_error_line(capsys, argv, names):
     with pytest.raises(SystemExit) as e:
         seq_train.main(argv)

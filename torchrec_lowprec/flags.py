@@ -60,6 +60,26 @@ def range_error(
     return None
 
 
+def add_recipe_flags(group: argparse._ActionsContainer) -> None:
+    """``--learn-step-size`` / ``--no-learn-step-size`` and ``--hot-rows``, the low-bit recipe
+    flags every example takes with the same meaning (``--hot-rows`` is checked by
+    :func:`parse_hot_rows`)."""
+    group.add_argument(
+        "--learn-step-size",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ALPT: learn each row's step size (int8/4/2; --no-learn-step-size: a fixed step, the papers' LPT)",
+    )
+    group.add_argument(
+        "--hot-rows",
+        default=None,
+        metavar="SHARE:BITS[,SHARE:BITS]",
+        help="each table's most frequent rows (counted on the training split) stored wider, hottest group "
+        "first, the rest at --precision: e.g. 0.6:8 (the hottest 60%% of rows at 8 bits); with "
+        "--no-learn-step-size the low-bit recipes of docs/precision.md",
+    )
+
+
 #: Longest ``--hot-rows`` list accepted (a plan has a handful of groups; bounds the parse).
 MAX_HOT_GROUPS = 8
 

@@ -18,7 +18,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
 import torchrec_lowprec as lp
 from torchrec_lowprec.data import count_frequencies, frequency_rank
-from torchrec_lowprec.flags import parse_hot_rows
+from torchrec_lowprec.flags import add_recipe_flags, parse_hot_rows
 from torchrec_lowprec.planner.schema import PrecisionPlan
 from torchrec_lowprec.quant.groups import table_counts
 
@@ -55,12 +55,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         "stochastic + --no-learn-step-size, ALPT = stochastic + --learn-step-size, each with "
         "--no-grow-step-size; dithered: stochastic with golden-ratio draws over steps)",
     )
-    g.add_argument(
-        "--learn-step-size",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="ALPT: learn each row's step size (int8/4/2 only)",
-    )
+    add_recipe_flags(g)  # --learn-step-size, --hot-rows
     g.add_argument(
         "--step-size-lr",
         type=float,
@@ -90,14 +85,6 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         help="a PrecisionPlan JSON (MPE's selection, benchmarks/mpe.py) or a `torchrec-lowprec plan` output: "
         "per-table / per-frequency-group bit widths (the tables become MixedPrecisionEmbeddingBagCollection; "
         "--precision is then the width of tables the plan does not name)",
-    )
-    g.add_argument(
-        "--hot-rows",
-        default=None,
-        metavar="SHARE:BITS[,SHARE:BITS]",
-        help="each table's most frequent rows stored wider, hottest group first, the rest at --precision: "
-        "e.g. 0.6:8 (the hottest 60%% of rows at 8 bits); with --no-learn-step-size the low-bit recipes "
-        "of docs/precision.md",
     )
     g.add_argument("--embedding-dim", type=int, default=32, help="every table's dim (= last dense layer)")
     g.add_argument(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from seq_model import PRECISION_BITS
 
 from torchrec_lowprec.files import unwritable_reason
-from torchrec_lowprec.flags import OneLineErrorParser, parse_hot_rows, range_error
+from torchrec_lowprec.flags import OneLineErrorParser, add_recipe_flags, parse_hot_rows, range_error
 
 INF = math.inf
 
@@ -101,20 +101,7 @@ def build_parser(description: str | None = None) -> OneLineErrorParser:
         choices=["stochastic", "nearest", "dithered"],
         help="write-back rounding (dithered: stochastic with golden-ratio draws over steps)",
     )
-    g.add_argument(
-        "--learn-step-size",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="ALPT: learn each row's step size (int8/4/2; --no-learn-step-size: a fixed step, the papers' LPT)",
-    )
-    g.add_argument(
-        "--hot-rows",
-        default=None,
-        metavar="SHARE:BITS[,SHARE:BITS]",
-        help="the item table's most frequent rows (counted on the training split) stored wider, hottest "
-        "group first, the rest at --precision: e.g. 0.6:8; with --no-learn-step-size the low-bit recipes "
-        "of docs/precision.md",
-    )
+    add_recipe_flags(g)  # --learn-step-size, --hot-rows
     g.add_argument("--embedding-dim", type=int, default=16)
     g.add_argument("--pooling", default="attention", choices=["attention", "mean"], help="history pooling")
     g.add_argument("--mlp", default="64,32", help="hidden sizes of the MLP over [u, t, u*t]")

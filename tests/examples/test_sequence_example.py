@@ -20,11 +20,15 @@ TINY = ["--num-items", "500", "--train-rows", "6000", "--val-rows", "2000", "--t
 
 
 def _load(name: str, path: str):
-    # examples/dlrm/train.py is on sys.path as ``train`` (conftest): load ours under another name.
+    # examples/dlrm/train.py is on sys.path as ``train`` (conftest): load ours under another name,
+    # and take its folder off sys.path again (it puts it first), or a later ``import train`` of
+    # the DLRM tests would find this example's train.py. Its seq_* modules stay imported.
+    before = list(sys.path)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
+    sys.path[:] = before
     return mod
 
 

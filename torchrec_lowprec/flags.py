@@ -97,12 +97,10 @@ def parse_hot_rows(spec: str, base_bits: int) -> list[tuple[float, int]]:
         parse_hot_rows("0.6:8", base_bits=4)   # [(0.6, 8)]: int4 tables, hottest 60% at 8 bits
     """
     from torchrec_lowprec.planner.schema import PrecisionPlan
-    from torchrec_lowprec.types import PLAN_BITS
 
     parts = spec.split(",")
     if len(parts) > MAX_HOT_GROUPS:
         raise ValueError(f"--hot-rows {spec[:80]!r}: at most {MAX_HOT_GROUPS} groups")
-    widths = ", ".join(str(b) for b in PLAN_BITS if b > 0)
     out: list[tuple[float, int]] = []
     for part in parts:
         share_s, sep, bits_s = part.strip().partition(":")
@@ -115,16 +113,15 @@ def parse_hot_rows(spec: str, base_bits: int) -> list[tuple[float, int]]:
                 f"--hot-rows {spec!r}: {part.strip()!r} is not SHARE:BITS (e.g. 0.6:8: the hottest 60% of "
                 "each table's rows at 8 bits)"
             )
-        if bits not in PLAN_BITS or bits == 0:
-            raise ValueError(f"--hot-rows {spec!r}: width {bits} is not one of {widths}")
-        if bits <= base_bits:
-            raise ValueError(
-                f"--hot-rows {spec!r}: hot rows at {bits} bits are not wider than the tables' {base_bits}; "
-                "give a wider width or a narrower --precision"
-            )
         out.append((share, bits))
     try:
-        PrecisionPlan.hot_rows({}, base_bits, out)  # the shares' checks, in one place
+        PrecisionPlan.hot_rows({}, base_bits, out)  # the widths' and shares' checks, in one place
     except ValueError as e:
         raise ValueError(f"--hot-rows {spec!r}: {str(e).removeprefix('hot_rows: ')}") from None
+    narrow = [bits for _, bits in out if bits <= base_bits]
+    if narrow:
+        raise ValueError(
+            f"--hot-rows {spec!r}: hot rows at {narrow[0]} bits are not wider than the tables' {base_bits}; "
+            "give a wider width or a narrower --precision"
+        )
     return out

@@ -147,15 +147,19 @@ class PrecisionPlan:
             PrecisionPlan.hot_rows({"t_user": (1000, 64)}, 2, [(0.2, 8), (0.5, 4)])
             # t_user: rows [0, 200) at 8 bits, [200, 700) at 4, [700, 1000) at 2
         """
-        widths = ", ".join(map(str, PLAN_BITS))
         if bits not in PLAN_BITS:
-            raise ValueError(f"hot_rows: the tables' width {bits!r} is not one of {widths}")
+            raise ValueError(
+                f"hot_rows: the tables' width {bits!r} is not one of {', '.join(map(str, PLAN_BITS))}"
+            )
         hot = list(hot)
         if not hot:
             raise ValueError("hot_rows: no hot groups given: use PrecisionPlan.uniform for one width")
         for share, width in hot:
             if width not in PLAN_BITS or width == 0:
-                raise ValueError(f"hot_rows: hot width {width!r} is not one of {widths} (0 prunes; not hot)")
+                hot_widths = ", ".join(str(b) for b in PLAN_BITS if b > 0)
+                raise ValueError(
+                    f"hot_rows: hot width {width!r} is not one of {hot_widths} (0 would prune them)"
+                )
             if isinstance(share, bool) or not (
                 isinstance(share, (int, float)) and math.isfinite(share) and 0 < share <= 1
             ):

@@ -62,12 +62,13 @@ LARGE_BATCH = 8192  # the rounding-noise check: a row seen k times per step move
 HOT_SHARES = (0.01, 0.05, 0.1, 0.25)  # share of each table's rows (most frequent first) stored at 8 bits
 
 
-def hot_plan(tables, share: float, bits: int, path: str) -> str:
-    """A precision plan: per table, the ``share`` most frequent rows at 8 bits, the rest at ``bits``."""
+def hot_plan(tables, groups: list[tuple[float, int]], bits: int, path: str) -> str:
+    """A precision plan file: per table, the most frequent rows in ``groups`` ((share, bits),
+    hottest first), the rest at ``bits``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    PrecisionPlan.hot_rows(
-        {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}, bits, [(share, 8)]
-    ).save(path)
+    PrecisionPlan.hot_rows({t.name: (t.num_embeddings, t.embedding_dim) for t in tables}, bits, groups).save(
+        path
+    )
     return path
 
 
@@ -90,7 +91,9 @@ def variants(tables, bits_list, plan_dir: str, emb_lr: float) -> list[tuple[str,
         for name, flags in {**OPTIONS, **lr}.items():
             out.append((f"int{bits} {name}", bits, ("--precision", f"int{bits}", *flags)))
         for share in HOT_SHARES:
-            path = hot_plan(tables, share, bits, os.path.join(plan_dir, f"hot{share:g}-int{bits}.json"))
+            path = hot_plan(
+                tables, [(share, 8)], bits, os.path.join(plan_dir, f"hot{share:g}-int{bits}.json")
+            )
             out.append((f"int{bits} hot {share:.0%} at 8b", bits, ("--precision", f"int{bits}", "--precision-plan", path)))  # fmt: skip
     return out
 

@@ -79,27 +79,22 @@ DITHERED = {
 ADAM_LRS = (1e-3, 1e-2)  # the ALPT paper's, and x10
 
 
-def group_plan(tables, groups: list[tuple[float, int]], bits: int, path: str) -> str:
-    """Per table: the hottest rows in ``groups`` (share, bits), the rest at ``bits``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    PrecisionPlan.hot_rows({t.name: (t.num_embeddings, t.embedding_dim) for t in tables}, bits, groups).save(
-        path
-    )
-    return path
-
-
 def recipe_variants(tables, plan_dir: str) -> list[tuple[str, int, tuple[str, ...]]]:
     out = [("fp32", 32, ("--precision", "fp32"))]
     for bits in (4, 2):
         out.append((f"int{bits} default", bits, ("--precision", f"int{bits}")))
         for suffix, groups in HOT_RECIPES[bits]:
             slug = suffix.replace(" ", "").replace("%", "pct").replace("+", "_")
-            path = group_plan(tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json"))
+            path = lowbit.hot_plan(
+                tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json")
+            )
             out.append((f"int{bits} {suffix}", bits, ("--precision", f"int{bits}", "--precision-plan", path)))
         out.append((f"int{bits} fixed step", bits, ("--precision", f"int{bits}", *FIXED_STEP)))
         for suffix, groups in FIXED_RECIPES[bits]:
             slug = suffix.replace(" ", "").replace("%", "pct").replace("+", "_")
-            path = group_plan(tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json"))
+            path = lowbit.hot_plan(
+                tables, groups, bits, os.path.join(plan_dir, f"recipe-{slug}-int{bits}.json")
+            )
             out.append((f"int{bits} fixed step {suffix}", bits,
                         ("--precision", f"int{bits}", *FIXED_STEP, "--precision-plan", path)))  # fmt: skip
     by_name = {n: (b, f) for n, b, f in out}

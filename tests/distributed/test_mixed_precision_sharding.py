@@ -53,9 +53,14 @@ PLAN = PrecisionPlan(
     }
 )
 CFG = lp.LowPrecisionConfig(rounding="stochastic", learning_rate=0.05, step_size_lr=1e-3)
+# docs/precision.md's int2 recipe as the DLRM example builds it from `--precision int2
+# --no-learn-step-size --rounding dithered --hot-rows 0.2:8,0.5:4`
+RECIPE_PLAN = PrecisionPlan.hot_rows({"t0": (40, 16), "t1": (30, 8)}, 2, [(0.2, 8), (0.5, 4)])
+RECIPE_CFG = lp.LowPrecisionConfig(rounding="dithered", learn_step_size=False, learning_rate=0.05)
+SETUPS = {"plan": (PLAN, CFG), "recipe": (RECIPE_PLAN, RECIPE_CFG)}
 
 
-def _equal_body(rank: int, world: int, kind: str, checks: str = "host") -> None:
+def _equal_body(rank: int, world: int, kind: str, checks: str = "host", setup: str = "plan") -> None:
     if checks == "device":
         # The CUDA path (a spawned process: switched for the whole body): the id checks and
         # the group counts in one read, the sharded row groups' global check on the device and
@@ -64,10 +69,13 @@ def _equal_body(rank: int, world: int, kind: str, checks: str = "host") -> None:
         dispatch.backend_for = lambda device: "triton"
     torch.manual_seed(0)
     tbls = _tables()
-    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, plan=PLAN, config=CFG)
+    plan, cfg = SETUPS[setup]
+    unsharded = MixedPrecisionEmbeddingBagCollection(tbls, plan=plan, config=cfg)
     ref = copy.deepcopy(unsharded)
     phys = [t.name for t in unsharded.row_groups.embedding_bag_configs()]
-    assert phys == ["t0__g0", "t0__g1", "t0__g2", "t1__g0", "t1__g1"]
+    groups = {"plan": ["t0__g0", "t0__g1", "t0__g2", "t1__g0", "t1__g1"],
+              "recipe": ["t0__g0", "t0__g1", "t0__g2", "t1__g0", "t1__g1", "t1__g2"]}  # fmt: skip
+    assert phys == groups[setup]
     specs = {n: (table_wise(rank=i % world) if kind == "tw" else row_wise()) for i, n in enumerate(phys)}
     module_plan = construct_module_sharding_plan(
         unsharded.row_groups, specs, local_size=world, world_size=world, device_type="cpu",
@@ -95,11 +103,14 @@ def _equal_body(rank: int, world: int, kind: str, checks: str = "host") -> None:
     assert checked >= 5
 
 
-@pytest.mark.parametrize("kind,checks", [("tw", "host"), ("rw", "host"), ("rw", "device")])
-def test_mixed_precision_sharded_equals_unsharded(kind, checks):
+@pytest.mark.parametrize(
+    "kind,checks,setup",
+    [("tw", "host", "plan"), ("rw", "host", "plan"), ("rw", "device", "plan"), ("rw", "host", "recipe")],
+)
+def test_mixed_precision_sharded_equals_unsharded(kind, checks, setup):
     if checks == "device":
         pytest.importorskip("triton")
-    run_multiprocess(_equal_body, kind, checks)
+    run_multiprocess(_equal_body, kind, checks, setup)
 
 
 def _bytes_body(rank: int, world: int) -> None:

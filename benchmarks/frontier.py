@@ -6,8 +6,9 @@ difference to fp32 (paired per seed, mean ± standard error as error bars) again
 serving bytes relative to fp32 (log scale):
 
 - the low-bit benchmark (``benchmarks/lowbit.py``'s synthetic set): fp32, fp16, int8 / int4 /
-  int2 ALPT and the hot-rows-at-8-bits tables (fp16 and the Criteo sample runs are made here
-  if missing: a few runs);
+  int2 ALPT and the hot-rows-at-8-bits tables, and the same-bytes recipes of
+  ``benchmarks/lowbit_recipes.py`` that are in the cache (fixed step, hottest rows wider: drawn as
+  squares; fp16 and the Criteo sample runs are made here if missing: a few runs);
 - the MPE benchmark (``benchmarks/mpe.py``): int8 / int4 ALPT and MPE at each lambda;
 - the compression benchmark (``benchmarks/compression.py``): int8 / int4 ALPT and MEC at each
   L x K;
@@ -36,7 +37,7 @@ import accuracy  # noqa: E402  (puts examples/dlrm on the path)
 import dlrm_data  # noqa: E402
 import lowbit  # noqa: E402
 import train as dlrm_train  # noqa: E402
-from report import code_version, describe_code, write_section  # noqa: E402
+from report import code_version, describe_code, machine_info, write_section  # noqa: E402
 
 from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
 from torchrec_lowprec.quant.layout import row_bytes  # noqa: E402
@@ -80,8 +81,22 @@ def _serving_ratio(flags: list[str], tables: dict[str, tuple[int, int]]) -> floa
 
 
 def _frontier_variant(name: str) -> bool:
-    """The low-bit benchmark's storage formats (its training-recipe ablations stay in its section)."""
+    """The low-bit benchmark's storage formats and the recipes' hot-row tables (the training-recipe
+    ablations at a uniform width stay in their sections)."""
     return name in ("fp32", "fp16", "int8", "int4", "int2") or name.endswith(" default") or " hot " in name
+
+
+def _is_recipe(name: str) -> bool:
+    """A ``lowbit_recipes.py`` same-bytes recipe: fixed step, its master-step bytes spent on hot rows."""
+    return "fixed step" in name
+
+
+def training_ratio(runs: list[dict]) -> float | None:
+    """Mean training-state bytes / fp32's of a point's runs (``bytes`` / ``fp32_bytes`` of a
+    train.py run: codes, scales, master steps, optimizer state, id maps), None where a benchmark
+    does not record them."""
+    r = [x["bytes"] / x["fp32_bytes"] for x in runs if "bytes" in x and "fp32_bytes" in x]
+    return statistics.fmean(r) if len(r) == len(runs) and r else None
 
 
 def train_py_points(recs: list[dict], dataset: str, tables: dict[str, tuple[int, int]]) -> list[Point]:
@@ -162,7 +177,10 @@ def plot(panels: dict[str, list[Point]], path: str) -> None:
             c = next((v for k, v in colors.items() if k in name), "C4")
             if "hot" in name:
                 c = colors["hot"]
-            ax.errorbar(x, y, yerr=se, fmt="o", color=c, ms=4, capsize=2)
+            fmt = "o"
+            if _is_recipe(name):
+                c, fmt = "C5", "s"
+            ax.errorbar(x, y, yerr=se, fmt=fmt, color=c, ms=4, capsize=2)
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xscale("log")
@@ -220,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
     acc = _records(args.results, code["hash"])
     panels = {
-        "synthetic (low-bit benchmark): fp16, ALPT, hot rows at 8 bits": train_py_points(
+        "synthetic (low-bit benchmark): fp16, ALPT, hot rows wider, same-bytes recipes": train_py_points(
             acc, "synthetic-val", lb_tables
         ),
         "synthetic (MPE benchmark): MPE at several lambda": mpe_points(
@@ -244,20 +262,29 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     plot(panels, args.png)
     lines = [
-        f"Command: `{command}`. Drawn from the cached runs of `benchmarks/lowbit.py`, `benchmarks/mpe.py` and "
-        "`benchmarks/compression.py` (their sections give each data set and model) made by the current sources; "
-        "every storage setting's test AUC is drawn (descriptive: the benchmarks' sections say which setting "
-        "validation chose; the low-bit benchmark's training-recipe ablations are in its own section). "
+        f"Command: `{command}`. Drawn from the cached runs of `benchmarks/lowbit.py`, `benchmarks/lowbit_recipes.py`, "
+        "`benchmarks/mpe.py` and `benchmarks/compression.py` (their sections give each data set and model) made "
+        "by the current sources; every storage setting's test AUC is drawn (descriptive: the benchmarks' sections "
+        "say which setting validation chose; the training-recipe ablations at a uniform width are in their own "
+        "sections). Squares: the fixed-step recipes, whose master-step bytes pay for the wider hot rows, so their "
+        "training-state bytes (last column) stay near their width's default while their serving bytes grow. "
         f"Code: {describe_code([r for pts in panels.values() for p in pts for r in p[5]])}.",
+        "",
+        *machine_info(1),
+        "(The run cache is this machine's: the runs were made here.)",
         "",
         f"![AUC vs bytes]({os.path.relpath(args.png, os.path.dirname(os.path.abspath(args.write or 'docs/x')))})",
         "",
-        "| data set | storage | serving bytes / fp32 | test AUC - fp32 (paired) | seeds |",
-        "|---|---|---:|---:|---:|",
+        "| data set | storage | serving bytes / fp32 | test AUC - fp32 (paired) | seeds | training-state bytes / fp32 |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for title, pts in panels.items():
-        for name, x, y, se, n, _ in sorted(pts, key=lambda p: -p[1]):
-            lines.append(f"| {title.split(':')[0]} | {name} | {x:.3f} | {y:+.4f} ± {se:.4f} | {n} |")
+        for name, x, y, se, n, runs in sorted(pts, key=lambda p: -p[1]):
+            t = training_ratio(runs)
+            lines.append(
+                f"| {title.split(':')[0]} | {name} | {x:.3f} | {y:+.4f} ± {se:.4f} | {n} | "
+                f"{'' if t is None else f'{t:.3f}'} |"
+            )
     md = "\n".join(lines)
     print(md)
     if args.write:

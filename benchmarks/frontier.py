@@ -37,11 +37,22 @@ import accuracy  # noqa: E402  (puts examples/dlrm on the path)
 import dlrm_data  # noqa: E402
 import lowbit  # noqa: E402
 import train as dlrm_train  # noqa: E402
+from dlrm_model import PRECISION_BITS  # noqa: E402
 from report import code_version, describe_code, machine_info, write_section  # noqa: E402
 
+from torchrec_lowprec.flags import parse_hot_rows  # noqa: E402
 from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
 from torchrec_lowprec.quant.layout import row_bytes  # noqa: E402
 
+#: The Criteo sample's settings: the uniform widths and lowbit_recipes.py's chosen same-bytes
+#: recipes (and their fixed step at int8), as the DLRM example's flags build them.
+CRITEO_VARIANTS = (
+    *((p, ("--precision", p)) for p in ("fp32", "fp16", "int8", "int4", "int2")),
+    ("int8 fixed step dithered", ("--precision", "int8", "--no-learn-step-size", "--rounding", "dithered")),
+    ("int4 fixed step hot 60% at 8b", ("--precision", "int4", "--no-learn-step-size", "--hot-rows", "0.6:8")),
+    ("int2 fixed step hot 20% at 8b + 50% at 4b dithered",
+     ("--precision", "int2", "--no-learn-step-size", "--rounding", "dithered", "--hot-rows", "0.2:8,0.5:4")),
+)  # fmt: skip
 Point = tuple[str, float, float, float, int, list[dict]]  # label, bytes ratio, mean diff, se, seeds, runs
 
 
@@ -67,23 +78,34 @@ def _paired(by_seed: dict[str, dict[int, float]], name: str) -> tuple[float, flo
 
 
 def _serving_ratio(flags: list[str], tables: dict[str, tuple[int, int]]) -> float:
-    """Serving bytes of the tables a train.py run stored, relative to fp32 (plans: their groups
-    plus the 4 B/row id map of grouped tables)."""
+    """Serving bytes of the tables a train.py run stored, relative to fp32 (plans, from a file or
+    ``--hot-rows``: their groups plus the 4 B/row id map of grouped tables)."""
     fp32 = sum(r * d * 4 for r, d in tables.values())
+    bits = PRECISION_BITS[flags[flags.index("--precision") + 1]]
+    plan = None
     if "--precision-plan" in flags:
         plan = PrecisionPlan.load(flags[flags.index("--precision-plan") + 1])
+    elif "--hot-rows" in flags:
+        plan = PrecisionPlan.hot_rows(
+            tables, bits, parse_hot_rows(flags[flags.index("--hot-rows") + 1], bits)
+        )
+    if plan is not None:
         total = sum(
             tp.serving_bytes() + (4 * tp.rows if tp.num_groups > 1 else 0) for tp in plan.tables.values()
         )
         return total / fp32
-    bits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}[flags[flags.index("--precision") + 1]]
     return sum(r * row_bytes(bits, d) for r, d in tables.values()) / fp32
 
 
 def _frontier_variant(name: str) -> bool:
     """The low-bit benchmark's storage formats and the recipes' hot-row tables (the training-recipe
     ablations at a uniform width stay in their sections)."""
-    return name in ("fp32", "fp16", "int8", "int4", "int2") or name.endswith(" default") or " hot " in name
+    return (
+        name in ("fp32", "fp16", "int8", "int4", "int2")
+        or name.endswith(" default")
+        or " hot " in name
+        or _is_recipe(name)
+    )
 
 
 def _is_recipe(name: str) -> bool:
@@ -225,17 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         crit_tables = {t.name: (t.num_embeddings, t.embedding_dim) for t in cdata.embedding_bag_configs(16)}
         if not args.no_run:
             cache = accuracy.RunCache(args.results, 1)
-            for name, p in (
-                ("fp32", "fp32"),
-                ("fp16", "fp16"),
-                ("int8", "int8"),
-                ("int4", "int4"),
-                ("int2", "int2"),
-            ):
+            for name, vflags in CRITEO_VARIANTS:
                 for seed in seeds:
-                    cache.get(
-                        "criteo-frontier", name, seed, [*cflags, "--precision", p, "--seed", str(seed)], cdata
-                    )
+                    cache.get("criteo-frontier", name, seed, [*cflags, *vflags, "--seed", str(seed)], cdata)
     acc = _records(args.results, code["hash"])
     panels = {
         "synthetic (low-bit benchmark): fp16, ALPT, hot rows wider, same-bytes recipes": train_py_points(

@@ -26,7 +26,9 @@ def test_points_pair_by_seed_and_count_plan_groups_and_id_maps(tmp_path):
         recs.append(
             _rec("int4 default", seed, base - 0.010 - 0.001 * seed, ["--precision", "int4"], FP32 // 2)
         )
-        recs.append(_rec(recipe, seed, base - 0.002, ["--precision-plan", path], FP32 // 4 * 3))
+        recs.append(
+            _rec(recipe, seed, base - 0.002, ["--precision", "int4", "--precision-plan", path], FP32 // 4 * 3)
+        )
         recs.append(_rec("int4 step lr 1e-4", seed, base, ["--precision", "int4"], FP32 // 2))  # an ablation
     recs.append({**_rec("int4 default", 0, 0.0, ["--precision", "int4"], 1), "dataset": "other"})
     pts = {p[0]: p for p in frontier.train_py_points(recs, "synthetic-val", TABLES)}
@@ -54,3 +56,12 @@ def test_training_ratio_is_none_where_a_benchmark_does_not_record_bytes():
     assert frontier.training_ratio([{"auc": 0.7}]) is None
     assert frontier.training_ratio([{"bytes": 1, "fp32_bytes": 4}, {"auc": 0.7}]) is None
     assert frontier.training_ratio([{"bytes": 1, "fp32_bytes": 4}, {"bytes": 3, "fp32_bytes": 4}]) == 0.5
+
+
+def test_hot_rows_flag_counts_the_same_plan_as_its_file(tmp_path):
+    path = str(tmp_path / "plan.json")
+    PrecisionPlan.hot_rows(TABLES, 2, [(0.2, 8), (0.5, 4)]).save(path)
+    by_file = frontier._serving_ratio(["--precision", "int2", "--precision-plan", path], TABLES)
+    by_flag = frontier._serving_ratio(["--precision", "int2", "--hot-rows", "0.2:8,0.5:4"], TABLES)
+    assert by_flag == by_file
+    assert by_flag > frontier._serving_ratio(["--precision", "int2"], TABLES)

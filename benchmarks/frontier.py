@@ -37,12 +37,7 @@ import accuracy  # noqa: E402  (puts examples/dlrm on the path)
 import dlrm_data  # noqa: E402
 import lowbit  # noqa: E402
 import train as dlrm_train  # noqa: E402
-from dlrm_model import PRECISION_BITS  # noqa: E402
 from report import code_version, describe_code, machine_info, write_section  # noqa: E402
-
-from torchrec_lowprec.flags import parse_hot_rows  # noqa: E402
-from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
-from torchrec_lowprec.quant.layout import row_bytes  # noqa: E402
 
 #: The Criteo sample's settings: the uniform widths and lowbit_recipes.py's chosen same-bytes
 #: recipes (and their fixed step at int8), as the DLRM example's flags build them.
@@ -80,21 +75,7 @@ def _paired(by_seed: dict[str, dict[int, float]], name: str) -> tuple[float, flo
 def _serving_ratio(flags: list[str], tables: dict[str, tuple[int, int]]) -> float:
     """Serving bytes of the tables a train.py run stored, relative to fp32 (plans, from a file or
     ``--hot-rows``: their groups plus the 4 B/row id map of grouped tables)."""
-    fp32 = sum(r * d * 4 for r, d in tables.values())
-    bits = PRECISION_BITS[flags[flags.index("--precision") + 1]]
-    plan = None
-    if "--precision-plan" in flags:
-        plan = PrecisionPlan.load(flags[flags.index("--precision-plan") + 1])
-    elif "--hot-rows" in flags:
-        plan = PrecisionPlan.hot_rows(
-            tables, bits, parse_hot_rows(flags[flags.index("--hot-rows") + 1], bits)
-        )
-    if plan is not None:
-        total = sum(
-            tp.serving_bytes() + (4 * tp.rows if tp.num_groups > 1 else 0) for tp in plan.tables.values()
-        )
-        return total / fp32
-    return sum(r * row_bytes(bits, d) for r, d in tables.values()) / fp32
+    return lowbit.serving_bytes(flags, tables, id_maps=True) / sum(r * d * 4 for r, d in tables.values())
 
 
 def _frontier_variant(name: str) -> bool:

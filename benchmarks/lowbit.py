@@ -43,9 +43,10 @@ import train as dlrm_train  # noqa: E402
 from report import machine_info, write_section  # noqa: E402
 
 from torchrec_lowprec.configs import LowPrecisionConfig  # noqa: E402
+from torchrec_lowprec.flags import parse_hot_rows  # noqa: E402
 from torchrec_lowprec.planner.schema import PrecisionPlan  # noqa: E402
 from torchrec_lowprec.quant.groups import table_counts  # noqa: E402
-from torchrec_lowprec.quant.layout import code_range, dequantize_rows, split_row  # noqa: E402
+from torchrec_lowprec.quant.layout import code_range, dequantize_rows, row_bytes, split_row  # noqa: E402
 
 # name -> train.py flags added to the ALPT defaults (stochastic rounding, learned step, growth 2)
 OPTIONS: dict[str, tuple[str, ...]] = {
@@ -70,6 +71,30 @@ def hot_plan(tables, groups: list[tuple[float, int]], bits: int, path: str) -> s
         path
     )
     return path
+
+
+def serving_bytes(flags, shapes: dict[str, tuple[int, int]], id_maps: bool = False) -> int:
+    """Bytes a server holds for a train.py run's tables (name -> (rows, dim)), from its flags:
+    stored rows only (codes + fp16 scale/bias, or fp16 / fp32 values; no master step, optimizer
+    state), a plan (``--precision-plan`` or ``--hot-rows``) at its groups' widths. ``id_maps`` adds
+    the 4 B/row raw id -> rank map of every grouped table (a raw-id pipeline's)."""
+    flags = list(flags)
+    bits = dlrm_model.PRECISION_BITS[flags[flags.index("--precision") + 1]]
+    plan = None
+    if "--precision-plan" in flags:
+        plan = PrecisionPlan.load(flags[flags.index("--precision-plan") + 1])
+    elif "--hot-rows" in flags:
+        plan = PrecisionPlan.hot_rows(
+            shapes, bits, parse_hot_rows(flags[flags.index("--hot-rows") + 1], bits)
+        )
+    total = 0
+    for name, (rows, dim) in shapes.items():
+        tp = plan.tables.get(name) if plan is not None else None
+        if tp is None:
+            total += rows * row_bytes(bits, dim)
+        else:
+            total += tp.serving_bytes() + (4 * tp.rows if id_maps and tp.num_groups > 1 else 0)
+    return total
 
 
 def variants(tables, bits_list, plan_dir: str, emb_lr: float) -> list[tuple[str, int, tuple[str, ...]]]:

@@ -128,30 +128,10 @@ def ranked_bytes(row: dict, flags: tuple[str, ...]) -> int:
     return row["bytes"] - sum(4 * tp.rows for tp in plan.tables.values() if tp.num_groups > 1)
 
 
-def serving_bytes(flags: tuple[str, ...], tables, bits: int) -> int:
-    """Bytes of the stored rows alone (what inference holds: codes + fp16 scale/bias, or fp16 /
-    fp32 values; no master step, optimizer state or id map), from the plan's widths (CPU rows are
-    not padded)."""
-
-    def row(b: int, dim: int) -> int:
-        return dim * b // 8 if b >= 16 else 4 + dim * b // 8
-
-    plan = (
-        PrecisionPlan.load(flags[flags.index("--precision-plan") + 1])
-        if "--precision-plan" in flags
-        else None
-    )
-    total = 0
-    for t in tables:
-        tp = plan.tables.get(t.name) if plan is not None else None
-        if tp is None:
-            total += t.num_embeddings * row(bits, t.embedding_dim)
-            continue
-        start = 0
-        for end, b in zip(tp.group_ends, tp.bits):
-            total += (end - start) * row(b, t.embedding_dim)
-            start = end
-    return total
+def serving_bytes(flags: tuple[str, ...], tables) -> int:
+    """Bytes of the stored rows alone (what inference holds: no master step, optimizer state or
+    id map), from the plan's widths (CPU rows are not padded)."""
+    return lowbit.serving_bytes(flags, {t.name: (t.num_embeddings, t.embedding_dim) for t in tables})
 
 
 def verdict_lines(rows: dict[str, list[dict]], names, tables=None) -> list[str]:
@@ -172,7 +152,7 @@ def verdict_lines(rows: dict[str, list[dict]], names, tables=None) -> list[str]:
         gap = accuracy.paired(rows, base, "fp32")[0]
         serving = ""
         if tables is not None:
-            sb = serving_bytes(flags[best], tables, bits) / serving_bytes(flags[base], tables, bits) - 1
+            sb = serving_bytes(flags[best], tables) / serving_bytes(flags[base], tables) - 1
             serving = f", serving rows {sb:+.1%}"
         out.append(
             f"- int{bits}, same bytes (within +{BYTES_SLACK:.0%} of int{bits} default's ranked bytes): chosen on "
@@ -248,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
             base = f"int{bits} default"
             rb = ranked_bytes(rows[name][0], flags[name])
             ratio = rb / ranked_bytes(rows[base][0], flags[base]) if base in rows else float("nan")
-            sb = serving_bytes(flags[name], tables, bits)
-            sratio = sb / serving_bytes(flags[base], tables, bits) if base in rows else float("nan")
+            sb = serving_bytes(flags[name], tables)
+            sratio = sb / serving_bytes(flags[base], tables) if base in rows else float("nan")
             lines.append(
                 f"| {name} | {rb / 2**20:.2f} MiB | {ratio:.3f}x | {sb / 2**20:.2f} MiB | {sratio:.3f}x |"
             )

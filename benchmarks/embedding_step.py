@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -246,11 +247,11 @@ def spawn_runs(s: Setup, dist: str, args, device: str) -> list[dict]:
     return run_fresh(__file__, s, dist, args, extra=("--device", device), env=env, describe=steps)
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], names: Sequence[str] = VARIANTS) -> dict:
     """Per variant: median ms, and per ratio (to FP32 / FP16; fwd speed-up, step throughput)
     the median over processes and its min and max."""
     out = {}
-    for name in VARIANTS:
+    for name in names:
         row = {"fwd": statistics.median(r[name]["fwd"] for r in runs),
                "step": statistics.median(r[name]["step"] for r in runs), "bytes": runs[0][name]["bytes"],
                "peak": max((r[name].get("peak") or 0 for r in runs), default=0) or None}  # fmt: skip
@@ -262,7 +263,7 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def _fmt(t: tuple[float, float, float]) -> str:
+def fmt_ratio(t: tuple[float, float, float]) -> str:
     return f"{t[0]:.2f}x ({t[1]:.2f}-{t[2]:.2f})"
 
 
@@ -321,8 +322,9 @@ def to_markdown(results, command: str, args, device: str, stat0, elapsed: float)
                 else ""
             )
             lines.append(
-                f"| {name} | {r['fwd']:.2f} | {_fmt(r['fwd32'])} | {r['step']:.2f} | {_fmt(r['step32'])} | "
-                f"{_fmt(r['step16'])} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / base['bytes']:.3f} |" + peak
+                f"| {name} | {r['fwd']:.2f} | {fmt_ratio(r['fwd32'])} | {r['step']:.2f} | {fmt_ratio(r['step32'])} | "
+                f"{fmt_ratio(r['step16'])} | {r['bytes'] / 2**20:.0f} | {r['bytes'] / base['bytes']:.3f} |"
+                + peak
             )
         lines.append("")
     lines += verdicts(results)

@@ -47,7 +47,7 @@ from torchrec import DataType, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from embedding_step import DISTS, _fmt, draw_ids, timed  # noqa: E402
+from embedding_step import DISTS, draw_ids, fmt_ratio, timed  # noqa: E402
 from fresh_process import add_worker_args, rows_label, run_fresh  # noqa: E402
 from report import contention, cpu_stat, machine_info, machine_section, publish  # noqa: E402
 
@@ -259,9 +259,9 @@ def section(results, args, stat0, elapsed: float) -> list[str]:
         ]
         for name, r in rows.items():
             lines.append(
-                f"| {name} | {r['fwd']:.2f} | {r['step']:.2f} | {_fmt(r[(BASE, 'fwd')])} | "
-                f"{_fmt(r[(BASE, 'step')])} | {_fmt(r[('TorchRec EC FP16', 'step')])} | "
-                f"{_fmt(r[('FBGEMM TBE FP32', 'step')])} | {r['bytes'] / 2**20:.0f} | "
+                f"| {name} | {r['fwd']:.2f} | {r['step']:.2f} | {fmt_ratio(r[(BASE, 'fwd')])} | "
+                f"{fmt_ratio(r[(BASE, 'step')])} | {fmt_ratio(r[('TorchRec EC FP16', 'step')])} | "
+                f"{fmt_ratio(r[('FBGEMM TBE FP32', 'step')])} | {r['bytes'] / 2**20:.0f} | "
                 f"{r['bytes'] / base['bytes']:.3f} |"
             )
         lines.append("")

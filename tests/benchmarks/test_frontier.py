@@ -65,3 +65,13 @@ def test_hot_rows_flag_counts_the_same_plan_as_its_file(tmp_path):
     by_flag = frontier._serving_ratio(["--precision", "int2", "--hot-rows", "0.2:8,0.5:4"], TABLES)
     assert by_flag == by_file
     assert by_flag > frontier._serving_ratio(["--precision", "int2"], TABLES)
+
+
+def test_raw_id_pipeline_adds_the_id_map_of_grouped_tables_only():
+    flag = ["--precision", "int2", "--hot-rows", "0.2:8,0.5:4"]
+    rows_only = frontier.lowbit.serving_bytes(flag, TABLES)
+    assert frontier.lowbit.serving_bytes(flag, TABLES, id_maps=True) == rows_only + 4 * 1010
+    uniform = ["--precision", "int2"]
+    assert frontier.lowbit.serving_bytes(uniform, TABLES, id_maps=True) == frontier.lowbit.serving_bytes(
+        uniform, TABLES
+    )

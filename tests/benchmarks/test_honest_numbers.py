@@ -175,11 +175,11 @@ def test_lowbit_recipes_serving_bytes_count_rows_by_plan_width(tmp_path):
 
     tables = [SimpleNamespace(name="a", num_embeddings=100, embedding_dim=16)]
     # int4 rows: 4 B of fp16 scale/bias + 8 B of codes; no master step, state or id map
-    assert lowbit_recipes.serving_bytes(("--precision", "int4"), tables, 4) == 100 * 12
+    assert lowbit_recipes.serving_bytes(("--precision", "int4"), tables) == 100 * 12
     path = str(tmp_path / "plan.json")
     PrecisionPlan({"a": TablePrecision(100, 16, (10, 30, 100), (32, 8, 2))}).save(path)
     flags = ("--precision", "int2", "--precision-plan", path)
-    assert lowbit_recipes.serving_bytes(flags, tables, 2) == 10 * 64 + 20 * 20 + 70 * 8
+    assert lowbit_recipes.serving_bytes(flags, tables) == 10 * 64 + 20 * 20 + 70 * 8
 
 
 def test_commit_label_marks_code_changes_not_documentation(tmp_path):

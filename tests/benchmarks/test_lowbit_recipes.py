@@ -23,26 +23,3 @@ def test_int8_line_pairs_to_fp32_and_says_met_or_not():
     # without int8's default run (a partial cache) the line is left out, not guessed
     del rows["int8 default"]
     assert not [x for x in lowbit_recipes.verdict_lines(rows, names) if x.startswith("- int8")]
-
-
-def test_serving_bytes_are_the_rows_a_server_holds(tmp_path):
-    import lowbit
-    import torchrec
-
-    from torchrec_lowprec.planner.schema import PrecisionPlan
-
-    tables = [
-        torchrec.EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=100, feature_names=["f0"])
-    ]
-    assert lowbit_recipes.serving_bytes(("--precision", "int4"), tables) == 100 * (
-        8 + 4
-    )  # codes + fp16 scale, bias
-    assert lowbit_recipes.serving_bytes(("--precision", "fp16"), tables) == 100 * 32
-    path = str(tmp_path / "p.json")
-    PrecisionPlan.hot_rows({"t0": (100, 16)}, 2, [(0.2, 8), (0.5, 4)]).save(path)
-    want = 20 * (16 + 4) + 50 * (8 + 4) + 30 * (4 + 4)
-    assert lowbit_recipes.serving_bytes(("--precision", "int2", "--precision-plan", path), tables) == want
-    # the frontier's raw-id pipeline adds the 4 B/row id map of a grouped table, and --hot-rows
-    # names the same plan as its file
-    flag = ("--precision", "int2", "--hot-rows", "0.2:8,0.5:4")
-    assert lowbit.serving_bytes(flag, {"t0": (100, 16)}, id_maps=True) == want + 400

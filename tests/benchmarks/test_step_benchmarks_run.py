@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     [
         ("profile_step.py", ["| KJT handling | bounds check | lookup |", "| int8 |", "| int4 |"]),
         ("embedding_step.py", ["Verdicts (computed from the figures above):", "int8", "int4"]),
+        ("recipe_step.py", ["| int4 recipe (fixed step, hot 60% at 8b) |", "recipes' train step >= 1.0x"]),
     ],
 )
 def test_quick_mode_runs_and_prints_its_table(script, expect):

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "synthetic (low-bit benchmark): fp16, ALPT, hot rows wider, same-bytes recipes": train_py_points(
             acc, "synthetic-val", lb_tables
         ),
-        "synthetic (MPE benchmark): MPE at several lambda": mpe_points(
+        "synthetic (MPE benchmark): MPE at several lambda and byte budgets": mpe_points(
             _records(args.mpe_results, code["hash"])
         ),
         "synthetic (compression benchmark): MEC at L x K": compression_points(

@@ -205,8 +205,10 @@ class RowGroupRouting(nn.Module):
             values = torch.where(valid, values, torch.zeros_like(values))
         for i, t in enumerate(self._table_of_feature):
             if t in self._remapped:
+                # gather from the int32 map as stored: converting the whole map every step cost
+                # more than the routing itself on million-row tables
                 sel = feat == i
-                values = torch.where(sel, getattr(self, f"row_map_{t}").to(torch.int64)[values * sel], values)
+                values = torch.where(sel, getattr(self, f"row_map_{t}")[values * sel].to(torch.int64), values)
         seg_start = self._seg_start.to(dev)
         base = self._feat_base.to(dev)[feat]
         seg = torch.searchsorted(seg_start, base + values, right=True) - 1

@@ -88,6 +88,26 @@ DISTS = {
 }
 
 
+def add_cell_args(ap: argparse.ArgumentParser, quick: str, dists: str, procs: int) -> None:
+    """The step benchmarks' shared flags: ``--quick`` (``quick``: what it shrinks), ``--dists``
+    (default ``dists``), ``--procs`` (default ``procs``; quick 2) and ``--write``."""
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--dists", default=dists, help=f"comma-separated, of {', '.join(DISTS)}")
+    ap.add_argument(
+        "--procs", type=int, default=None, help=f"fresh processes per cell (default {procs}; quick 2)"
+    )
+    ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
+
+
+def parse_dists(ap: argparse.ArgumentParser, spec: str) -> list[str]:
+    """``--dists``' names, each checked against :data:`DISTS` before anything runs."""
+    out = spec.split(",")
+    for d in out:
+        if d not in DISTS:
+            ap.error(f"unknown --dists entry {d!r}; choose from {', '.join(DISTS)}")
+    return out
+
+
 def draw_ids(rows: int, n: int, dist: str | float, gen: torch.Generator) -> torch.Tensor:
     """``n`` ids of one table under distribution ``dist`` (a :data:`DISTS` name or a Zipf alpha)."""
     if isinstance(dist, float):
@@ -114,6 +134,15 @@ def make_batches(s: Setup, n: int, dist: str | float, seed: int = 0) -> list[Key
         lengths = torch.full((s.tables * s.batch,), s.ids_per_bag, dtype=torch.int64)
         out.append(KeyedJaggedTensor.from_lengths_sync([f"f{t}" for t in range(s.tables)], values, lengths))
     return out
+
+
+def step_inputs(
+    s: Setup, dist: str, seed: int, device: torch.device
+) -> tuple[list[KeyedJaggedTensor], torch.Tensor]:
+    """A process's 4 batches of ids and the output gradient every variant's step backpropagates."""
+    batches = [b.to(device) for b in make_batches(s, 4, dist, seed)]
+    gen = torch.Generator().manual_seed(seed + 1)
+    return batches, torch.randn(s.batch, s.tables * s.dim, generator=gen).to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -174,7 +203,14 @@ def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
         for t in range(s.tables)
     ]
     cfg = lp.LowPrecisionConfig(bits=bits, learning_rate=LR, optimizer="rowwise_adagrad")
-    ebc = lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg, device=grad.device)
+    return collection_variant(
+        lp.LowPrecisionEmbeddingBagCollection(tables, config=cfg, device=grad.device), grad
+    )
+
+
+def collection_variant(ebc, grad: torch.Tensor) -> dict:
+    """An embedding-bag collection as a timed variant: forward without grad, and a train step
+    (forward, backward of ``grad``; the update is fused into the backward)."""
 
     def fwd(kjt):
         with torch.no_grad():
@@ -186,6 +222,20 @@ def bench_lowprec(s: Setup, bits: int, grad: torch.Tensor) -> dict:
     return {"fwd": fwd, "step": step, "bytes": ebc.memory_bytes()}
 
 
+def time_interleaved(
+    variants: dict[str, dict], batches, rounds: int, iters: int
+) -> dict[str, dict[str, float]]:
+    """Per variant, the median over ``rounds`` of its ``fwd`` and ``step`` medians, each round
+    timing every variant for ``iters`` batches in turn: interleaving keeps slow drifts of a
+    shared machine from favouring whichever variant ran first."""
+    samples = {name: {"fwd": [], "step": []} for name in variants}
+    for _ in range(rounds):
+        for name, v in variants.items():
+            for kind in ("fwd", "step"):
+                samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
+    return {name: {k: statistics.median(v) for k, v in kinds.items()} for name, kinds in samples.items()}
+
+
 VARIANTS = ("FBGEMM FP32", "FBGEMM FP16", "lowprec int8 (ALPT)", "lowprec int4 (ALPT)", "lowprec int2 (ALPT)")
 
 
@@ -194,10 +244,7 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
     rounds, each timing every variant for ``iters`` batches; a variant's figure is the median of
     its round medians. Interleaving keeps slow drifts of a shared machine from favouring
     whichever variant ran first."""
-    batches = [b.to(device) for b in make_batches(s, 4, dist, seed)]
-    grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(seed + 1)).to(
-        device
-    )
+    batches, grad = step_inputs(s, dist, seed, device)
     builders = {
         "FBGEMM FP32": lambda: bench_fbgemm(s, SparseType.FP32, grad),
         "FBGEMM FP16": lambda: bench_fbgemm(s, SparseType.FP16, grad),
@@ -216,20 +263,8 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
             variants[name]["step"](batches[0])
             _sync(device)
             peaks[name] = torch.cuda.max_memory_allocated(device) - before
-    samples = {name: {"fwd": [], "step": []} for name in variants}
-    for _ in range(rounds):
-        for name, v in variants.items():
-            for kind in ("fwd", "step"):
-                samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
-    out = {
-        name: {
-            "fwd": statistics.median(samples[name]["fwd"]),
-            "step": statistics.median(samples[name]["step"]),
-            "bytes": v["bytes"],
-            "peak": peaks.get(name),
-        }
-        for name, v in variants.items()
-    }
+    ms = time_interleaved(variants, batches, rounds, iters)
+    out = {name: {**ms[name], "bytes": v["bytes"], "peak": peaks.get(name)} for name, v in variants.items()}
     del variants
     gc.collect()
     return out
@@ -333,14 +368,9 @@ def to_markdown(results, command: str, args, device: str, stat0, elapsed: float)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--quick", action="store_true", help="small sizes, 2 processes, uniform+hot ids (smoke run)"
-    )
+    add_cell_args(ap, "small sizes, 2 processes, uniform+hot ids (smoke run)", ",".join(DISTS), 5)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated, of {', '.join(DISTS)}")
-    ap.add_argument("--procs", type=int, default=None, help="fresh processes per cell (default 5; quick 2)")
     ap.add_argument("--huge-pages", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every variant")
-    ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
     add_worker_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -354,11 +384,10 @@ def main() -> None:
     args.procs = args.procs or (2 if args.quick else 5)
     setups = QUICK if args.quick else SETUPS
     dists = (
-        args.dists.split(",") if not (args.quick and args.dists == ",".join(DISTS)) else ["uniform", "hot"]
+        parse_dists(ap, args.dists)
+        if not (args.quick and args.dists == ",".join(DISTS))
+        else ["uniform", "hot"]
     )
-    for d in dists:
-        if d not in DISTS:
-            raise SystemExit(f"error: unknown --dists entry {d!r}; choose from {', '.join(DISTS)}")
     cmd = "python benchmarks/embedding_step.py " + " ".join(a for a in sys.argv[1:] if not a.endswith(".md"))
     cmd = cmd.replace(" --write", "").strip()
     stat0, t0 = cpu_stat(), time.perf_counter()

@@ -43,12 +43,15 @@ from embedding_step import (  # noqa: E402
     QUICK,
     SETUPS,
     Setup,
+    add_cell_args,
     bench_fbgemm,
     bench_lowprec,
+    collection_variant,
     fmt_ratio,
-    make_batches,
+    parse_dists,
+    step_inputs,
     summarize,
-    timed,
+    time_interleaved,
 )
 from fresh_process import add_worker_args, run_fresh  # noqa: E402
 from report import contention, cpu_stat, machine_info, machine_section, write_section  # noqa: E402
@@ -90,23 +93,12 @@ def bench_recipe(s: Setup, name: str, batches, grad: torch.Tensor) -> dict:
         tables, plan=plan, config=cfg, device=grad.device,
         row_maps={n: frequency_rank(c).to(grad.device) for n, c in counts.items()},
     )  # fmt: skip
-
-    def fwd(kjt):
-        with torch.no_grad():
-            ebc(kjt)
-
-    def step(kjt):
-        ebc(kjt).values().backward(grad)
-
-    return {"fwd": fwd, "step": step, "bytes": ebc.memory_bytes()}
+    return collection_variant(ebc, grad)
 
 
 def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, seed: int) -> dict:
     """One process: build every variant, then time them interleaved (see embedding_step.run_one)."""
-    batches = [b.to(device) for b in make_batches(s, 4, dist, seed)]
-    grad = torch.randn(s.batch, s.tables * s.dim, generator=torch.Generator().manual_seed(seed + 1)).to(
-        device
-    )
+    batches, grad = step_inputs(s, dist, seed, device)
     builders = {
         "FBGEMM FP32": lambda: bench_fbgemm(s, SparseType.FP32, grad),
         "FBGEMM FP16": lambda: bench_fbgemm(s, SparseType.FP16, grad),
@@ -115,16 +107,8 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
         **{n: (lambda n=n: bench_recipe(s, n, batches, grad)) for n in RECIPES},
     }
     variants = {name: builders[name]() for name in VARIANTS}
-    samples = {name: {"fwd": [], "step": []} for name in variants}
-    for _ in range(rounds):
-        for name, v in variants.items():
-            for kind in ("fwd", "step"):
-                samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
-    out = {
-        name: {"fwd": statistics.median(samples[name]["fwd"]), "step": statistics.median(samples[name]["step"]),
-               "bytes": v["bytes"]}
-        for name, v in variants.items()
-    }  # fmt: skip
+    ms = time_interleaved(variants, batches, rounds, iters)
+    out = {name: {**ms[name], "bytes": v["bytes"]} for name, v in variants.items()}
     del variants
     gc.collect()
     return out
@@ -181,10 +165,7 @@ def to_markdown(results, runs_of, command: str, args, stat0, elapsed: float) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes, 2 processes (smoke run)")
-    ap.add_argument("--dists", default="zipf1.05", help=f"comma-separated, of {', '.join(DISTS)}")
-    ap.add_argument("--procs", type=int, default=None, help="fresh processes per cell (default 3; quick 2)")
-    ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
+    add_cell_args(ap, "small sizes, 2 processes (smoke run)", "zipf1.05", 3)
     add_worker_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,10 +174,7 @@ def main() -> None:
                     args.seed)  # fmt: skip
         print(json.dumps(r))
         return
-    dists = args.dists.split(",")
-    for d in dists:
-        if d not in DISTS:
-            raise SystemExit(f"error: unknown --dists entry {d!r}; choose from {', '.join(DISTS)}")
+    dists = parse_dists(ap, args.dists)
     if args.write and not os.path.isfile(args.write):
         raise SystemExit(f"error: --write {args.write}: no such file (the section is replaced inside it)")
     args.procs = args.procs or (2 if args.quick else 3)

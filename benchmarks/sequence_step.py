@@ -47,7 +47,7 @@ from torchrec import DataType, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from embedding_step import DISTS, draw_ids, fmt_ratio, timed  # noqa: E402
+from embedding_step import DISTS, add_cell_args, draw_ids, fmt_ratio, parse_dists, time_interleaved  # noqa: E402
 from fresh_process import add_worker_args, rows_label, run_fresh  # noqa: E402
 from report import contention, cpu_stat, machine_info, machine_section, publish  # noqa: E402
 
@@ -196,15 +196,8 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, seed: int) -> dict:
         "ours int4": lambda: bench_ours(s, 4, grads),
     }
     variants = {name: builders[name]() for name in VARIANTS}
-    samples = {name: {"fwd": [], "step": []} for name in variants}
-    for _ in range(rounds):
-        for name, v in variants.items():
-            for kind in ("fwd", "step"):
-                samples[name][kind].append(timed(v[kind], batches, warmup=1, iters=iters))
-    return {
-        name: {k: statistics.median(samples[name][k]) for k in ("fwd", "step")} | {"bytes": v["bytes"]}
-        for name, v in variants.items()
-    }
+    ms = time_interleaved(variants, batches, rounds, iters)
+    return {name: ms[name] | {"bytes": v["bytes"]} for name, v in variants.items()}
 
 
 def spawn_runs(s: Setup, dist: str, args) -> list[dict]:
@@ -298,12 +291,7 @@ def verdicts(results) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--quick", action="store_true", help="small sizes, 2 processes, uniform ids; writes nothing"
-    )
-    ap.add_argument("--dists", default="uniform,zipf1.05", help=f"comma-separated, of {', '.join(DISTS)}")
-    ap.add_argument("--procs", type=int, default=None, help="fresh processes per cell (default 3; quick 2)")
-    ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
+    add_cell_args(ap, "small sizes, 2 processes, uniform ids; writes nothing", "uniform,zipf1.05", 3)
     add_worker_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -314,10 +302,7 @@ def main() -> None:
             )
         )
         return
-    dists = ["uniform"] if args.quick else args.dists.split(",")
-    for d in dists:
-        if d not in DISTS:
-            ap.error(f"unknown --dists entry {d!r}; choose from {', '.join(DISTS)}")
+    dists = ["uniform"] if args.quick else parse_dists(ap, args.dists)
     if args.quick and args.write:
         ap.error("--quick writes nothing: drop --write (or --quick)")
     args.procs = args.procs or (2 if args.quick else 3)

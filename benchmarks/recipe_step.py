@@ -69,8 +69,15 @@ RECIPES = {
         {"learn_step_size": False, "rounding": "dithered"},
     ),
 }
-VARIANTS = ("FBGEMM FP32", "FBGEMM FP16", "lowprec int4 (ALPT)", *list(RECIPES)[:1], "lowprec int2 (ALPT)",
-            *list(RECIPES)[1:])  # fmt: skip
+
+
+def uniform_of(recipe: str) -> str:
+    """The uniform table (ALPT) of a recipe's width: what the recipe is set beside."""
+    return f"lowprec int{RECIPES[recipe][0]} (ALPT)"
+
+
+#: each uniform width followed by its recipe
+VARIANTS = ("FBGEMM FP32", "FBGEMM FP16", *(v for r in RECIPES for v in (uniform_of(r), r)))
 
 
 def bench_recipe(s: Setup, name: str, batches, grad: torch.Tensor) -> dict:
@@ -102,8 +109,7 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
     builders = {
         "FBGEMM FP32": lambda: bench_fbgemm(s, SparseType.FP32, grad),
         "FBGEMM FP16": lambda: bench_fbgemm(s, SparseType.FP16, grad),
-        "lowprec int4 (ALPT)": lambda: bench_lowprec(s, 4, grad),
-        "lowprec int2 (ALPT)": lambda: bench_lowprec(s, 2, grad),
+        **{uniform_of(n): (lambda n=n: bench_lowprec(s, RECIPES[n][0], grad)) for n in RECIPES},
         **{n: (lambda n=n: bench_recipe(s, n, batches, grad)) for n in RECIPES},
     }
     variants = {name: builders[name]() for name in VARIANTS}
@@ -112,10 +118,6 @@ def run_one(s: Setup, dist: str, rounds: int, iters: int, device: torch.device, 
     del variants
     gc.collect()
     return out
-
-
-def _uniform_of(name: str) -> str:
-    return "lowprec int4 (ALPT)" if name.startswith("int4") else "lowprec int2 (ALPT)"
 
 
 def to_markdown(results, runs_of, command: str, args, stat0, elapsed: float) -> str:
@@ -142,7 +144,7 @@ def to_markdown(results, runs_of, command: str, args, stat0, elapsed: float) -> 
         for name, r in rows.items():
             vs_uniform = ""
             if name in RECIPES:
-                ratios = [p[_uniform_of(name)]["step"] / p[name]["step"] for p in runs_of[(s, dist)]]
+                ratios = [p[uniform_of(name)]["step"] / p[name]["step"] for p in runs_of[(s, dist)]]
                 t = (statistics.median(ratios), min(ratios), max(ratios))
                 vs_uniform = fmt_ratio(t)
                 worst.append((r["step32"][0], t[0], name, s.label()))

@@ -88,13 +88,23 @@ DISTS = {
 }
 
 
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} fresh processes: give at least 1")
+    return n
+
+
 def add_cell_args(ap: argparse.ArgumentParser, quick: str, dists: str, procs: int) -> None:
     """The step benchmarks' shared flags: ``--quick`` (``quick``: what it shrinks), ``--dists``
     (default ``dists``), ``--procs`` (default ``procs``; quick 2) and ``--write``."""
     ap.add_argument("--quick", action="store_true", help=quick)
     ap.add_argument("--dists", default=dists, help=f"comma-separated, of {', '.join(DISTS)}")
     ap.add_argument(
-        "--procs", type=int, default=None, help=f"fresh processes per cell (default {procs}; quick 2)"
+        "--procs",
+        type=_at_least_one,
+        default=None,
+        help=f"fresh processes per cell (default {procs}; quick 2)",
     )
     ap.add_argument("--write", metavar="MD", help="replace this benchmark's section of a markdown file")
 

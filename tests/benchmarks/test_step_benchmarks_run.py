@@ -31,3 +31,15 @@ def test_quick_mode_runs_and_prints_its_table(script, expect):
     assert out.returncode == 0, out.stderr[-3000:]
     for text in expect:
         assert text in out.stdout, (text, out.stdout[-2000:])
+
+
+@pytest.mark.parametrize("script", ["embedding_step.py", "sequence_step.py", "recipe_step.py"])
+@pytest.mark.parametrize("flag", [("--procs", "0"), ("--dists", "bogus")])
+def test_bad_cell_flags_are_one_error_line_before_anything_runs(script, flag):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *flag],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"{script}: error:"), out.stderr[-2000:]
+    assert out.stdout == ""
